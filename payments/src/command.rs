@@ -68,6 +68,16 @@ pub struct CreatePayment {
     /// W3C trace context of the request that created the payment.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// Set by a screening processor (amount limit, risk) that refuses the payment: the
+    /// payment is still created, so the accepted request ends in a visible FAILED.
+    #[serde(default)]
+    pub screening: Option<Screening>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Screening {
+    pub code: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

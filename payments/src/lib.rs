@@ -19,7 +19,8 @@ pub mod money;
 pub mod wire;
 
 pub use command::{
-    Command, CommandBody, CreatePayment, ProviderOp, ProviderOutcome, TimerKind, WebhookOutcome,
+    Command, CommandBody, CreatePayment, ProviderOp, ProviderOutcome, Screening, TimerKind,
+    WebhookOutcome,
 };
 pub use event::{Event, EventBody};
 pub use ids::{CommandId, IdempotencyKey, MerchantId, ParseError, PaymentId};

@@ -489,7 +489,18 @@ fn decide_create(
         description: c.description.clone(),
         traceparent: c.traceparent.clone(),
     });
-    out.schedule(policy.dispatch_delay_ms, TimerKind::Dispatch);
+    match &c.screening {
+        Some(refused) => {
+            out.emit(EventBody::ProcessingStarted);
+            out.emit(EventBody::Failed {
+                code: refused.code.clone(),
+                message: refused.message.clone(),
+            });
+        }
+        None => {
+            out.schedule(policy.dispatch_delay_ms, TimerKind::Dispatch);
+        }
+    }
     out.done()
 }
 

@@ -1,1 +1,34 @@
-//! topology
+//! # topology — the streams engine
+//!
+//! Layout:
+//! - [`config`]: `config/topology.toml` → a validated [`config::CompiledTopology`]
+//!   (all errors reported at once, each naming its component).
+//! - [`registry`]: the single place a processor or sink type is registered.
+//! - [`processor`]: the processor API (records, context, the `Processor` trait).
+//! - [`processors`]: the built-in processor types, one module each.
+//! - [`task`]: one partition's graph instance, its stores, its outbox and checkpoint.
+//! - [`runtime`]: the worker — consumer group, one task per partition, publishing.
+//! - [`provider`]: the provider client and the dispatcher that turns answers into commands.
+//! - [`metrics`]: the worker's Prometheus metrics.
+//!
+//! The engine never changes payment state outside a processor, and never stores a Kafka
+//! offset before the effect of the records below it is durable.
+
+pub mod config;
+pub mod metrics;
+pub mod processor;
+pub mod processors;
+pub mod provider;
+pub mod registry;
+pub mod runtime;
+pub mod task;
+
+pub use config::{compile_str, CompiledTopology, ConfigErrors};
+pub use runtime::{run_worker, WorkerSettings};
+
+/// Reads and compiles a topology file.
+pub fn load(path: &std::path::Path) -> anyhow::Result<CompiledTopology> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read topology file {}: {e}", path.display()))?;
+    Ok(compile_str(&text)?)
+}

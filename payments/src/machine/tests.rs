@@ -35,6 +35,7 @@ fn create(hash: &str) -> CommandBody {
         reference: None,
         description: None,
         traceparent: None,
+        screening: None,
     })
 }
 

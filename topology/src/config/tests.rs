@@ -1,0 +1,94 @@
+use super::*;
+
+const SHIPPED: &str = include_str!("../../../config/topology.toml");
+
+#[test]
+fn the_shipped_topology_compiles() {
+    let t = compile_str(SHIPPED).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(t.source_topics(), vec!["payments.commands".to_string()]);
+    let ids: Vec<_> = t.nodes.iter().map(|n| n.id.as_str()).collect();
+    let pos = |id| ids.iter().position(|x| *x == id).unwrap();
+    assert!(
+        pos("commands") < pos("decode")
+            && pos("decode") < pos("limits")
+            && pos("limits") < pos("payments")
+    );
+    assert!(pos("payments") < pos("events"));
+}
+
+#[test]
+fn every_error_is_reported_and_names_its_component() {
+    let text = r#"
+        application_id = "app"
+        [stores.s]
+        type = "key_value"
+        [sources.in]
+        topic = "t"
+        [processors.a]
+        type = "no_such_type"
+        inputs = ["in"]
+        [processors.b]
+        type = "payment_state_machine"
+        inputs = ["ghost"]
+        stores = { state = "missing", dedup = "s" }
+        [processors.c]
+        type = "amount_limit"
+        inputs = ["d"]
+        params = { max_minor_units = 5 }
+        [processors.d]
+        type = "amount_limit"
+        inputs = ["c"]
+        params = { max_minor_units = 5 }
+        [sinks.out]
+        type = "kafka"
+        inputs = ["b"]
+        params = { topic = "o", extra = 1 }
+    "#;
+    let errs = compile_str(text).unwrap_err().0;
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let has = |needle: &str| {
+        assert!(
+            text.iter().any(|t| t.contains(needle)),
+            "missing {needle:?} in {text:#?}"
+        )
+    };
+    has("processor `a`: unknown type `no_such_type`; known types: amount_limit, command_decoder, payment_state_machine");
+    has("processor `b`: input `ghost` doesn't match any component");
+    has("processor `b`: store `missing` (role `state`) is not declared");
+    has("processor `b`: store `s` for role `dedup` must have type = \"dedup\"");
+    has("sink `out`: invalid params");
+    has("cycle");
+    has("source `in`: its raw records have nowhere to go");
+}
+
+#[test]
+fn invalid_params_and_exactly_once_are_reported() {
+    let text = SHIPPED
+        .replace("max_attempts = 4", "max_attempts = 0")
+        .replace("\"at_least_once\"", "\"exactly_once\"");
+    let errs = compile_str(&text).unwrap_err().to_string();
+    assert!(
+        errs.contains("processor `payments`: invalid params: max_attempts must be >= 1"),
+        "{errs}"
+    );
+    assert!(errs.contains("processing_guarantee"), "{errs}");
+}
+
+#[test]
+fn a_dead_letter_output_without_a_sink_is_an_error() {
+    let text = SHIPPED.replace(
+        "inputs = [\"decode\"]\nparams = { topic = \"payments.dlq\" }",
+        "inputs = [\"payments\"]\nparams = { topic = \"payments.dlq\" }",
+    );
+    let errs = compile_str(&text).unwrap_err().to_string();
+    assert!(
+        errs.contains("processor `decode`: its dead_letter records have nowhere to go"),
+        "{errs}"
+    );
+}
+
+#[test]
+fn syntax_errors_are_reported_with_position() {
+    let errs = compile_str("application_id = ").unwrap_err().to_string();
+    assert!(errs.contains("topology.toml"), "{errs}");
+}

@@ -1,0 +1,221 @@
+//! The processor API: records, the context a processor sees, and the `Processor` trait.
+
+use payments::{Command, Event, PaymentId, ProviderOp};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use stores::{dedup, PartitionStore, StoreError, WriteSet};
+
+/// What flows along the edges of the topology.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// Bytes as read from a source topic.
+    Raw(RawRecord),
+    Command(Command),
+    Event(Event),
+    ProviderCall(ProviderCall),
+    DeadLetter(DeadLetter),
+}
+
+/// Kinds of records, used to check at compile time that every output has a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordKind {
+    Raw,
+    Command,
+    Event,
+    ProviderCall,
+    DeadLetter,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Raw => "raw",
+            RecordKind::Command => "command",
+            RecordKind::Event => "event",
+            RecordKind::ProviderCall => "provider_call",
+            RecordKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::Raw(_) => RecordKind::Raw,
+            Record::Command(_) => RecordKind::Command,
+            Record::Event(_) => RecordKind::Event,
+            Record::ProviderCall(_) => RecordKind::ProviderCall,
+            Record::DeadLetter(_) => RecordKind::DeadLetter,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A provider call the topology wants made once its decision is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderCall {
+    pub payment_id: PaymentId,
+    pub op: ProviderOp,
+    pub attempt: u32,
+    /// Names this request; the reply command id is derived from it.
+    pub request_key: String,
+    /// Sent to the provider; the same for every call about the payment.
+    pub idempotency_key: String,
+    pub amount: i64,
+    pub currency: String,
+    pub traceparent: Option<String>,
+}
+
+/// An input that could not be processed, with the reason. Goes to the DLQ topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Stable machine-readable reason, e.g. `undecodable`, `invalid_command`.
+    pub reason: String,
+    pub detail: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub processor: String,
+    /// Original key and payload, lossily decoded as UTF-8 for reading.
+    pub key: Option<String>,
+    pub payload: Option<String>,
+    pub failed_at_ms: i64,
+}
+
+impl DeadLetter {
+    pub fn from_raw(
+        raw: &RawRecord,
+        processor: &str,
+        reason: &str,
+        detail: String,
+        now_ms: i64,
+    ) -> Self {
+        let lossy =
+            |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        DeadLetter {
+            reason: reason.to_owned(),
+            detail,
+            source_topic: raw.topic.clone(),
+            source_partition: raw.partition,
+            source_offset: raw.offset,
+            processor: processor.to_owned(),
+            key: lossy(&raw.key),
+            payload: lossy(&raw.payload),
+            failed_at_ms: now_ms,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The partition store failed: the task stops and restarts from its checkpoint.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("processor `{processor}` cannot handle a {kind} record; the topology wiring is wrong")]
+    UnexpectedRecord {
+        processor: String,
+        kind: &'static str,
+    },
+}
+
+/// A timer set by a processor, delivered back to it by [`Processor::on_timer`].
+#[derive(Debug, Clone)]
+pub struct TimerRequest {
+    pub due_at_ms: i64,
+    /// Distinguishes timers due at the same time.
+    pub id: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// What a processor may touch while handling one record: its stores (reads see the
+/// writes staged for this record), the output, and timers. Everything it stages is
+/// committed atomically with the input offset, or not at all.
+pub struct Context<'a> {
+    pub(crate) store: &'a PartitionStore,
+    pub(crate) ws: &'a mut WriteSet,
+    pub(crate) out: Vec<Record>,
+    pub(crate) timers: Vec<TimerRequest>,
+    pub(crate) now_ms: i64,
+    pub(crate) processor_id: &'a str,
+}
+
+impl<'a> Context<'a> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        store: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.ws.staged(store, key) {
+            Some(Some(bytes)) => stores::decode(store, bytes).map(Some),
+            Some(None) => Ok(None),
+            None => self.store.get(store, key),
+        }
+    }
+
+    pub fn put<T: Serialize>(&mut self, store: &str, key: &[u8], value: &T) {
+        self.ws.put(store, key, value);
+    }
+
+    pub fn delete(&mut self, store: &str, key: &[u8]) {
+        self.ws.delete(store, key);
+    }
+
+    pub fn seen(&self, dedup_store: &str, id: &str) -> Result<bool, StoreError> {
+        dedup::seen(self.store, self.ws, dedup_store, id)
+    }
+
+    pub fn remember(&mut self, dedup_store: &str, id: &str) {
+        dedup::record(self.ws, dedup_store, id, self.now_ms);
+    }
+
+    pub fn prune(
+        &mut self,
+        dedup_store: &str,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        dedup::prune(self.store, self.ws, dedup_store, cutoff_ms, limit)
+    }
+
+    pub fn forward(&mut self, record: Record) {
+        self.out.push(record);
+    }
+
+    pub fn schedule(&mut self, timer: TimerRequest) {
+        self.timers.push(timer);
+    }
+
+    /// Wall-clock time of this processing step (for metadata, never for decisions that
+    /// must replay identically).
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    pub fn processor_id(&self) -> &str {
+        self.processor_id
+    }
+}
+
+/// A node of the topology that transforms records. One instance per task (partition).
+pub trait Processor: Send + Sync {
+    fn process(&mut self, ctx: &mut Context<'_>, record: Record) -> Result<(), ProcessError>;
+
+    /// A timer this processor scheduled has come due.
+    fn on_timer(&mut self, _ctx: &mut Context<'_>, _payload: &[u8]) -> Result<(), ProcessError> {
+        Ok(())
+    }
+
+    /// Periodic housekeeping (for example pruning dedup records past their retention).
+    fn maintain(&mut self, _ctx: &mut Context<'_>) -> Result<(), ProcessError> {
+        Ok(())
+    }
+}

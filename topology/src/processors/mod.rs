@@ -1,0 +1,5 @@
+//! Processor types, one module each: params, runtime and tests side by side.
+
+pub mod amount_limit;
+pub mod command_decoder;
+pub mod payment_state_machine;

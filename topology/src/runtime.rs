@@ -1,0 +1,376 @@
+//! The worker: consumes the source topics in a consumer group and runs one [`Task`] per
+//! assigned partition, each on its own tokio task.
+//!
+//! Offsets: auto-commit is on but auto offset *store* is off; a task stores an offset
+//! only after the records up to it are durable in its sled store and their outputs are
+//! published (rust-rdkafka's at-least-once pattern). The sled checkpoint is ahead of or
+//! equal to the committed offset, and records below it are skipped.
+//!
+//! Crash-only: a task that fails (its store broke) stops the worker with the error; the
+//! supervisor restarts the process, which resumes from the durable checkpoints.
+
+use crate::config::CompiledTopology;
+use crate::metrics::METRICS;
+use crate::processor::RawRecord;
+use crate::provider::{now_ms, Dispatcher, ProviderClient};
+use crate::task::{OutboxEntry, Task};
+use anyhow::Context as _;
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Statistics};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use stores::PartitionStore;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub brokers: String,
+    pub state_dir: PathBuf,
+    pub provider_url: String,
+    pub provider_timeout: Duration,
+    /// Topic the provider replies are published to (the commands topic).
+    pub commands_topic: String,
+    pub punctuate_interval: Duration,
+    pub max_batch: usize,
+    pub max_inflight_provider_calls: usize,
+    /// Extra librdkafka properties, applied to every client.
+    pub kafka: Vec<(String, String)>,
+}
+
+impl WorkerSettings {
+    pub fn new(
+        brokers: &str,
+        state_dir: PathBuf,
+        provider_url: &str,
+        commands_topic: &str,
+    ) -> Self {
+        WorkerSettings {
+            brokers: brokers.to_owned(),
+            state_dir,
+            provider_url: provider_url.to_owned(),
+            provider_timeout: Duration::from_secs(3),
+            commands_topic: commands_topic.to_owned(),
+            punctuate_interval: Duration::from_millis(20),
+            max_batch: 500,
+            max_inflight_provider_calls: 512,
+            kafka: vec![],
+        }
+    }
+}
+
+/// Logs rebalances and exports consumer lag from librdkafka's statistics.
+pub struct WorkerContext {
+    group: String,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    METRICS
+                        .consumer_lag
+                        .with_label_values(&[&self.group, topic, &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(group = %self.group, ?rebalance, "rebalance starting");
+    }
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(group = %self.group, ?rebalance, "rebalance done");
+    }
+}
+
+type WorkerConsumer = StreamConsumer<WorkerContext>;
+
+pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer(brokers: &str, extra: &[(String, String)]) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(brokers, &[]);
+    c.set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c.create().context("creating the Kafka producer")
+}
+
+struct TaskHandle {
+    tx: mpsc::Sender<RawRecord>,
+    join: JoinHandle<()>,
+}
+
+/// Runs the worker until `shutdown` resolves or a task fails.
+pub async fn run_worker(
+    topo: Arc<CompiledTopology>,
+    settings: WorkerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let group = topo.application_id.clone();
+    let mut cfg = client_config(&settings.brokers, &[]);
+    cfg.set("group.id", &group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &settings.kafka {
+        cfg.set(k, v);
+    }
+    let consumer: Arc<WorkerConsumer> = Arc::new(
+        cfg.create_with_context(WorkerContext {
+            group: group.clone(),
+        })
+        .context("creating the Kafka consumer")?,
+    );
+    let topics = topo.source_topics();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .context("subscribing to the source topics")?;
+    let producer = producer(&settings.brokers, &settings.kafka)?;
+    let client = ProviderClient::new(&settings.provider_url, settings.provider_timeout)?;
+    let dispatcher = Dispatcher::new(
+        client,
+        producer.clone(),
+        &settings.commands_topic,
+        settings.max_inflight_provider_calls,
+    );
+    tracing::info!(%group, ?topics, guarantee = ?topo.processing_guarantee, "worker started");
+
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+    let mut tasks: HashMap<(String, i32), TaskHandle> = HashMap::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(e) = fail_rx.recv() => break Err(e),
+            msg = consumer.recv() => {
+                let m = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        METRICS.errors.with_label_values(&["kafka_consume"]).inc();
+                        tracing::warn!(error = %e, "consume failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let raw = RawRecord {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                };
+                drop(m);
+                let key = (raw.topic.clone(), raw.partition);
+                if !tasks.contains_key(&key) {
+                    let handle = spawn_task(&topo, &settings, &key.0, key.1, consumer.clone(), producer.clone(), dispatcher.clone(), fail_tx.clone())?;
+                    tasks.insert(key.clone(), handle);
+                }
+                if let Some(h) = tasks.get(&key) {
+                    if h.tx.send(raw).await.is_err() {
+                        // The task has stopped; its error arrives on `fail_rx`.
+                        match fail_rx.recv().await {
+                            Some(e) => break Err(e),
+                            None => break Err(anyhow::anyhow!("task for {}-{} stopped", key.0, key.1)),
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // Stop every task (dropping its sender), let each flush and publish, then commit.
+    let joins: Vec<_> = tasks
+        .into_values()
+        .map(|h| {
+            drop(h.tx);
+            h.join
+        })
+        .collect();
+    for j in joins {
+        let _ = j.await;
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final offset commit skipped");
+    }
+    tracing::info!("worker stopped");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_task(
+    topo: &CompiledTopology,
+    settings: &WorkerSettings,
+    topic: &str,
+    partition: i32,
+    consumer: Arc<WorkerConsumer>,
+    producer: FutureProducer,
+    dispatcher: Dispatcher,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+) -> anyhow::Result<TaskHandle> {
+    let store = PartitionStore::open(&settings.state_dir, &topo.application_id, topic, partition)?;
+    let task = Task::open(topo, store, topic, partition)?;
+    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), "task started");
+    let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+    let settings = settings.clone();
+    let join = tokio::spawn(async move {
+        let label = format!("{}-{}", task.topic, task.partition);
+        if let Err(e) = task_loop(task, rx, &consumer, &producer, &dispatcher, &settings).await {
+            METRICS.errors.with_label_values(&["task_failed"]).inc();
+            tracing::error!(task = %label, error = %format!("{e:#}"), "task failed");
+            let _ = fail.send(e.context(format!("task {label} failed")));
+        }
+    });
+    Ok(TaskHandle { tx, join })
+}
+
+async fn task_loop(
+    mut task: Task,
+    mut rx: mpsc::Receiver<RawRecord>,
+    consumer: &WorkerConsumer,
+    producer: &FutureProducer,
+    dispatcher: &Dispatcher,
+    settings: &WorkerSettings,
+) -> anyhow::Result<()> {
+    // Whatever a crash left in the outbox goes out first.
+    publish(&task, producer, dispatcher).await?;
+    let mut tick = tokio::time::interval(settings.punctuate_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            first = rx.recv() => {
+                let Some(first) = first else { break };
+                let started = Instant::now();
+                let mut batch = vec![first];
+                while batch.len() < settings.max_batch {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let now = now_ms();
+                let mut last = None;
+                for raw in batch {
+                    last = Some(raw.offset);
+                    task.apply_input(raw, now)?;
+                }
+                task.fire_timers(now, 1000)?;
+                publish(&task, producer, dispatcher).await?;
+                if let Some(offset) = last {
+                    // Stores `offset + 1` for the next commit; fails harmlessly if the
+                    // partition was revoked meanwhile.
+                    if let Err(e) = consumer.store_offset(&task.topic, task.partition, offset) {
+                        tracing::debug!(error = %e, "offset not stored");
+                    }
+                }
+                METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            _ = tick.tick() => {
+                if task.fire_timers(now_ms(), 1000)? > 0 {
+                    publish(&task, producer, dispatcher).await?;
+                }
+            }
+            _ = housekeeping.tick() => {
+                task.maintain(now_ms())?;
+            }
+        }
+    }
+    publish(&task, producer, dispatcher).await?;
+    tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
+    Ok(())
+}
+
+/// Makes the task's state durable, then publishes its outbox: Kafka records first
+/// (retried until delivered; a broker outage stalls this partition, it loses nothing),
+/// then provider calls.
+async fn publish(
+    task: &Task,
+    producer: &FutureProducer,
+    dispatcher: &Dispatcher,
+) -> anyhow::Result<()> {
+    task.store().flush().await?;
+    let pending = task.pending()?;
+    if pending.entries.is_empty() {
+        return Ok(());
+    }
+    let mut calls = Vec::new();
+    let mut sends = Vec::new();
+    let mut keys = Vec::with_capacity(pending.entries.len());
+    for (key, entry) in pending.entries {
+        keys.push(key);
+        match entry {
+            OutboxEntry::Provider(call) => calls.push(call),
+            OutboxEntry::Kafka {
+                topic,
+                key,
+                payload,
+                headers,
+            } => sends.push(send_until_delivered(producer, topic, key, payload, headers)),
+        }
+    }
+    join_all(sends).await;
+    for call in calls {
+        dispatcher.dispatch(call);
+    }
+    task.published(keys)?;
+    Ok(())
+}
+
+async fn send_until_delivered(
+    producer: &FutureProducer,
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut h = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in &headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        let mut record = FutureRecord::to(&topic).payload(&payload).headers(h);
+        if let Some(k) = &key {
+            record = record.key(k);
+        }
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                METRICS.errors.with_label_values(&["kafka_produce"]).inc();
+                tracing::warn!(%topic, error = %e, "publishing failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

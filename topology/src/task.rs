@@ -1,0 +1,410 @@
+//! A task: one input partition, its stores, and its instance of the processor graph.
+//!
+//! For each input record the task runs the graph, then commits **one** sled batch that
+//! holds the state changes, dedup records, timers, the outputs (in an outbox) and the
+//! next input offset. After a batch of records it flushes sled, publishes the outbox,
+//! deletes what was published, and only then stores the Kafka offset. A crash anywhere
+//! replays from the last durable checkpoint; outputs are deterministic and idempotent,
+//! so the replay emits the same `(payment_id, seq)` events.
+
+use crate::config::{CompiledTopology, Role};
+use crate::metrics::METRICS;
+use crate::processor::{
+    Context, ProcessError, Processor, ProviderCall, RawRecord, Record, RecordKind,
+};
+use serde::{Deserialize, Serialize};
+use stores::{time_key, PartitionStore, WriteSet, OUTBOX, TIMERS};
+
+/// A record the task must publish once its batch is durable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OutboxEntry {
+    Kafka {
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+    },
+    Provider(ProviderCall),
+}
+
+enum NodeRuntime {
+    Source,
+    Processor(Box<dyn Processor>),
+    KafkaSink { topic: String },
+    ProviderSink,
+}
+
+struct GraphNode {
+    id: String,
+    runtime: NodeRuntime,
+    accepts: &'static [RecordKind],
+    downstream: Vec<usize>,
+}
+
+/// The processor graph instantiated for one task.
+pub struct Graph {
+    nodes: Vec<GraphNode>,
+}
+
+impl Graph {
+    pub fn build(topo: &CompiledTopology) -> anyhow::Result<Graph> {
+        let mut nodes = Vec::with_capacity(topo.nodes.len());
+        for n in &topo.nodes {
+            let runtime = match (n.role, n.kind.as_str()) {
+                (Role::Source, _) => NodeRuntime::Source,
+                (Role::Sink, "kafka") => NodeRuntime::KafkaSink {
+                    topic: n
+                        .topic
+                        .clone()
+                        .ok_or_else(|| anyhow::anyhow!("sink `{}` has no topic", n.id))?,
+                },
+                (Role::Sink, "provider") => NodeRuntime::ProviderSink,
+                (Role::Sink, other) => {
+                    anyhow::bail!("sink `{}`: no runtime for type `{other}`", n.id)
+                }
+                (Role::Processor, _) => {
+                    let build = n
+                        .spec
+                        .build
+                        .ok_or_else(|| anyhow::anyhow!("processor `{}` has no builder", n.id))?;
+                    NodeRuntime::Processor(build(n, &topo.stores)?)
+                }
+            };
+            nodes.push(GraphNode {
+                id: n.id.clone(),
+                runtime,
+                accepts: n.spec.accepts,
+                downstream: n.downstream.clone(),
+            });
+        }
+        Ok(Graph { nodes })
+    }
+
+    fn source_for(&self, topo: &CompiledTopology, topic: &str) -> Option<usize> {
+        topo.nodes
+            .iter()
+            .position(|n| n.role == Role::Source && n.topic.as_deref() == Some(topic))
+    }
+}
+
+/// Everything one step (an input record or a timer) produced.
+#[derive(Default)]
+struct Step {
+    outbox: Vec<OutboxEntry>,
+}
+
+pub struct Task {
+    pub topic: String,
+    pub partition: i32,
+    store: PartitionStore,
+    graph: Graph,
+    source: usize,
+    next_offset: Option<i64>,
+    outbox_seq: u64,
+}
+
+/// Keys of the outbox entries staged for publishing.
+pub struct Pending {
+    pub entries: Vec<(Vec<u8>, OutboxEntry)>,
+}
+
+impl Task {
+    pub fn open(
+        topo: &CompiledTopology,
+        store: PartitionStore,
+        topic: &str,
+        partition: i32,
+    ) -> anyhow::Result<Task> {
+        let graph = Graph::build(topo)?;
+        let source = graph
+            .source_for(topo, topic)
+            .ok_or_else(|| anyhow::anyhow!("topic `{topic}` is not a source of this topology"))?;
+        let next_offset = store.next_offset()?;
+        let outbox_seq = store.outbox_seq()?;
+        Ok(Task {
+            topic: topic.to_owned(),
+            partition,
+            store,
+            graph,
+            source,
+            next_offset,
+            outbox_seq,
+        })
+    }
+
+    /// The next input offset this task will apply (its durable checkpoint after flush).
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next_offset
+    }
+
+    pub fn store(&self) -> &PartitionStore {
+        &self.store
+    }
+
+    /// Applies one input record. Records below the checkpoint were applied already and
+    /// are skipped (the consumer may restart behind the store).
+    pub fn apply_input(&mut self, raw: RawRecord, now_ms: i64) -> Result<bool, ProcessError> {
+        if self.next_offset.is_some_and(|next| raw.offset < next) {
+            return Ok(false);
+        }
+        let offset = raw.offset;
+        let mut ws = WriteSet::default();
+        let mut step = Step::default();
+        self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
+        self.stage_outbox(&mut ws, step);
+        ws.set_next_offset(offset + 1);
+        self.store.commit(ws)?;
+        self.next_offset = Some(offset + 1);
+        Ok(true)
+    }
+
+    /// Fires timers due at `now_ms` (at most `limit`). Returns how many fired.
+    pub fn fire_timers(&mut self, now_ms: i64, limit: usize) -> Result<usize, ProcessError> {
+        let due = self.store.range(
+            TIMERS,
+            &time_key(i64::MIN),
+            &time_key(now_ms.saturating_add(1)),
+        )?;
+        let mut fired = 0;
+        for (key, payload) in due.into_iter().take(limit) {
+            let node = key
+                .get(8..10)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
+            let mut ws = WriteSet::default();
+            ws.delete(TIMERS, &key);
+            match node.filter(|n| *n < self.graph.nodes.len()) {
+                Some(node) => {
+                    let step = self.run_timer(node, &payload, &mut ws, now_ms)?;
+                    self.stage_outbox(&mut ws, step);
+                }
+                None => {
+                    METRICS.errors.with_label_values(&["orphan_timer"]).inc();
+                    tracing::error!(
+                        partition = self.partition,
+                        "timer for an unknown processor removed"
+                    );
+                }
+            }
+            self.store.commit(ws)?;
+            fired += 1;
+        }
+        Ok(fired)
+    }
+
+    /// Lets every processor do its housekeeping, committed as one batch.
+    pub fn maintain(&mut self, now_ms: i64) -> Result<(), ProcessError> {
+        let mut ws = WriteSet::default();
+        for i in 0..self.graph.nodes.len() {
+            let id = self.graph.nodes[i].id.clone();
+            if let NodeRuntime::Processor(p) = &mut self.graph.nodes[i].runtime {
+                let mut ctx = Context {
+                    store: &self.store,
+                    ws: &mut ws,
+                    out: vec![],
+                    timers: vec![],
+                    now_ms,
+                    processor_id: &id,
+                };
+                p.maintain(&mut ctx)?;
+            }
+        }
+        self.store.commit(ws)?;
+        Ok(())
+    }
+
+    /// Outbox entries not yet published (after a crash, or from the batch just applied).
+    pub fn pending(&self) -> Result<Pending, ProcessError> {
+        let mut entries = Vec::new();
+        for (k, v) in self.store.scan(OUTBOX, usize::MAX)? {
+            entries.push((k, stores::decode::<OutboxEntry>(OUTBOX, &v)?));
+        }
+        Ok(Pending { entries })
+    }
+
+    /// Removes published outbox entries.
+    pub fn published(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<(), ProcessError> {
+        let mut ws = WriteSet::default();
+        for k in keys {
+            ws.delete(OUTBOX, &k);
+        }
+        if !ws.is_empty() {
+            self.store.commit(ws)?;
+        }
+        Ok(())
+    }
+
+    fn stage_outbox(&mut self, ws: &mut WriteSet, step: Step) {
+        if step.outbox.is_empty() {
+            return;
+        }
+        for entry in step.outbox {
+            ws.put(OUTBOX, &self.outbox_seq.to_be_bytes(), &entry);
+            self.outbox_seq += 1;
+        }
+        ws.set_outbox_seq(self.outbox_seq);
+    }
+
+    fn run_timer(
+        &mut self,
+        node: usize,
+        payload: &[u8],
+        ws: &mut WriteSet,
+        now_ms: i64,
+    ) -> Result<Step, ProcessError> {
+        let mut step = Step::default();
+        let id = self.graph.nodes[node].id.clone();
+        let NodeRuntime::Processor(p) = &mut self.graph.nodes[node].runtime else {
+            return Ok(step);
+        };
+        let mut ctx = Context {
+            store: &self.store,
+            ws,
+            out: vec![],
+            timers: vec![],
+            now_ms,
+            processor_id: &id,
+        };
+        p.on_timer(&mut ctx, payload)?;
+        let (out, timers) = (ctx.out, ctx.timers);
+        stage_timers(ws, node, timers);
+        for rec in out {
+            self.route(node, rec, ws, now_ms, &mut step)?;
+        }
+        Ok(step)
+    }
+
+    fn deliver(
+        &mut self,
+        node: usize,
+        record: Record,
+        ws: &mut WriteSet,
+        now_ms: i64,
+        step: &mut Step,
+    ) -> Result<(), ProcessError> {
+        let id = self.graph.nodes[node].id.clone();
+        match &mut self.graph.nodes[node].runtime {
+            NodeRuntime::Source => self.route(node, record, ws, now_ms, step),
+            NodeRuntime::KafkaSink { topic } => {
+                step.outbox.push(kafka_entry(topic, record));
+                Ok(())
+            }
+            NodeRuntime::ProviderSink => {
+                if let Record::ProviderCall(call) = record {
+                    step.outbox.push(OutboxEntry::Provider(call));
+                }
+                Ok(())
+            }
+            NodeRuntime::Processor(p) => {
+                let mut ctx = Context {
+                    store: &self.store,
+                    ws,
+                    out: vec![],
+                    timers: vec![],
+                    now_ms,
+                    processor_id: &id,
+                };
+                p.process(&mut ctx, record)?;
+                let (out, timers) = (ctx.out, ctx.timers);
+                stage_timers(ws, node, timers);
+                for rec in out {
+                    self.route(node, rec, ws, now_ms, step)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn route(
+        &mut self,
+        from: usize,
+        record: Record,
+        ws: &mut WriteSet,
+        now_ms: i64,
+        step: &mut Step,
+    ) -> Result<(), ProcessError> {
+        let kind = record.kind();
+        let targets: Vec<usize> = self.graph.nodes[from]
+            .downstream
+            .iter()
+            .copied()
+            .filter(|d| self.graph.nodes[*d].accepts.contains(&kind))
+            .collect();
+        if targets.is_empty() {
+            // The compiler rejects such topologies; this guards against a processor
+            // emitting a kind it did not declare.
+            METRICS.errors.with_label_values(&["unrouted_record"]).inc();
+            tracing::error!(node = %self.graph.nodes[from].id, kind = kind.as_str(), "record has no downstream that accepts it");
+            return Err(ProcessError::UnexpectedRecord {
+                processor: self.graph.nodes[from].id.clone(),
+                kind: kind.as_str(),
+            });
+        }
+        let last = targets.len() - 1;
+        let mut record = Some(record);
+        for (i, d) in targets.into_iter().enumerate() {
+            let r = if i == last {
+                record.take()
+            } else {
+                record.clone()
+            };
+            if let Some(r) = r {
+                self.deliver(d, r, ws, now_ms, step)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn stage_timers(ws: &mut WriteSet, node: usize, timers: Vec<crate::processor::TimerRequest>) {
+    for t in timers {
+        let mut key = time_key(t.due_at_ms).to_vec();
+        key.extend_from_slice(&(node as u16).to_be_bytes());
+        key.extend_from_slice(&t.id);
+        ws.put_raw(TIMERS, &key, t.payload);
+    }
+}
+
+fn kafka_entry(topic: &str, record: Record) -> OutboxEntry {
+    let (key, payload, content_type, traceparent) = match record {
+        Record::Event(e) => (
+            Some(e.payment_id.to_string().into_bytes()),
+            payments::wire::encode_event(&e),
+            payments::wire::EVENT_CONTENT_TYPE,
+            None,
+        ),
+        Record::Command(c) => (
+            Some(c.payment_id.to_string().into_bytes()),
+            payments::wire::encode_command(&c),
+            payments::wire::COMMAND_CONTENT_TYPE,
+            None,
+        ),
+        Record::DeadLetter(d) => (
+            d.key.clone().map(String::into_bytes),
+            serde_json::to_vec(&d).unwrap_or_default(),
+            "application/vnd.gateway.dead-letter.v1+json",
+            None,
+        ),
+        Record::Raw(r) => (
+            r.key,
+            r.payload.unwrap_or_default(),
+            "application/octet-stream",
+            None::<String>,
+        ),
+        Record::ProviderCall(c) => (
+            Some(c.payment_id.to_string().into_bytes()),
+            serde_json::to_vec(&c).unwrap_or_default(),
+            "application/vnd.gateway.provider-call.v1+json",
+            c.traceparent.clone(),
+        ),
+    };
+    let mut headers = vec![("content-type".to_owned(), content_type.as_bytes().to_vec())];
+    if let Some(tp) = traceparent {
+        headers.push(("traceparent".to_owned(), tp.into_bytes()));
+    }
+    OutboxEntry::Kafka {
+        topic: topic.to_owned(),
+        key,
+        payload,
+        headers,
+    }
+}
