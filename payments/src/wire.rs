@@ -6,6 +6,7 @@
 
 use crate::command::Command;
 use crate::event::Event;
+use serde::{Deserialize, Serialize};
 
 /// Value of the `content-type` header of command records.
 pub const COMMAND_CONTENT_TYPE: &str = "application/vnd.gateway.command.v1+json";
@@ -25,6 +26,25 @@ pub enum DecodeError {
     #[error("record key {key:?} does not match payment id {payment_id}")]
     KeyMismatch { key: String, payment_id: String },
 }
+
+/// An input that could not be processed, with the reason: the value of a DLQ record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Stable machine-readable reason, e.g. `undecodable`, `invalid_command`.
+    pub reason: String,
+    pub detail: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub processor: String,
+    /// Original key and payload, lossily decoded as UTF-8 for reading.
+    pub key: Option<String>,
+    pub payload: Option<String>,
+    pub failed_at_ms: i64,
+}
+
+/// Value of the `content-type` header of dead-letter records.
+pub const DEAD_LETTER_CONTENT_TYPE: &str = "application/vnd.gateway.dead-letter.v1+json";
 
 pub fn encode_command(c: &Command) -> Vec<u8> {
     // Serialising plain data with string keys cannot fail.

@@ -1,5 +1,6 @@
 //! The processor API: records, the context a processor sees, and the `Processor` trait.
 
+pub use payments::wire::DeadLetter;
 use payments::{Command, Event, PaymentId, ProviderOp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use stores::{dedup, PartitionStore, StoreError, WriteSet};
@@ -75,43 +76,25 @@ pub struct ProviderCall {
     pub traceparent: Option<String>,
 }
 
-/// An input that could not be processed, with the reason. Goes to the DLQ topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// Stable machine-readable reason, e.g. `undecodable`, `invalid_command`.
-    pub reason: String,
-    pub detail: String,
-    pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub processor: String,
-    /// Original key and payload, lossily decoded as UTF-8 for reading.
-    pub key: Option<String>,
-    pub payload: Option<String>,
-    pub failed_at_ms: i64,
-}
-
-impl DeadLetter {
-    pub fn from_raw(
-        raw: &RawRecord,
-        processor: &str,
-        reason: &str,
-        detail: String,
-        now_ms: i64,
-    ) -> Self {
-        let lossy =
-            |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-        DeadLetter {
-            reason: reason.to_owned(),
-            detail,
-            source_topic: raw.topic.clone(),
-            source_partition: raw.partition,
-            source_offset: raw.offset,
-            processor: processor.to_owned(),
-            key: lossy(&raw.key),
-            payload: lossy(&raw.payload),
-            failed_at_ms: now_ms,
-        }
+/// A dead letter for a raw input record.
+pub fn dead_letter(
+    raw: &RawRecord,
+    processor: &str,
+    reason: &str,
+    detail: String,
+    now_ms: i64,
+) -> DeadLetter {
+    let lossy = |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+    DeadLetter {
+        reason: reason.to_owned(),
+        detail,
+        source_topic: raw.topic.clone(),
+        source_partition: raw.partition,
+        source_offset: raw.offset,
+        processor: processor.to_owned(),
+        key: lossy(&raw.key),
+        payload: lossy(&raw.payload),
+        failed_at_ms: now_ms,
     }
 }
 

@@ -381,7 +381,7 @@ fn kafka_entry(topic: &str, record: Record) -> OutboxEntry {
         Record::DeadLetter(d) => (
             d.key.clone().map(String::into_bytes),
             serde_json::to_vec(&d).unwrap_or_default(),
-            "application/vnd.gateway.dead-letter.v1+json",
+            payments::wire::DEAD_LETTER_CONTENT_TYPE,
             None,
         ),
         Record::Raw(r) => (

@@ -5,7 +5,7 @@
 
 use crate::config::{CompiledNode, StoreDecl};
 use crate::metrics::METRICS;
-use crate::processor::{Context, DeadLetter, ProcessError, Processor, Record, RecordKind};
+use crate::processor::{dead_letter, Context, ProcessError, Processor, Record, RecordKind};
 use crate::registry::{check_params, parse_params, NodeSpec};
 use std::collections::BTreeMap;
 
@@ -63,13 +63,7 @@ impl Processor for CommandDecoder {
         let dead = |reason: &str, detail: String| {
             METRICS.dlq_messages.with_label_values(&[reason]).inc();
             tracing::warn!(topic = %raw.topic, partition = raw.partition, offset = raw.offset, reason, %detail, "dead-lettering input");
-            Record::DeadLetter(DeadLetter::from_raw(
-                &raw,
-                &self.id,
-                reason,
-                detail,
-                ctx.now_ms(),
-            ))
+            Record::DeadLetter(dead_letter(&raw, &self.id, reason, detail, ctx.now_ms()))
         };
         let out = if size > self.max_payload_bytes {
             dead(

@@ -1,0 +1,63 @@
+//! Connection pool and migrations.
+
+use anyhow::Context as _;
+pub use deadpool_postgres::Pool;
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+/// Migrations in order; each runs once, recorded in `schema_migrations`.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_projection",
+    include_str!("../migrations/0001_projection.sql"),
+)];
+
+/// Arbitrary constant naming the advisory lock that serialises migrations.
+const MIGRATION_LOCK: i64 = 0x6761_7465_7761_79;
+
+pub fn connect(database_url: &str, max_size: usize) -> anyhow::Result<Pool> {
+    let cfg: tokio_postgres::Config = database_url
+        .parse()
+        .with_context(|| "DATABASE_URL is not a valid PostgreSQL connection string (postgres://user:pass@host:port/db)")?;
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(max_size)
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("building the PostgreSQL pool")
+}
+
+/// Applies pending migrations. Safe to call from several processes at once.
+pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+    let mut client = pool
+        .get()
+        .await
+        .context("connecting to PostgreSQL for migrations")?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        .await?;
+    for (name, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt("SELECT 1 FROM schema_migrations WHERE name = $1", &[name])
+            .await?;
+        if done.is_none() {
+            tx.batch_execute(sql)
+                .await
+                .with_context(|| format!("migration {name} failed"))?;
+            tx.execute("INSERT INTO schema_migrations (name) VALUES ($1)", &[name])
+                .await?;
+            tracing::info!(migration = name, "applied");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! The sink service: consumes the events, dead-letter and commands topics and applies
+//! them to PostgreSQL in batches; and the rebuild command, which replays the topics into
+//! an empty projection.
+//!
+//! Kafka offsets are committed only after the PostgreSQL transaction that applied the
+//! records has committed; since every write is idempotent, a crash in between replays a
+//! batch harmlessly. A PostgreSQL outage stalls the sink (retries with back-off); it
+//! loses nothing.
+
+use crate::projection::{apply_batch, now_ms, Applied, InRecord, Topics};
+use crate::Pool;
+use anyhow::Context as _;
+use prometheus::{
+    register_histogram, register_int_counter, register_int_counter_vec, Histogram, IntCounter,
+    IntCounterVec,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+struct SinkMetrics {
+    records: IntCounterVec,
+    batches: IntCounter,
+    lag: Histogram,
+    errors: IntCounterVec,
+}
+
+#[allow(clippy::expect_used)]
+static METRICS: LazyLock<SinkMetrics> = LazyLock::new(|| {
+    (|| -> Result<SinkMetrics, prometheus::Error> {
+        Ok(SinkMetrics {
+            records: register_int_counter_vec!(
+                "gateway_projection_records_total",
+                "Records applied to the projection",
+                &["kind"]
+            )?,
+            batches: register_int_counter!(
+                "gateway_projection_batches_total",
+                "Projection transactions committed"
+            )?,
+            lag: register_histogram!(
+                "gateway_projection_lag_seconds",
+                "Time from an event to its commit in PostgreSQL",
+                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+            )?,
+            errors: register_int_counter_vec!(
+                "gateway_projection_errors_total",
+                "Projection failures by type",
+                &["type"]
+            )?,
+        })
+    })()
+    .expect("sink metrics register once")
+});
+
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Topics,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub kafka: Vec<(String, String)>,
+}
+
+fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+fn to_record(m: &impl Message) -> InRecord {
+    InRecord {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+    }
+}
+
+/// Applies one batch, retrying until PostgreSQL takes it.
+async fn apply_with_retry(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> Applied {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match apply_once(pool, topics, batch).await {
+            Ok(a) => return a,
+            Err(e) => {
+                METRICS.errors.with_label_values(&["postgres"]).inc();
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projection batch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn apply_once(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> anyhow::Result<Applied> {
+    let mut client = pool.get().await.context("connecting to PostgreSQL")?;
+    let tx = client.transaction().await?;
+    let applied = apply_batch(&tx, topics, batch).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+fn record_metrics(a: &Applied) {
+    METRICS.batches.inc();
+    METRICS
+        .records
+        .with_label_values(&["event"])
+        .inc_by(a.events as u64);
+    METRICS
+        .records
+        .with_label_values(&["dead_letter"])
+        .inc_by(a.dead_letters as u64);
+    METRICS
+        .records
+        .with_label_values(&["webhook"])
+        .inc_by(a.webhooks as u64);
+    METRICS
+        .records
+        .with_label_values(&["undecodable"])
+        .inc_by(a.undecodable as u64);
+    let now = now_ms();
+    for t in &a.event_times_ms {
+        METRICS.lag.observe((now - t).max(0) as f64 / 1000.0);
+    }
+}
+
+/// Runs the sink until `shutdown` resolves.
+pub async fn run_sink(
+    pool: Pool,
+    settings: SinkSettings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    crate::migrate(&pool).await?;
+    let consumer: StreamConsumer =
+        consumer_config(&settings.brokers, &settings.group_id, &settings.kafka)
+            .create()
+            .context("creating the sink's Kafka consumer")?;
+    consumer
+        .subscribe(&settings.topics.all())
+        .context("subscribing the sink")?;
+    tracing::info!(group = %settings.group_id, topics = ?settings.topics, "sink started");
+    tokio::pin!(shutdown);
+    loop {
+        let first = tokio::select! {
+            _ = &mut shutdown => break,
+            m = consumer.recv() => m,
+        };
+        let first = match first {
+            Ok(m) => to_record(&m),
+            Err(e) => {
+                METRICS.errors.with_label_values(&["kafka_consume"]).inc();
+                tracing::warn!(error = %e, "sink consume failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        let deadline = Instant::now() + settings.max_wait;
+        while batch.len() < settings.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(to_record(&m)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "sink consume failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let applied = apply_with_retry(&pool, &settings.topics, &batch).await;
+        record_metrics(&applied);
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        for r in &batch {
+            let e = next
+                .entry((r.topic.clone(), r.partition))
+                .or_insert(r.offset + 1);
+            *e = (*e).max(r.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in next {
+            if let Err(e) = tpl.add_partition_offset(&t, p, Offset::Offset(o)) {
+                tracing::warn!(error = %e, "offset not recorded");
+            }
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // Harmless: the batch is in PostgreSQL, and a replay is idempotent.
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final sink commit skipped");
+    }
+    tracing::info!("sink stopped");
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub records: usize,
+    pub events: usize,
+    pub dead_letters: usize,
+    pub webhooks: usize,
+}
+
+/// Empties the projection and replays every topic up to its current end.
+pub async fn rebuild(
+    pool: &Pool,
+    brokers: &str,
+    topics: &Topics,
+    kafka: &[(String, String)],
+) -> anyhow::Result<RebuildReport> {
+    crate::migrate(pool).await?;
+    {
+        let client = pool.get().await?;
+        client
+            .batch_execute(
+                "TRUNCATE payments, payment_events, sink_progress, dead_letters, webhooks_received",
+            )
+            .await?;
+    }
+    let group = format!("projection-rebuild-{}", uuid::Uuid::new_v4());
+    let consumer: BaseConsumer = consumer_config(brokers, &group, kafka).create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining: HashSet<(String, i32)> = HashSet::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let timeout = Duration::from_secs(10);
+    for topic in topics.all() {
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                if high > low {
+                    remaining.insert((topic.to_owned(), p.id()));
+                    ends.insert((topic.to_owned(), p.id()), high);
+                }
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut report = RebuildReport::default();
+    let mut batch = Vec::new();
+    let started = Instant::now();
+    while !remaining.is_empty() {
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("rebuild did not reach the end of {remaining:?} within 10 minutes");
+        }
+        let msg = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        match msg {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "rebuild consume failed; retrying"),
+            Some(Ok(m)) => {
+                let key = (m.topic().to_owned(), m.partition());
+                if ends.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
+                    remaining.remove(&key);
+                }
+                batch.push(to_record(&m));
+            }
+        }
+        if batch.len() >= 1000 || (remaining.is_empty() && !batch.is_empty()) {
+            let a = apply_once(pool, topics, &batch).await?;
+            report.records += batch.len();
+            report.events += a.events;
+            report.dead_letters += a.dead_letters;
+            report.webhooks += a.webhooks;
+            batch.clear();
+        }
+    }
+    Ok(report)
+}
