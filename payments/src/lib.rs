@@ -7,6 +7,8 @@
 //! - [`event`]: what happened to a payment; every event carries `(payment_id, seq)`.
 //! - [`machine`]: the state machine, `decide(state, command) -> Decision`, and `evolve`.
 //! - [`wire`]: the JSON encoding used on Kafka topics (versioned envelopes).
+//! - [`webhook`]: Standard Webhooks signatures (sign and verify), shared by the provider
+//!   simulator and the callback endpoint.
 //!
 //! Nothing in this crate performs I/O or reads a clock: time enters through the commands,
 //! which is what makes replays produce identical events.
@@ -16,6 +18,7 @@ pub mod event;
 pub mod ids;
 pub mod machine;
 pub mod money;
+pub mod webhook;
 pub mod wire;
 
 pub use command::{
