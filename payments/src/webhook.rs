@@ -65,7 +65,9 @@ pub fn verify(
     body: &[u8],
     now_secs: i64,
 ) -> Result<(), WebhookError> {
-    let id = id.filter(|s| !s.is_empty()).ok_or(WebhookError::MissingHeader("webhook-id"))?;
+    let id = id
+        .filter(|s| !s.is_empty())
+        .ok_or(WebhookError::MissingHeader("webhook-id"))?;
     let ts = timestamp.ok_or(WebhookError::MissingHeader("webhook-timestamp"))?;
     let sig = signature.ok_or(WebhookError::MissingHeader("webhook-signature"))?;
     let ts: i64 = ts.trim().parse().map_err(|_| WebhookError::BadTimestamp)?;
@@ -82,7 +84,10 @@ pub fn verify(
         .collect();
     for secret in secrets {
         let expected = mac(secret, id, ts, body);
-        if candidates.iter().any(|c| bool::from(c.as_slice().ct_eq(&expected))) {
+        if candidates
+            .iter()
+            .any(|c| bool::from(c.as_slice().ct_eq(&expected)))
+        {
             return Ok(());
         }
     }
@@ -101,7 +106,14 @@ mod tests {
     }
 
     fn check(sig: &str, body: &[u8], ts: i64, secrets: &[Vec<u8>]) -> Result<(), WebhookError> {
-        verify(secrets, Some("msg_1"), Some(&ts.to_string()), Some(sig), body, NOW)
+        verify(
+            secrets,
+            Some("msg_1"),
+            Some(&ts.to_string()),
+            Some(sig),
+            body,
+            NOW,
+        )
     }
 
     #[test]
@@ -109,22 +121,52 @@ mod tests {
         let body = br#"{"type":"charge.succeeded"}"#;
         let good = sign(&key(), "msg_1", NOW, body);
         assert_eq!(check(&good, body, NOW, &[key()]), Ok(()), "valid");
-        assert_eq!(check(&good, b"{\"type\":\"charge.failed\"}", NOW, &[key()]), Err(WebhookError::BadSignature), "tampered body");
+        assert_eq!(
+            check(&good, b"{\"type\":\"charge.failed\"}", NOW, &[key()]),
+            Err(WebhookError::BadSignature),
+            "tampered body"
+        );
         let other = secret_bytes("whsec_c2VjcmV0LXR3bw==").unwrap();
-        assert_eq!(check(&good, body, NOW, &[other.clone()]), Err(WebhookError::BadSignature), "wrong secret");
+        assert_eq!(
+            check(&good, body, NOW, &[other.clone()]),
+            Err(WebhookError::BadSignature),
+            "wrong secret"
+        );
         let stale = sign(&key(), "msg_1", NOW - 301, body);
-        assert_eq!(check(&stale, body, NOW - 301, &[key()]), Err(WebhookError::Stale));
+        assert_eq!(
+            check(&stale, body, NOW - 301, &[key()]),
+            Err(WebhookError::Stale)
+        );
         let future = sign(&key(), "msg_1", NOW + 301, body);
-        assert_eq!(check(&future, body, NOW + 301, &[key()]), Err(WebhookError::Future));
-        assert_eq!(verify(&[key()], None, Some("1"), Some(&good), body, NOW), Err(WebhookError::MissingHeader("webhook-id")));
-        assert_eq!(verify(&[key()], Some("m"), None, Some(&good), body, NOW), Err(WebhookError::MissingHeader("webhook-timestamp")));
-        assert_eq!(verify(&[key()], Some("m"), Some("1"), None, body, NOW), Err(WebhookError::MissingHeader("webhook-signature")));
+        assert_eq!(
+            check(&future, body, NOW + 301, &[key()]),
+            Err(WebhookError::Future)
+        );
+        assert_eq!(
+            verify(&[key()], None, Some("1"), Some(&good), body, NOW),
+            Err(WebhookError::MissingHeader("webhook-id"))
+        );
+        assert_eq!(
+            verify(&[key()], Some("m"), None, Some(&good), body, NOW),
+            Err(WebhookError::MissingHeader("webhook-timestamp"))
+        );
+        assert_eq!(
+            verify(&[key()], Some("m"), Some("1"), None, body, NOW),
+            Err(WebhookError::MissingHeader("webhook-signature"))
+        );
         // Rotation: the sender signs with old and new secrets; either receiver accepts.
         let both = format!("{} {}", sign(&other, "msg_1", NOW, body), good);
         assert_eq!(check(&both, body, NOW, &[key()]), Ok(()));
         assert_eq!(check(&both, body, NOW, &[other]), Ok(()));
-        assert_eq!(check("v1,@@@ v2,abc", body, NOW, &[key()]), Err(WebhookError::BadSignature), "garbage");
-        assert_eq!(verify(&[key()], Some("m"), Some("soon"), Some(&good), body, NOW), Err(WebhookError::BadTimestamp));
+        assert_eq!(
+            check("v1,@@@ v2,abc", body, NOW, &[key()]),
+            Err(WebhookError::BadSignature),
+            "garbage"
+        );
+        assert_eq!(
+            verify(&[key()], Some("m"), Some("soon"), Some(&good), body, NOW),
+            Err(WebhookError::BadTimestamp)
+        );
     }
 
     #[test]
