@@ -1,1 +1,180 @@
-fn main() {}
+//! `gateway`: the payment gateway's roles as subcommands. See the crate docs of the
+//! `gateway` library for what each runs.
+
+use clap::{Parser, Subcommand};
+use gateway::{ApiOptions, Common, WorkerOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "gateway", about = "Asynchronous payment gateway")]
+struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    brokers: String,
+    /// PostgreSQL connection string of the projection.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// The processor topology.
+    #[arg(long, env = "GATEWAY_TOPOLOGY", default_value = "config/topology.toml", global = true)]
+    topology: PathBuf,
+    #[arg(long, env = "GATEWAY_EVENTS_TOPIC", default_value = "payments.events", global = true)]
+    events_topic: String,
+    #[arg(long, env = "GATEWAY_DLQ_TOPIC", default_value = "payments.dlq", global = true)]
+    dlq_topic: String,
+    /// Extra librdkafka property for every client, `key=value` (repeatable).
+    #[arg(long = "kafka-prop", global = true)]
+    kafka_props: Vec<String>,
+    /// Log lines as JSON.
+    #[arg(long, env = "GATEWAY_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    #[arg(long = "listen", env = "API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// Merchants (hashed API keys) and webhook secrets.
+    #[arg(long, env = "GATEWAY_MERCHANTS", default_value = "config/merchants.toml")]
+    merchants: PathBuf,
+    #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    max_body_bytes: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Where the partition stores live.
+    #[arg(long, env = "STATE_DIR", default_value = "state")]
+    state_dir: PathBuf,
+    #[arg(long, env = "PROVIDER_URL", default_value = "http://127.0.0.1:9090")]
+    provider_url: String,
+    /// Per-request timeout of provider calls (keep below the topology's reply_timeout_ms).
+    #[arg(long, env = "PROVIDER_TIMEOUT_MS", default_value_t = 3000)]
+    provider_timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The HTTP API.
+    Api(ApiArgs),
+    /// The topology worker.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// /metrics, /health/live and /topology.
+        #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9101")]
+        ops_listen: SocketAddr,
+    },
+    /// The PostgreSQL projection sink.
+    Sink {
+        #[arg(long, env = "SINK_GROUP_ID", default_value = "payment-gateway-projection")]
+        group_id: String,
+        #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9102")]
+        ops_listen: SocketAddr,
+    },
+    /// API, worker and sink in one process.
+    All {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[arg(long, env = "SINK_GROUP_ID", default_value = "payment-gateway-projection")]
+        group_id: String,
+    },
+    /// Empties the projection and replays the topics into it.
+    RebuildProjection,
+    /// Validates the topology file and prints the compiled graph.
+    Topology,
+    /// Prints the SHA-256 of an API key, for config/merchants.toml.
+    HashKey { key: String },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    gateway::init_logging(cli.log_json);
+    if let Cmd::HashKey { key } = &cli.command {
+        println!("{}", gateway_http::auth::hash_key(key));
+        return Ok(());
+    }
+    let topology = Arc::new(topology::load(&cli.topology)?);
+    let common = Common {
+        brokers: cli.brokers,
+        database_url: cli.database_url,
+        topology,
+        events_topic: cli.events_topic,
+        dlq_topic: cli.dlq_topic,
+        kafka: gateway::parse_kafka_props(&cli.kafka_props)?,
+    };
+    match cli.command {
+        Cmd::HashKey { .. } => Ok(()),
+        Cmd::Topology => {
+            println!("{}", serde_json::to_string_pretty(&common.topology.describe())?);
+            Ok(())
+        }
+        Cmd::Api(a) => {
+            let (merchants, webhook_secrets) = gateway::load_merchants(&a.merchants)?;
+            let opts = ApiOptions { listen: a.api_listen, merchants, webhook_secrets, max_body_bytes: a.max_body_bytes };
+            let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
+            handle.await?;
+            Ok(())
+        }
+        Cmd::Worker { worker, ops_listen } => {
+            let (_, ops) = gateway_http::serve_ops(ops_listen, Some(common.topology.describe()), std::future::pending()).await?;
+            let res = gateway::run_worker(&common, worker_opts(worker), gateway::shutdown_signal()).await;
+            ops.abort();
+            res
+        }
+        Cmd::Sink { group_id, ops_listen } => {
+            let (_, ops) = gateway_http::serve_ops(ops_listen, None, std::future::pending()).await?;
+            let res = gateway::run_sink(&common, &group_id, gateway::shutdown_signal()).await;
+            ops.abort();
+            res
+        }
+        Cmd::All { api, worker, group_id } => {
+            let (merchants, webhook_secrets) = gateway::load_merchants(&api.merchants)?;
+            let opts = ApiOptions { listen: api.api_listen, merchants, webhook_secrets, max_body_bytes: api.max_body_bytes };
+            let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
+            let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
+                let mut rx = tx.subscribe();
+                async move {
+                    let _ = rx.recv().await;
+                }
+            };
+            let (_, api_handle) = gateway::start_api(&common, opts, wait(&tx)).await?;
+            let signal_tx = tx.clone();
+            tokio::spawn(async move {
+                gateway::shutdown_signal().await;
+                let _ = signal_tx.send(());
+            });
+            // The first role to fail stops the others.
+            let res = tokio::try_join!(
+                gateway::run_worker(&common, worker_opts(worker), wait(&tx)),
+                gateway::run_sink(&common, &group_id, wait(&tx)),
+            );
+            let _ = tx.send(());
+            let _ = api_handle.await;
+            res.map(|_| ())
+        }
+        Cmd::RebuildProjection => {
+            let report = gateway::rebuild_projection(&common).await?;
+            println!(
+                "rebuilt: records={} events={} dead_letters={} webhooks={}",
+                report.records, report.events, report.dead_letters, report.webhooks
+            );
+            Ok(())
+        }
+    }
+}
+
+fn worker_opts(w: WorkerArgs) -> WorkerOptions {
+    WorkerOptions {
+        state_dir: w.state_dir,
+        provider_url: w.provider_url,
+        provider_timeout: Duration::from_millis(w.provider_timeout_ms),
+    }
+}

@@ -1,1 +1,134 @@
-//! http
+//! # gateway-http — the HTTP API (warp)
+//!
+//! Layout:
+//! - [`routes`]: every route, the shared `recover`, request metrics.
+//! - [`handlers`]: what each route does — validate, authenticate, publish a command or
+//!   read the projection.
+//! - [`auth`]: merchant API keys (hashed, constant-time).
+//! - [`error`]: the one JSON error shape and its stable codes.
+//!
+//! The API **never changes payment state**: writes become commands on Kafka, reads come
+//! from the PostgreSQL projection.
+
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod routes;
+
+use auth::MerchantKey;
+use rdkafka::producer::FutureProducer;
+use sinks::Pool;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub merchants: Vec<MerchantKey>,
+    /// Webhook secrets per provider name (`/v1/callbacks/{provider}`); several during a
+    /// rotation.
+    pub webhook_secrets: HashMap<String, Vec<Vec<u8>>>,
+    pub commands_topic: String,
+    pub max_body_bytes: u64,
+    /// How long a create or cancel may wait for Kafka before answering 503.
+    pub publish_timeout: Duration,
+    /// Served at `GET /topology` when set.
+    pub topology: Option<serde_json::Value>,
+}
+
+impl ApiConfig {
+    pub fn new(commands_topic: &str) -> Self {
+        ApiConfig {
+            merchants: vec![],
+            webhook_secrets: HashMap::new(),
+            commands_topic: commands_topic.to_owned(),
+            max_body_bytes: 16 * 1024,
+            publish_timeout: Duration::from_secs(5),
+            topology: None,
+        }
+    }
+}
+
+/// Recently accepted creates, `(merchant, key) → request hash`, so a conflicting reuse
+/// of a key is refused with 422 even before the first create reaches the projection.
+#[derive(Default)]
+pub struct RecentKeys {
+    map: HashMap<(String, String), String>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+impl RecentKeys {
+    const CAPACITY: usize = 100_000;
+
+    pub fn get(&self, merchant: &str, key: &str) -> Option<&String> {
+        self.map.get(&(merchant.to_owned(), key.to_owned()))
+    }
+
+    pub fn insert(&mut self, merchant: &str, key: &str, hash: &str) {
+        let k = (merchant.to_owned(), key.to_owned());
+        if self.map.insert(k.clone(), hash.to_owned()).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+pub struct ApiState {
+    pub cfg: ApiConfig,
+    pub producer: FutureProducer,
+    pub pool: Pool,
+    pub recent: Mutex<RecentKeys>,
+}
+
+impl ApiState {
+    pub fn new(cfg: ApiConfig, producer: FutureProducer, pool: Pool) -> Arc<Self> {
+        Arc::new(ApiState { cfg, producer, pool, recent: Mutex::new(RecentKeys::default()) })
+    }
+}
+
+/// Serves the API on `addr` until `shutdown`; returns the bound address at once.
+pub async fn serve(
+    state: Arc<ApiState>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let routes = routes::routes(state);
+    let handle = tokio::spawn(async move {
+        warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+    });
+    Ok((local, handle))
+}
+
+/// Operational endpoints for processes without the API (worker, sink): `/metrics`,
+/// `/health/live` and, for a worker, `/topology`.
+pub async fn serve_ops(
+    addr: SocketAddr,
+    topology: Option<serde_json::Value>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use warp::{Filter, Reply};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let metrics = warp::path!("metrics").and(warp::get()).map(|| {
+        let text = prometheus::TextEncoder::new().encode_to_string(&prometheus::gather()).unwrap_or_default();
+        warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
+    });
+    let live = warp::path!("health" / "live")
+        .map(|| warp::reply::json(&serde_json::json!({"status": "live"})).into_response());
+    let topo = warp::path!("topology").map(move || match &topology {
+        Some(t) => warp::reply::json(t).into_response(),
+        None => warp::http::StatusCode::NOT_FOUND.into_response(),
+    });
+    let routes = metrics.or(live).unify().or(topo).unify();
+    let handle = tokio::spawn(async move {
+        warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+    });
+    Ok((local, handle))
+}

@@ -1,1 +1,24 @@
-//! testkit
+//! # testkit — real dependencies for tests, started per test run
+//!
+//! - [`pg`]: a throwaway PostgreSQL cluster from the system's binaries (`initdb`,
+//!   `pg_ctl`), or the server named by `DATABASE_URL`; a fresh database per test.
+//! - [`kafka`]: librdkafka's mock cluster (a real Kafka wire-protocol server), or the
+//!   brokers named by `KAFKA_BROKERS`; random topic names per test.
+//! - [`stack`]: the gateway's services (API, worker, sink, provider simulator) started
+//!   in-process or, for the worker, as a child process that can be killed.
+//! - [`client`]: a small API client and the checks tests share (terminal states,
+//!   histories, the events topic, the provider ledger).
+//!
+//! Tests are quiet unless `TEST_LOG` is set (then `RUST_LOG` filters).
+
+pub mod client;
+pub mod kafka;
+pub mod pg;
+pub mod stack;
+
+/// Sets up logging once for a test process (only when `TEST_LOG` is set).
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        gateway::init_logging(false);
+    }
+}

@@ -1,0 +1,210 @@
+//! # gateway — the service binary's roles
+//!
+//! One binary, several roles (subcommands): `api`, `worker`, `sink`, `all` (the three in
+//! one process), `rebuild-projection`, `topology` (validate and describe), `hash-key`.
+//! This library holds what each role runs, so tests start the same code in-process;
+//! `main.rs` only parses the command line.
+
+use anyhow::Context as _;
+use gateway_http::auth::MerchantKey;
+use gateway_http::{ApiConfig, ApiState};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use topology::CompiledTopology;
+
+/// Settings shared by every role.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub brokers: String,
+    pub database_url: Option<String>,
+    pub topology: Arc<CompiledTopology>,
+    pub events_topic: String,
+    pub dlq_topic: String,
+    /// Extra librdkafka properties (`key=value`), for every client.
+    pub kafka: Vec<(String, String)>,
+}
+
+impl Common {
+    pub fn commands_topic(&self) -> anyhow::Result<String> {
+        self.topology
+            .source_topics()
+            .into_iter()
+            .next()
+            .context("the topology has no source topic")
+    }
+
+    fn database_url(&self) -> anyhow::Result<&str> {
+        self.database_url
+            .as_deref()
+            .context("DATABASE_URL is not set; pass --database-url postgres://user:pass@host:port/db")
+    }
+
+    pub fn sink_topics(&self) -> anyhow::Result<sinks::projection::Topics> {
+        Ok(sinks::projection::Topics {
+            events: self.events_topic.clone(),
+            dead_letters: self.dlq_topic.clone(),
+            commands: self.commands_topic()?,
+        })
+    }
+}
+
+/// `config/merchants.toml`: hashed API keys and webhook secrets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantsFile {
+    #[serde(default)]
+    pub merchants: BTreeMap<String, MerchantEntry>,
+    #[serde(default)]
+    pub webhooks: BTreeMap<String, WebhookEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantEntry {
+    pub key_sha256: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEntry {
+    pub secrets: Vec<String>,
+}
+
+/// Loads merchants and webhook secrets, reporting every problem.
+pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, HashMap<String, Vec<Vec<u8>>>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read merchants file {}", path.display()))?;
+    let file: MerchantsFile = toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))?;
+    let mut problems = Vec::new();
+    let mut keys = Vec::new();
+    for (id, m) in &file.merchants {
+        match MerchantKey::from_hash(id, &m.key_sha256) {
+            Ok(k) => keys.push(k),
+            Err(e) => problems.push(format!("merchant `{id}`: {e}")),
+        }
+    }
+    let mut secrets = HashMap::new();
+    for (provider, w) in &file.webhooks {
+        let mut list = Vec::new();
+        for s in &w.secrets {
+            match payments::webhook::secret_bytes(s) {
+                Ok(b) => list.push(b),
+                Err(e) => problems.push(format!("webhook provider `{provider}`: {e}")),
+            }
+        }
+        secrets.insert(provider.clone(), list);
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{} is invalid:\n  - {}", path.display(), problems.join("\n  - "));
+    }
+    Ok((keys, secrets))
+}
+
+pub struct ApiOptions {
+    pub listen: SocketAddr,
+    pub merchants: Vec<MerchantKey>,
+    pub webhook_secrets: HashMap<String, Vec<Vec<u8>>>,
+    pub max_body_bytes: u64,
+}
+
+/// Starts the API; returns its address and a handle that ends after `shutdown`.
+pub async fn start_api(
+    common: &Common,
+    opts: ApiOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let pool = sinks::connect(common.database_url()?, 16)?;
+    sinks::migrate(&pool).await?;
+    let mut producer_cfg = vec![("message.timeout.ms".to_owned(), "5000".to_owned()), ("linger.ms".to_owned(), "2".to_owned())];
+    producer_cfg.extend(common.kafka.iter().cloned());
+    let producer = topology::runtime::producer(&common.brokers, &producer_cfg)?;
+    let mut cfg = ApiConfig::new(&common.commands_topic()?);
+    cfg.merchants = opts.merchants;
+    cfg.webhook_secrets = opts.webhook_secrets;
+    cfg.max_body_bytes = opts.max_body_bytes;
+    cfg.topology = Some(common.topology.describe());
+    let state = ApiState::new(cfg, producer, pool);
+    let (addr, handle) = gateway_http::serve(state, opts.listen, shutdown).await?;
+    tracing::info!(%addr, "API listening");
+    Ok((addr, handle))
+}
+
+pub struct WorkerOptions {
+    pub state_dir: PathBuf,
+    pub provider_url: String,
+    pub provider_timeout: Duration,
+}
+
+pub async fn run_worker(
+    common: &Common,
+    opts: WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut settings = topology::WorkerSettings::new(&common.brokers, opts.state_dir, &opts.provider_url, &common.commands_topic()?);
+    settings.provider_timeout = opts.provider_timeout;
+    settings.kafka = common.kafka.clone();
+    topology::run_worker(common.topology.clone(), settings, shutdown).await
+}
+
+pub async fn run_sink(common: &Common, group_id: &str, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let pool = sinks::connect(common.database_url()?, 4)?;
+    let settings = sinks::runner::SinkSettings {
+        brokers: common.brokers.clone(),
+        group_id: group_id.to_owned(),
+        topics: common.sink_topics()?,
+        max_batch: 1000,
+        max_wait: Duration::from_millis(20),
+        kafka: common.kafka.clone(),
+    };
+    sinks::runner::run_sink(pool, settings, shutdown).await
+}
+
+pub async fn rebuild_projection(common: &Common) -> anyhow::Result<sinks::runner::RebuildReport> {
+    let pool = sinks::connect(common.database_url()?, 2)?;
+    sinks::runner::rebuild(&pool, &common.brokers, &common.sink_topics()?, &common.kafka).await
+}
+
+/// Logging: `RUST_LOG` filters (default `info`); `json` for machine-readable lines.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rdkafka=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Parses `key=value` librdkafka properties.
+pub fn parse_kafka_props(props: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    props
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("--kafka-prop {p:?} must look like key=value"))
+        })
+        .collect()
+}

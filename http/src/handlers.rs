@@ -1,0 +1,414 @@
+//! Route handlers. Each returns a response or an [`ApiError`]; none changes state except
+//! by publishing a command.
+
+use crate::auth;
+use crate::error::ApiError;
+use crate::ApiState;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+use bytes::Bytes;
+use payments::{
+    Amount, Command, CommandBody, CommandId, CreatePayment, Currency, IdempotencyKey, MerchantId, PaymentId, Status,
+    WebhookOutcome,
+};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+pub type Result<T> = std::result::Result<T, ApiError>;
+
+const MAX_REFERENCE: usize = 128;
+const MAX_DESCRIPTION: usize = 512;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn merchant(state: &ApiState, authorization: Option<&str>) -> Result<MerchantId> {
+    auth::authenticate(&state.cfg.merchants, authorization).ok_or_else(ApiError::unauthorized)
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+/// Parses a JSON body, turning serde's message into a clear 400.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    if body.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "the request body is empty; send a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_request" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
+    })
+}
+
+fn check_json_content_type(content_type: Option<&str>) -> Result<()> {
+    match content_type {
+        None => Ok(()),
+        Some(ct) if ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) => Ok(()),
+        Some(ct) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content-type {ct:?} is not supported; send application/json"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    amount: serde_json::Value,
+    currency: String,
+    #[serde(default)]
+    reference: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// A validated create request and its canonical hash.
+struct ValidCreate {
+    amount: Amount,
+    currency: Currency,
+    reference: Option<String>,
+    description: Option<String>,
+    hash: String,
+}
+
+fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
+    let amount = req
+        .amount
+        .as_i64()
+        .ok_or_else(|| ApiError::invalid("amount must be an integer number of minor units (e.g. 1050 for 10.50)"))?;
+    let amount = Amount::new(amount).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let currency = Currency::parse(&req.currency).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let text = |name: &str, v: Option<String>, max: usize| -> Result<Option<String>> {
+        match v {
+            Some(s) if s.chars().count() > max => Err(ApiError::invalid(format!("{name} must be at most {max} characters"))),
+            Some(s) if s.chars().any(char::is_control) => Err(ApiError::invalid(format!("{name} must not contain control characters"))),
+            other => Ok(other),
+        }
+    };
+    let reference = text("reference", req.reference, MAX_REFERENCE)?;
+    let description = text("description", req.description, MAX_DESCRIPTION)?;
+    // The canonical form: field order and spelling fixed, so equal requests hash equally.
+    let canonical = serde_json::json!([amount.minor_units(), currency.as_str(), reference, description]);
+    let hash = hex::encode(Sha256::digest(canonical.to_string().as_bytes()));
+    Ok(ValidCreate { amount, currency, reference, description, hash })
+}
+
+fn created_body(id: &PaymentId, v: &ValidCreate) -> serde_json::Value {
+    serde_json::json!({
+        "id": id.to_string(),
+        "status": Status::New.as_str(),
+        "amount": v.amount.minor_units(),
+        "currency": v.currency.as_str(),
+        "reference": v.reference,
+        "description": v.description,
+        "links": { "self": format!("/v1/payments/{id}"), "events": format!("/v1/payments/{id}/events") },
+    })
+}
+
+async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
+    let payload = payments::wire::encode_command(cmd);
+    let key = cmd.payment_id.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "content-type",
+        value: Some(payments::wire::COMMAND_CONTENT_TYPE),
+    });
+    let record = FutureRecord::to(&state.cfg.commands_topic).key(&key).payload(&payload).headers(headers);
+    match tokio::time::timeout(state.cfg.publish_timeout, state.producer.send(record, state.cfg.publish_timeout)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => {
+            tracing::warn!(payment_id = %cmd.payment_id, error = %e, "command not published");
+            Err(ApiError::unavailable("the payment could not be queued; retry with the same Idempotency-Key"))
+        }
+        Err(_) => {
+            tracing::warn!(payment_id = %cmd.payment_id, "command publish timed out");
+            Err(ApiError::unavailable("the payment could not be queued in time; retry with the same Idempotency-Key"))
+        }
+    }
+}
+
+pub async fn create_payment(
+    state: Arc<ApiState>,
+    authorization: Option<String>,
+    idempotency_key: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let merchant = merchant(&state, authorization.as_deref())?;
+    let key = idempotency_key.ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, "missing_idempotency_key", "the Idempotency-Key header is required")
+    })?;
+    let key = IdempotencyKey::parse(&key)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", e.to_string()))?;
+    check_json_content_type(content_type.as_deref())?;
+    let valid = validate_create(parse_body(&body)?)?;
+    let id = PaymentId::derive(&merchant, &key);
+    let body = created_body(&id, &valid);
+    let conflict = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request",
+        )
+    };
+    let replay = |body: &serde_json::Value| {
+        let mut r = json(StatusCode::ACCEPTED, body);
+        r.headers_mut().insert("idempotent-replayed", warp::http::HeaderValue::from_static("true"));
+        r
+    };
+    // A key already used: replay or refuse, from the projection or recent memory.
+    let stored = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    if let Some(p) = stored {
+        return if p.request_hash == valid.hash { Ok(replay(&body)) } else { Err(conflict()) };
+    }
+    let recent = state.recent.lock().unwrap_or_else(|e| e.into_inner()).get(merchant.as_str(), key.as_str()).cloned();
+    match recent {
+        Some(h) if h != valid.hash => return Err(conflict()),
+        _ => {}
+    }
+    let cmd = Command {
+        command_id: command_id(&format!("create:{id}"))?,
+        payment_id: id,
+        issued_at_ms: now_ms(),
+        body: CommandBody::Create(CreatePayment {
+            merchant_id: merchant.clone(),
+            amount: valid.amount,
+            currency: valid.currency,
+            idempotency_key: key.clone(),
+            request_hash: valid.hash.clone(),
+            reference: valid.reference.clone(),
+            description: valid.description.clone(),
+            traceparent: None,
+            screening: None,
+        }),
+    };
+    publish(&state, &cmd).await?;
+    state.recent.lock().unwrap_or_else(|e| e.into_inner()).insert(merchant.as_str(), key.as_str(), &valid.hash);
+    tracing::info!(payment_id = %id, merchant = %merchant, "payment accepted");
+    let mut res = json(StatusCode::ACCEPTED, &body);
+    if let Ok(loc) = format!("/v1/payments/{id}").parse() {
+        res.headers_mut().insert("location", loc);
+    }
+    Ok(res)
+}
+
+fn command_id(s: &str) -> Result<CommandId> {
+    CommandId::parse(s).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn parse_id(id: &str) -> Result<PaymentId> {
+    // A malformed id cannot name a payment: same answer as a missing one.
+    PaymentId::parse(id).map_err(|_| ApiError::not_found())
+}
+
+pub async fn get_payment(state: Arc<ApiState>, id: String, authorization: Option<String>) -> Result<Response> {
+    let merchant = merchant(&state, authorization.as_deref())?;
+    let id = parse_id(&id)?;
+    let p = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(json(StatusCode::OK, &serde_json::to_value(p).unwrap_or_default()))
+}
+
+pub async fn payment_events(state: Arc<ApiState>, id: String, authorization: Option<String>) -> Result<Response> {
+    let merchant = merchant(&state, authorization.as_deref())?;
+    let id = parse_id(&id)?;
+    let events = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "id": id.to_string(), "events": events })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    currency: Option<String>,
+    reference: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+pub async fn list_payments(state: Arc<ApiState>, q: ListQuery, authorization: Option<String>) -> Result<Response> {
+    let merchant = merchant(&state, authorization.as_deref())?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("status {s:?} is not one of NEW, PROCESSING, COMPLETED, FAILED, CANCELED"))
+        })?),
+    };
+    let currency = match q.currency.as_deref() {
+        None => None,
+        Some(c) => Some(Currency::parse(c).map_err(|e| ApiError::invalid(e.to_string()))?.to_string()),
+    };
+    let limit = match q.limit.as_deref() {
+        None => 20,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| ApiError::invalid("limit must be an integer from 1 to 100"))?,
+    };
+    if q.reference.as_ref().is_some_and(|r| r.chars().count() > MAX_REFERENCE) {
+        return Err(ApiError::invalid(format!("reference must be at most {MAX_REFERENCE} characters")));
+    }
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::invalid("cursor is not one this API returned"))?),
+    };
+    let filter = sinks::query::ListFilter { status, currency, reference: q.reference, limit, after };
+    let (page, next) = sinks::query::list(&state.pool, merchant.as_str(), &filter)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let next = next.map(|(us, id)| B64URL.encode(format!("{us}:{id}")));
+    Ok(json(StatusCode::OK, &serde_json::json!({ "data": page, "next_cursor": next })))
+}
+
+fn decode_cursor(c: &str) -> Option<(i64, String)> {
+    let raw = String::from_utf8(B64URL.decode(c).ok()?).ok()?;
+    let (us, id) = raw.split_once(':')?;
+    let id = PaymentId::parse(id).ok()?;
+    Some((us.parse().ok()?, id.to_string()))
+}
+
+pub async fn cancel_payment(
+    state: Arc<ApiState>,
+    id: String,
+    authorization: Option<String>,
+    idempotency_key: Option<String>,
+) -> Result<Response> {
+    let merchant = merchant(&state, authorization.as_deref())?;
+    let id = parse_id(&id)?;
+    let p = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(ApiError::not_found)?;
+    if Status::parse(&p.status).is_some_and(Status::is_terminal) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_terminal",
+            format!("payment is {}; it can no longer be canceled", p.status),
+        ));
+    }
+    let suffix = match idempotency_key {
+        Some(k) => IdempotencyKey::parse(&k)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", e.to_string()))?
+            .to_string(),
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(suffix.as_bytes());
+    let cmd = Command {
+        command_id: command_id(&format!("cancel:{id}:{}", &hex::encode(hasher.finalize())[..32]))?,
+        payment_id: id,
+        issued_at_ms: now_ms(),
+        body: CommandBody::Cancel { merchant_id: merchant },
+    };
+    publish(&state, &cmd).await?;
+    Ok(json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "id": id.to_string(), "status": p.status, "cancel_requested": true }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct WebhookBody {
+    #[serde(rename = "type")]
+    kind: String,
+    data: WebhookData,
+}
+
+#[derive(Debug, Deserialize)]
+struct WebhookData {
+    reference: String,
+    #[serde(default)]
+    charge_id: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub struct WebhookHeaders {
+    pub id: Option<String>,
+    pub timestamp: Option<String>,
+    pub signature: Option<String>,
+}
+
+/// `POST /v1/callbacks/{provider}`: verifies the signature on the raw body, then turns
+/// the webhook into a command. Deduplicated by `webhook-id` (the command id).
+pub async fn callback(state: Arc<ApiState>, provider: String, h: WebhookHeaders, body: Bytes) -> Result<Response> {
+    let secrets = state
+        .cfg
+        .webhook_secrets
+        .get(&provider)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_provider", format!("no provider named {provider:?}")))?;
+    let now = now_ms() / 1000;
+    payments::webhook::verify(secrets, h.id.as_deref(), h.timestamp.as_deref(), h.signature.as_deref(), &body, now)
+        .map_err(|e| {
+            tracing::warn!(%provider, error = %e, "webhook refused");
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string())
+        })?;
+    let webhook_id = h.id.unwrap_or_default();
+    if webhook_id.len() > 100 || !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", "webhook-id must be at most 100 printable characters"));
+    }
+    let parsed: WebhookBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", format!("webhook body: {e}")))?;
+    let payment_id = PaymentId::parse(&parsed.data.reference)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", "data.reference is not a payment id"))?;
+    let outcome = match parsed.kind.as_str() {
+        "charge.succeeded" => WebhookOutcome::Succeeded { provider_ref: parsed.data.charge_id.unwrap_or_default() },
+        "charge.failed" => WebhookOutcome::Failed {
+            code: parsed.data.code.unwrap_or_else(|| "declined".into()),
+            message: parsed.data.message.unwrap_or_default(),
+        },
+        "charge.canceled" => WebhookOutcome::Canceled,
+        other => {
+            // Acknowledge event types we do not act on, so the provider stops resending.
+            tracing::info!(%provider, kind = other, "webhook type ignored");
+            return Ok(warp::http::StatusCode::NO_CONTENT.into_response());
+        }
+    };
+    let cmd = Command {
+        command_id: command_id(&format!("webhook:{provider}:{webhook_id}"))?,
+        payment_id,
+        issued_at_ms: now_ms(),
+        body: CommandBody::Webhook { webhook_id, outcome },
+    };
+    publish(&state, &cmd).await?;
+    Ok(warp::http::StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn ready(state: Arc<ApiState>) -> Result<Response> {
+    sinks::query::ping(&state.pool)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("PostgreSQL: {e}")))?;
+    let producer = state.producer.clone();
+    let topic = state.cfg.commands_topic.clone();
+    let kafka = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer;
+        producer.client().fetch_metadata(Some(&topic), std::time::Duration::from_secs(2)).map(|_| ())
+    })
+    .await;
+    match kafka {
+        Ok(Ok(())) => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ready" }))),
+        Ok(Err(e)) => Err(ApiError::unavailable(format!("Kafka: {e}"))),
+        Err(e) => Err(ApiError::unavailable(format!("Kafka check failed: {e}"))),
+    }
+}

@@ -1,0 +1,244 @@
+//! The whole gateway for one test: its own topics, database, state directory, API,
+//! sink, worker and provider simulator.
+
+use crate::kafka::Kafka;
+use crate::pg;
+use anyhow::Context as _;
+use gateway::{ApiOptions, Common, WorkerOptions};
+use gateway_http::auth::MerchantKey;
+use simulator::{SimConfig, Simulator};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+const TOPOLOGY: &str = include_str!("../../config/topology.toml");
+pub const DEMO_KEY: &str = "sk_test_demo";
+pub const OTHER_KEY: &str = "sk_test_globex";
+pub const WEBHOOK_SECRET: &str = "whsec_c2ltdWxhdG9yLXdlYmhvb2stc2VjcmV0";
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub partitions: i32,
+    pub sim: SimConfig,
+    /// Run the worker as a child process of this binary (so a test can SIGKILL it).
+    pub gateway_bin: Option<PathBuf>,
+    pub provider_timeout: Duration,
+    /// Replacements applied to the topology's payment parameters.
+    pub policy: String,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            partitions: 4,
+            sim: SimConfig { hang_ms: 1_500, webhook_delay_ms: 30, ..SimConfig::default() },
+            gateway_bin: None,
+            provider_timeout: Duration::from_millis(500),
+            policy: "reply_timeout_ms = 1500, webhook_timeout_ms = 4000, max_attempts = 3, backoff_base_ms = 50, backoff_max_ms = 400, status_poll_max_ms = 3000".into(),
+        }
+    }
+}
+
+enum Worker {
+    InProcess { stop: broadcast::Sender<()>, join: JoinHandle<anyhow::Result<()>> },
+    Child(std::process::Child),
+}
+
+pub struct Stack {
+    pub kafka: Kafka,
+    pub database_url: String,
+    pub common: Common,
+    pub api: SocketAddr,
+    pub sim: Simulator,
+    pub sim_addr: SocketAddr,
+    pub state_dir: tempfile::TempDir,
+    pub opts: StackOptions,
+    topology_file: PathBuf,
+    shutdown: broadcast::Sender<()>,
+    worker: Option<Worker>,
+    sink: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn wait_for(tx: &broadcast::Sender<()>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = tx.subscribe();
+    async move {
+        let _ = rx.recv().await;
+    }
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
+        crate::init_test_logging();
+        let kafka = Kafka::start()?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let (commands, events, dlq) =
+            (format!("cmd-{suffix}"), format!("evt-{suffix}"), format!("dlq-{suffix}"));
+        for t in [&commands, &events, &dlq] {
+            kafka.create_topic(t, opts.partitions).await?;
+        }
+        let text = TOPOLOGY
+            .replace("\"payments.commands\"", &format!("\"{commands}\""))
+            .replace("\"payments.events\"", &format!("\"{events}\""))
+            .replace("\"payments.dlq\"", &format!("\"{dlq}\""))
+            .replace("application_id = \"payment-gateway\"", &format!("application_id = \"app-{suffix}\""))
+            .replace(
+                "reply_timeout_ms = 10000, webhook_timeout_ms = 30000, max_attempts = 4, backoff_base_ms = 200, backoff_max_ms = 10000",
+                &opts.policy,
+            );
+        let topology = Arc::new(topology::compile_str(&text)?);
+        let state_dir = tempfile::Builder::new().prefix("gateway-state-").tempdir()?;
+        let topology_file = state_dir.path().join("topology.toml");
+        std::fs::write(&topology_file, &text)?;
+        let database_url = pg::server()?.fresh_database().await?;
+        let common = Common {
+            brokers: kafka.brokers().to_owned(),
+            database_url: Some(database_url.clone()),
+            topology,
+            events_topic: events,
+            dlq_topic: dlq,
+            kafka: vec![],
+        };
+        let (shutdown, _) = broadcast::channel(1);
+        let merchants = vec![
+            MerchantKey::from_plain("demo", DEMO_KEY).map_err(anyhow::Error::msg)?,
+            MerchantKey::from_plain("globex", OTHER_KEY).map_err(anyhow::Error::msg)?,
+        ];
+        let mut secrets = HashMap::new();
+        secrets.insert("sim".to_owned(), vec![payments::webhook::secret_bytes(WEBHOOK_SECRET)?]);
+        let api_opts = ApiOptions {
+            listen: "127.0.0.1:0".parse()?,
+            merchants,
+            webhook_secrets: secrets,
+            max_body_bytes: 16 * 1024,
+        };
+        let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
+        let mut sim_cfg = opts.sim.clone();
+        sim_cfg.webhook_url = Some(format!("http://{api}/v1/callbacks/sim"));
+        sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
+        let sim = Simulator::new(sim_cfg);
+        let (sim_addr, _sim_join) = simulator::serve(sim.clone(), "127.0.0.1:0".parse()?, wait_for(&shutdown)).await?;
+        let sink = {
+            let common = common.clone();
+            let stop = wait_for(&shutdown);
+            let group = format!("projection-{suffix}");
+            tokio::spawn(async move { gateway::run_sink(&common, &group, stop).await })
+        };
+        let mut stack = Stack {
+            kafka,
+            database_url,
+            common,
+            api,
+            sim,
+            sim_addr,
+            state_dir,
+            opts,
+            topology_file,
+            shutdown,
+            worker: None,
+            sink: Some(sink),
+        };
+        stack.start_worker()?;
+        Ok(stack)
+    }
+
+    pub fn commands_topic(&self) -> String {
+        self.common.commands_topic().unwrap_or_default()
+    }
+
+    pub fn start_worker(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.worker.is_none(), "a worker is already running");
+        let provider_url = format!("http://{}", self.sim_addr);
+        let state = self.state_dir.path().join("stores");
+        self.worker = Some(match &self.opts.gateway_bin {
+            Some(bin) => {
+                let mut cmd = std::process::Command::new(bin);
+                cmd.arg("--brokers")
+                    .arg(&self.common.brokers)
+                    .arg("--topology")
+                    .arg(&self.topology_file)
+                    .arg("worker")
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .arg("--provider-url")
+                    .arg(&provider_url)
+                    .arg("--provider-timeout-ms")
+                    .arg(self.opts.provider_timeout.as_millis().to_string())
+                    .arg("--ops-listen")
+                    .arg("127.0.0.1:0")
+                    .stdin(std::process::Stdio::null());
+                if std::env::var_os("TEST_LOG").is_none() {
+                    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+                }
+                Worker::Child(cmd.spawn().with_context(|| format!("starting {}", bin.display()))?)
+            }
+            None => {
+                let (stop, _) = broadcast::channel(1);
+                let common = self.common.clone();
+                let opts = WorkerOptions { state_dir: state, provider_url, provider_timeout: self.opts.provider_timeout };
+                let until = wait_for(&stop);
+                let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
+                Worker::InProcess { stop, join }
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops the worker: gracefully in-process, or with SIGKILL for a child process.
+    pub async fn stop_worker(&mut self) -> anyhow::Result<()> {
+        match self.worker.take() {
+            None => Ok(()),
+            Some(Worker::InProcess { stop, join }) => {
+                let _ = stop.send(());
+                join.await?
+            }
+            Some(Worker::Child(mut child)) => {
+                child.kill()?;
+                child.wait()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the worker is still running (a failed worker is an error here).
+    pub fn worker_alive(&mut self) -> anyhow::Result<bool> {
+        match &mut self.worker {
+            None => Ok(false),
+            Some(Worker::InProcess { join, .. }) => Ok(!join.is_finished()),
+            Some(Worker::Child(c)) => match c.try_wait()? {
+                None => Ok(true),
+                Some(status) => anyhow::bail!("worker process exited: {status}"),
+            },
+        }
+    }
+
+    pub fn client(&self, key: &str) -> crate::client::Api {
+        crate::client::Api::new(self.api, key)
+    }
+
+    pub async fn pool(&self) -> anyhow::Result<sinks::Pool> {
+        sinks::connect(&self.database_url, 4)
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop_worker().await?;
+        let _ = self.shutdown.send(());
+        if let Some(s) = self.sink.take() {
+            s.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(Worker::Child(c)) = &mut self.worker {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.shutdown.send(());
+    }
+}
