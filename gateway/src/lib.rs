@@ -38,9 +38,9 @@ impl Common {
     }
 
     fn database_url(&self) -> anyhow::Result<&str> {
-        self.database_url
-            .as_deref()
-            .context("DATABASE_URL is not set; pass --database-url postgres://user:pass@host:port/db")
+        self.database_url.as_deref().context(
+            "DATABASE_URL is not set; pass --database-url postgres://user:pass@host:port/db",
+        )
     }
 
     pub fn sink_topics(&self) -> anyhow::Result<sinks::projection::Topics> {
@@ -75,9 +75,13 @@ pub struct WebhookEntry {
 }
 
 /// Loads merchants and webhook secrets, reporting every problem.
-pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, HashMap<String, Vec<Vec<u8>>>)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read merchants file {}", path.display()))?;
-    let file: MerchantsFile = toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))?;
+pub fn load_merchants(
+    path: &Path,
+) -> anyhow::Result<(Vec<MerchantKey>, HashMap<String, Vec<Vec<u8>>>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read merchants file {}", path.display()))?;
+    let file: MerchantsFile =
+        toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))?;
     let mut problems = Vec::new();
     let mut keys = Vec::new();
     for (id, m) in &file.merchants {
@@ -98,7 +102,11 @@ pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, HashMap<
         secrets.insert(provider.clone(), list);
     }
     if !problems.is_empty() {
-        anyhow::bail!("{} is invalid:\n  - {}", path.display(), problems.join("\n  - "));
+        anyhow::bail!(
+            "{} is invalid:\n  - {}",
+            path.display(),
+            problems.join("\n  - ")
+        );
     }
     Ok((keys, secrets))
 }
@@ -118,7 +126,10 @@ pub async fn start_api(
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let pool = sinks::connect(common.database_url()?, 16)?;
     sinks::migrate(&pool).await?;
-    let mut producer_cfg = vec![("message.timeout.ms".to_owned(), "5000".to_owned()), ("linger.ms".to_owned(), "2".to_owned())];
+    let mut producer_cfg = vec![
+        ("message.timeout.ms".to_owned(), "5000".to_owned()),
+        ("linger.ms".to_owned(), "2".to_owned()),
+    ];
     producer_cfg.extend(common.kafka.iter().cloned());
     let producer = topology::runtime::producer(&common.brokers, &producer_cfg)?;
     let mut cfg = ApiConfig::new(&common.commands_topic()?);
@@ -143,13 +154,22 @@ pub async fn run_worker(
     opts: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut settings = topology::WorkerSettings::new(&common.brokers, opts.state_dir, &opts.provider_url, &common.commands_topic()?);
+    let mut settings = topology::WorkerSettings::new(
+        &common.brokers,
+        opts.state_dir,
+        &opts.provider_url,
+        &common.commands_topic()?,
+    );
     settings.provider_timeout = opts.provider_timeout;
     settings.kafka = common.kafka.clone();
     topology::run_worker(common.topology.clone(), settings, shutdown).await
 }
 
-pub async fn run_sink(common: &Common, group_id: &str, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_sink(
+    common: &Common,
+    group_id: &str,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let pool = sinks::connect(common.database_url()?, 4)?;
     let settings = sinks::runner::SinkSettings {
         brokers: common.brokers.clone(),
@@ -164,14 +184,27 @@ pub async fn run_sink(common: &Common, group_id: &str, shutdown: impl std::futur
 
 pub async fn rebuild_projection(common: &Common) -> anyhow::Result<sinks::runner::RebuildReport> {
     let pool = sinks::connect(common.database_url()?, 2)?;
-    sinks::runner::rebuild(&pool, &common.brokers, &common.sink_topics()?, &common.kafka).await
+    sinks::runner::rebuild(
+        &pool,
+        &common.brokers,
+        &common.sink_topics()?,
+        &common.kafka,
+    )
+    .await
 }
 
 /// Logging: `RUST_LOG` filters (default `info`); `json` for machine-readable lines.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rdkafka=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rdkafka=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -12,17 +12,37 @@ use std::time::Duration;
 #[command(name = "gateway", about = "Asynchronous payment gateway")]
 struct Cli {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
     brokers: String,
     /// PostgreSQL connection string of the projection.
     #[arg(long, env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
     /// The processor topology.
-    #[arg(long, env = "GATEWAY_TOPOLOGY", default_value = "config/topology.toml", global = true)]
+    #[arg(
+        long,
+        env = "GATEWAY_TOPOLOGY",
+        default_value = "config/topology.toml",
+        global = true
+    )]
     topology: PathBuf,
-    #[arg(long, env = "GATEWAY_EVENTS_TOPIC", default_value = "payments.events", global = true)]
+    #[arg(
+        long,
+        env = "GATEWAY_EVENTS_TOPIC",
+        default_value = "payments.events",
+        global = true
+    )]
     events_topic: String,
-    #[arg(long, env = "GATEWAY_DLQ_TOPIC", default_value = "payments.dlq", global = true)]
+    #[arg(
+        long,
+        env = "GATEWAY_DLQ_TOPIC",
+        default_value = "payments.dlq",
+        global = true
+    )]
     dlq_topic: String,
     /// Extra librdkafka property for every client, `key=value` (repeatable).
     #[arg(long = "kafka-prop", global = true)]
@@ -39,7 +59,11 @@ struct ApiArgs {
     #[arg(long = "listen", env = "API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
     /// Merchants (hashed API keys) and webhook secrets.
-    #[arg(long, env = "GATEWAY_MERCHANTS", default_value = "config/merchants.toml")]
+    #[arg(
+        long,
+        env = "GATEWAY_MERCHANTS",
+        default_value = "config/merchants.toml"
+    )]
     merchants: PathBuf,
     #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     max_body_bytes: u64,
@@ -71,7 +95,11 @@ enum Cmd {
     },
     /// The PostgreSQL projection sink.
     Sink {
-        #[arg(long, env = "SINK_GROUP_ID", default_value = "payment-gateway-projection")]
+        #[arg(
+            long,
+            env = "SINK_GROUP_ID",
+            default_value = "payment-gateway-projection"
+        )]
         group_id: String,
         #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9102")]
         ops_listen: SocketAddr,
@@ -82,7 +110,11 @@ enum Cmd {
         api: ApiArgs,
         #[command(flatten)]
         worker: WorkerArgs,
-        #[arg(long, env = "SINK_GROUP_ID", default_value = "payment-gateway-projection")]
+        #[arg(
+            long,
+            env = "SINK_GROUP_ID",
+            default_value = "payment-gateway-projection"
+        )]
         group_id: String,
     },
     /// Empties the projection and replays the topics into it.
@@ -113,31 +145,58 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::HashKey { .. } => Ok(()),
         Cmd::Topology => {
-            println!("{}", serde_json::to_string_pretty(&common.topology.describe())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&common.topology.describe())?
+            );
             Ok(())
         }
         Cmd::Api(a) => {
             let (merchants, webhook_secrets) = gateway::load_merchants(&a.merchants)?;
-            let opts = ApiOptions { listen: a.api_listen, merchants, webhook_secrets, max_body_bytes: a.max_body_bytes };
+            let opts = ApiOptions {
+                listen: a.api_listen,
+                merchants,
+                webhook_secrets,
+                max_body_bytes: a.max_body_bytes,
+            };
             let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
             handle.await?;
             Ok(())
         }
         Cmd::Worker { worker, ops_listen } => {
-            let (_, ops) = gateway_http::serve_ops(ops_listen, Some(common.topology.describe()), std::future::pending()).await?;
-            let res = gateway::run_worker(&common, worker_opts(worker), gateway::shutdown_signal()).await;
+            let (_, ops) = gateway_http::serve_ops(
+                ops_listen,
+                Some(common.topology.describe()),
+                std::future::pending(),
+            )
+            .await?;
+            let res =
+                gateway::run_worker(&common, worker_opts(worker), gateway::shutdown_signal()).await;
             ops.abort();
             res
         }
-        Cmd::Sink { group_id, ops_listen } => {
-            let (_, ops) = gateway_http::serve_ops(ops_listen, None, std::future::pending()).await?;
+        Cmd::Sink {
+            group_id,
+            ops_listen,
+        } => {
+            let (_, ops) =
+                gateway_http::serve_ops(ops_listen, None, std::future::pending()).await?;
             let res = gateway::run_sink(&common, &group_id, gateway::shutdown_signal()).await;
             ops.abort();
             res
         }
-        Cmd::All { api, worker, group_id } => {
+        Cmd::All {
+            api,
+            worker,
+            group_id,
+        } => {
             let (merchants, webhook_secrets) = gateway::load_merchants(&api.merchants)?;
-            let opts = ApiOptions { listen: api.api_listen, merchants, webhook_secrets, max_body_bytes: api.max_body_bytes };
+            let opts = ApiOptions {
+                listen: api.api_listen,
+                merchants,
+                webhook_secrets,
+                max_body_bytes: api.max_body_bytes,
+            };
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
                 let mut rx = tx.subscribe();

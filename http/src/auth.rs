@@ -15,11 +15,15 @@ impl MerchantKey {
     /// From `merchant_id` and the hex SHA-256 of the key.
     pub fn from_hash(merchant: &str, hex_sha256: &str) -> Result<Self, String> {
         let merchant = MerchantId::parse(merchant).map_err(|e| e.to_string())?;
-        let bytes = hex::decode(hex_sha256.trim()).map_err(|_| format!("key hash of {merchant} is not hex"))?;
+        let bytes = hex::decode(hex_sha256.trim())
+            .map_err(|_| format!("key hash of {merchant} is not hex"))?;
         let key_sha256: [u8; 32] = bytes
             .try_into()
             .map_err(|_| format!("key hash of {merchant} must be 64 hex digits (SHA-256)"))?;
-        Ok(MerchantKey { merchant, key_sha256 })
+        Ok(MerchantKey {
+            merchant,
+            key_sha256,
+        })
     }
 
     pub fn from_plain(merchant: &str, key: &str) -> Result<Self, String> {
@@ -54,8 +58,14 @@ mod tests {
 
     #[test]
     fn bearer_keys() {
-        let keys = vec![MerchantKey::from_plain("acme", "sk_a").unwrap(), MerchantKey::from_plain("globex", "sk_g").unwrap()];
-        assert_eq!(authenticate(&keys, Some("Bearer sk_g")).unwrap().as_str(), "globex");
+        let keys = vec![
+            MerchantKey::from_plain("acme", "sk_a").unwrap(),
+            MerchantKey::from_plain("globex", "sk_g").unwrap(),
+        ];
+        assert_eq!(
+            authenticate(&keys, Some("Bearer sk_g")).unwrap().as_str(),
+            "globex"
+        );
         assert!(authenticate(&keys, Some("Bearer sk_x")).is_none());
         assert!(authenticate(&keys, Some("sk_a")).is_none());
         assert!(authenticate(&keys, Some("Bearer ")).is_none());

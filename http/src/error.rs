@@ -28,7 +28,12 @@ struct Inner<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     pub fn unauthorized() -> Self {
@@ -44,26 +49,43 @@ impl ApiError {
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "payment_not_found", "no such payment")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "payment_not_found",
+            "no such payment",
+        )
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message) }
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
     }
 
     pub fn internal(e: &anyhow::Error) -> Self {
         tracing::error!(error = %format!("{e:#}"), "request failed");
         ApiError {
             retry_after: Some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the payment store is unavailable; retry later")
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the payment store is unavailable; retry later",
+            )
         }
     }
 }
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: Inner { code: self.code, message: &self.message } };
-        let mut res = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        let mut res =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(s) = self.retry_after {
             if let Ok(v) = s.to_string().parse() {
                 res.headers_mut().insert("retry-after", v);

@@ -8,8 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use bytes::Bytes;
 use payments::{
-    Amount, Command, CommandBody, CommandId, CreatePayment, Currency, IdempotencyKey, MerchantId, PaymentId, Status,
-    WebhookOutcome,
+    Amount, Command, CommandBody, CommandId, CreatePayment, Currency, IdempotencyKey, MerchantId,
+    PaymentId, Status, WebhookOutcome,
 };
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -43,10 +43,18 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response {
 /// Parses a JSON body, turning serde's message into a clear 400.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "the request body is empty; send a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the request body is empty; send a JSON object",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_request" };
+        let code = if e.is_syntax() || e.is_eof() {
+            "invalid_json"
+        } else {
+            "invalid_request"
+        };
         ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
     })
 }
@@ -54,7 +62,14 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
 fn check_json_content_type(content_type: Option<&str>) -> Result<()> {
     match content_type {
         None => Ok(()),
-        Some(ct) if ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) => Ok(()),
+        Some(ct)
+            if ct
+                .split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) =>
+        {
+            Ok(())
+        }
         Some(ct) => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -84,25 +99,39 @@ struct ValidCreate {
 }
 
 fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
-    let amount = req
-        .amount
-        .as_i64()
-        .ok_or_else(|| ApiError::invalid("amount must be an integer number of minor units (e.g. 1050 for 10.50)"))?;
+    let amount = req.amount.as_i64().ok_or_else(|| {
+        ApiError::invalid("amount must be an integer number of minor units (e.g. 1050 for 10.50)")
+    })?;
     let amount = Amount::new(amount).map_err(|e| ApiError::invalid(e.to_string()))?;
     let currency = Currency::parse(&req.currency).map_err(|e| ApiError::invalid(e.to_string()))?;
     let text = |name: &str, v: Option<String>, max: usize| -> Result<Option<String>> {
         match v {
-            Some(s) if s.chars().count() > max => Err(ApiError::invalid(format!("{name} must be at most {max} characters"))),
-            Some(s) if s.chars().any(char::is_control) => Err(ApiError::invalid(format!("{name} must not contain control characters"))),
+            Some(s) if s.chars().count() > max => Err(ApiError::invalid(format!(
+                "{name} must be at most {max} characters"
+            ))),
+            Some(s) if s.chars().any(char::is_control) => Err(ApiError::invalid(format!(
+                "{name} must not contain control characters"
+            ))),
             other => Ok(other),
         }
     };
     let reference = text("reference", req.reference, MAX_REFERENCE)?;
     let description = text("description", req.description, MAX_DESCRIPTION)?;
     // The canonical form: field order and spelling fixed, so equal requests hash equally.
-    let canonical = serde_json::json!([amount.minor_units(), currency.as_str(), reference, description]);
+    let canonical = serde_json::json!([
+        amount.minor_units(),
+        currency.as_str(),
+        reference,
+        description
+    ]);
     let hash = hex::encode(Sha256::digest(canonical.to_string().as_bytes()));
-    Ok(ValidCreate { amount, currency, reference, description, hash })
+    Ok(ValidCreate {
+        amount,
+        currency,
+        reference,
+        description,
+        hash,
+    })
 }
 
 fn created_body(id: &PaymentId, v: &ValidCreate) -> serde_json::Value {
@@ -124,16 +153,28 @@ async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
         key: "content-type",
         value: Some(payments::wire::COMMAND_CONTENT_TYPE),
     });
-    let record = FutureRecord::to(&state.cfg.commands_topic).key(&key).payload(&payload).headers(headers);
-    match tokio::time::timeout(state.cfg.publish_timeout, state.producer.send(record, state.cfg.publish_timeout)).await {
+    let record = FutureRecord::to(&state.cfg.commands_topic)
+        .key(&key)
+        .payload(&payload)
+        .headers(headers);
+    match tokio::time::timeout(
+        state.cfg.publish_timeout,
+        state.producer.send(record, state.cfg.publish_timeout),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => {
             tracing::warn!(payment_id = %cmd.payment_id, error = %e, "command not published");
-            Err(ApiError::unavailable("the payment could not be queued; retry with the same Idempotency-Key"))
+            Err(ApiError::unavailable(
+                "the payment could not be queued; retry with the same Idempotency-Key",
+            ))
         }
         Err(_) => {
             tracing::warn!(payment_id = %cmd.payment_id, "command publish timed out");
-            Err(ApiError::unavailable("the payment could not be queued in time; retry with the same Idempotency-Key"))
+            Err(ApiError::unavailable(
+                "the payment could not be queued in time; retry with the same Idempotency-Key",
+            ))
         }
     }
 }
@@ -147,10 +188,19 @@ pub async fn create_payment(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let key = idempotency_key.ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "missing_idempotency_key", "the Idempotency-Key header is required")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "the Idempotency-Key header is required",
+        )
     })?;
-    let key = IdempotencyKey::parse(&key)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", e.to_string()))?;
+    let key = IdempotencyKey::parse(&key).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            e.to_string(),
+        )
+    })?;
     check_json_content_type(content_type.as_deref())?;
     let valid = validate_create(parse_body(&body)?)?;
     let id = PaymentId::derive(&merchant, &key);
@@ -164,7 +214,10 @@ pub async fn create_payment(
     };
     let replay = |body: &serde_json::Value| {
         let mut r = json(StatusCode::ACCEPTED, body);
-        r.headers_mut().insert("idempotent-replayed", warp::http::HeaderValue::from_static("true"));
+        r.headers_mut().insert(
+            "idempotent-replayed",
+            warp::http::HeaderValue::from_static("true"),
+        );
         r
     };
     // A key already used: replay or refuse, from the projection or recent memory.
@@ -172,9 +225,18 @@ pub async fn create_payment(
         .await
         .map_err(|e| ApiError::internal(&e))?;
     if let Some(p) = stored {
-        return if p.request_hash == valid.hash { Ok(replay(&body)) } else { Err(conflict()) };
+        return if p.request_hash == valid.hash {
+            Ok(replay(&body))
+        } else {
+            Err(conflict())
+        };
     }
-    let recent = state.recent.lock().unwrap_or_else(|e| e.into_inner()).get(merchant.as_str(), key.as_str()).cloned();
+    let recent = state
+        .recent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(merchant.as_str(), key.as_str())
+        .cloned();
     match recent {
         Some(h) if h != valid.hash => return Err(conflict()),
         _ => {}
@@ -196,7 +258,11 @@ pub async fn create_payment(
         }),
     };
     publish(&state, &cmd).await?;
-    state.recent.lock().unwrap_or_else(|e| e.into_inner()).insert(merchant.as_str(), key.as_str(), &valid.hash);
+    state
+        .recent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(merchant.as_str(), key.as_str(), &valid.hash);
     tracing::info!(payment_id = %id, merchant = %merchant, "payment accepted");
     let mut res = json(StatusCode::ACCEPTED, &body);
     if let Ok(loc) = format!("/v1/payments/{id}").parse() {
@@ -214,24 +280,38 @@ fn parse_id(id: &str) -> Result<PaymentId> {
     PaymentId::parse(id).map_err(|_| ApiError::not_found())
 }
 
-pub async fn get_payment(state: Arc<ApiState>, id: String, authorization: Option<String>) -> Result<Response> {
+pub async fn get_payment(
+    state: Arc<ApiState>,
+    id: String,
+    authorization: Option<String>,
+) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
     let p = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(ApiError::not_found)?;
-    Ok(json(StatusCode::OK, &serde_json::to_value(p).unwrap_or_default()))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::to_value(p).unwrap_or_default(),
+    ))
 }
 
-pub async fn payment_events(state: Arc<ApiState>, id: String, authorization: Option<String>) -> Result<Response> {
+pub async fn payment_events(
+    state: Arc<ApiState>,
+    id: String,
+    authorization: Option<String>,
+) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
     let events = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(ApiError::not_found)?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "id": id.to_string(), "events": events })))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "id": id.to_string(), "events": events }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,17 +324,27 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-pub async fn list_payments(state: Arc<ApiState>, q: ListQuery, authorization: Option<String>) -> Result<Response> {
+pub async fn list_payments(
+    state: Arc<ApiState>,
+    q: ListQuery,
+    authorization: Option<String>,
+) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            ApiError::invalid(format!("status {s:?} is not one of NEW, PROCESSING, COMPLETED, FAILED, CANCELED"))
+            ApiError::invalid(format!(
+                "status {s:?} is not one of NEW, PROCESSING, COMPLETED, FAILED, CANCELED"
+            ))
         })?),
     };
     let currency = match q.currency.as_deref() {
         None => None,
-        Some(c) => Some(Currency::parse(c).map_err(|e| ApiError::invalid(e.to_string()))?.to_string()),
+        Some(c) => Some(
+            Currency::parse(c)
+                .map_err(|e| ApiError::invalid(e.to_string()))?
+                .to_string(),
+        ),
     };
     let limit = match q.limit.as_deref() {
         None => 20,
@@ -264,19 +354,36 @@ pub async fn list_payments(state: Arc<ApiState>, q: ListQuery, authorization: Op
             .filter(|l| (1..=100).contains(l))
             .ok_or_else(|| ApiError::invalid("limit must be an integer from 1 to 100"))?,
     };
-    if q.reference.as_ref().is_some_and(|r| r.chars().count() > MAX_REFERENCE) {
-        return Err(ApiError::invalid(format!("reference must be at most {MAX_REFERENCE} characters")));
+    if q.reference
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > MAX_REFERENCE)
+    {
+        return Err(ApiError::invalid(format!(
+            "reference must be at most {MAX_REFERENCE} characters"
+        )));
     }
     let after = match q.cursor.as_deref() {
         None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::invalid("cursor is not one this API returned"))?),
+        Some(c) => Some(
+            decode_cursor(c)
+                .ok_or_else(|| ApiError::invalid("cursor is not one this API returned"))?,
+        ),
     };
-    let filter = sinks::query::ListFilter { status, currency, reference: q.reference, limit, after };
+    let filter = sinks::query::ListFilter {
+        status,
+        currency,
+        reference: q.reference,
+        limit,
+        after,
+    };
     let (page, next) = sinks::query::list(&state.pool, merchant.as_str(), &filter)
         .await
         .map_err(|e| ApiError::internal(&e))?;
     let next = next.map(|(us, id)| B64URL.encode(format!("{us}:{id}")));
-    Ok(json(StatusCode::OK, &serde_json::json!({ "data": page, "next_cursor": next })))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "data": page, "next_cursor": next }),
+    ))
 }
 
 fn decode_cursor(c: &str) -> Option<(i64, String)> {
@@ -307,17 +414,28 @@ pub async fn cancel_payment(
     }
     let suffix = match idempotency_key {
         Some(k) => IdempotencyKey::parse(&k)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_idempotency_key",
+                    e.to_string(),
+                )
+            })?
             .to_string(),
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
     let mut hasher = Sha256::new();
     hasher.update(suffix.as_bytes());
     let cmd = Command {
-        command_id: command_id(&format!("cancel:{id}:{}", &hex::encode(hasher.finalize())[..32]))?,
+        command_id: command_id(&format!(
+            "cancel:{id}:{}",
+            &hex::encode(hasher.finalize())[..32]
+        ))?,
         payment_id: id,
         issued_at_ms: now_ms(),
-        body: CommandBody::Cancel { merchant_id: merchant },
+        body: CommandBody::Cancel {
+            merchant_id: merchant,
+        },
     };
     publish(&state, &cmd).await?;
     Ok(json(
@@ -352,28 +470,58 @@ pub struct WebhookHeaders {
 
 /// `POST /v1/callbacks/{provider}`: verifies the signature on the raw body, then turns
 /// the webhook into a command. Deduplicated by `webhook-id` (the command id).
-pub async fn callback(state: Arc<ApiState>, provider: String, h: WebhookHeaders, body: Bytes) -> Result<Response> {
-    let secrets = state
-        .cfg
-        .webhook_secrets
-        .get(&provider)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_provider", format!("no provider named {provider:?}")))?;
+pub async fn callback(
+    state: Arc<ApiState>,
+    provider: String,
+    h: WebhookHeaders,
+    body: Bytes,
+) -> Result<Response> {
+    let secrets = state.cfg.webhook_secrets.get(&provider).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_provider",
+            format!("no provider named {provider:?}"),
+        )
+    })?;
     let now = now_ms() / 1000;
-    payments::webhook::verify(secrets, h.id.as_deref(), h.timestamp.as_deref(), h.signature.as_deref(), &body, now)
-        .map_err(|e| {
-            tracing::warn!(%provider, error = %e, "webhook refused");
-            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string())
-        })?;
+    payments::webhook::verify(
+        secrets,
+        h.id.as_deref(),
+        h.timestamp.as_deref(),
+        h.signature.as_deref(),
+        &body,
+        now,
+    )
+    .map_err(|e| {
+        tracing::warn!(%provider, error = %e, "webhook refused");
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string())
+    })?;
     let webhook_id = h.id.unwrap_or_default();
     if webhook_id.len() > 100 || !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", "webhook-id must be at most 100 printable characters"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook",
+            "webhook-id must be at most 100 printable characters",
+        ));
     }
-    let parsed: WebhookBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", format!("webhook body: {e}")))?;
-    let payment_id = PaymentId::parse(&parsed.data.reference)
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", "data.reference is not a payment id"))?;
+    let parsed: WebhookBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook",
+            format!("webhook body: {e}"),
+        )
+    })?;
+    let payment_id = PaymentId::parse(&parsed.data.reference).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook",
+            "data.reference is not a payment id",
+        )
+    })?;
     let outcome = match parsed.kind.as_str() {
-        "charge.succeeded" => WebhookOutcome::Succeeded { provider_ref: parsed.data.charge_id.unwrap_or_default() },
+        "charge.succeeded" => WebhookOutcome::Succeeded {
+            provider_ref: parsed.data.charge_id.unwrap_or_default(),
+        },
         "charge.failed" => WebhookOutcome::Failed {
             code: parsed.data.code.unwrap_or_else(|| "declined".into()),
             message: parsed.data.message.unwrap_or_default(),
@@ -389,7 +537,10 @@ pub async fn callback(state: Arc<ApiState>, provider: String, h: WebhookHeaders,
         command_id: command_id(&format!("webhook:{provider}:{webhook_id}"))?,
         payment_id,
         issued_at_ms: now_ms(),
-        body: CommandBody::Webhook { webhook_id, outcome },
+        body: CommandBody::Webhook {
+            webhook_id,
+            outcome,
+        },
     };
     publish(&state, &cmd).await?;
     Ok(warp::http::StatusCode::NO_CONTENT.into_response())
@@ -403,11 +554,17 @@ pub async fn ready(state: Arc<ApiState>) -> Result<Response> {
     let topic = state.cfg.commands_topic.clone();
     let kafka = tokio::task::spawn_blocking(move || {
         use rdkafka::producer::Producer;
-        producer.client().fetch_metadata(Some(&topic), std::time::Duration::from_secs(2)).map(|_| ())
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), std::time::Duration::from_secs(2))
+            .map(|_| ())
     })
     .await;
     match kafka {
-        Ok(Ok(())) => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ready" }))),
+        Ok(Ok(())) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "ready" }),
+        )),
         Ok(Err(e)) => Err(ApiError::unavailable(format!("Kafka: {e}"))),
         Err(e) => Err(ApiError::unavailable(format!("Kafka check failed: {e}"))),
     }

@@ -87,7 +87,12 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(cfg: ApiConfig, producer: FutureProducer, pool: Pool) -> Arc<Self> {
-        Arc::new(ApiState { cfg, producer, pool, recent: Mutex::new(RecentKeys::default()) })
+        Arc::new(ApiState {
+            cfg,
+            producer,
+            pool,
+            recent: Mutex::new(RecentKeys::default()),
+        })
     }
 }
 
@@ -101,7 +106,11 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let routes = routes::routes(state);
     let handle = tokio::spawn(async move {
-        warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(shutdown)
+            .run()
+            .await;
     });
     Ok((local, handle))
 }
@@ -117,7 +126,9 @@ pub async fn serve_ops(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let metrics = warp::path!("metrics").and(warp::get()).map(|| {
-        let text = prometheus::TextEncoder::new().encode_to_string(&prometheus::gather()).unwrap_or_default();
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::gather())
+            .unwrap_or_default();
         warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
     });
     let live = warp::path!("health" / "live")
@@ -128,7 +139,11 @@ pub async fn serve_ops(
     });
     let routes = metrics.or(live).unify().or(topo).unify();
     let handle = tokio::spawn(async move {
-        warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(shutdown)
+            .run()
+            .await;
     });
     Ok((local, handle))
 }

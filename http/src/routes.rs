@@ -22,7 +22,11 @@ struct HttpMetrics {
 static METRICS: LazyLock<HttpMetrics> = LazyLock::new(|| {
     (|| -> Result<HttpMetrics, prometheus::Error> {
         Ok(HttpMetrics {
-            requests: register_int_counter_vec!("gateway_http_requests_total", "HTTP requests by route and status", &["route", "method", "status"])?,
+            requests: register_int_counter_vec!(
+                "gateway_http_requests_total",
+                "HTTP requests by route and status",
+                &["route", "method", "status"]
+            )?,
             seconds: register_histogram_vec!(
                 "gateway_http_request_duration_seconds",
                 "HTTP request latency by route",
@@ -36,19 +40,31 @@ static METRICS: LazyLock<HttpMetrics> = LazyLock::new(|| {
 
 /// Runs a handler, converts its error, and records the request under `route` (a template,
 /// never a concrete path: payment ids must not become label values).
-async fn timed(route: &'static str, method: &'static str, f: impl Future<Output = handlers::Result<Response>>) -> Response {
+async fn timed(
+    route: &'static str,
+    method: &'static str,
+    f: impl Future<Output = handlers::Result<Response>>,
+) -> Response {
     let started = Instant::now();
     let res = match f.await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     let status = res.status().as_u16().to_string();
-    METRICS.requests.with_label_values(&[route, method, &status]).inc();
-    METRICS.seconds.with_label_values(&[route, method]).observe(started.elapsed().as_secs_f64());
+    METRICS
+        .requests
+        .with_label_values(&[route, method, &status])
+        .inc();
+    METRICS
+        .seconds
+        .with_label_values(&[route, method])
+        .observe(started.elapsed().as_secs_f64());
     res
 }
 
-pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn routes(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let max = state.cfg.max_body_bytes;
     let st = warp::any().map(move || state.clone());
     let auth = warp::header::optional::<String>("authorization");
@@ -61,7 +77,13 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (Response,), Error 
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::content_length_limit(max))
         .and(warp::body::bytes())
-        .then(|s, a, k, ct, b| timed("/v1/payments", "POST", handlers::create_payment(s, a, k, ct, b)));
+        .then(|s, a, k, ct, b| {
+            timed(
+                "/v1/payments",
+                "POST",
+                handlers::create_payment(s, a, k, ct, b),
+            )
+        });
     let list = warp::path!("v1" / "payments")
         .and(warp::get())
         .and(st.clone())
@@ -77,14 +99,26 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (Response,), Error 
         .and(warp::get())
         .and(st.clone())
         .and(auth)
-        .then(|id, s, a| timed("/v1/payments/{id}/events", "GET", handlers::payment_events(s, id, a)));
+        .then(|id, s, a| {
+            timed(
+                "/v1/payments/{id}/events",
+                "GET",
+                handlers::payment_events(s, id, a),
+            )
+        });
     let cancel = warp::path!("v1" / "payments" / String / "cancel")
         .and(warp::post())
         .and(st.clone())
         .and(auth)
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::body::content_length_limit(max))
-        .then(|id, s, a, k| timed("/v1/payments/{id}/cancel", "POST", handlers::cancel_payment(s, id, a, k)));
+        .then(|id, s, a, k| {
+            timed(
+                "/v1/payments/{id}/cancel",
+                "POST",
+                handlers::cancel_payment(s, id, a, k),
+            )
+        });
     let callback = warp::path!("v1" / "callbacks" / String)
         .and(warp::post())
         .and(st.clone())
@@ -94,24 +128,45 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (Response,), Error 
         .and(warp::body::content_length_limit(64 * 1024))
         .and(warp::body::bytes())
         .then(|p, s, id, ts, sig, b| {
-            let h = WebhookHeaders { id, timestamp: ts, signature: sig };
-            timed("/v1/callbacks/{provider}", "POST", handlers::callback(s, p, h, b))
+            let h = WebhookHeaders {
+                id,
+                timestamp: ts,
+                signature: sig,
+            };
+            timed(
+                "/v1/callbacks/{provider}",
+                "POST",
+                handlers::callback(s, p, h, b),
+            )
         });
-    let live = warp::path!("health" / "live")
-        .and(warp::get())
-        .then(|| timed("/health/live", "GET", async { Ok(warp::reply::json(&serde_json::json!({"status": "live"})).into_response()) }));
+    let live = warp::path!("health" / "live").and(warp::get()).then(|| {
+        timed("/health/live", "GET", async {
+            Ok(warp::reply::json(&serde_json::json!({"status": "live"})).into_response())
+        })
+    });
     let ready = warp::path!("health" / "ready")
         .and(warp::get())
         .and(st.clone())
         .then(|s| timed("/health/ready", "GET", handlers::ready(s)));
     let metrics = warp::path!("metrics").and(warp::get()).map(|| {
-        let text = prometheus::TextEncoder::new().encode_to_string(&prometheus::gather()).unwrap_or_default();
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::gather())
+            .unwrap_or_default();
         warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
     });
-    let topology = warp::path!("topology").and(warp::get()).and(st).map(|s: Arc<ApiState>| match &s.cfg.topology {
-        Some(t) => warp::reply::json(t).into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", "this process runs no topology").into_response(),
-    });
+    let topology =
+        warp::path!("topology")
+            .and(warp::get())
+            .and(st)
+            .map(|s: Arc<ApiState>| match &s.cfg.topology {
+                Some(t) => warp::reply::json(t).into_response(),
+                None => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "this process runs no topology",
+                )
+                .into_response(),
+            });
 
     create
         .or(list)
@@ -138,22 +193,41 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (Response,), Error 
 
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
     let e = if r.is_not_found() {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route; see /openapi.json",
+        )
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is too large",
+        )
     } else if r.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::new(StatusCode::LENGTH_REQUIRED, "length_required", "send a Content-Length header")
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length header",
+        )
     } else if let Some(q) = r.find::<warp::reject::InvalidQuery>() {
         ApiError::invalid(format!("query string: {q}"))
     } else if let Some(h) = r.find::<warp::reject::InvalidHeader>() {
         ApiError::invalid(format!("{h}"))
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
     } else {
         tracing::debug!(rejection = ?r, "unhandled rejection");
         ApiError::invalid("the request could not be understood")
     };
     let status = e.status.as_u16().to_string();
-    METRICS.requests.with_label_values(&["unmatched", "any", &status]).inc();
+    METRICS
+        .requests
+        .with_label_values(&["unmatched", "any", &status])
+        .inc();
     Ok(e.into_response())
 }

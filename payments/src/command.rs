@@ -143,8 +143,10 @@ pub enum WebhookOutcome {
     Canceled,
 }
 
+/// Externally tagged (serde's default): timers are stored with bincode, which cannot
+/// read internally tagged enums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "timer", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TimerKind {
     /// Start processing a NEW payment (the window in which a cancel needs no provider).
     Dispatch,

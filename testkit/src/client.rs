@@ -33,12 +33,18 @@ impl Api {
         Api {
             base: format!("http://{addr}"),
             key: key.to_owned(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
     pub fn with_key(&self, key: &str) -> Self {
-        Api { key: key.to_owned(), ..self.clone() }
+        Api {
+            key: key.to_owned(),
+            ..self.clone()
+        }
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Reply> {
@@ -46,90 +52,158 @@ impl Api {
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         let bytes = res.bytes().await?;
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())) };
-        Ok(Reply { status, headers, body })
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.key)
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
     }
 
-    pub async fn create(&self, idempotency_key: &str, amount: i64, currency: &str) -> anyhow::Result<Reply> {
+    pub async fn create(
+        &self,
+        idempotency_key: &str,
+        amount: i64,
+        currency: &str,
+    ) -> anyhow::Result<Reply> {
         let body = serde_json::json!({ "amount": amount, "currency": currency });
-        self.send(self.request(reqwest::Method::POST, "/v1/payments").header("Idempotency-Key", idempotency_key).json(&body)).await
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/payments")
+                .header("Idempotency-Key", idempotency_key)
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn get(&self, id: &str) -> anyhow::Result<Reply> {
-        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}"))).await
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}")))
+            .await
     }
 
     pub async fn events(&self, id: &str) -> anyhow::Result<Reply> {
-        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}/events"))).await
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}/events")))
+            .await
     }
 
     pub async fn cancel(&self, id: &str) -> anyhow::Result<Reply> {
-        self.send(self.request(reqwest::Method::POST, &format!("/v1/payments/{id}/cancel"))).await
+        self.send(self.request(reqwest::Method::POST, &format!("/v1/payments/{id}/cancel")))
+            .await
     }
 
     pub async fn list(&self, query: &str) -> anyhow::Result<Reply> {
-        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments?{query}"))).await
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments?{query}")))
+            .await
     }
 
     /// Polls until the payment is visible with one of `statuses`.
-    pub async fn wait_for_status(&self, id: &str, statuses: &[&str], timeout: Duration) -> anyhow::Result<Reply> {
+    pub async fn wait_for_status(
+        &self,
+        id: &str,
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.get(id).await?;
             if r.status == 200 && statuses.contains(&r.body["status"].as_str().unwrap_or("")) {
                 return Ok(r);
             }
-            anyhow::ensure!(Instant::now() < deadline, "payment {id} did not reach {statuses:?}; last: {} {}", r.status, r.body);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "payment {id} did not reach {statuses:?}; last: {} {}",
+                r.status,
+                r.body
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
 /// Polls the projection until every id is terminal; returns id → status.
-pub async fn wait_all_terminal(pool: &sinks::Pool, ids: &[String], timeout: Duration) -> anyhow::Result<HashMap<String, String>> {
+pub async fn wait_all_terminal(
+    pool: &sinks::Pool,
+    ids: &[String],
+    timeout: Duration,
+) -> anyhow::Result<HashMap<String, String>> {
     let deadline = Instant::now() + timeout;
     loop {
         let c = pool.get().await?;
         let rows = c
-            .query("SELECT payment_id, status FROM payments WHERE payment_id = ANY($1)", &[&ids])
+            .query(
+                "SELECT payment_id, status FROM payments WHERE payment_id = ANY($1)",
+                &[&ids],
+            )
             .await?;
         let found: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let open: Vec<&String> = ids
             .iter()
-            .filter(|id| !matches!(found.get(*id).map(String::as_str), Some("COMPLETED" | "FAILED" | "CANCELED")))
+            .filter(|id| {
+                !matches!(
+                    found.get(*id).map(String::as_str),
+                    Some("COMPLETED" | "FAILED" | "CANCELED")
+                )
+            })
             .collect();
         if open.is_empty() {
             return Ok(found);
         }
         if Instant::now() > deadline {
-            let sample: Vec<_> = open.iter().take(5).map(|id| (id.to_string(), found.get(*id).cloned())).collect();
-            anyhow::bail!("{} of {} payments not terminal after {timeout:?}; e.g. {sample:?}", open.len(), ids.len());
+            let sample: Vec<_> = open
+                .iter()
+                .take(5)
+                .map(|id| (id.to_string(), found.get(*id).cloned()))
+                .collect();
+            anyhow::bail!(
+                "{} of {} payments not terminal after {timeout:?}; e.g. {sample:?}",
+                open.len(),
+                ids.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Every event in the projection, `(payment_id, seq) → event`.
-pub async fn projected_events(pool: &sinks::Pool) -> anyhow::Result<BTreeMap<(String, i64), Value>> {
+pub async fn projected_events(
+    pool: &sinks::Pool,
+) -> anyhow::Result<BTreeMap<(String, i64), Value>> {
     let c = pool.get().await?;
-    let rows = c.query("SELECT payment_id, seq, event FROM payment_events", &[]).await?;
-    Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+    let rows = c
+        .query("SELECT payment_id, seq, event FROM payment_events", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
 }
 
 /// Every event on the topic, `(payment_id, seq) → event`. Fails if two records for the
 /// same `(payment_id, seq)` differ: replays must be identical.
-pub fn topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<(BTreeMap<(String, i64), Value>, usize)> {
+pub fn topic_events(
+    kafka: &Kafka,
+    topic: &str,
+) -> anyhow::Result<(BTreeMap<(String, i64), Value>, usize)> {
     let mut out: BTreeMap<(String, i64), Value> = BTreeMap::new();
     let mut records = 0;
     for r in kafka.read_all(topic)? {
         records += 1;
         let v: Value = serde_json::from_slice(r.payload.as_deref().unwrap_or_default())
             .with_context(|| format!("undecodable event at {}:{}", r.partition, r.offset))?;
-        let key = (v["payment_id"].as_str().unwrap_or_default().to_owned(), v["seq"].as_i64().unwrap_or(-1));
+        let key = (
+            v["payment_id"].as_str().unwrap_or_default().to_owned(),
+            v["seq"].as_i64().unwrap_or(-1),
+        );
         if let Some(prev) = out.get(&key) {
             anyhow::ensure!(prev == &v, "two different events for {key:?}:\n{prev}\n{v}");
         }

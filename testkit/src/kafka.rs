@@ -27,31 +27,42 @@ pub struct Kafka {
 impl Kafka {
     pub fn start() -> anyhow::Result<Kafka> {
         if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
-            return Ok(Kafka { brokers, mock: None });
+            return Ok(Kafka {
+                brokers,
+                mock: None,
+            });
         }
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<String>>();
-        std::thread::Builder::new().name("kafka-mock".into()).spawn(move || {
-            let cluster = match MockCluster::new(1) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!("starting the Kafka mock cluster: {e}")));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-            // Serve requests until every handle is gone.
-            while let Ok(req) = rx.recv() {
-                match req {
-                    Request::CreateTopic(name, partitions, reply) => {
-                        let r = cluster.create_topic(&name, partitions, 1).map_err(|e| anyhow::anyhow!("create topic {name}: {e}"));
-                        let _ = reply.send(r);
+        std::thread::Builder::new()
+            .name("kafka-mock".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(1) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx
+                            .send(Err(anyhow::anyhow!("starting the Kafka mock cluster: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Serve requests until every handle is gone.
+                while let Ok(req) = rx.recv() {
+                    match req {
+                        Request::CreateTopic(name, partitions, reply) => {
+                            let r = cluster
+                                .create_topic(&name, partitions, 1)
+                                .map_err(|e| anyhow::anyhow!("create topic {name}: {e}"));
+                            let _ = reply.send(r);
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         let brokers = ready_rx.recv().context("the mock cluster thread died")??;
-        Ok(Kafka { brokers, mock: Some(tx) })
+        Ok(Kafka {
+            brokers,
+            mock: Some(tx),
+        })
     }
 
     pub fn brokers(&self) -> &str {
@@ -66,12 +77,14 @@ impl Kafka {
         match &self.mock {
             Some(tx) => {
                 let (rtx, rrx) = mpsc::channel();
-                tx.send(Request::CreateTopic(name.to_owned(), partitions, rtx)).context("mock cluster gone")?;
+                tx.send(Request::CreateTopic(name.to_owned(), partitions, rtx))
+                    .context("mock cluster gone")?;
                 rrx.recv().context("mock cluster gone")?
             }
             None => {
-                let admin: AdminClient<DefaultClientContext> =
-                    ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &self.brokers)
+                    .create()?;
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
                 let res = admin.create_topics([&topic], &AdminOptions::new()).await?;
                 for r in res {
@@ -83,17 +96,26 @@ impl Kafka {
     }
 
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
-        Ok(ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?)
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?)
     }
 
     /// Produces one raw record (for poison messages and redelivery tests).
-    pub async fn produce(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
+    pub async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
         let p = self.producer()?;
         let mut r = FutureRecord::to(topic).payload(payload);
         if let Some(k) = key {
             r = r.key(k);
         }
-        p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        p.send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
         Ok(())
     }
 
@@ -121,12 +143,18 @@ impl Kafka {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ends.is_empty() {
-            anyhow::ensure!(Instant::now() < deadline, "reading {topic} did not reach its end");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "reading {topic} did not reach its end"
+            );
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(m)) => {
-                    if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+                    if ends
+                        .get(&m.partition())
+                        .is_some_and(|end| m.offset() + 1 >= *end)
+                    {
                         ends.remove(&m.partition());
                     }
                     out.push(TopicRecord {

@@ -29,7 +29,11 @@ pub fn server() -> anyhow::Result<&'static PgServer> {
 }
 
 fn find_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Ok(out) = Command::new("sh").arg("-c").arg("command -v initdb").output() {
+    if let Ok(out) = Command::new("sh")
+        .arg("-c")
+        .arg("command -v initdb")
+        .output()
+    {
         let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if !p.is_empty() {
             let real = std::fs::canonicalize(&p).unwrap_or_else(|_| PathBuf::from(&p));
@@ -39,7 +43,11 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
         }
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort();
     candidates
@@ -63,7 +71,11 @@ fn is_root() -> bool {
 }
 
 fn chown_to(path: &Path, user: &str) -> anyhow::Result<()> {
-    let status = Command::new("chown").arg("-R").arg(format!("{user}:")).arg(path).status()?;
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{user}:"))
+        .arg(path)
+        .status()?;
     if !status.success() {
         bail!("chown {user} {} failed", path.display());
     }
@@ -74,7 +86,13 @@ impl PgServer {
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let exe = self.bin.join(program);
         let out = match &self.run_as {
-            Some(user) => Command::new("runuser").arg("-u").arg(user).arg("--").arg(&exe).args(args).output(),
+            Some(user) => Command::new("runuser")
+                .arg("-u")
+                .arg(user)
+                .arg("--")
+                .arg(&exe)
+                .args(args)
+                .output(),
             None => Command::new(&exe).args(args).output(),
         }
         .with_context(|| format!("running {}", exe.display()))?;
@@ -90,11 +108,20 @@ impl PgServer {
 
     fn start() -> anyhow::Result<PgServer> {
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            return Ok(PgServer { admin_url: url, data_dir: None, run_as: None, bin: PathBuf::new() });
+            return Ok(PgServer {
+                admin_url: url,
+                data_dir: None,
+                run_as: None,
+                bin: PathBuf::new(),
+            });
         }
         let bin = find_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("gateway-pg-").tempdir()?;
-        let run_as = if is_root() { Some(std::env::var("PG_TEST_USER").unwrap_or_else(|_| "postgres".into())) } else { None };
+        let run_as = if is_root() {
+            Some(std::env::var("PG_TEST_USER").unwrap_or_else(|_| "postgres".into()))
+        } else {
+            None
+        };
         if let Some(user) = &run_as {
             chown_to(dir.path(), user).with_context(|| {
                 format!("running as root, the cluster must belong to user `{user}` (create it with `useradd {user}` or set PG_TEST_USER)")
@@ -109,19 +136,40 @@ impl PgServer {
             bin,
         };
         let data_s = data.to_string_lossy().into_owned();
-        server.run("initdb", &["-D", &data_s, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"])?;
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        )?;
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
             dir.path().display()
         );
         let log = dir.path().join("server.log").to_string_lossy().into_owned();
-        server.run("pg_ctl", &["-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "60", "start"])?;
+        server.run(
+            "pg_ctl",
+            &[
+                "-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
+            ],
+        )?;
         // A static is never dropped: a watchdog stops the cluster and removes its files
         // when this test process ends, however it ends.
         let dir = dir.keep();
         let pg_ctl = server.bin.join("pg_ctl");
         let stop = match &server.run_as {
-            Some(u) => format!("runuser -u {u} -- {} -D {data_s} -m immediate stop", pg_ctl.display()),
+            Some(u) => format!(
+                "runuser -u {u} -- {} -D {data_s} -m immediate stop",
+                pg_ctl.display()
+            ),
             None => format!("{} -D {data_s} -m immediate stop", pg_ctl.display()),
         };
         let script = format!(
@@ -151,18 +199,27 @@ impl PgServer {
             .await
             .with_context(|| format!("connecting to {}", self.admin_url))?;
         let task = tokio::spawn(conn);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
         drop(client);
         let _ = task.await;
         let mut cfg: tokio_postgres::Config = self.admin_url.parse()?;
         cfg.dbname(&name);
-        let base = self.admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&self.admin_url);
+        let base = self
+            .admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(&self.admin_url);
         Ok(format!("{base}/{name}"))
     }
 
     /// Stops and starts the server (tests of outages). Only for the throwaway cluster.
     pub fn restart(&self) -> anyhow::Result<()> {
-        let data = self.data_dir.as_ref().context("cannot restart an external DATABASE_URL server")?;
+        let data = self
+            .data_dir
+            .as_ref()
+            .context("cannot restart an external DATABASE_URL server")?;
         let d = data.to_string_lossy().into_owned();
         self.run("pg_ctl", &["-D", &d, "-m", "fast", "-w", "restart"])?;
         Ok(())

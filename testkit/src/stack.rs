@@ -44,7 +44,10 @@ impl Default for StackOptions {
 }
 
 enum Worker {
-    InProcess { stop: broadcast::Sender<()>, join: JoinHandle<anyhow::Result<()>> },
+    InProcess {
+        stop: broadcast::Sender<()>,
+        join: JoinHandle<anyhow::Result<()>>,
+    },
     Child(std::process::Child),
 }
 
@@ -75,8 +78,11 @@ impl Stack {
         crate::init_test_logging();
         let kafka = Kafka::start()?;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let (commands, events, dlq) =
-            (format!("cmd-{suffix}"), format!("evt-{suffix}"), format!("dlq-{suffix}"));
+        let (commands, events, dlq) = (
+            format!("cmd-{suffix}"),
+            format!("evt-{suffix}"),
+            format!("dlq-{suffix}"),
+        );
         for t in [&commands, &events, &dlq] {
             kafka.create_topic(t, opts.partitions).await?;
         }
@@ -90,7 +96,9 @@ impl Stack {
                 &opts.policy,
             );
         let topology = Arc::new(topology::compile_str(&text)?);
-        let state_dir = tempfile::Builder::new().prefix("gateway-state-").tempdir()?;
+        let state_dir = tempfile::Builder::new()
+            .prefix("gateway-state-")
+            .tempdir()?;
         let topology_file = state_dir.path().join("topology.toml");
         std::fs::write(&topology_file, &text)?;
         let database_url = pg::server()?.fresh_database().await?;
@@ -108,7 +116,10 @@ impl Stack {
             MerchantKey::from_plain("globex", OTHER_KEY).map_err(anyhow::Error::msg)?,
         ];
         let mut secrets = HashMap::new();
-        secrets.insert("sim".to_owned(), vec![payments::webhook::secret_bytes(WEBHOOK_SECRET)?]);
+        secrets.insert(
+            "sim".to_owned(),
+            vec![payments::webhook::secret_bytes(WEBHOOK_SECRET)?],
+        );
         let api_opts = ApiOptions {
             listen: "127.0.0.1:0".parse()?,
             merchants,
@@ -120,7 +131,8 @@ impl Stack {
         sim_cfg.webhook_url = Some(format!("http://{api}/v1/callbacks/sim"));
         sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
         let sim = Simulator::new(sim_cfg);
-        let (sim_addr, _sim_join) = simulator::serve(sim.clone(), "127.0.0.1:0".parse()?, wait_for(&shutdown)).await?;
+        let (sim_addr, _sim_join) =
+            simulator::serve(sim.clone(), "127.0.0.1:0".parse()?, wait_for(&shutdown)).await?;
         let sink = {
             let common = common.clone();
             let stop = wait_for(&shutdown);
@@ -171,16 +183,25 @@ impl Stack {
                     .arg("127.0.0.1:0")
                     .stdin(std::process::Stdio::null());
                 if std::env::var_os("TEST_LOG").is_none() {
-                    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+                    cmd.stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null());
                 }
-                Worker::Child(cmd.spawn().with_context(|| format!("starting {}", bin.display()))?)
+                Worker::Child(
+                    cmd.spawn()
+                        .with_context(|| format!("starting {}", bin.display()))?,
+                )
             }
             None => {
                 let (stop, _) = broadcast::channel(1);
                 let common = self.common.clone();
-                let opts = WorkerOptions { state_dir: state, provider_url, provider_timeout: self.opts.provider_timeout };
+                let opts = WorkerOptions {
+                    state_dir: state,
+                    provider_url,
+                    provider_timeout: self.opts.provider_timeout,
+                };
                 let until = wait_for(&stop);
-                let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
+                let join =
+                    tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
                 Worker::InProcess { stop, join }
             }
         });
