@@ -184,9 +184,10 @@ pub async fn create_payment(
     authorization: Option<String>,
     idempotency_key: Option<String>,
     content_type: Option<String>,
-    body: Bytes,
+    body: Result<Bytes>,
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
+    let body = body?;
     let key = idempotency_key.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -444,6 +445,12 @@ pub async fn cancel_payment(
     ))
 }
 
+/// Provider-supplied text, bounded and without control characters, before it enters
+/// an event.
+fn clean(s: Option<String>, max: usize) -> Option<String> {
+    s.map(|s| payments::external_text(&s, max))
+}
+
 #[derive(Debug, Deserialize)]
 struct WebhookBody {
     #[serde(rename = "type")]
@@ -474,8 +481,9 @@ pub async fn callback(
     state: Arc<ApiState>,
     provider: String,
     h: WebhookHeaders,
-    body: Bytes,
+    body: Result<Bytes>,
 ) -> Result<Response> {
+    let body = body?;
     let secrets = state.cfg.webhook_secrets.get(&provider).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -520,11 +528,11 @@ pub async fn callback(
     })?;
     let outcome = match parsed.kind.as_str() {
         "charge.succeeded" => WebhookOutcome::Succeeded {
-            provider_ref: parsed.data.charge_id.unwrap_or_default(),
+            provider_ref: clean(parsed.data.charge_id, 128).unwrap_or_default(),
         },
         "charge.failed" => WebhookOutcome::Failed {
-            code: parsed.data.code.unwrap_or_else(|| "declined".into()),
-            message: parsed.data.message.unwrap_or_default(),
+            code: clean(parsed.data.code, 64).unwrap_or_else(|| "declined".into()),
+            message: clean(parsed.data.message, 512).unwrap_or_default(),
         },
         "charge.canceled" => WebhookOutcome::Canceled,
         other => {

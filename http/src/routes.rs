@@ -62,6 +62,49 @@ async fn timed(
     res
 }
 
+/// The request body, at most `max` bytes, whether or not a Content-Length was sent
+/// (a chunked body is counted as it arrives, never buffered past the limit).
+fn limited_body(
+    max: u64,
+) -> impl Filter<Extract = (Result<bytes::Bytes, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .then(move |len, body| collect_limited(len, body, max))
+}
+
+async fn collect_limited<S, B>(
+    len: Option<u64>,
+    body: S,
+    max: u64,
+) -> Result<bytes::Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures::StreamExt;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body exceeds {max} bytes"),
+        )
+    };
+    if len.is_some_and(|l| l > max) {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
+        if buf.len() as u64 + chunk.remaining() as u64 > max {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(chunk.chunk());
+    }
+    Ok(buf.freeze())
+}
+
 pub fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
@@ -75,8 +118,7 @@ pub fn routes(
         .and(auth)
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::header::optional::<String>("content-type"))
-        .and(warp::body::content_length_limit(max))
-        .and(warp::body::bytes())
+        .and(limited_body(max))
         .then(|s, a, k, ct, b| {
             timed(
                 "/v1/payments",
@@ -111,7 +153,6 @@ pub fn routes(
         .and(st.clone())
         .and(auth)
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(warp::body::content_length_limit(max))
         .then(|id, s, a, k| {
             timed(
                 "/v1/payments/{id}/cancel",
@@ -125,8 +166,7 @@ pub fn routes(
         .and(warp::header::optional::<String>("webhook-id"))
         .and(warp::header::optional::<String>("webhook-timestamp"))
         .and(warp::header::optional::<String>("webhook-signature"))
-        .and(warp::body::content_length_limit(64 * 1024))
-        .and(warp::body::bytes())
+        .and(limited_body(64 * 1024))
         .then(|p, s, id, ts, sig, b| {
             let h = WebhookHeaders {
                 id,

@@ -81,3 +81,12 @@ impl std::fmt::Display for Status {
 pub fn provider_idempotency_key(payment_id: &PaymentId) -> String {
     format!("pay_{}", payment_id.as_uuid().simple())
 }
+
+/// Text from outside (provider answers, webhooks) made safe to keep in an event:
+/// control characters removed (PostgreSQL cannot store NUL), length bounded.
+pub fn external_text(s: &str, max_chars: usize) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(max_chars)
+        .collect()
+}

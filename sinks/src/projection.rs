@@ -312,7 +312,33 @@ async fn upsert_payments<'a>(
     Ok(n as usize)
 }
 
-async fn insert_dead_letters(
+/// PostgreSQL text cannot hold NUL; a dead letter keeps everything else.
+fn pg_text(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+/// A dead letter for a record PostgreSQL refused.
+pub fn set_aside(r: &InRecord, reason: &str) -> DeadLetter {
+    DeadLetter {
+        reason: "projection_rejected".into(),
+        detail: reason.to_owned(),
+        source_topic: r.topic.clone(),
+        source_partition: r.partition,
+        source_offset: r.offset,
+        processor: "projection".into(),
+        key: r
+            .key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: r
+            .payload
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        failed_at_ms: now_ms(),
+    }
+}
+
+pub(crate) async fn insert_dead_letters(
     tx: &Transaction<'_>,
     dead: &[DeadLetter],
 ) -> Result<usize, tokio_postgres::Error> {
@@ -329,14 +355,14 @@ async fn insert_dead_letters(
             .execute(
                 &stmt,
                 &[
-                    &d.source_topic,
+                    &pg_text(&d.source_topic),
                     &d.source_partition,
                     &d.source_offset,
-                    &d.reason,
-                    &d.detail,
-                    &d.processor,
-                    &d.key,
-                    &d.payload,
+                    &pg_text(&d.reason),
+                    &pg_text(&d.detail),
+                    &pg_text(&d.processor),
+                    &d.key.as_deref().map(pg_text),
+                    &d.payload.as_deref().map(pg_text),
                     &d.failed_at_ms,
                 ],
             )

@@ -90,12 +90,15 @@ fn to_record(m: &impl Message) -> InRecord {
     }
 }
 
-/// Applies one batch, retrying until PostgreSQL takes it.
+/// Applies one batch, retrying until PostgreSQL takes it. A batch that PostgreSQL
+/// refuses for its data (not for an outage) is applied record by record, and the record
+/// it refuses is set aside as a dead letter: one bad record must not stop the sink.
 async fn apply_with_retry(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> Applied {
     let mut delay = Duration::from_millis(100);
     loop {
         match apply_once(pool, topics, batch).await {
             Ok(a) => return a,
+            Err(e) if is_data_error(&e) => return apply_one_by_one(pool, topics, batch).await,
             Err(e) => {
                 METRICS.errors.with_label_values(&["postgres"]).inc();
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projection batch failed; retrying");
@@ -104,6 +107,63 @@ async fn apply_with_retry(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> A
             }
         }
     }
+}
+
+/// SQLSTATE classes 22 (data exception) and 23 (integrity violation): retrying the same
+/// rows cannot help.
+fn is_data_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .filter_map(|pg| pg.code())
+        .any(|code| code.code().starts_with("22") || code.code().starts_with("23"))
+}
+
+async fn apply_one_by_one(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> Applied {
+    let mut total = Applied::default();
+    for r in batch {
+        let one = std::slice::from_ref(r);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match apply_once(pool, topics, one).await {
+                Ok(a) => {
+                    total.events += a.events;
+                    total.payments_updated += a.payments_updated;
+                    total.dead_letters += a.dead_letters;
+                    total.webhooks += a.webhooks;
+                    total.undecodable += a.undecodable;
+                    total.event_times_ms.extend(a.event_times_ms);
+                    break;
+                }
+                Err(e) if is_data_error(&e) => {
+                    METRICS
+                        .errors
+                        .with_label_values(&["projection_rejected"])
+                        .inc();
+                    tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %format!("{e:#}"), "record refused by PostgreSQL; set aside as a dead letter");
+                    let dead = crate::projection::set_aside(r, &format!("{e:#}"));
+                    if let Err(e) = apply_dead_letter(pool, &dead).await {
+                        tracing::error!(error = %format!("{e:#}"), "dead letter for the refused record not stored");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    METRICS.errors.with_label_values(&["postgres"]).inc();
+                    tracing::warn!(error = %format!("{e:#}"), "projection record failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    total
+}
+
+async fn apply_dead_letter(pool: &Pool, dead: &payments::wire::DeadLetter) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::projection::insert_dead_letters(&tx, std::slice::from_ref(dead)).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn apply_once(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> anyhow::Result<Applied> {

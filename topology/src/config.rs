@@ -270,7 +270,8 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
             let spec = match role {
                 Role::Processor => registry::processor_spec(&decl.kind),
                 _ => registry::sink_spec(&decl.kind),
-            };
+            }
+            .map(|s| registry::specialise(&decl.kind, &decl.params, s));
             let Some(spec) = spec else {
                 let known = match role {
                     Role::Processor => registry::PROCESSOR_TYPES,

@@ -117,6 +117,13 @@ impl ProviderClient {
                 }
             }
         };
+        let text = |s: Option<String>, max| s.map(|s| payments::external_text(&s, max));
+        let body = ChargeBody {
+            status: payments::external_text(&body.status, 32),
+            charge_id: text(body.charge_id, 128),
+            code: text(body.code, 64),
+            message: text(body.message, 512),
+        };
         let charge_id = body.charge_id.clone().unwrap_or_default();
         match (call.op, body.status.as_str()) {
             (ProviderOp::Cancel, "canceled") => ProviderOutcome::Canceled,

@@ -72,6 +72,32 @@ pub fn source_spec() -> NodeSpec {
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkParams {
     pub topic: String,
+    /// The one kind of record this sink publishes.
+    pub records: PublishedKind,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishedKind {
+    Event,
+    Command,
+    DeadLetter,
+}
+
+/// Narrows a component's spec by its params: a `kafka` sink accepts only the record
+/// kind named by `records`, so a topic never receives records of another kind.
+pub fn specialise(kind: &str, params: &toml::Value, spec: NodeSpec) -> NodeSpec {
+    match (kind, parse_params::<KafkaSinkParams>(params)) {
+        ("kafka", Ok(p)) => NodeSpec {
+            accepts: match p.records {
+                PublishedKind::Event => &[RecordKind::Event],
+                PublishedKind::Command => &[RecordKind::Command],
+                PublishedKind::DeadLetter => &[RecordKind::DeadLetter],
+            },
+            ..spec
+        },
+        _ => spec,
+    }
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -42,7 +42,7 @@ fn every_error_is_reported_and_names_its_component() {
         [sinks.out]
         type = "kafka"
         inputs = ["b"]
-        params = { topic = "o", extra = 1 }
+        params = { topic = "o", records = "event", extra = 1 }
     "#;
     let errs = compile_str(text).unwrap_err().0;
     let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
@@ -77,8 +77,8 @@ fn invalid_params_and_exactly_once_are_reported() {
 #[test]
 fn a_dead_letter_output_without_a_sink_is_an_error() {
     let text = SHIPPED.replace(
-        "inputs = [\"decode\"]\nparams = { topic = \"payments.dlq\" }",
-        "inputs = [\"payments\"]\nparams = { topic = \"payments.dlq\" }",
+        "inputs = [\"decode\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
+        "inputs = [\"payments\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
     );
     let errs = compile_str(&text).unwrap_err().to_string();
     assert!(
@@ -91,4 +91,17 @@ fn a_dead_letter_output_without_a_sink_is_an_error() {
 fn syntax_errors_are_reported_with_position() {
     let errs = compile_str("application_id = ").unwrap_err().to_string();
     assert!(errs.contains("topology.toml"), "{errs}");
+}
+
+#[test]
+fn a_kafka_sink_publishes_only_the_kind_it_names() {
+    let t = compile_str(SHIPPED).unwrap();
+    let dlq = t.nodes.iter().find(|n| n.id == "dead_letters").unwrap();
+    assert_eq!(dlq.spec.accepts, &[RecordKind::DeadLetter]);
+    let events = t.nodes.iter().find(|n| n.id == "events").unwrap();
+    assert_eq!(events.spec.accepts, &[RecordKind::Event]);
+    // A sink that names a kind its input never emits is an error.
+    let bad = SHIPPED.replace("records = \"dead_letter\"", "records = \"event\"");
+    let errs = compile_str(&bad).unwrap_err().to_string();
+    assert!(errs.contains("sink `dead_letters`: input `decode` emits command, dead_letter but this component accepts event"), "{errs}");
 }

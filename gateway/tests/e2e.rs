@@ -1,0 +1,806 @@
+//! End-to-end: HTTP → Kafka protocol (mock cluster) → topology with sled → events topic →
+//! PostgreSQL, against the provider simulator. Each test has its own topics, database,
+//! state directory and services.
+
+use futures::stream::{self, StreamExt};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use testkit::client::{assert_gap_free, projected_events, topic_events, wait_all_terminal, Api};
+use testkit::stack::{Stack, StackOptions, DEMO_KEY, OTHER_KEY, WEBHOOK_SECRET};
+
+const TERMINAL: &[&str] = &["COMPLETED", "FAILED", "CANCELED"];
+
+/// Expected final status for each magic amount (last two digits).
+fn expected_status(amount: i64) -> &'static str {
+    match amount % 100 {
+        1 | 4 | 8 => "FAILED",
+        _ => "COMPLETED",
+    }
+}
+
+/// Creates payments concurrently; returns (idempotency key, amount, reply) per request.
+async fn create_many(
+    api: &Api,
+    specs: Vec<(String, i64)>,
+    concurrency: usize,
+) -> Vec<(String, i64, testkit::client::Reply)> {
+    stream::iter(specs)
+        .map(|(key, amount)| {
+            let api = api.clone();
+            async move {
+                let r = api.create(&key, amount, "EUR").await.expect("request");
+                (key, amount, r)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// The provider ledger agrees with the projection: at most one capture per payment, and
+/// exactly the COMPLETED payments were captured.
+fn check_ledger(stack: &Stack, statuses: &HashMap<String, String>) {
+    let ledger = stack.sim.ledger();
+    let by_ref: HashMap<&str, &simulator::Charge> = ledger
+        .charges
+        .iter()
+        .map(|c| (c.reference.as_str(), c))
+        .collect();
+    for c in &ledger.charges {
+        assert!(c.captures <= 1, "charged twice: {c:?}");
+    }
+    for (id, status) in statuses {
+        let captured = by_ref.get(id.as_str()).map_or(0, |c| c.captures);
+        assert_eq!(
+            captured == 1,
+            status == "COMPLETED",
+            "payment {id} is {status} but the provider captured {captured} times"
+        );
+    }
+}
+
+/// The projection's history equals the events topic, gap-free; returns (events, records on the topic).
+async fn check_history_matches_topic(stack: &Stack) -> (usize, usize) {
+    let pool = stack.pool().await.unwrap();
+    let projected = projected_events(&pool).await.unwrap();
+    let (on_topic, records) = topic_events(&stack.kafka, &stack.common.events_topic).unwrap();
+    assert_gap_free(&on_topic).unwrap();
+    assert_eq!(
+        projected.len(),
+        on_topic.len(),
+        "projection and events topic hold different event counts"
+    );
+    for (k, v) in &on_topic {
+        assert_eq!(
+            projected.get(k),
+            Some(v),
+            "event {k:?} differs between the topic and PostgreSQL"
+        );
+    }
+    (projected.len(), records)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_payments_end_to_end_with_duplicates_replays_and_a_rebuild() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let started = Instant::now();
+
+    // 1,000 payments, cycling through the simulator's outcomes: approved, declined,
+    // transient error then retry, async webhook success and failure, timeout resolved by
+    // a status check, lost response, provider down, webhook before the response (twice).
+    let endings = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10];
+    let specs: Vec<(String, i64)> = (0..1000)
+        .map(|i| {
+            (
+                format!("order-{i}"),
+                10_000 + (i as i64 / 10) * 100 + endings[i % 10],
+            )
+        })
+        .collect();
+    let created = create_many(&api, specs.clone(), 32).await;
+    let accepted: Vec<(String, i64, String)> = created
+        .iter()
+        .map(|(k, a, r)| {
+            assert_eq!(r.status, 202, "create {k}: {}", r.body);
+            (k.clone(), *a, r.body["id"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let accepted_at = started.elapsed();
+
+    // Duplicates: sequential replays of 50 keys answer the same 202; 20 concurrent
+    // copies of one new request make one payment; the same key with another body is 422.
+    for (key, amount) in specs.iter().take(50) {
+        let r = api.create(key, *amount, "EUR").await.unwrap();
+        assert_eq!(r.status, 202);
+        let original = created.iter().find(|(k, _, _)| k == key).unwrap();
+        assert_eq!(
+            r.body, original.2.body,
+            "a replay returns the original response"
+        );
+    }
+    let dup = create_many(
+        &api,
+        (0..20)
+            .map(|_| ("concurrent-dup".to_string(), 4242))
+            .collect(),
+        20,
+    )
+    .await;
+    let dup_ids: std::collections::HashSet<String> = dup
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert!(dup.iter().all(|(_, _, r)| r.status == 202));
+    assert_eq!(dup_ids.len(), 1, "concurrent duplicates name one payment");
+    let conflict = api.create("order-7", 999, "EUR").await.unwrap();
+    assert_eq!(
+        (conflict.status, conflict.code()),
+        (422, "idempotency_key_reused")
+    );
+
+    let pool = stack.pool().await.unwrap();
+    let mut ids: Vec<String> = accepted.iter().map(|(_, _, id)| id.clone()).collect();
+    ids.extend(dup_ids.iter().cloned());
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(180))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    for (key, amount, id) in &accepted {
+        assert_eq!(
+            statuses[id],
+            expected_status(*amount),
+            "payment {key} ({amount}) ended {}",
+            statuses[id]
+        );
+    }
+    let count = |s: &str| statuses.values().filter(|v| v.as_str() == s).count();
+    let payments_count: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        payments_count as usize,
+        ids.len(),
+        "one payment per key, no more"
+    );
+
+    check_ledger(&stack, &statuses);
+    let (events, records) = check_history_matches_topic(&stack).await;
+
+    println!(
+        "e2e: payments={} accepted={} completed={} failed={} canceled={} events={} topic_records={} accept_s={:.1} terminal_s={:.1}",
+        ids.len(),
+        accepted.len() + 1,
+        count("COMPLETED"),
+        count("FAILED"),
+        count("CANCELED"),
+        events,
+        records,
+        accepted_at.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+
+    // Redelivery: every command is published again. Nothing may change.
+    let snapshot = projected_events(&pool).await.unwrap();
+    let commands = stack.kafka.read_all(&stack.commands_topic()).unwrap();
+    let producer = stack.kafka.producer().unwrap();
+    let sends = commands.iter().map(|r| {
+        let p = producer.clone();
+        let topic = stack.commands_topic();
+        async move {
+            let mut rec = rdkafka_record(&topic, r);
+            rec = rec.partition(r.partition);
+            p.send(rec, Duration::from_secs(10))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    // The redelivered commands are processed once the topic end is consumed again.
+    wait_for_consumed(&stack, commands.len() * 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = projected_events(&pool).await.unwrap();
+    assert_eq!(snapshot, after, "redelivered commands changed the history");
+    check_history_matches_topic(&stack).await;
+    println!("e2e: redelivered_commands={} new_events=0", commands.len());
+
+    // Rebuild into an empty database: the same state and history.
+    let rebuilt_url = testkit::pg::server()
+        .unwrap()
+        .fresh_database()
+        .await
+        .unwrap();
+    let mut common = stack.common.clone();
+    common.database_url = Some(rebuilt_url.clone());
+    let report = gateway::rebuild_projection(&common).await.unwrap();
+    let rebuilt = sinks::connect(&rebuilt_url, 2).unwrap();
+    assert_eq!(
+        projected_events(&rebuilt).await.unwrap(),
+        after,
+        "rebuilt history differs"
+    );
+    assert_eq!(
+        states(&rebuilt).await,
+        states(&pool).await,
+        "rebuilt payments differ"
+    );
+    println!(
+        "e2e: rebuild records={} events={} payments={}",
+        report.records,
+        report.events,
+        states(&rebuilt).await.len()
+    );
+    stack.shutdown().await.unwrap();
+}
+
+fn rdkafka_record<'a>(
+    topic: &'a str,
+    r: &'a testkit::kafka::TopicRecord,
+) -> rdkafka::producer::FutureRecord<'a, [u8], [u8]> {
+    let mut rec = rdkafka::producer::FutureRecord::to(topic)
+        .payload(r.payload.as_deref().unwrap_or_default());
+    if let Some(k) = &r.key {
+        rec = rec.key(k.as_slice());
+    }
+    rec
+}
+
+/// Waits until the worker's group has committed offsets covering `total` records.
+async fn wait_for_consumed(stack: &Stack, total: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (consumed, end) = group_position(stack);
+        if consumed >= end && end >= total as i64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker did not consume the redelivered commands ({consumed}/{end})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn group_position(stack: &Stack) -> (i64, i64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = stack.commands_topic();
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", stack.kafka.brokers())
+        .set("group.id", &stack.common.topology.application_id)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..stack.opts.partitions {
+        tpl.add_partition(&topic, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let mut consumed = 0;
+    let mut end = 0;
+    for e in committed.elements() {
+        if let rdkafka::Offset::Offset(o) = e.offset() {
+            consumed += o;
+        }
+        end += c
+            .fetch_watermarks(&topic, e.partition(), Duration::from_secs(5))
+            .unwrap()
+            .1;
+    }
+    (consumed, end)
+}
+
+async fn states(pool: &sinks::Pool) -> BTreeMap<String, Value> {
+    let c = pool.get().await.unwrap();
+    c.query("SELECT payment_id, state FROM payments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn signed_webhook(api: &Api, id: &str, body: &Value) -> reqwest::RequestBuilder {
+    signed_with(api, WEBHOOK_SECRET, id, body)
+}
+
+fn signed_with(api: &Api, secret: &str, id: &str, body: &Value) -> reqwest::RequestBuilder {
+    let secret = payments::webhook::secret_bytes(secret).unwrap();
+    let raw = serde_json::to_vec(body).unwrap();
+    let ts = simulator::now_secs();
+    api.http
+        .post(format!("{}/v1/callbacks/sim", api.base))
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header(
+            "webhook-signature",
+            payments::webhook::sign(&secret, id, ts, &raw),
+        )
+        .body(raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicated_and_reordered_webhooks_change_nothing_beyond_the_first_valid_one() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    // Ends in 07: pending at the provider, whose own webhook comes late.
+    let r = api.create("slow-1", 2507, "EUR").await.unwrap();
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    api.wait_for_status(&id, &["PROCESSING"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let ok = serde_json::json!({"type": "charge.succeeded", "data": {"reference": id, "charge_id": "ch_forged"}});
+    let fail = serde_json::json!({"type": "charge.failed", "data": {"reference": id, "code": "late", "message": "x"}});
+    for _ in 0..3 {
+        let r = api
+            .send(signed_webhook(&api, "msg_first", &ok))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let r = api
+        .send(signed_webhook(&api, "msg_second", &fail))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    // A bad signature is refused and changes nothing.
+    let forged = signed_with(&api, "whsec_b3RoZXItc2VjcmV0", "msg_bad", &fail);
+    let r = api.send(forged).await.unwrap();
+    assert_eq!((r.status, r.code()), (401, "invalid_signature"));
+
+    api.wait_for_status(&id, &["COMPLETED"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Let the simulator's own (late) webhook arrive too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let history = api.events(&id).await.unwrap();
+    let kinds: Vec<&str> = history.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| ["completed", "failed", "canceled"].contains(k))
+            .count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(api.get(&id).await.unwrap().body["status"], "COMPLETED");
+    let pool = stack.pool().await.unwrap();
+    let hooks: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM webhooks_received WHERE payment_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        hooks >= 2,
+        "verified webhooks are recorded once per webhook-id (got {hooks})"
+    );
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancels_end_in_exactly_one_terminal_state() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+
+    // A pending charge canceled while PROCESSING: the provider confirms, nothing captured.
+    let r = api.create("cancel-slow", 3107, "EUR").await.unwrap();
+    let slow = r.body["id"].as_str().unwrap().to_owned();
+    api.wait_for_status(&slow, &["PROCESSING"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let c = api.cancel(&slow).await.unwrap();
+    assert_eq!(c.status, 202, "{}", c.body);
+    api.wait_for_status(&slow, &["CANCELED"], Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    // Cancels racing instant approvals: each payment ends in one terminal state, and the
+    // provider captured exactly the COMPLETED ones.
+    let created = create_many(
+        &api,
+        (0..60)
+            .map(|i| (format!("race-{i}"), 5000 + i * 100))
+            .collect(),
+        16,
+    )
+    .await;
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    let cancels = stream::iter(ids.clone())
+        .map(|id| {
+            let api = api.clone();
+            async move {
+                // Visible in the projection first (a cancel names a payment it can see).
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let r = api.cancel(&id).await.unwrap();
+                    if r.status != 404 || Instant::now() > deadline {
+                        return r.status;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<u16>>()
+        .await;
+    assert!(
+        cancels.iter().all(|s| *s == 202 || *s == 409),
+        "{cancels:?}"
+    );
+    let mut all = ids.clone();
+    all.push(slow.clone());
+    let statuses = wait_all_terminal(&pool, &all, Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_ledger(&stack, &statuses);
+    let events = projected_events(&pool).await.unwrap();
+    for id in &all {
+        let terminal = events
+            .iter()
+            .filter(|((p, _), e)| {
+                p == id
+                    && ["completed", "failed", "canceled"]
+                        .contains(&e["body"]["type"].as_str().unwrap_or(""))
+            })
+            .count();
+        assert_eq!(terminal, 1, "payment {id} has {terminal} terminal events");
+    }
+    assert_eq!(statuses[&slow], "CANCELED");
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_payment_is_canceled_without_calling_the_provider() {
+    let opts = StackOptions {
+        // Long enough to outlast the consumer groups' first join.
+        policy: format!(
+            "{}, dispatch_delay_ms = 10000",
+            StackOptions::default().policy
+        ),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let id = api.create("early", 1200, "EUR").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.wait_for_status(&id, &["NEW"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(api.cancel(&id).await.unwrap().status, 202);
+    api.wait_for_status(&id, &["CANCELED"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10_500)).await; // past the dispatch timer
+    assert_eq!(
+        api.get(&id).await.unwrap().body["status"],
+        "CANCELED",
+        "a terminal state is never left"
+    );
+    assert!(
+        stack.sim.ledger().charges.iter().all(|c| c.reference != id),
+        "the provider never saw it"
+    );
+    let again = api.cancel(&id).await.unwrap();
+    assert_eq!((again.status, again.code()), (409, "already_terminal"));
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_worker_resumes_from_its_checkpoint_without_loss_or_duplicate_effects() {
+    let opts = StackOptions {
+        gateway_bin: Some(env!("CARGO_BIN_EXE_gateway").into()),
+        ..StackOptions::default()
+    };
+    let mut stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let endings = [0, 2, 3, 5, 6, 9];
+    let specs: Vec<(String, i64)> = (0..300)
+        .map(|i| (format!("kill-{i}"), 7000 + i as i64 * 100 + endings[i % 6]))
+        .collect();
+    let created = create_many(&api, specs, 16).await;
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    // Kill the worker (SIGKILL) once part of the work is done, then restart it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: i64 = pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM payments WHERE status IN ('COMPLETED','FAILED')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done >= 50 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stack.worker_alive().unwrap());
+    stack.stop_worker().await.unwrap();
+    stack.start_worker().unwrap();
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    for ((_, amount, _), id) in created.iter().zip(&ids) {
+        assert_eq!(statuses[id], expected_status(*amount));
+    }
+    check_ledger(&stack, &statuses);
+    let (events, records) = check_history_matches_topic(&stack).await;
+    println!("e2e: killed worker: payments={} events={} topic_records={} (duplicates on the topic are identical replays)", ids.len(), events, records);
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_clear_error_and_loses_nothing() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let post = |key: Option<&str>, body: &str| {
+        let mut r = api
+            .request(reqwest::Method::POST, "/v1/payments")
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(k) = key {
+            r = r.header("Idempotency-Key", k);
+        }
+        api.send(r)
+    };
+    let long_key = "x".repeat(300);
+    let cases: Vec<(Option<&str>, String, u16, &str)> = vec![
+        (Some("k1"), "{not json".into(), 400, "invalid_json"),
+        (
+            Some("k2"),
+            r#"{"amount": 100, "currency": "EUR", "extra": 1}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k3"),
+            r#"{"amount": 0, "currency": "EUR"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k4"),
+            r#"{"amount": -5, "currency": "EUR"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k5"),
+            r#"{"amount": 1000000000000000, "currency": "EUR"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k6"),
+            r#"{"amount": 10.5, "currency": "EUR"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k7"),
+            r#"{"amount": 100, "currency": "XYZ"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("k8"),
+            r#"{"amount": 100}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            None,
+            r#"{"amount": 100, "currency": "EUR"}"#.into(),
+            400,
+            "missing_idempotency_key",
+        ),
+        (
+            Some(long_key.as_str()),
+            r#"{"amount": 100, "currency": "EUR"}"#.into(),
+            400,
+            "invalid_idempotency_key",
+        ),
+        (
+            Some("k9"),
+            format!(
+                r#"{{"amount": 100, "currency": "EUR", "description": "{}"}}"#,
+                "d".repeat(20_000)
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (Some("k10"), "".into(), 400, "invalid_json"),
+        (Some("k12"), "[]".into(), 400, "invalid_request"),
+    ];
+    for (key, body, status, code) in &cases {
+        let r = post(*key, body).await.unwrap();
+        assert_eq!(
+            (r.status, r.code()),
+            (*status, *code),
+            "body {:.60}: {}",
+            body,
+            r.body
+        );
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // Authentication and isolation: another merchant's payment is a 404.
+    let unauth = api
+        .with_key("wrong")
+        .create("k11", 100, "EUR")
+        .await
+        .unwrap();
+    assert_eq!((unauth.status, unauth.code()), (401, "unauthorized"));
+    let id = api.create("mine", 1300, "EUR").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.wait_for_status(&id, TERMINAL, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let other = api.with_key(OTHER_KEY);
+    assert_eq!(other.get(&id).await.unwrap().status, 404);
+    assert_eq!(other.events(&id).await.unwrap().status, 404);
+    assert_eq!(other.cancel(&id).await.unwrap().status, 404);
+    assert_eq!(
+        other.list("").await.unwrap().body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(api.get("pay_nonsense").await.unwrap().status, 404);
+    let bad_list = api.list("status=DONE").await.unwrap();
+    assert_eq!((bad_list.status, bad_list.code()), (400, "invalid_request"));
+    assert_eq!(api.list("limit=0").await.unwrap().status, 400);
+    assert_eq!(api.list("cursor=garbage").await.unwrap().status, 400);
+    // Webhooks with a bad signature or missing headers.
+    let bare = api
+        .http
+        .post(format!("{}/v1/callbacks/sim", api.base))
+        .body("{}");
+    let r = api.send(bare).await.unwrap();
+    assert_eq!((r.status, r.code()), (401, "invalid_signature"));
+    let r = api
+        .send(
+            api.http
+                .post(format!("{}/v1/callbacks/nobody", api.base))
+                .body("{}"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.code()), (404, "unknown_provider"));
+
+    // Poison on the commands topic goes to the DLQ with its reason; the partition goes on.
+    let topic = stack.commands_topic();
+    stack
+        .kafka
+        .produce(&topic, Some(b"pay_0"), b"\x00\x01 not a command")
+        .await
+        .unwrap();
+    stack
+        .kafka
+        .produce(&topic, None, br#"{"command_id":"x"}"#)
+        .await
+        .unwrap();
+    let after = api.create("after-poison", 1400, "EUR").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.wait_for_status(&after, &["COMPLETED"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let pool = stack.pool().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = pool
+            .get()
+            .await
+            .unwrap()
+            .query("SELECT reason, detail FROM dead_letters", &[])
+            .await
+            .unwrap();
+        if rows.len() == 2 {
+            for r in rows {
+                let (reason, detail): (String, String) = (r.get(0), r.get(1));
+                assert_eq!(reason, "undecodable");
+                assert!(!detail.is_empty());
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters not projected ({} rows)",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn list_filters_and_cursor_pagination() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let created = create_many(
+        &api,
+        (0..25)
+            .map(|i| (format!("list-{i}"), if i % 5 == 0 { 2001 } else { 2000 }))
+            .collect(),
+        8,
+    )
+    .await;
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_all_terminal(&stack.pool().await.unwrap(), &ids, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("limit=10&cursor={c}"),
+            None => "limit=10".to_owned(),
+        };
+        let page = api.list(&q).await.unwrap();
+        assert_eq!(page.status, 200, "{}", page.body);
+        seen.extend(
+            page.body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned()),
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut sorted_seen = seen.clone();
+    sorted_seen.sort();
+    sorted_seen.dedup();
+    assert_eq!(
+        sorted_seen.len(),
+        25,
+        "every payment exactly once across pages"
+    );
+    let failed = api.list("status=FAILED").await.unwrap();
+    assert_eq!(failed.body["data"].as_array().unwrap().len(), 5);
+    stack.shutdown().await.unwrap();
+}
