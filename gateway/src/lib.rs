@@ -74,10 +74,11 @@ pub struct WebhookEntry {
     pub secrets: Vec<String>,
 }
 
+/// Webhook secrets (raw key bytes) per provider name.
+pub type WebhookSecrets = HashMap<String, Vec<Vec<u8>>>;
+
 /// Loads merchants and webhook secrets, reporting every problem.
-pub fn load_merchants(
-    path: &Path,
-) -> anyhow::Result<(Vec<MerchantKey>, HashMap<String, Vec<Vec<u8>>>)> {
+pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, WebhookSecrets)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read merchants file {}", path.display()))?;
     let file: MerchantsFile =
@@ -114,7 +115,7 @@ pub fn load_merchants(
 pub struct ApiOptions {
     pub listen: SocketAddr,
     pub merchants: Vec<MerchantKey>,
-    pub webhook_secrets: HashMap<String, Vec<Vec<u8>>>,
+    pub webhook_secrets: WebhookSecrets,
     pub max_body_bytes: u64,
 }
 

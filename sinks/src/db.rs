@@ -12,7 +12,7 @@ const MIGRATIONS: &[(&str, &str)] = &[(
 )];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.
-const MIGRATION_LOCK: i64 = 0x6761_7465_7761_79;
+const MIGRATION_LOCK: i64 = 0x0067_6174_6577_6179;
 
 pub fn connect(database_url: &str, max_size: usize) -> anyhow::Result<Pool> {
     let cfg: tokio_postgres::Config = database_url

@@ -281,7 +281,7 @@ mod tests {
                 "nothing visible before commit"
             );
             ps.commit(ws).unwrap();
-            futures_lite_block(ps.flush());
+            futures_lite_block(ps.flush()).unwrap();
         }
         let ps = PartitionStore::open(dir.path(), "app", "t", 3).unwrap();
         assert_eq!(ps.next_offset().unwrap(), Some(42));

@@ -174,6 +174,9 @@ pub async fn wait_all_terminal(
     }
 }
 
+/// Events by `(payment_id, seq)`.
+pub type History = BTreeMap<(String, i64), Value>;
+
 /// Every event in the projection, `(payment_id, seq) → event`.
 pub async fn projected_events(
     pool: &sinks::Pool,
@@ -190,11 +193,8 @@ pub async fn projected_events(
 
 /// Every event on the topic, `(payment_id, seq) → event`. Fails if two records for the
 /// same `(payment_id, seq)` differ: replays must be identical.
-pub fn topic_events(
-    kafka: &Kafka,
-    topic: &str,
-) -> anyhow::Result<(BTreeMap<(String, i64), Value>, usize)> {
-    let mut out: BTreeMap<(String, i64), Value> = BTreeMap::new();
+pub fn topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<(History, usize)> {
+    let mut out = History::new();
     let mut records = 0;
     for r in kafka.read_all(topic)? {
         records += 1;
@@ -213,7 +213,7 @@ pub fn topic_events(
 }
 
 /// Checks that each payment's seqs are exactly 1..=n. Returns the number of payments.
-pub fn assert_gap_free(events: &BTreeMap<(String, i64), Value>) -> anyhow::Result<usize> {
+pub fn assert_gap_free(events: &History) -> anyhow::Result<usize> {
     let mut last: HashMap<&str, i64> = HashMap::new();
     for (pid, seq) in events.keys() {
         let prev = last.get(pid.as_str()).copied().unwrap_or(0);

@@ -8,6 +8,10 @@ use crate::processor::{Processor, RecordKind};
 use crate::processors::{amount_limit, command_decoder, payment_state_machine};
 use std::collections::BTreeMap;
 
+/// Builds one processor instance for a task from its compiled node and the declared stores.
+pub type Builder =
+    fn(&CompiledNode, &BTreeMap<String, StoreDecl>) -> anyhow::Result<Box<dyn Processor>>;
+
 /// What the compiler needs to know about a component type.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeSpec {
@@ -17,9 +21,7 @@ pub struct NodeSpec {
     /// Every problem with the `params` table (unknown keys, wrong types, bad values).
     pub check_params: fn(&toml::Value) -> Vec<String>,
     /// Builds one instance for a task; `None` for sources and sinks (run by the engine).
-    pub build: Option<
-        fn(&CompiledNode, &BTreeMap<String, StoreDecl>) -> anyhow::Result<Box<dyn Processor>>,
-    >,
+    pub build: Option<Builder>,
 }
 
 pub const PROCESSOR_TYPES: &[&str] = &["amount_limit", "command_decoder", "payment_state_machine"];

@@ -472,7 +472,7 @@ proptest! {
         prop_assert_eq!(&events, &again, "replay must be deterministic");
         prop_assert_eq!(&state, &state_again);
         // State is the fold of the events.
-        let folded = events.iter().fold(None, |s, e| evolve(s, e));
+        let folded = events.iter().fold(None, evolve);
         prop_assert_eq!(folded, state);
     }
 
