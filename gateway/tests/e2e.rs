@@ -397,7 +397,17 @@ async fn duplicated_and_reordered_webhooks_change_nothing_beyond_the_first_valid
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancels_end_in_exactly_one_terminal_state() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    // Slow webhooks (amounts ending in 07 settle after 10 × webhook_delay_ms + 0.5 s):
+    // a window in which the provider can still cancel.
+    let defaults = StackOptions::default();
+    let opts = StackOptions {
+        sim: simulator::SimConfig {
+            webhook_delay_ms: 1_500,
+            ..defaults.sim.clone()
+        },
+        ..defaults
+    };
+    let stack = Stack::start(opts).await.unwrap();
     let api = stack.client(DEMO_KEY);
     let pool = stack.pool().await.unwrap();
 
