@@ -1,6 +1,7 @@
 # The README's test command is `make test`: format check, clippy with warnings denied,
 # and the whole test suite (unit, property and end-to-end tests).
 
+SHELL := /bin/bash
 CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
@@ -15,8 +16,11 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Ends with one summary line over every test binary: "N passed, M failed".
 unit:
-	$(CARGO) test --workspace --locked -- --test-threads=$(TEST_THREADS)
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) 2>&1 | tee target/test-output.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
 
 build:
 	$(CARGO) build --workspace --release --locked

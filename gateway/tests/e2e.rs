@@ -814,3 +814,42 @@ async fn list_filters_and_cursor_pagination() {
     assert_eq!(failed.body["data"].as_array().unwrap().len(), 5);
     stack.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_state_was_lost_refuses_to_diverge() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let first = create_many(
+        &api,
+        (0..20).map(|i| (format!("before-{i}"), 1500)).collect(),
+        8,
+    )
+    .await;
+    let ids: Vec<String> = first
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_all_terminal(&pool, &ids, Duration::from_secs(30))
+        .await
+        .unwrap();
+    stack.stop_worker().await.unwrap();
+    std::fs::remove_dir_all(stack.state_dir.path().join("stores")).unwrap();
+    stack.start_worker().unwrap();
+    create_many(
+        &api,
+        (0..20).map(|i| (format!("after-{i}"), 1500)).collect(),
+        8,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.worker_alive().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker went on with an empty store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = format!("{:#}", stack.stop_worker().await.unwrap_err());
+    assert!(err.contains("behind the group's committed offset"), "{err}");
+}

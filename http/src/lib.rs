@@ -6,6 +6,7 @@
 //!   read the projection.
 //! - [`auth`]: merchant API keys (hashed, constant-time).
 //! - [`error`]: the one JSON error shape and its stable codes.
+//! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
 //!
 //! The API **never changes payment state**: writes become commands on Kafka, reads come
 //! from the PostgreSQL projection.
@@ -13,6 +14,7 @@
 pub mod auth;
 pub mod error;
 pub mod handlers;
+pub mod openapi;
 pub mod routes;
 
 use auth::MerchantKey;

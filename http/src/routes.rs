@@ -194,6 +194,9 @@ pub fn routes(
             .unwrap_or_default();
         warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
     });
+    let openapi = warp::path!("openapi.json")
+        .and(warp::get())
+        .map(|| warp::reply::json(&crate::openapi::document()).into_response());
     let topology =
         warp::path!("topology")
             .and(warp::get())
@@ -226,6 +229,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(topology)
+        .unify()
+        .or(openapi)
         .unify()
         .recover(recover)
         .unify()
@@ -270,4 +275,75 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
         .with_label_values(&["unmatched", "any", &status])
         .inc();
     Ok(e.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openapi::{document, OPERATIONS};
+    use crate::{ApiConfig, ApiState};
+
+    fn state() -> Arc<ApiState> {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let pool = sinks::connect("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+        let mut cfg = ApiConfig::new("commands");
+        cfg.topology = Some(serde_json::json!({}));
+        cfg.webhook_secrets
+            .insert("sim".into(), vec![b"secret".to_vec()]);
+        ApiState::new(cfg, producer, pool)
+    }
+
+    #[test]
+    fn the_document_lists_exactly_the_operations() {
+        let doc = document();
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        documented.sort();
+        let mut declared: Vec<(String, String)> = OPERATIONS
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        declared.sort();
+        assert_eq!(documented, declared);
+    }
+
+    #[tokio::test]
+    async fn every_documented_operation_is_routed() {
+        let routes = routes(state());
+        for (method, path) in OPERATIONS {
+            let concrete = path
+                .replace("{id}", "pay_0123456789abcdef0123456789abcdef")
+                .replace("{provider}", "sim");
+            let res = warp::test::request()
+                .method(&method.to_uppercase())
+                .path(&concrete)
+                .body("{}")
+                .reply(&routes)
+                .await;
+            let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap_or_default();
+            assert!(
+                !(res.status() == 404 && body["error"]["code"] == "not_found")
+                    && res.status() != 405,
+                "{method} {path} is documented but not routed ({})",
+                res.status()
+            );
+        }
+        let res = warp::test::request()
+            .path("/v1/nowhere")
+            .reply(&routes)
+            .await;
+        assert_eq!(res.status(), 404);
+    }
 }

@@ -1,0 +1,175 @@
+//! The OpenAPI 3 description of the API, served at `GET /openapi.json`. A test checks it
+//! against the router: every documented operation exists, and every route is documented.
+
+use serde_json::{json, Value};
+
+/// Every operation of the API: (method, path template).
+pub const OPERATIONS: &[(&str, &str)] = &[
+    ("post", "/v1/payments"),
+    ("get", "/v1/payments"),
+    ("get", "/v1/payments/{id}"),
+    ("get", "/v1/payments/{id}/events"),
+    ("post", "/v1/payments/{id}/cancel"),
+    ("post", "/v1/callbacks/{provider}"),
+    ("get", "/health/live"),
+    ("get", "/health/ready"),
+    ("get", "/metrics"),
+    ("get", "/topology"),
+    ("get", "/openapi.json"),
+];
+
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+fn errors(codes: &[(&str, &str)]) -> serde_json::Map<String, Value> {
+    codes
+        .iter()
+        .map(|(status, d)| (status.to_string(), error_response(d)))
+        .collect()
+}
+
+fn with(mut base: serde_json::Map<String, Value>, ok: (&str, Value)) -> Value {
+    base.insert(ok.0.to_owned(), ok.1);
+    Value::Object(base)
+}
+
+fn json_body(schema: &str, description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
+}
+
+pub fn document() -> Value {
+    let id_param = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^pay_[0-9a-f]{32}$" } });
+    let auth_errors = [
+        ("401", "missing or unknown API key (`unauthorized`)"),
+        (
+            "503",
+            "a dependency is unavailable (`unavailable`); retry after `Retry-After`",
+        ),
+    ];
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Payment gateway",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Accepts payments, processes them asynchronously against payment providers, and reports their life cycle. Amounts are integers in minor units with an ISO 4217 currency. Every error has the shape {\"error\": {\"code\", \"message\"}}."
+        },
+        "security": [{ "bearer": [] }],
+        "paths": {
+            "/v1/payments": {
+                "post": {
+                    "operationId": "createPayment",
+                    "summary": "Accept a payment (processed asynchronously)",
+                    "parameters": [{ "name": "Idempotency-Key", "in": "header", "required": true, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreatePayment" } } } },
+                    "responses": with(errors(&[
+                        ("400", "invalid body or Idempotency-Key (`invalid_json`, `invalid_request`, `missing_idempotency_key`, `invalid_idempotency_key`)"),
+                        ("413", "body over 16 KiB (`payload_too_large`)"),
+                        ("415", "not JSON (`unsupported_media_type`)"),
+                        ("422", "the Idempotency-Key was used with another body (`idempotency_key_reused`)"),
+                        auth_errors[0], auth_errors[1],
+                    ]), ("202", json_body("Accepted", "accepted; the same key and body replay this answer"))),
+                },
+                "get": {
+                    "operationId": "listPayments",
+                    "summary": "The caller's payments, newest first",
+                    "parameters": [
+                        { "name": "status", "in": "query", "schema": { "$ref": "#/components/schemas/Status" } },
+                        { "name": "currency", "in": "query", "schema": { "type": "string", "pattern": "^[A-Z]{3}$" } },
+                        { "name": "reference", "in": "query", "schema": { "type": "string", "maxLength": 128 } },
+                        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
+                        { "name": "cursor", "in": "query", "schema": { "type": "string" } }
+                    ],
+                    "responses": with(errors(&[("400", "invalid filter or cursor (`invalid_request`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("PaymentList", "a page"))),
+                }
+            },
+            "/v1/payments/{id}": { "get": {
+                "operationId": "getPayment", "summary": "A payment's current state", "parameters": [id_param.clone()],
+                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("Payment", "the payment"))),
+            }},
+            "/v1/payments/{id}/events": { "get": {
+                "operationId": "getPaymentEvents", "summary": "A payment's history, in order", "parameters": [id_param.clone()],
+                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("History", "the events"))),
+            }},
+            "/v1/payments/{id}/cancel": { "post": {
+                "operationId": "cancelPayment", "summary": "Ask to cancel a payment (NEW: at once; PROCESSING: when the provider confirms)",
+                "parameters": [id_param, { "name": "Idempotency-Key", "in": "header", "required": false, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
+                "responses": with(errors(&[
+                    ("400", "invalid Idempotency-Key (`invalid_idempotency_key`)"),
+                    ("404", "no such payment for this merchant (`payment_not_found`)"),
+                    ("409", "the payment is already terminal (`already_terminal`)"),
+                    auth_errors[0], auth_errors[1],
+                ]), ("202", json_body("CancelAccepted", "cancel requested"))),
+            }},
+            "/v1/callbacks/{provider}": { "post": {
+                "operationId": "providerWebhook", "summary": "Signed provider webhook (Standard Webhooks)", "security": [],
+                "parameters": [
+                    { "name": "provider", "in": "path", "required": true, "schema": { "type": "string" } },
+                    { "name": "webhook-id", "in": "header", "required": true, "schema": { "type": "string" } },
+                    { "name": "webhook-timestamp", "in": "header", "required": true, "schema": { "type": "string" } },
+                    { "name": "webhook-signature", "in": "header", "required": true, "schema": { "type": "string" } }
+                ],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
+                "responses": with(errors(&[
+                    ("400", "malformed webhook (`invalid_webhook`)"),
+                    ("401", "bad, missing, stale or future signature (`invalid_signature`)"),
+                    ("404", "unknown provider (`unknown_provider`)"),
+                    ("413", "body over 64 KiB (`payload_too_large`)"),
+                    ("503", "could not be queued; the provider should resend (`unavailable`)"),
+                ]), ("204", json!({ "description": "accepted (or an event type that needs no action)" }))),
+            }},
+            "/health/live": { "get": { "operationId": "live", "security": [], "responses": { "200": { "description": "the process runs" } } } },
+            "/health/ready": { "get": { "operationId": "ready", "security": [], "responses": with(errors(&[("503", "PostgreSQL or Kafka unreachable (`unavailable`)")]), ("200", json!({ "description": "ready" }))) } },
+            "/metrics": { "get": { "operationId": "metrics", "security": [], "responses": { "200": { "description": "Prometheus text format", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
+            "/topology": { "get": { "operationId": "topology", "security": [], "responses": { "200": { "description": "the compiled processor topology", "content": { "application/json": { "schema": { "type": "object" } } } }, "404": error_response("this process runs no topology (`not_found`)") } } },
+            "/openapi.json": { "get": { "operationId": "openapi", "security": [], "responses": { "200": { "description": "this document", "content": { "application/json": { "schema": { "type": "object" } } } } } } }
+        },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "the merchant's API key" } },
+            "schemas": {
+                "Status": { "type": "string", "enum": ["NEW", "PROCESSING", "COMPLETED", "FAILED", "CANCELED"] },
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
+                "CreatePayment": {
+                    "type": "object", "additionalProperties": false, "required": ["amount", "currency"],
+                    "properties": {
+                        "amount": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "description": "minor units" },
+                        "currency": { "type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217" },
+                        "reference": { "type": "string", "maxLength": 128, "nullable": true },
+                        "description": { "type": "string", "maxLength": 512, "nullable": true }
+                    }
+                },
+                "Accepted": {
+                    "type": "object", "required": ["id", "status", "amount", "currency"],
+                    "properties": {
+                        "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" },
+                        "amount": { "type": "integer" }, "currency": { "type": "string" },
+                        "reference": { "type": "string", "nullable": true }, "description": { "type": "string", "nullable": true },
+                        "links": { "type": "object" }
+                    }
+                },
+                "Payment": {
+                    "type": "object", "required": ["id", "status", "amount", "currency", "version", "created_at", "updated_at"],
+                    "properties": {
+                        "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" },
+                        "amount": { "type": "integer" }, "currency": { "type": "string" },
+                        "reference": { "type": "string", "nullable": true }, "description": { "type": "string", "nullable": true },
+                        "provider_reference": { "type": "string", "nullable": true },
+                        "failure_code": { "type": "string", "nullable": true }, "failure_message": { "type": "string", "nullable": true },
+                        "cancel_requested": { "type": "boolean" }, "stuck": { "type": "boolean" }, "attempts": { "type": "integer" },
+                        "version": { "type": "integer", "description": "seq of the last event" },
+                        "created_at": { "type": "string", "format": "date-time" }, "updated_at": { "type": "string", "format": "date-time" }
+                    }
+                },
+                "PaymentList": { "type": "object", "required": ["data"], "properties": { "data": { "type": "array", "items": { "$ref": "#/components/schemas/Payment" } }, "next_cursor": { "type": "string", "nullable": true } } },
+                "History": {
+                    "type": "object", "required": ["id", "events"],
+                    "properties": { "id": { "type": "string" }, "events": { "type": "array", "items": {
+                        "type": "object", "required": ["seq", "type", "occurred_at", "data"],
+                        "properties": { "seq": { "type": "integer" }, "type": { "type": "string" }, "occurred_at": { "type": "string", "format": "date-time" }, "data": { "type": "object" } }
+                    } } }
+                },
+                "CancelAccepted": { "type": "object", "required": ["id", "status", "cancel_requested"], "properties": { "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" }, "cancel_requested": { "type": "boolean" } } }
+            }
+        }
+    })
+}
