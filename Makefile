@@ -6,7 +6,7 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit build fmt
+.PHONY: test fmt-check clippy unit build fmt local-stack
 
 test: fmt-check clippy unit
 
@@ -27,3 +27,8 @@ build:
 
 fmt:
 	$(CARGO) fmt --all
+
+# The whole gateway locally: mock-cluster Kafka, throwaway PostgreSQL, provider
+# simulator, API (127.0.0.1:8080), worker and sink. Ctrl-C stops it.
+local-stack:
+	$(CARGO) run --locked -p testkit --bin local-stack -- $(ARGS)

@@ -16,6 +16,9 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 const TOPOLOGY: &str = include_str!("../../config/topology.toml");
+/// The payment policy as shipped in `config/topology.toml` (for a stack people use).
+pub const SHIPPED_POLICY: &str =
+    "reply_timeout_ms = 10000, webhook_timeout_ms = 30000, max_attempts = 4, backoff_base_ms = 200, backoff_max_ms = 10000";
 pub const DEMO_KEY: &str = "sk_test_demo";
 pub const OTHER_KEY: &str = "sk_test_globex";
 pub const WEBHOOK_SECRET: &str = "whsec_c2ltdWxhdG9yLXdlYmhvb2stc2VjcmV0";
@@ -29,6 +32,8 @@ pub struct StackOptions {
     pub provider_timeout: Duration,
     /// Replacements applied to the topology's payment parameters.
     pub policy: String,
+    pub api_listen: SocketAddr,
+    pub sim_listen: SocketAddr,
 }
 
 impl Default for StackOptions {
@@ -39,6 +44,8 @@ impl Default for StackOptions {
             gateway_bin: None,
             provider_timeout: Duration::from_millis(500),
             policy: "reply_timeout_ms = 1500, webhook_timeout_ms = 4000, max_attempts = 3, backoff_base_ms = 50, backoff_max_ms = 400, status_poll_max_ms = 3000".into(),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -86,15 +93,19 @@ impl Stack {
         for t in [&commands, &events, &dlq] {
             kafka.create_topic(t, opts.partitions).await?;
         }
+        anyhow::ensure!(
+            TOPOLOGY.contains(SHIPPED_POLICY),
+            "config/topology.toml no longer holds the payment policy the test kit replaces: update SHIPPED_POLICY"
+        );
         let text = TOPOLOGY
             .replace("\"payments.commands\"", &format!("\"{commands}\""))
             .replace("\"payments.events\"", &format!("\"{events}\""))
             .replace("\"payments.dlq\"", &format!("\"{dlq}\""))
-            .replace("application_id = \"payment-gateway\"", &format!("application_id = \"app-{suffix}\""))
             .replace(
-                "reply_timeout_ms = 10000, webhook_timeout_ms = 30000, max_attempts = 4, backoff_base_ms = 200, backoff_max_ms = 10000",
-                &opts.policy,
-            );
+                "application_id = \"payment-gateway\"",
+                &format!("application_id = \"app-{suffix}\""),
+            )
+            .replace(SHIPPED_POLICY, &opts.policy);
         let topology = Arc::new(topology::compile_str(&text)?);
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
@@ -121,7 +132,7 @@ impl Stack {
             vec![payments::webhook::secret_bytes(WEBHOOK_SECRET)?],
         );
         let api_opts = ApiOptions {
-            listen: "127.0.0.1:0".parse()?,
+            listen: opts.api_listen,
             merchants,
             webhook_secrets: secrets,
             max_body_bytes: 16 * 1024,
@@ -132,7 +143,7 @@ impl Stack {
         sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
         let sim = Simulator::new(sim_cfg);
         let (sim_addr, _sim_join) =
-            simulator::serve(sim.clone(), "127.0.0.1:0".parse()?, wait_for(&shutdown)).await?;
+            simulator::serve(sim.clone(), opts.sim_listen, wait_for(&shutdown)).await?;
         let sink = {
             let common = common.clone();
             let stop = wait_for(&shutdown);

@@ -88,10 +88,33 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        tracing::info!(group = %self.group, ?rebalance, "rebalance starting");
+        tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance starting");
     }
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        tracing::info!(group = %self.group, ?rebalance, "rebalance done");
+        tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance done");
+    }
+}
+
+/// `assign cmd[0,1,2]`, `revoke cmd[3]`, or the error.
+fn describe(r: &Rebalance<'_>) -> String {
+    let list = |tpl: &TopicPartitionList| {
+        let mut by_topic: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
+        for e in tpl.elements() {
+            by_topic
+                .entry(e.topic().to_owned())
+                .or_default()
+                .push(e.partition());
+        }
+        by_topic
+            .iter()
+            .map(|(t, ps)| format!("{t}{ps:?}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match r {
+        Rebalance::Assign(tpl) => format!("assign {}", list(tpl)),
+        Rebalance::Revoke(tpl) => format!("revoke {}", list(tpl)),
+        Rebalance::Error(e) => format!("error {e}"),
     }
 }
 
