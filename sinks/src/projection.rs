@@ -77,23 +77,7 @@ pub async fn apply_batch(
                 Err(e) => {
                     applied.undecodable += 1;
                     tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "undecodable event dead-lettered");
-                    dead.push(DeadLetter {
-                        reason: "undecodable_event".into(),
-                        detail: e.to_string(),
-                        source_topic: r.topic.clone(),
-                        source_partition: r.partition,
-                        source_offset: r.offset,
-                        processor: "projection".into(),
-                        key: r
-                            .key
-                            .as_ref()
-                            .map(|k| String::from_utf8_lossy(k).into_owned()),
-                        payload: r
-                            .payload
-                            .as_ref()
-                            .map(|p| String::from_utf8_lossy(p).into_owned()),
-                        failed_at_ms: now_ms(),
-                    });
+                    dead.push(set_aside(r, "undecodable_event", &e.to_string()));
                 }
             }
         } else if r.topic == topics.dead_letters {
@@ -317,11 +301,11 @@ fn pg_text(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
-/// A dead letter for a record PostgreSQL refused.
-pub fn set_aside(r: &InRecord, reason: &str) -> DeadLetter {
+/// A dead letter, written by the projection, for a record it cannot apply.
+pub fn set_aside(r: &InRecord, reason: &str, detail: &str) -> DeadLetter {
     DeadLetter {
-        reason: "projection_rejected".into(),
-        detail: reason.to_owned(),
+        reason: reason.to_owned(),
+        detail: detail.to_owned(),
         source_topic: r.topic.clone(),
         source_partition: r.partition,
         source_offset: r.offset,

@@ -140,7 +140,8 @@ async fn apply_one_by_one(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> A
                         .with_label_values(&["projection_rejected"])
                         .inc();
                     tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %format!("{e:#}"), "record refused by PostgreSQL; set aside as a dead letter");
-                    let dead = crate::projection::set_aside(r, &format!("{e:#}"));
+                    let dead =
+                        crate::projection::set_aside(r, "projection_rejected", &format!("{e:#}"));
                     if let Err(e) = apply_dead_letter(pool, &dead).await {
                         tracing::error!(error = %format!("{e:#}"), "dead letter for the refused record not stored");
                     }

@@ -252,9 +252,25 @@ impl Task {
         now_ms: i64,
     ) -> Result<Step, ProcessError> {
         let mut step = Step::default();
+        self.run_processor(node, ws, now_ms, &mut step, |p, ctx| {
+            p.on_timer(ctx, payload)
+        })?;
+        Ok(step)
+    }
+
+    /// Runs one processor call with a fresh context, then stages its timers and routes
+    /// its outputs downstream.
+    fn run_processor(
+        &mut self,
+        node: usize,
+        ws: &mut WriteSet,
+        now_ms: i64,
+        step: &mut Step,
+        call: impl FnOnce(&mut dyn Processor, &mut Context<'_>) -> Result<(), ProcessError>,
+    ) -> Result<(), ProcessError> {
         let id = self.graph.nodes[node].id.clone();
         let NodeRuntime::Processor(p) = &mut self.graph.nodes[node].runtime else {
-            return Ok(step);
+            return Ok(());
         };
         let mut ctx = Context {
             store: &self.store,
@@ -264,13 +280,13 @@ impl Task {
             now_ms,
             processor_id: &id,
         };
-        p.on_timer(&mut ctx, payload)?;
+        call(p.as_mut(), &mut ctx)?;
         let (out, timers) = (ctx.out, ctx.timers);
         stage_timers(ws, node, timers);
         for rec in out {
-            self.route(node, rec, ws, now_ms, &mut step)?;
+            self.route(node, rec, ws, now_ms, step)?;
         }
-        Ok(step)
+        Ok(())
     }
 
     fn deliver(
@@ -281,7 +297,6 @@ impl Task {
         now_ms: i64,
         step: &mut Step,
     ) -> Result<(), ProcessError> {
-        let id = self.graph.nodes[node].id.clone();
         match &mut self.graph.nodes[node].runtime {
             NodeRuntime::Source => self.route(node, record, ws, now_ms, step),
             NodeRuntime::KafkaSink { topic } => {
@@ -294,22 +309,8 @@ impl Task {
                 }
                 Ok(())
             }
-            NodeRuntime::Processor(p) => {
-                let mut ctx = Context {
-                    store: &self.store,
-                    ws,
-                    out: vec![],
-                    timers: vec![],
-                    now_ms,
-                    processor_id: &id,
-                };
-                p.process(&mut ctx, record)?;
-                let (out, timers) = (ctx.out, ctx.timers);
-                stage_timers(ws, node, timers);
-                for rec in out {
-                    self.route(node, rec, ws, now_ms, step)?;
-                }
-                Ok(())
+            NodeRuntime::Processor(_) => {
+                self.run_processor(node, ws, now_ms, step, |p, ctx| p.process(ctx, record))
             }
         }
     }
