@@ -6,7 +6,7 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit build fmt local-stack
+.PHONY: test fmt-check clippy unit build fmt local-stack bench
 
 test: fmt-check clippy unit
 
@@ -19,7 +19,7 @@ clippy:
 # Ends with one summary line over every test binary: "N passed, M failed".
 unit:
 	@mkdir -p target
-	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) 2>&1 | tee target/test-output.log
+	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) --nocapture 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
 
 build:
@@ -32,3 +32,8 @@ fmt:
 # simulator, API (127.0.0.1:8080), worker and sink. Ctrl-C stops it.
 local-stack:
 	$(CARGO) run --locked -p testkit --bin local-stack -- $(ARGS)
+
+# Pipeline throughput and latency beside the machine's raw Kafka and PostgreSQL limits.
+# ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop).
+bench:
+	$(CARGO) run --release --locked -p testkit --bin bench -- $(ARGS)

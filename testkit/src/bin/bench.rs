@@ -1,0 +1,281 @@
+//! `bench`: measures the whole pipeline (POST → terminal state committed in PostgreSQL)
+//! beside this machine's raw limits for the same work, in the same run, on the same
+//! broker and database. Prints one `bench:` line.
+//!
+//! - open loop at `--rate` payments/s, or `--rate 0` for maximum throughput with
+//!   `--concurrency` clients;
+//! - e2e latency uses PostgreSQL's commit time of the terminal row (`projected_at`)
+//!   against the client's send time, so polling adds nothing;
+//! - raw limits: librdkafka produce + consume of as many messages of the same size as the
+//!   pipeline moved, and batched `UNNEST` inserts of as many rows as it wrote.
+
+use clap::Parser;
+use futures::stream::{self, StreamExt};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use testkit::stack::{Stack, StackOptions, DEMO_KEY};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Throughput and latency of the payment pipeline beside the machine's raw limits"
+)]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    payments: usize,
+    /// Payments per second (open loop); 0 = as fast as `--concurrency` clients go.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let defaults = StackOptions::default();
+    let stack = Stack::start(StackOptions {
+        partitions: a.partitions,
+        ..defaults
+    })
+    .await?;
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await?;
+
+    // Warm up: consumer groups joined, connections open.
+    let w = api.create("warmup", 1000, "EUR").await?;
+    let wid = w.body["id"].as_str().unwrap_or_default().to_owned();
+    api.wait_for_status(&wid, &["COMPLETED"], Duration::from_secs(60))
+        .await?;
+
+    eprintln!(
+        "bench: sending {} payments ({})",
+        a.payments,
+        if a.rate == 0 {
+            format!("max, {} clients", a.concurrency)
+        } else {
+            format!("{}/s open loop", a.rate)
+        }
+    );
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let interval = if a.rate == 0 {
+        None
+    } else {
+        Some(Duration::from_secs_f64(1.0 / a.rate as f64))
+    };
+    let concurrency = if a.rate == 0 { a.concurrency } else { 4096 };
+    let results: Vec<(String, i64, f64, u16)> = stream::iter(0..a.payments)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                if let Some(iv) = interval {
+                    // Open loop: request i is due at i × interval, whatever came before.
+                    let due = started + iv * i as u32;
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let sent = now_ms();
+                let t = Instant::now();
+                let r = api
+                    .create(&format!("bench-{i}"), 1000 + (i as i64 % 7) * 100, "EUR")
+                    .await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                match r {
+                    Ok(r) => (
+                        r.body["id"].as_str().unwrap_or_default().to_owned(),
+                        sent,
+                        ms,
+                        r.status,
+                    ),
+                    Err(_) => (String::new(), sent, ms, 0),
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let accepted: Vec<&(String, i64, f64, u16)> = results.iter().filter(|r| r.3 == 202).collect();
+    let ids: Vec<String> = accepted.iter().map(|r| r.0.clone()).collect();
+    let statuses =
+        testkit::client::wait_all_terminal(&pool, &ids, Duration::from_secs(1800)).await?;
+    let lost = ids.len() - statuses.len();
+
+    let c = pool.get().await?;
+    let rows = c
+        .query(
+            "SELECT payment_id, (extract(epoch FROM projected_at) * 1000)::int8 FROM payments WHERE payment_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let done: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut e2e: Vec<f64> = accepted
+        .iter()
+        .filter_map(|r| done.get(&r.0).map(|t| (*t - r.1) as f64))
+        .collect();
+    e2e.sort_by(f64::total_cmp);
+    let mut post: Vec<f64> = results.iter().map(|r| r.2).collect();
+    post.sort_by(f64::total_cmp);
+    let last_done = done.values().copied().max().unwrap_or(started_ms);
+    let elapsed_s = ((last_done - started_ms) as f64 / 1000.0).max(0.001);
+    let throughput = ids.len() as f64 / elapsed_s;
+
+    // The work the pipeline did: Kafka records moved and PostgreSQL rows written.
+    let commands = stack.kafka.read_all(&stack.commands_topic())?;
+    let events = stack.kafka.read_all(&stack.common.events_topic)?;
+    let kafka_records = commands.len() + events.len();
+    let avg_size = (commands
+        .iter()
+        .chain(events.iter())
+        .map(|r| r.payload.as_ref().map_or(0, Vec::len))
+        .sum::<usize>()
+        / kafka_records.max(1))
+    .max(1);
+    let pg_rows: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM payment_events) + (SELECT count(*) FROM payments)",
+            &[],
+        )
+        .await?
+        .get(0);
+    eprintln!("bench: pipeline done in {elapsed_s:.1}s; measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
+
+    let raw_kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
+    let raw_pg = raw_pg(&pool, pg_rows as usize).await?;
+    // The raw-limit throughput for the same work, in payments per second.
+    let per_payment_kafka = kafka_records as f64 / ids.len().max(1) as f64;
+    let per_payment_pg = pg_rows as f64 / ids.len().max(1) as f64;
+    let raw_payments = (raw_kafka / per_payment_kafka).min(raw_pg / per_payment_pg);
+    println!(
+        "bench: payments={} throughput={:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0} raw_kafka_msgs_per_s={:.0} raw_pg_rows_per_s={:.0} ratio_to_raw={:.2} peak_rss_mb={:.0}",
+        ids.len(),
+        throughput,
+        percentile(&post, 0.99),
+        percentile(&e2e, 0.50),
+        percentile(&e2e, 0.99),
+        raw_kafka,
+        raw_pg,
+        throughput / raw_payments,
+        peak_rss_mb(),
+    );
+    if lost > 0 || accepted.len() != results.len() {
+        eprintln!(
+            "bench: {} requests not accepted, {lost} payments not terminal",
+            results.len() - accepted.len()
+        );
+    }
+    stack.shutdown().await
+}
+
+/// Produces `n` messages of `size` bytes to a fresh topic and consumes them back;
+/// messages per second over both.
+async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> {
+    let topic = format!("raw-{}", uuid::Uuid::new_v4().simple());
+    stack
+        .kafka
+        .create_topic(&topic, stack.opts.partitions)
+        .await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", stack.kafka.brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let payload = vec![b'x'; size];
+    let t = Instant::now();
+    let sends = (0..n).map(|i| {
+        let p = producer.clone();
+        let payload = &payload;
+        let topic = &topic;
+        async move {
+            let key = format!("k{i}");
+            p.send(
+                FutureRecord::to(topic).key(&key).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+        }
+    });
+    for r in stream::iter(sends)
+        .buffer_unordered(10_000)
+        .collect::<Vec<_>>()
+        .await
+    {
+        r?;
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", stack.kafka.brokers())
+        .set("group.id", format!("raw-{}", uuid::Uuid::new_v4()))
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..stack.opts.partitions {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut got = 0;
+    tokio::task::block_in_place(|| {
+        while got < n {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                got += usize::from(m.payload().is_some());
+            }
+        }
+    });
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Inserts `n` event-like rows in batches of 1,000 with `UNNEST`; rows per second.
+async fn raw_pg(pool: &sinks::Pool, n: usize) -> anyhow::Result<f64> {
+    let c = pool.get().await?;
+    c.batch_execute("CREATE TEMP TABLE raw_events (LIKE payment_events INCLUDING ALL)")
+        .await?;
+    let body = serde_json::json!({"type": "completed", "provider_ref": "ch_0123456789abcdef"});
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let k = (n - done).min(1000);
+        let ids: Vec<String> = (done..done + k).map(|i| format!("pay_{i:032x}")).collect();
+        let seqs: Vec<i64> = vec![1; k];
+        let bodies: Vec<serde_json::Value> = vec![body.clone(); k];
+        let offs: Vec<i64> = (done as i64..(done + k) as i64).collect();
+        c.execute(
+            "INSERT INTO raw_events (payment_id, seq, type, occurred_at, caused_by, event, kafka_partition, kafka_offset)
+             SELECT p, s, 'completed', now(), 'x', e, 0, o FROM UNNEST($1::text[], $2::int8[], $3::jsonb[], $4::int8[]) AS u(p, s, e, o)",
+            &[&ids, &seqs, &bodies, &offs],
+        )
+        .await?;
+        done += k;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
