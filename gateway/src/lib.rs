@@ -117,6 +117,8 @@ pub struct ApiOptions {
     pub merchants: Vec<MerchantKey>,
     pub webhook_secrets: WebhookSecrets,
     pub max_body_bytes: u64,
+    /// Requests per second per merchant (burst: twice that); 0 disables the limit.
+    pub rate_limit_per_second: f64,
 }
 
 /// Starts the API; returns its address and a handle that ends after `shutdown`.
@@ -137,6 +139,10 @@ pub async fn start_api(
     cfg.merchants = opts.merchants;
     cfg.webhook_secrets = opts.webhook_secrets;
     cfg.max_body_bytes = opts.max_body_bytes;
+    cfg.rate_limit = (opts.rate_limit_per_second > 0.0).then(|| gateway_http::RateLimit {
+        per_second: opts.rate_limit_per_second,
+        burst: opts.rate_limit_per_second * 2.0,
+    });
     cfg.topology = Some(common.topology.describe());
     let state = ApiState::new(cfg, producer, pool);
     let (addr, handle) = gateway_http::serve(state, opts.listen, shutdown).await?;

@@ -67,6 +67,9 @@ struct ApiArgs {
     merchants: PathBuf,
     #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     max_body_bytes: u64,
+    /// Requests per second per merchant (burst: twice that); 0 disables the limit.
+    #[arg(long, env = "API_RATE_LIMIT", default_value_t = 5000.0)]
+    rate_limit: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 merchants,
                 webhook_secrets,
                 max_body_bytes: a.max_body_bytes,
+                rate_limit_per_second: a.rate_limit,
             };
             let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
             handle.await?;
@@ -196,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
                 merchants,
                 webhook_secrets,
                 max_body_bytes: api.max_body_bytes,
+                rate_limit_per_second: api.rate_limit,
             };
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {

@@ -328,7 +328,17 @@ fn signed_with(api: &Api, secret: &str, id: &str, body: &Value) -> reqwest::Requ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicated_and_reordered_webhooks_change_nothing_beyond_the_first_valid_one() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    // The provider's own webhook for an amount ending in 07 comes 10 × 300 ms + 0.5 s
+    // after the charge: our webhooks arrive first.
+    let defaults = StackOptions::default();
+    let opts = StackOptions {
+        sim: simulator::SimConfig {
+            webhook_delay_ms: 300,
+            ..defaults.sim.clone()
+        },
+        ..defaults
+    };
+    let stack = Stack::start(opts).await.unwrap();
     let api = stack.client(DEMO_KEY);
     // Ends in 07: pending at the provider, whose own webhook comes late.
     let r = api.create("slow-1", 2507, "EUR").await.unwrap();
@@ -359,7 +369,7 @@ async fn duplicated_and_reordered_webhooks_change_nothing_beyond_the_first_valid
         .await
         .unwrap();
     // Let the simulator's own (late) webhook arrive too.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
     let history = api.events(&id).await.unwrap();
     let kinds: Vec<&str> = history.body["events"]
         .as_array()

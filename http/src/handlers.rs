@@ -32,8 +32,24 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The authenticated merchant, within its rate limit.
 pub fn merchant(state: &ApiState, authorization: Option<&str>) -> Result<MerchantId> {
-    auth::authenticate(&state.cfg.merchants, authorization).ok_or_else(ApiError::unauthorized)
+    let merchant = auth::authenticate(&state.cfg.merchants, authorization)
+        .ok_or_else(ApiError::unauthorized)?;
+    if let Some(limit) = state.cfg.rate_limit {
+        state
+            .buckets
+            .take(merchant.as_str(), limit)
+            .map_err(|secs| ApiError {
+                retry_after: Some(secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests for this merchant; retry after Retry-After seconds",
+                )
+            })?;
+    }
+    Ok(merchant)
 }
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response {
@@ -98,6 +114,18 @@ struct ValidCreate {
     hash: String,
 }
 
+/// Card data must never enter the gateway (nor its logs, topics or database).
+fn reject_card_data(field: &str, value: Option<&str>) -> Result<()> {
+    if value.is_some_and(payments::contains_card_number) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "card_data_rejected",
+            format!("{field} looks like a card number; send your provider's token or reference, never card data"),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
     let amount = req.amount.as_i64().ok_or_else(|| {
         ApiError::invalid("amount must be an integer number of minor units (e.g. 1050 for 10.50)")
@@ -117,6 +145,9 @@ fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
     };
     let reference = text("reference", req.reference, MAX_REFERENCE)?;
     let description = text("description", req.description, MAX_DESCRIPTION)?;
+    for (name, v) in [("reference", &reference), ("description", &description)] {
+        reject_card_data(name, v.as_deref())?;
+    }
     // The canonical form: field order and spelling fixed, so equal requests hash equally.
     let canonical = serde_json::json!([
         amount.minor_units(),
@@ -195,6 +226,7 @@ pub async fn create_payment(
             "the Idempotency-Key header is required",
         )
     })?;
+    reject_card_data("Idempotency-Key", Some(&key))?;
     let key = IdempotencyKey::parse(&key).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -37,6 +37,39 @@ pub struct ApiConfig {
     pub publish_timeout: Duration,
     /// Served at `GET /topology` when set.
     pub topology: Option<serde_json::Value>,
+    /// Requests per merchant; `None` disables the limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket per merchant: `per_second` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// Token buckets by merchant id.
+#[derive(Default)]
+pub struct Buckets {
+    map: Mutex<HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl Buckets {
+    /// Takes one token for `merchant`, or says in how many whole seconds one is back.
+    pub fn take(&self, merchant: &str, limit: RateLimit) -> Result<(), u32> {
+        let now = std::time::Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = map.entry(merchant.to_owned()).or_insert((limit.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * limit.per_second).min(limit.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / limit.per_second).ceil().max(1.0) as u32)
+        }
+    }
 }
 
 impl ApiConfig {
@@ -48,6 +81,10 @@ impl ApiConfig {
             max_body_bytes: 16 * 1024,
             publish_timeout: Duration::from_secs(5),
             topology: None,
+            rate_limit: Some(RateLimit {
+                per_second: 5000.0,
+                burst: 10_000.0,
+            }),
         }
     }
 }
@@ -85,6 +122,7 @@ pub struct ApiState {
     pub producer: FutureProducer,
     pub pool: Pool,
     pub recent: Mutex<RecentKeys>,
+    pub buckets: Buckets,
 }
 
 impl ApiState {
@@ -94,6 +132,7 @@ impl ApiState {
             producer,
             pool,
             recent: Mutex::new(RecentKeys::default()),
+            buckets: Buckets::default(),
         })
     }
 }

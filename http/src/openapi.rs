@@ -46,6 +46,10 @@ pub fn document() -> Value {
             "503",
             "a dependency is unavailable (`unavailable`); retry after `Retry-After`",
         ),
+        (
+            "429",
+            "over the merchant's rate limit (`rate_limited`); retry after `Retry-After`",
+        ),
     ];
     json!({
         "openapi": "3.0.3",
@@ -63,11 +67,11 @@ pub fn document() -> Value {
                     "parameters": [{ "name": "Idempotency-Key", "in": "header", "required": true, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
                     "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreatePayment" } } } },
                     "responses": with(errors(&[
-                        ("400", "invalid body or Idempotency-Key (`invalid_json`, `invalid_request`, `missing_idempotency_key`, `invalid_idempotency_key`)"),
+                        ("400", "invalid body or Idempotency-Key (`invalid_json`, `invalid_request`, `missing_idempotency_key`, `invalid_idempotency_key`, `card_data_rejected`)"),
                         ("413", "body over 16 KiB (`payload_too_large`)"),
                         ("415", "not JSON (`unsupported_media_type`)"),
                         ("422", "the Idempotency-Key was used with another body (`idempotency_key_reused`)"),
-                        auth_errors[0], auth_errors[1],
+                        auth_errors[0], auth_errors[1], auth_errors[2],
                     ]), ("202", json_body("Accepted", "accepted; the same key and body replay this answer"))),
                 },
                 "get": {
@@ -80,16 +84,16 @@ pub fn document() -> Value {
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
                         { "name": "cursor", "in": "query", "schema": { "type": "string" } }
                     ],
-                    "responses": with(errors(&[("400", "invalid filter or cursor (`invalid_request`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("PaymentList", "a page"))),
+                    "responses": with(errors(&[("400", "invalid filter or cursor (`invalid_request`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("PaymentList", "a page"))),
                 }
             },
             "/v1/payments/{id}": { "get": {
                 "operationId": "getPayment", "summary": "A payment's current state", "parameters": [id_param.clone()],
-                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("Payment", "the payment"))),
+                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("Payment", "the payment"))),
             }},
             "/v1/payments/{id}/events": { "get": {
                 "operationId": "getPaymentEvents", "summary": "A payment's history, in order", "parameters": [id_param.clone()],
-                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1]]), ("200", json_body("History", "the events"))),
+                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("History", "the events"))),
             }},
             "/v1/payments/{id}/cancel": { "post": {
                 "operationId": "cancelPayment", "summary": "Ask to cancel a payment (NEW: at once; PROCESSING: when the provider confirms)",
@@ -98,7 +102,7 @@ pub fn document() -> Value {
                     ("400", "invalid Idempotency-Key (`invalid_idempotency_key`)"),
                     ("404", "no such payment for this merchant (`payment_not_found`)"),
                     ("409", "the payment is already terminal (`already_terminal`)"),
-                    auth_errors[0], auth_errors[1],
+                    auth_errors[0], auth_errors[1], auth_errors[2],
                 ]), ("202", json_body("CancelAccepted", "cancel requested"))),
             }},
             "/v1/callbacks/{provider}": { "post": {

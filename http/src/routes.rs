@@ -346,4 +346,65 @@ mod tests {
             .await;
         assert_eq!(res.status(), 404);
     }
+
+    #[tokio::test]
+    async fn merchants_are_rate_limited_with_retry_after() {
+        let mut s = state();
+        if let Some(st) = Arc::get_mut(&mut s) {
+            st.cfg.rate_limit = Some(crate::RateLimit {
+                per_second: 0.5,
+                burst: 2.0,
+            });
+            st.cfg.merchants = vec![crate::auth::MerchantKey::from_plain("acme", "sk").unwrap()];
+        }
+        let routes = routes(s);
+        let get = || {
+            warp::test::request()
+                .path("/v1/payments/pay_0123456789abcdef0123456789abcdef")
+                .header("authorization", "Bearer sk")
+        };
+        for _ in 0..2 {
+            assert_ne!(get().reply(&routes).await.status(), 429);
+        }
+        let res = get().reply(&routes).await;
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()["retry-after"], "2");
+        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited");
+    }
+
+    #[tokio::test]
+    async fn card_numbers_are_refused() {
+        let mut s = state();
+        if let Some(st) = Arc::get_mut(&mut s) {
+            st.cfg.merchants = vec![crate::auth::MerchantKey::from_plain("acme", "sk").unwrap()];
+        }
+        let routes = routes(s);
+        for (key, body) in [
+            (
+                "k1",
+                r#"{"amount": 100, "currency": "EUR", "reference": "4111 1111 1111 1111"}"#,
+            ),
+            (
+                "k2",
+                r#"{"amount": 100, "currency": "EUR", "description": "card 5500-0055-5555-5559"}"#,
+            ),
+            ("4111111111111111", r#"{"amount": 100, "currency": "EUR"}"#),
+        ] {
+            let res = warp::test::request()
+                .method("POST")
+                .path("/v1/payments")
+                .header("authorization", "Bearer sk")
+                .header("idempotency-key", key)
+                .body(body)
+                .reply(&routes)
+                .await;
+            let v: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+            assert_eq!(
+                (res.status().as_u16(), v["error"]["code"].as_str()),
+                (400, Some("card_data_rejected")),
+                "{body}"
+            );
+        }
+    }
 }

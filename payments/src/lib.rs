@@ -90,3 +90,87 @@ pub fn external_text(s: &str, max_chars: usize) -> String {
         .take(max_chars)
         .collect()
 }
+
+/// Whether `s` holds something that looks like a card number (PAN): 13 to 19 digits,
+/// optionally grouped by single spaces or dashes, passing the Luhn check. The gateway
+/// deals in provider tokens and references; card data must never enter it.
+pub fn contains_card_number(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        // A run of digits with single separators between them.
+        let mut digits = Vec::new();
+        let mut j = i;
+        while j < bytes.len() {
+            if bytes[j].is_ascii_digit() {
+                digits.push(bytes[j] - b'0');
+                j += 1;
+            } else if (bytes[j] == b' ' || bytes[j] == b'-')
+                && bytes.get(j + 1).is_some_and(u8::is_ascii_digit)
+            {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if (13..=19).contains(&digits.len()) && luhn(&digits) {
+            return true;
+        }
+        i = j.max(i + 1);
+    }
+    false
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+#[cfg(test)]
+mod card_tests {
+    use super::contains_card_number;
+
+    #[test]
+    fn card_numbers_are_recognised() {
+        for pan in [
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "order for 5500005555555559 ok",
+            "378282246310005",
+        ] {
+            assert!(contains_card_number(pan), "{pan}");
+        }
+        for fine in [
+            "4111111111111112",
+            "order-2024-000001",
+            "12345",
+            "",
+            "ref 1234 5678",
+            "2024-11-26",
+        ] {
+            assert!(!contains_card_number(fine), "{fine}");
+        }
+    }
+}

@@ -136,6 +136,7 @@ impl Stack {
             merchants,
             webhook_secrets: secrets,
             max_body_bytes: 16 * 1024,
+            rate_limit_per_second: 5000.0,
         };
         let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
         let mut sim_cfg = opts.sim.clone();
