@@ -139,7 +139,7 @@ pub async fn start_api(
     cfg.merchants = opts.merchants;
     cfg.webhook_secrets = opts.webhook_secrets;
     cfg.max_body_bytes = opts.max_body_bytes;
-    cfg.rate_limit = (opts.rate_limit_per_second > 0.0).then(|| gateway_http::RateLimit {
+    cfg.rate_limit = (opts.rate_limit_per_second > 0.0).then_some(gateway_http::RateLimit {
         per_second: opts.rate_limit_per_second,
         burst: opts.rate_limit_per_second * 2.0,
     });
