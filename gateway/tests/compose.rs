@@ -1,0 +1,94 @@
+//! The compose check (scripts/check_compose.py) passes on docker-compose.yml and fails,
+//! naming each problem, on a deliberately broken copy.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Python that has PyYAML (the one on PATH, or Debian's, which docker-compose brings).
+fn python() -> String {
+    for p in ["python3", "/usr/bin/python3"] {
+        if Command::new(p)
+            .args(["-c", "import yaml"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return p.to_owned();
+        }
+    }
+    panic!("no python3 with PyYAML: apt-get install docker-compose (brings python3-yaml)");
+}
+
+fn check(compose: &Path) -> (bool, String) {
+    let gateway = PathBuf::from(env!("CARGO_BIN_EXE_gateway"));
+    let sim = gateway.with_file_name("provider-sim");
+    assert!(
+        sim.exists(),
+        "{} is not built: cargo build -p simulator",
+        sim.display()
+    );
+    let out = Command::new(python())
+        .arg(repo().join("scripts/check_compose.py"))
+        .arg(compose)
+        .arg("--gateway-bin")
+        .arg(&gateway)
+        .arg("--sim-bin")
+        .arg(&sim)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(2), "a tool is missing: {text}");
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_compose_file_passes_the_check() {
+    let (ok, text) = check(&repo().join("docker-compose.yml"));
+    assert!(ok, "{text}");
+    println!("{}", text.trim());
+}
+
+#[test]
+fn a_broken_compose_file_fails_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let broken = original
+        .replace(
+            "image: prom/prometheus:v2.54.1",
+            "image: prom/prometheus:latest",
+        )
+        .replace(
+            "      PROVIDER_URL: http://provider-sim:9090",
+            "      PROVIDER_URL: http://provider-sim:9999\n      PROVIDR_URL: x",
+        )
+        .replace("ports: [\"127.0.0.1:3000:3000\"]", "ports: [\"3000:3000\"]")
+        .replace(
+            "depends_on: [prometheus]",
+            "depends_on: [prometheus, grafana-db]",
+        );
+    assert_ne!(broken, original);
+    std::fs::write(dir.path().join("docker-compose.yml"), broken).unwrap();
+    std::fs::copy(repo().join("Dockerfile"), dir.path().join("Dockerfile")).unwrap();
+    for sub in ["prometheus", "grafana/provisioning/datasources"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(repo().join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let (ok, text) = check(&dir.path().join("docker-compose.yml"));
+    assert!(!ok, "the broken copy passed: {text}");
+    for expected in [
+        "image `prom/prometheus:latest` is not pinned",
+        "environment variable PROVIDR_URL is not read by gateway",
+        "`provider-sim:9999` but service `provider-sim` exposes ['9090']",
+        "port 3000:3000 must be bound to 127.0.0.1",
+        "docker-compose config rejects the file",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
