@@ -1,0 +1,386 @@
+//! `payctl`: a command-line client of the payment gateway's API.
+//!
+//! `create`, `get`, `watch` (follow a payment until it is terminal), `list`, and `load`
+//! (N payments at a target rate, with progress, a summary of throughput, latency
+//! percentiles and final statuses, and a check that none was lost).
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(name = "payctl", about = "Command-line client of the payment gateway")]
+struct Cli {
+    /// Base URL of the API.
+    #[arg(
+        long,
+        env = "PAYCTL_API",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    api: String,
+    /// The merchant's API key.
+    #[arg(
+        long,
+        env = "PAYCTL_KEY",
+        default_value = "sk_test_demo",
+        global = true
+    )]
+    key: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a payment (amounts in minor units; the simulator's magic endings apply).
+    Create {
+        #[arg(long)]
+        amount: i64,
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Idempotency-Key (default: a new random one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Show a payment.
+    Get { id: String },
+    /// Follow a payment until it is terminal, printing each change.
+    Watch {
+        id: String,
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// List payments, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Send N payments and check that every accepted one reaches a terminal state.
+    Load {
+        #[arg(long, default_value_t = 500)]
+        payments: usize,
+        /// Payments per second; 0 = as fast as `--concurrency` clients go.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// How long to wait for terminal states after the last request.
+        #[arg(long, default_value_t = 180)]
+        timeout_s: u64,
+        /// `mixed` cycles through the simulator's outcomes; `approve` approves all.
+        #[arg(long, default_value = "mixed")]
+        amounts: String,
+    },
+}
+
+struct Api {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+        let res = req
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let status = res.status().as_u16();
+        let body = res.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        amount: i64,
+        currency: &str,
+        reference: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let body = json!({ "amount": amount, "currency": currency, "reference": reference });
+        self.call(
+            self.http
+                .post(format!("{}/v1/payments", self.base))
+                .header("Idempotency-Key", key)
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn get(&self, id: &str) -> anyhow::Result<(u16, Value)> {
+        self.call(self.http.get(format!("{}/v1/payments/{id}", self.base)))
+            .await
+    }
+}
+
+fn ok(status: u16, body: &Value) -> anyhow::Result<()> {
+    if status >= 400 {
+        bail!(
+            "{status} {}: {}",
+            body["error"]["code"].as_str().unwrap_or("error"),
+            body["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn terminal(status: &str) -> bool {
+    matches!(status, "COMPLETED" | "FAILED" | "CANCELED")
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let api = Api {
+        base: cli.api.trim_end_matches('/').to_owned(),
+        key: cli.key,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default(),
+    };
+    if let Err(e) = run(&api, cli.cmd).await {
+        eprintln!("payctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Create {
+            amount,
+            currency,
+            idempotency_key,
+            reference,
+        } => {
+            let key = idempotency_key
+                .unwrap_or_else(|| format!("payctl-{}", uuid::Uuid::new_v4().simple()));
+            let (s, b) = api
+                .create(&key, amount, &currency, reference.as_deref())
+                .await?;
+            ok(s, &b)?;
+            println!("{}", serde_json::to_string_pretty(&b)?);
+        }
+        Cmd::Get { id } => {
+            let (s, b) = api.get(&id).await?;
+            ok(s, &b)?;
+            println!("{}", serde_json::to_string_pretty(&b)?);
+        }
+        Cmd::Watch { id, timeout_s } => watch(api, &id, Duration::from_secs(timeout_s)).await?,
+        Cmd::List { status, limit } => {
+            let mut q = vec![("limit", limit.to_string())];
+            if let Some(s) = status {
+                q.push(("status", s));
+            }
+            let (s, b) = api
+                .call(api.http.get(format!("{}/v1/payments", api.base)).query(&q))
+                .await?;
+            ok(s, &b)?;
+            for p in b["data"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<10}  {:>12} {}  {}",
+                    p["id"].as_str().unwrap_or(""),
+                    p["status"].as_str().unwrap_or(""),
+                    p["amount"],
+                    p["currency"].as_str().unwrap_or(""),
+                    p["created_at"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Cmd::Load {
+            payments,
+            rate,
+            concurrency,
+            timeout_s,
+            amounts,
+        } => {
+            load(
+                api,
+                payments,
+                rate,
+                concurrency,
+                Duration::from_secs(timeout_s),
+                &amounts,
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+async fn watch(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let (s, b) = api.get(id).await?;
+        if s != 404 {
+            ok(s, &b)?;
+            let status = b["status"].as_str().unwrap_or("").to_owned();
+            if status != last {
+                println!("{}  {status}", b["updated_at"].as_str().unwrap_or(""));
+                last = status.clone();
+            }
+            if terminal(&status) {
+                let (_, h) = api
+                    .call(
+                        api.http
+                            .get(format!("{}/v1/payments/{id}/events", api.base)),
+                    )
+                    .await?;
+                for e in h["events"].as_array().into_iter().flatten() {
+                    println!(
+                        "  #{} {} {}",
+                        e["seq"],
+                        e["occurred_at"].as_str().unwrap_or(""),
+                        e["type"].as_str().unwrap_or("")
+                    );
+                }
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{id} is still {last} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn load(
+    api: &Api,
+    n: usize,
+    rate: u64,
+    concurrency: usize,
+    timeout: Duration,
+    amounts: &str,
+) -> anyhow::Result<()> {
+    let endings: &[i64] = match amounts {
+        "mixed" => &[0, 1, 2, 3, 4, 5, 6, 9],
+        "approve" => &[0],
+        other => bail!("--amounts {other:?}: use mixed or approve"),
+    };
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(Option<String>, Instant, f64, u16)> = stream::iter(0..n)
+        .map(|i| {
+            let sent = &sent;
+            let run = &run;
+            async move {
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until((started + iv * i as u32).into()).await;
+                }
+                let at = Instant::now();
+                let amount = 1000
+                    + (i as i64 / endings.len() as i64 % 90) * 100
+                    + endings[i % endings.len()];
+                let r = api
+                    .create(&format!("load-{run}-{i}"), amount, "EUR", None)
+                    .await;
+                let ms = at.elapsed().as_secs_f64() * 1000.0;
+                let done = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if done % 50 == 0 || done == n {
+                    eprint!("\rsent {done}/{n}");
+                    let _ = std::io::stderr().flush();
+                }
+                match r {
+                    Ok((202, b)) => (b["id"].as_str().map(str::to_owned), at, ms, 202),
+                    Ok((s, _)) => (None, at, ms, s),
+                    Err(_) => (None, at, ms, 0),
+                }
+            }
+        })
+        .buffer_unordered(if rate == 0 {
+            concurrency
+        } else {
+            concurrency.max(1024)
+        })
+        .collect()
+        .await;
+    eprintln!();
+    let accepted: Vec<(String, Instant)> = results
+        .iter()
+        .filter_map(|r| r.0.clone().map(|id| (id, r.1)))
+        .collect();
+    let mut refused: BTreeMap<u16, usize> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.3 != 202) {
+        *refused.entry(r.3).or_default() += 1;
+    }
+
+    // Follow every accepted payment until it is terminal (or the timeout).
+    let mut open: HashMap<String, Instant> = accepted.iter().cloned().collect();
+    let mut finished: HashMap<String, (String, f64)> = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    while !open.is_empty() && Instant::now() < deadline {
+        let ids: Vec<String> = open.keys().cloned().collect();
+        let polled: Vec<(String, Option<String>)> = stream::iter(ids)
+            .map(|id| async move {
+                let s = api
+                    .get(&id)
+                    .await
+                    .ok()
+                    .and_then(|(_, b)| b["status"].as_str().map(str::to_owned));
+                (id, s)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (id, status) in polled {
+            if let Some(s) = status.filter(|s| terminal(s)) {
+                if let Some(at) = open.remove(&id) {
+                    finished.insert(id, (s, at.elapsed().as_secs_f64() * 1000.0));
+                }
+            }
+        }
+        eprint!("\rterminal {}/{}", finished.len(), accepted.len());
+        let _ = std::io::stderr().flush();
+        if !open.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!();
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut post: Vec<f64> = results.iter().map(|r| r.2).collect();
+    post.sort_by(f64::total_cmp);
+    let mut e2e: Vec<f64> = finished.values().map(|v| v.1).collect();
+    e2e.sort_by(f64::total_cmp);
+    let count = |s: &str| finished.values().filter(|v| v.0 == s).count();
+    let lost = open.len();
+    println!(
+        "load: payments={n} accepted={} terminal={} lost={lost} completed={} failed={} canceled={} refused={refused:?} throughput={:.0}/s post_p50_ms={:.1} post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0}",
+        accepted.len(),
+        finished.len(),
+        count("COMPLETED"),
+        count("FAILED"),
+        count("CANCELED"),
+        finished.len() as f64 / elapsed,
+        pct(&post, 0.5),
+        pct(&post, 0.99),
+        pct(&e2e, 0.5),
+        pct(&e2e, 0.99),
+    );
+    if lost > 0 {
+        bail!("{lost} accepted payments did not reach a terminal state within {timeout:?}");
+    }
+    if accepted.len() < n {
+        bail!("{} of {n} requests were not accepted", n - accepted.len());
+    }
+    Ok(())
+}
