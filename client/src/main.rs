@@ -296,7 +296,7 @@ async fn load(
                     .await;
                 let ms = at.elapsed().as_secs_f64() * 1000.0;
                 let done = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                if done % 50 == 0 || done == n {
+                if done.is_multiple_of(50) || done == n {
                     eprint!("\rsent {done}/{n}");
                     let _ = std::io::stderr().flush();
                 }
