@@ -863,3 +863,47 @@ async fn a_worker_whose_state_was_lost_refuses_to_diverge() {
     let err = format!("{:#}", stack.stop_worker().await.unwrap_err());
     assert!(err.contains("behind the group's committed offset"), "{err}");
 }
+
+/// The README's worked example: a processor added by editing `config/topology.toml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_amount_limit_configured_in_the_topology_fails_payments_over_it() {
+    let opts = StackOptions {
+        topology_edits: vec![(
+            "params = { max_minor_units = 100000000 }".into(),
+            "params = { max_minor_units = 100000000, per_currency = { JPY = 5000 } }".into(),
+        )],
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let over = api.create("jpy-over", 6000, "JPY").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let under = api.create("jpy-under", 4000, "JPY").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = api
+        .wait_for_status(&over, &["FAILED"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.body["failure_code"], "amount_limit_exceeded",
+        "{}",
+        r.body
+    );
+    api.wait_for_status(&under, &["COMPLETED"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        stack
+            .sim
+            .ledger()
+            .charges
+            .iter()
+            .all(|c| c.reference != over),
+        "a refused payment never reaches the provider"
+    );
+    stack.shutdown().await.unwrap();
+}

@@ -34,6 +34,8 @@ pub struct StackOptions {
     pub policy: String,
     pub api_listen: SocketAddr,
     pub sim_listen: SocketAddr,
+    /// Further `(from, to)` text replacements in `config/topology.toml`.
+    pub topology_edits: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -46,6 +48,7 @@ impl Default for StackOptions {
             policy: "reply_timeout_ms = 1500, webhook_timeout_ms = 4000, max_attempts = 3, backoff_base_ms = 50, backoff_max_ms = 400, status_poll_max_ms = 3000".into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            topology_edits: vec![],
         }
     }
 }
@@ -106,6 +109,14 @@ impl Stack {
                 &format!("application_id = \"app-{suffix}\""),
             )
             .replace(SHIPPED_POLICY, &opts.policy);
+        let mut text = text;
+        for (from, to) in &opts.topology_edits {
+            anyhow::ensure!(
+                text.contains(from.as_str()),
+                "topology edit: {from:?} is not in config/topology.toml"
+            );
+            text = text.replace(from.as_str(), to);
+        }
         let topology = Arc::new(topology::compile_str(&text)?);
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
