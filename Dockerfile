@@ -1,5 +1,5 @@
-# One image for every gateway role (`gateway api|worker|sink|all`) and the provider
-# simulator. Multi-stage: dependencies are built in their own cached layer, the runtime
+# One image for every gateway role (`gateway api|worker|sink|all`), the provider
+# simulator and the test client (`payctl`). Multi-stage: dependencies are built in their own cached layer, the runtime
 # image is small and runs as a non-root user.
 
 FROM rust:1.95-bookworm AS build
@@ -14,17 +14,19 @@ COPY http/Cargo.toml http/
 COPY gateway/Cargo.toml gateway/
 COPY simulator/Cargo.toml simulator/
 COPY testkit/Cargo.toml testkit/
-RUN for c in payments stores topology sinks http gateway simulator testkit; do \
+COPY client/Cargo.toml client/
+RUN for c in payments stores topology sinks http gateway simulator testkit client; do \
       mkdir -p $c/src && echo "" > $c/src/lib.rs; done \
  && echo "fn main() {}" > gateway/src/main.rs \
  && echo "fn main() {}" > simulator/src/main.rs \
+ && echo "fn main() {}" > client/src/main.rs && echo "" > client/src/ui.html \
  && mkdir -p testkit/src/bin && echo "fn main() {}" > testkit/src/bin/local-stack.rs \
  && echo "fn main() {}" > testkit/src/bin/bench.rs \
  && mkdir -p sinks/migrations && touch sinks/migrations/0001_projection.sql \
- && cargo build --release --locked -p gateway -p simulator
+ && cargo build --release --locked -p gateway -p simulator -p payment-client
 COPY . .
-RUN touch */src/lib.rs gateway/src/main.rs simulator/src/main.rs \
- && cargo build --release --locked -p gateway -p simulator
+RUN touch */src/lib.rs gateway/src/main.rs simulator/src/main.rs client/src/main.rs \
+ && cargo build --release --locked -p gateway -p simulator -p payment-client
 
 FROM debian:bookworm-20241016-slim AS runtime
 RUN apt-get update \
@@ -33,7 +35,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --create-home --home-dir /app gateway \
  && mkdir -p /var/lib/gateway && chown gateway /var/lib/gateway
 WORKDIR /app
-COPY --from=build /src/target/release/gateway /src/target/release/provider-sim /usr/local/bin/
+COPY --from=build /src/target/release/gateway /src/target/release/provider-sim /src/target/release/payctl /usr/local/bin/
 COPY config /app/config
 USER gateway
 ENV RUST_LOG=info STATE_DIR=/var/lib/gateway

@@ -9,7 +9,7 @@
   Grafana datasources names a compose service and a port that service `expose`s;
 - every published port is bound to 127.0.0.1.
 
-Usage: check_compose.py COMPOSE_FILE --gateway-bin PATH --sim-bin PATH
+Usage: check_compose.py COMPOSE_FILE --gateway-bin PATH --sim-bin PATH --payctl-bin PATH
 Prints each problem and exits 1 if there are any; exits 2 if a tool is missing.
 """
 
@@ -48,6 +48,7 @@ def main():
     ap.add_argument("compose")
     ap.add_argument("--gateway-bin", required=True)
     ap.add_argument("--sim-bin", required=True)
+    ap.add_argument("--payctl-bin", required=True)
     a = ap.parse_args()
     root = os.path.dirname(os.path.abspath(a.compose))
     problems = []
@@ -67,6 +68,8 @@ def main():
 
     gateway_env = env_vars_of(a.gateway_bin, [[], ["api"], ["worker"], ["sink"], ["all"]]) | {"RUST_LOG"}
     sim_env = env_vars_of(a.sim_bin, [[]]) | {"RUST_LOG"}
+    payctl_env = env_vars_of(a.payctl_bin, [[], ["ui"], ["load"]]) | {"RUST_LOG"}
+    binaries = {"provider-sim": ("provider-sim", sim_env), "payctl": ("payctl", payctl_env)}
 
     def check_target(where, text):
         for host, port in HOSTPORT.findall(text):
@@ -90,10 +93,10 @@ def main():
         is_gateway = "build" in s or (image or "").startswith("payment-gateway")
         env = as_dict(s.get("environment"))
         if is_gateway:
-            known = sim_env if entry[:1] == ["provider-sim"] else gateway_env
+            binary, known = binaries.get((entry or ["gateway"])[0], ("gateway", gateway_env))
             for var in env:
                 if var not in known:
-                    problems.append(f"service `{name}`: environment variable {var} is not read by {'provider-sim' if known is sim_env else 'gateway'}")
+                    problems.append(f"service `{name}`: environment variable {var} is not read by {binary}")
         for var, value in env.items():
             check_target(f"service `{name}` {var}", value)
         hc = s.get("healthcheck", {}).get("test")

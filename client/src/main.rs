@@ -4,6 +4,8 @@
 //! (N payments at a target rate, with progress, a summary of throughput, latency
 //! percentiles and final statuses, and a check that none was lost).
 
+mod ui;
+
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt};
@@ -63,6 +65,23 @@ enum Cmd {
         status: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
+    },
+    /// Serve the web test client (it talks to the API through this server).
+    Ui {
+        #[arg(long, env = "PAYCTL_UI_LISTEN", default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        #[arg(
+            long,
+            env = "PAYCTL_GRAFANA_URL",
+            default_value = "http://127.0.0.1:3000"
+        )]
+        grafana_url: String,
+        #[arg(
+            long,
+            env = "PAYCTL_JAEGER_URL",
+            default_value = "http://127.0.0.1:16686"
+        )]
+        jaeger_url: String,
     },
     /// Send N payments and check that every accepted one reaches a terminal state.
     Load {
@@ -204,6 +223,11 @@ async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Ui {
+            listen,
+            grafana_url,
+            jaeger_url,
+        } => ui::serve(api.base.clone(), listen, &grafana_url, &jaeger_url).await?,
         Cmd::Load {
             payments,
             rate,

@@ -37,6 +37,8 @@ fn check(compose: &Path) -> (bool, String) {
         .arg(&gateway)
         .arg("--sim-bin")
         .arg(&sim)
+        .arg("--payctl-bin")
+        .arg(&payctl)
         .output()
         .unwrap();
     let text =

@@ -1,0 +1,85 @@
+//! The web test client: one page (`ui.html`), and `/api/*` forwarded to the gateway's API
+//! so the browser talks to a single origin.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use warp::http::{HeaderMap, Method, StatusCode};
+use warp::{Filter, Reply};
+
+const PAGE: &str = include_str!("ui.html");
+/// Request headers passed on to the API.
+const FORWARDED: &[&str] = &["authorization", "idempotency-key", "content-type"];
+
+/// Bodies up to 64 KiB; a request without Content-Length (a browser's GET) is fine.
+fn small_body() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(|len: Option<u64>| async move {
+            match len {
+                Some(n) if n > 64 * 1024 => Err(warp::reject::custom(TooLarge)),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+}
+
+#[derive(Debug)]
+struct TooLarge;
+impl warp::reject::Reject for TooLarge {}
+
+pub async fn serve(
+    api: String,
+    listen: SocketAddr,
+    grafana: &str,
+    jaeger: &str,
+) -> anyhow::Result<()> {
+    let page = PAGE
+        .replace("GRAFANA_URL", grafana.trim_end_matches('/'))
+        .replace("JAEGER_URL", jaeger.trim_end_matches('/'));
+    let index = warp::path::end().map(move || warp::reply::html(page.clone()));
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let proxy = warp::path("api")
+        .and(warp::path::tail())
+        .and(warp::method())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(small_body())
+        .and(warp::body::bytes())
+        .then(move |tail: warp::path::Tail, method: Method, headers: HeaderMap, query: String, body: Bytes| {
+            let http = http.clone();
+            let api = api.clone();
+            async move {
+                let mut url = format!("{api}/{}", tail.as_str());
+                if !query.is_empty() {
+                    url = format!("{url}?{query}");
+                }
+                let mut req = http.request(method, url).body(body);
+                for name in FORWARDED {
+                    if let Some(v) = headers.get(*name) {
+                        req = req.header(*name, v);
+                    }
+                }
+                match req.send().await {
+                    Ok(res) => {
+                        let status = res.status();
+                        let body = res.bytes().await.unwrap_or_default();
+                        warp::reply::with_status(
+                            warp::reply::with_header(body.to_vec(), "content-type", "application/json"),
+                            status,
+                        )
+                        .into_response()
+                    }
+                    Err(e) => warp::reply::with_status(
+                        warp::reply::json(&serde_json::json!({"error": {"code": "unavailable", "message": format!("API unreachable: {e}")}})),
+                        StatusCode::BAD_GATEWAY,
+                    )
+                    .into_response(),
+                }
+            }
+        });
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("web test client on http://{}", listener.local_addr()?);
+    warp::serve(index.or(proxy)).incoming(listener).run().await;
+    Ok(())
+}
