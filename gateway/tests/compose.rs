@@ -25,11 +25,14 @@ fn python() -> String {
 fn check(compose: &Path) -> (bool, String) {
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_gateway"));
     let sim = gateway.with_file_name("provider-sim");
-    assert!(
-        sim.exists(),
-        "{} is not built: cargo build -p simulator",
-        sim.display()
-    );
+    let payctl = gateway.with_file_name("payctl");
+    for (bin, package) in [(&sim, "simulator"), (&payctl, "payment-client")] {
+        assert!(
+            bin.exists(),
+            "{} is not built: cargo build -p {package}",
+            bin.display()
+        );
+    }
     let out = Command::new(python())
         .arg(repo().join("scripts/check_compose.py"))
         .arg(compose)
