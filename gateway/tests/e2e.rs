@@ -907,3 +907,43 @@ async fn an_amount_limit_configured_in_the_topology_fails_payments_over_it() {
     );
     stack.shutdown().await.unwrap();
 }
+
+/// Two workers in one consumer group on one state directory: partitions (and their
+/// stores) move between them on every join and leave, and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_move_between_two_workers_without_loss() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let endings = [0, 1, 2, 3, 5, 9];
+    let batch = |from: usize| -> Vec<(String, i64)> {
+        (from..from + 150)
+            .map(|i| (format!("two-{i}"), 8000 + i as i64 * 100 + endings[i % 6]))
+            .collect()
+    };
+    let mut created = create_many(&api, batch(0), 16).await;
+    let second = stack.spawn_extra_worker(); // joins: partitions are split
+    created.extend(create_many(&api, batch(150), 16).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(second.is_running(), "the second worker stopped");
+    second.stop().await.unwrap(); // leaves: its partitions come back
+    created.extend(create_many(&api, batch(300), 16).await);
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    for (key, amount, r) in &created {
+        let id = r.body["id"].as_str().unwrap();
+        assert_eq!(statuses[id], expected_status(*amount), "{key}");
+    }
+    check_ledger(&stack, &statuses);
+    let (events, records) = check_history_matches_topic(&stack).await;
+    println!(
+        "e2e: two workers: payments={} events={events} topic_records={records}",
+        ids.len()
+    );
+    stack.shutdown().await.unwrap();
+}

@@ -231,6 +231,21 @@ impl Stack {
         Ok(())
     }
 
+    /// Another in-process worker in the same consumer group, on the same state directory
+    /// (partitions, and their stores, move between the two on rebalances).
+    pub fn spawn_extra_worker(&self) -> ExtraWorker {
+        let (stop, _) = broadcast::channel(1);
+        let common = self.common.clone();
+        let opts = WorkerOptions {
+            state_dir: self.state_dir.path().join("stores"),
+            provider_url: format!("http://{}", self.sim_addr),
+            provider_timeout: self.opts.provider_timeout,
+        };
+        let until = wait_for(&stop);
+        let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
+        ExtraWorker { stop, join }
+    }
+
     /// Stops the worker: gracefully in-process, or with SIGKILL for a child process.
     pub async fn stop_worker(&mut self) -> anyhow::Result<()> {
         match self.worker.take() {
@@ -274,6 +289,22 @@ impl Stack {
             s.await??;
         }
         Ok(())
+    }
+}
+
+pub struct ExtraWorker {
+    stop: broadcast::Sender<()>,
+    join: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ExtraWorker {
+    pub fn is_running(&self) -> bool {
+        !self.join.is_finished()
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.join.await?
     }
 }
 

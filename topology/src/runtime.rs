@@ -66,9 +66,19 @@ impl WorkerSettings {
     }
 }
 
-/// Logs rebalances and exports consumer lag from librdkafka's statistics.
+/// The running tasks by `(topic, partition)`, shared with the rebalance callback.
+type Tasks = Arc<std::sync::Mutex<HashMap<(String, i32), TaskHandle>>>;
+
+fn lock(tasks: &Tasks) -> std::sync::MutexGuard<'_, HashMap<(String, i32), TaskHandle>> {
+    // A poisoned lock only means a panic elsewhere; the map itself is intact.
+    tasks.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops the tasks of revoked partitions before the group moves them, exports consumer
+/// lag from librdkafka's statistics, and logs rebalances.
 pub struct WorkerContext {
     group: String,
+    tasks: Tasks,
 }
 
 impl ClientContext for WorkerContext {
@@ -87,8 +97,36 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// On revoke, each task of a revoked partition drains what it was given, flushes its
+    /// store, publishes its outbox, stores its offset and closes its store — all before
+    /// the group hands the partition (and, on a shared state directory, the store) to
+    /// another worker.
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance starting");
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let stopping: Vec<TaskHandle> = {
+            let mut tasks = lock(&self.tasks);
+            tpl.elements()
+                .iter()
+                .filter_map(|e| tasks.remove(&(e.topic().to_owned(), e.partition())))
+                .collect()
+        };
+        if stopping.is_empty() {
+            return;
+        }
+        let n = stopping.len();
+        let joins: Vec<JoinHandle<()>> = stopping
+            .into_iter()
+            .map(|h| {
+                drop(h.tx);
+                h.join
+            })
+            .collect();
+        // Called from the consumer's poll on a runtime thread: wait without stalling it.
+        tokio::task::block_in_place(|| futures::executor::block_on(join_all(joins)));
+        tracing::info!(group = %self.group, tasks = n, "tasks of revoked partitions stopped");
     }
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance done");
@@ -152,6 +190,7 @@ pub async fn run_worker(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = topo.application_id.clone();
+    let tasks: Tasks = Arc::default();
     let mut cfg = client_config(&settings.brokers, &[]);
     cfg.set("group.id", &group)
         .set("enable.auto.commit", "true")
@@ -169,6 +208,7 @@ pub async fn run_worker(
     let consumer: Arc<WorkerConsumer> = Arc::new(
         cfg.create_with_context(WorkerContext {
             group: group.clone(),
+            tasks: tasks.clone(),
         })
         .context("creating the Kafka consumer")?,
     );
@@ -188,7 +228,6 @@ pub async fn run_worker(
     tracing::info!(%group, ?topics, guarantee = ?topo.processing_guarantee, "worker started");
 
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
-    let mut tasks: HashMap<(String, i32), TaskHandle> = HashMap::new();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -215,16 +254,20 @@ pub async fn run_worker(
                 };
                 drop(m);
                 let key = (raw.topic.clone(), raw.partition);
-                if !tasks.contains_key(&key) {
-                    match spawn_task(&topo, &settings, &key.0, key.1, consumer.clone(), producer.clone(), dispatcher.clone(), fail_tx.clone()) {
-                        Ok(handle) => {
-                            tasks.insert(key.clone(), handle);
+                let tx = {
+                    let mut map = lock(&tasks);
+                    if !map.contains_key(&key) {
+                        match spawn_task(&topo, &settings, &key.0, key.1, consumer.clone(), producer.clone(), dispatcher.clone(), fail_tx.clone()) {
+                            Ok(handle) => {
+                                map.insert(key.clone(), handle);
+                            }
+                            Err(e) => break Err(e),
                         }
-                        Err(e) => break Err(e),
                     }
-                }
-                if let Some(h) = tasks.get(&key) {
-                    if h.tx.send(raw).await.is_err() {
+                    map.get(&key).map(|h| h.tx.clone())
+                };
+                if let Some(tx) = tx {
+                    if tx.send(raw).await.is_err() {
                         // The task has stopped; its error arrives on `fail_rx`.
                         match fail_rx.recv().await {
                             Some(e) => break Err(e),
@@ -236,8 +279,9 @@ pub async fn run_worker(
         }
     };
     // Stop every task (dropping its sender), let each flush and publish, then commit.
-    let joins: Vec<_> = tasks
-        .into_values()
+    let remaining: Vec<TaskHandle> = lock(&tasks).drain().map(|(_, h)| h).collect();
+    let joins: Vec<_> = remaining
+        .into_iter()
         .map(|h| {
             drop(h.tx);
             h.join
@@ -267,7 +311,7 @@ fn spawn_task(
     dispatcher: Dispatcher,
     fail: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<TaskHandle> {
-    let store = PartitionStore::open(&settings.state_dir, &topo.application_id, topic, partition)?;
+    let store = open_store(settings, &topo.application_id, topic, partition)?;
     let task = Task::open(topo, store, topic, partition)?;
     ensure_store_is_current(&consumer, topic, partition, task.next_offset())?;
     tracing::info!(topic, partition, checkpoint = ?task.next_offset(), "task started");
@@ -282,6 +326,27 @@ fn spawn_task(
         }
     });
     Ok(TaskHandle { tx, join })
+}
+
+/// Opens a partition's store, waiting up to 30 s for a previous owner (another worker on
+/// the same state directory) to release it.
+fn open_store(
+    settings: &WorkerSettings,
+    app: &str,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<PartitionStore> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match PartitionStore::open(&settings.state_dir, app, topic, partition) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, topic, partition, "store busy; retrying");
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(100)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Refuses a local store that is behind what the group has committed for its partition:
