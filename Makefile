@@ -29,9 +29,11 @@ fmt:
 	$(CARGO) fmt --all
 
 # The whole gateway locally: mock-cluster Kafka, throwaway PostgreSQL, provider
-# simulator, API (127.0.0.1:8080), worker and sink. Ctrl-C stops it.
+# simulator, API (127.0.0.1:8080), worker, sink and the web test client
+# (127.0.0.1:8090). Ctrl-C stops it.
 local-stack:
-	$(CARGO) run --locked -p testkit --bin local-stack -- $(ARGS)
+	$(CARGO) build --locked -p testkit -p payment-client --bins
+	target/debug/local-stack $(ARGS)
 
 # Pipeline throughput and latency beside the machine's raw Kafka and PostgreSQL limits.
 # ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop).
