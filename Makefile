@@ -6,7 +6,7 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit build fmt local-stack bench
+.PHONY: test fmt-check clippy unit build fmt local-stack bench fuzz
 
 test: fmt-check clippy unit
 
@@ -39,3 +39,8 @@ local-stack:
 # ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop).
 bench:
 	$(CARGO) run --release --locked -p testkit --bin bench -- $(ARGS)
+
+# Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on
+# a local stack; prints "fuzz: cases=N server_errors=E schema_violations=S".
+fuzz:
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-150} bash scripts/fuzz.sh

@@ -387,15 +387,15 @@ pub async fn list_payments(
             .filter(|l| (1..=100).contains(l))
             .ok_or_else(|| ApiError::invalid("limit must be an integer from 1 to 100"))?,
     };
-    if q.reference
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > MAX_REFERENCE)
-    {
-        return Err(ApiError::invalid(format!(
-            "reference must be at most {MAX_REFERENCE} characters"
-        )));
+    if let Some(r) = &q.reference {
+        if r.chars().count() > MAX_REFERENCE || r.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "reference must be at most {MAX_REFERENCE} characters, without control characters"
+            )));
+        }
     }
-    let after = match q.cursor.as_deref() {
+    // An empty cursor is no cursor (a client passing back a null `next_cursor`).
+    let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         None => None,
         Some(c) => Some(
             decode_cursor(c)

@@ -79,8 +79,8 @@ pub fn document() -> Value {
                     "summary": "The caller's payments, newest first",
                     "parameters": [
                         { "name": "status", "in": "query", "schema": { "$ref": "#/components/schemas/Status" } },
-                        { "name": "currency", "in": "query", "schema": { "type": "string", "pattern": "^[A-Z]{3}$" } },
-                        { "name": "reference", "in": "query", "schema": { "type": "string", "maxLength": 128 } },
+                        { "name": "currency", "in": "query", "schema": { "$ref": "#/components/schemas/Currency" } },
+                        { "name": "reference", "in": "query", "schema": { "type": "string", "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" } },
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
                         { "name": "cursor", "in": "query", "schema": { "type": "string" } }
                     ],
@@ -132,14 +132,15 @@ pub fn document() -> Value {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "the merchant's API key" } },
             "schemas": {
                 "Status": { "type": "string", "enum": ["NEW", "PROCESSING", "COMPLETED", "FAILED", "CANCELED"] },
+                "Currency": { "type": "string", "description": "active ISO 4217 code", "enum": payments::Currency::codes() },
                 "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
                 "CreatePayment": {
                     "type": "object", "additionalProperties": false, "required": ["amount", "currency"],
                     "properties": {
                         "amount": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "description": "minor units" },
-                        "currency": { "type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217" },
-                        "reference": { "type": "string", "maxLength": 128, "nullable": true },
-                        "description": { "type": "string", "maxLength": 512, "nullable": true }
+                        "currency": { "$ref": "#/components/schemas/Currency" },
+                        "reference": { "type": "string", "maxLength": 128, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" },
+                        "description": { "type": "string", "maxLength": 512, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }
                     }
                 },
                 "Accepted": {
@@ -176,4 +177,21 @@ pub fn document() -> Value {
             }
         }
     })
+}
+
+/// The methods the API serves at `path`, if the path is one of its routes.
+pub fn allowed_methods(path: &str) -> Option<Vec<&'static str>> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let methods: Vec<&'static str> = OPERATIONS
+        .iter()
+        .filter(|(_, template)| {
+            let t: Vec<&str> = template.trim_matches('/').split('/').collect();
+            t.len() == segments.len()
+                && t.iter()
+                    .zip(&segments)
+                    .all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
+        })
+        .map(|(m, _)| *m)
+        .collect();
+    (!methods.is_empty()).then_some(methods)
 }

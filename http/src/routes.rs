@@ -105,6 +105,38 @@ where
     Ok(buf.freeze())
 }
 
+/// A known path asked with a method it does not serve: 405 with `Allow` (RFC 9110).
+#[derive(Debug)]
+struct WrongMethod {
+    allow: String,
+}
+impl warp::reject::Reject for WrongMethod {}
+
+fn method_guard() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::full()
+        .and(warp::method())
+        .and_then(
+            |path: warp::path::FullPath, method: warp::http::Method| async move {
+                match crate::openapi::allowed_methods(path.as_str()) {
+                    Some(allowed)
+                        if !allowed
+                            .iter()
+                            .any(|m| m.eq_ignore_ascii_case(method.as_str())) =>
+                    {
+                        let allow = allowed
+                            .iter()
+                            .map(|m| m.to_uppercase())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        Err(warp::reject::custom(WrongMethod { allow }))
+                    }
+                    _ => Ok(()),
+                }
+            },
+        )
+        .untuple_one()
+}
+
 pub fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
@@ -211,7 +243,7 @@ pub fn routes(
                 .into_response(),
             });
 
-    create
+    let all = create
         .or(list)
         .unify()
         .or(get)
@@ -231,12 +263,27 @@ pub fn routes(
         .or(topology)
         .unify()
         .or(openapi)
-        .unify()
-        .recover(recover)
-        .unify()
+        .unify();
+    method_guard().and(all).recover(recover).unify()
 }
 
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
+    if let Some(w) = r.find::<WrongMethod>() {
+        let mut res = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this route serves {}", w.allow),
+        )
+        .into_response();
+        if let Ok(v) = w.allow.parse() {
+            res.headers_mut().insert("allow", v);
+        }
+        METRICS
+            .requests
+            .with_label_values(&["unmatched", "any", "405"])
+            .inc();
+        return Ok(res);
+    }
     let e = if r.is_not_found() {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -345,6 +392,13 @@ mod tests {
             .reply(&routes)
             .await;
         assert_eq!(res.status(), 404);
+        let res = warp::test::request()
+            .method("TRACE")
+            .path("/v1/payments")
+            .reply(&routes)
+            .await;
+        assert_eq!(res.status(), 405);
+        assert_eq!(res.headers()["allow"], "POST, GET");
     }
 
     #[tokio::test]

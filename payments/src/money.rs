@@ -69,6 +69,11 @@ const ISO_4217: &[&str] = &[
 ];
 
 impl Currency {
+    /// Every accepted code, sorted.
+    pub fn codes() -> &'static [&'static str] {
+        ISO_4217
+    }
+
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         if ISO_4217.binary_search(&s).is_err() {
             return Err(ParseError::new(

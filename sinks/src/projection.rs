@@ -49,6 +49,18 @@ pub struct Applied {
     pub event_times_ms: Vec<i64>,
 }
 
+impl Applied {
+    /// Adds another batch's counts to these.
+    pub fn absorb(&mut self, other: Applied) {
+        self.events += other.events;
+        self.payments_updated += other.payments_updated;
+        self.dead_letters += other.dead_letters;
+        self.webhooks += other.webhooks;
+        self.undecodable += other.undecodable;
+        self.event_times_ms.extend(other.event_times_ms);
+    }
+}
+
 pub async fn apply_batch(
     tx: &Transaction<'_>,
     topics: &Topics,

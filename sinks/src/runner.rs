@@ -126,12 +126,7 @@ async fn apply_one_by_one(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> A
         loop {
             match apply_once(pool, topics, one).await {
                 Ok(a) => {
-                    total.events += a.events;
-                    total.payments_updated += a.payments_updated;
-                    total.dead_letters += a.dead_letters;
-                    total.webhooks += a.webhooks;
-                    total.undecodable += a.undecodable;
-                    total.event_times_ms.extend(a.event_times_ms);
+                    total.absorb(a);
                     break;
                 }
                 Err(e) if is_data_error(&e) => {
@@ -177,22 +172,14 @@ async fn apply_once(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> anyhow:
 
 fn record_metrics(a: &Applied) {
     METRICS.batches.inc();
-    METRICS
-        .records
-        .with_label_values(&["event"])
-        .inc_by(a.events as u64);
-    METRICS
-        .records
-        .with_label_values(&["dead_letter"])
-        .inc_by(a.dead_letters as u64);
-    METRICS
-        .records
-        .with_label_values(&["webhook"])
-        .inc_by(a.webhooks as u64);
-    METRICS
-        .records
-        .with_label_values(&["undecodable"])
-        .inc_by(a.undecodable as u64);
+    for (kind, n) in [
+        ("event", a.events),
+        ("dead_letter", a.dead_letters),
+        ("webhook", a.webhooks),
+        ("undecodable", a.undecodable),
+    ] {
+        METRICS.records.with_label_values(&[kind]).inc_by(n as u64);
+    }
     let now = now_ms();
     for t in &a.event_times_ms {
         METRICS.lag.observe((now - t).max(0) as f64 / 1000.0);
