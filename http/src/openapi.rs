@@ -68,6 +68,7 @@ pub fn document() -> Value {
                     "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreatePayment" } } } },
                     "responses": with(errors(&[
                         ("400", "invalid body or Idempotency-Key (`invalid_json`, `invalid_request`, `missing_idempotency_key`, `invalid_idempotency_key`, `card_data_rejected`)"),
+                        ("408", "the body did not arrive within 10 s (`request_timeout`)"),
                         ("413", "body over 16 KiB (`payload_too_large`)"),
                         ("415", "not JSON (`unsupported_media_type`)"),
                         ("422", "the Idempotency-Key was used with another body (`idempotency_key_reused`)"),
@@ -118,6 +119,7 @@ pub fn document() -> Value {
                     ("400", "malformed webhook (`invalid_webhook`)"),
                     ("401", "bad, missing, stale or future signature (`invalid_signature`)"),
                     ("404", "unknown provider (`unknown_provider`)"),
+                    ("408", "the body did not arrive within 10 s (`request_timeout`)"),
                     ("413", "body over 64 KiB (`payload_too_large`)"),
                     ("503", "could not be queued; the provider should resend (`unavailable`)"),
                 ]), ("204", json!({ "description": "accepted (or an event type that needs no action)" }))),

@@ -72,6 +72,9 @@ fn limited_body(
         .then(move |len, body| collect_limited(len, body, max))
 }
 
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn collect_limited<S, B>(
     len: Option<u64>,
     body: S,
@@ -94,7 +97,22 @@ where
     }
     let mut body = std::pin::pin!(body);
     let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = body.next().await {
+    // A client that trickles its body does not hold a connection and a task for long.
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    loop {
+        let next = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                )
+            })?;
+        let Some(chunk) = next else { break };
         let chunk =
             chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
         if buf.len() as u64 + chunk.remaining() as u64 > max {
@@ -425,6 +443,69 @@ mod tests {
         assert_eq!(res.headers()["retry-after"], "2");
         let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
         assert_eq!(body["error"]["code"], "rate_limited");
+    }
+
+    /// Keys and card-like data never reach logs or metric labels, even at TRACE level.
+    #[tokio::test]
+    async fn secrets_and_card_data_are_not_logged() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let mut s = state();
+        if let Some(st) = Arc::get_mut(&mut s) {
+            st.cfg.merchants =
+                vec![crate::auth::MerchantKey::from_plain("acme", "sk_live_TOPSECRET").unwrap()];
+        }
+        let routes = routes(s);
+        let pan = "4111111111111111";
+        for key in ["sk_live_TOPSECRET", "sk_wrong_SECRET2"] {
+            warp::test::request()
+                .method("POST")
+                .path("/v1/payments")
+                .header("authorization", format!("Bearer {key}"))
+                .header("idempotency-key", "k1")
+                .body(format!(
+                    r#"{{"amount": 100, "currency": "EUR", "reference": "{pan}"}}"#
+                ))
+                .reply(&routes)
+                .await;
+        }
+        warp::test::request()
+            .method("POST")
+            .path("/v1/callbacks/sim")
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", "1")
+            .header("webhook-signature", "v1,AAAA")
+            .body(format!(r#"{{"data": {{"reference": "{pan}"}}}}"#))
+            .reply(&routes)
+            .await;
+        let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.contains("webhook refused"),
+            "logs were not captured: {logs}"
+        );
+        let metrics = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::gather())
+            .unwrap();
+        for secret in ["TOPSECRET", "SECRET2", pan] {
+            assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+            assert!(!metrics.contains(secret), "{secret} in the metrics");
+        }
     }
 
     #[tokio::test]
