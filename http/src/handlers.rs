@@ -308,6 +308,12 @@ fn command_id(s: &str) -> Result<CommandId> {
     CommandId::parse(s).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
+/// A projection read for one payment of the caller: unavailable store → 503, none → 404.
+fn found<T>(read: anyhow::Result<Option<T>>) -> Result<T> {
+    read.map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(ApiError::not_found)
+}
+
 fn parse_id(id: &str) -> Result<PaymentId> {
     // A malformed id cannot name a payment: same answer as a missing one.
     PaymentId::parse(id).map_err(|_| ApiError::not_found())
@@ -320,10 +326,8 @@ pub async fn get_payment(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let p = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)?;
+    let p =
+        found(sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string()).await)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::to_value(p).unwrap_or_default(),
@@ -337,10 +341,8 @@ pub async fn payment_events(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let events = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)?;
+    let events =
+        found(sinks::query::events(&state.pool, merchant.as_str(), &id.to_string()).await)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "id": id.to_string(), "events": events }),
@@ -434,10 +436,8 @@ pub async fn cancel_payment(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let p = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)?;
+    let p =
+        found(sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string()).await)?;
     if Status::parse(&p.status).is_some_and(Status::is_terminal) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -143,11 +143,23 @@ pub async fn serve(
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    spawn_server(routes::routes(state), addr, shutdown).await
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves `filter` until `shutdown`.
+async fn spawn_server<F>(
+    filter: F,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let routes = routes::routes(state);
     let handle = tokio::spawn(async move {
-        warp::serve(routes)
+        warp::serve(filter)
             .incoming(listener)
             .graceful(shutdown)
             .run()
@@ -164,8 +176,6 @@ pub async fn serve_ops(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     use warp::{Filter, Reply};
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
     let metrics = warp::path!("metrics").and(warp::get()).map(|| {
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&prometheus::gather())
@@ -178,13 +188,5 @@ pub async fn serve_ops(
         Some(t) => warp::reply::json(t).into_response(),
         None => warp::http::StatusCode::NOT_FOUND.into_response(),
     });
-    let routes = metrics.or(live).unify().or(topo).unify();
-    let handle = tokio::spawn(async move {
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(shutdown)
-            .run()
-            .await;
-    });
-    Ok((local, handle))
+    spawn_server(metrics.or(live).unify().or(topo).unify(), addr, shutdown).await
 }
