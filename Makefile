@@ -45,4 +45,4 @@ bench:
 # Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on
 # a local stack; prints "fuzz: cases=N server_errors=E schema_violations=S".
 fuzz:
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-150} bash scripts/fuzz.sh
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-600} bash scripts/fuzz.sh
