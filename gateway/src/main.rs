@@ -155,14 +155,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Api(a) => {
-            let (merchants, webhook_secrets) = gateway::load_merchants(&a.merchants)?;
-            let opts = ApiOptions {
-                listen: a.api_listen,
-                merchants,
-                webhook_secrets,
-                max_body_bytes: a.max_body_bytes,
-                rate_limit_per_second: a.rate_limit,
-            };
+            let opts = api_opts(a)?;
             let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
             handle.await?;
             Ok(())
@@ -194,14 +187,7 @@ async fn main() -> anyhow::Result<()> {
             worker,
             group_id,
         } => {
-            let (merchants, webhook_secrets) = gateway::load_merchants(&api.merchants)?;
-            let opts = ApiOptions {
-                listen: api.api_listen,
-                merchants,
-                webhook_secrets,
-                max_body_bytes: api.max_body_bytes,
-                rate_limit_per_second: api.rate_limit,
-            };
+            let opts = api_opts(api)?;
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
                 let mut rx = tx.subscribe();
@@ -233,6 +219,17 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn api_opts(a: ApiArgs) -> anyhow::Result<ApiOptions> {
+    let (merchants, webhook_secrets) = gateway::load_merchants(&a.merchants)?;
+    Ok(ApiOptions {
+        listen: a.api_listen,
+        merchants,
+        webhook_secrets,
+        max_body_bytes: a.max_body_bytes,
+        rate_limit_per_second: a.rate_limit,
+    })
 }
 
 fn worker_opts(w: WorkerArgs) -> WorkerOptions {
