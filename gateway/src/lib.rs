@@ -200,20 +200,6 @@ pub async fn rebuild_projection(common: &Common) -> anyhow::Result<sinks::runner
     .await
 }
 
-/// Logging: `RUST_LOG` filters (default `info`); `json` for machine-readable lines.
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,rdkafka=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -50,6 +50,13 @@ struct Cli {
     /// Log lines as JSON.
     #[arg(long, env = "GATEWAY_LOG_JSON", global = true)]
     log_json: bool,
+    /// OTLP/HTTP endpoint that receives spans (e.g. `http://jaeger:4318`); unset: spans
+    /// are not exported (log lines still carry trace ids).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans (default `gateway-<role>`).
+    #[arg(long, env = "OTEL_SERVICE_NAME", global = true)]
+    service_name: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -131,7 +138,25 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    gateway::init_logging(cli.log_json);
+    let role = match &cli.command {
+        Cmd::Api(_) => "api",
+        Cmd::Worker { .. } => "worker",
+        Cmd::Sink { .. } => "sink",
+        Cmd::All { .. } => "all",
+        _ => "cli",
+    };
+    let mut telemetry = telemetry::Config::from_env(&format!("gateway-{role}"), cli.log_json);
+    telemetry.otlp_endpoint = cli.otlp_endpoint.clone().filter(|e| !e.trim().is_empty());
+    if let Some(name) = &cli.service_name {
+        telemetry.service_name = name.clone();
+    }
+    telemetry::init(&telemetry)?;
+    let res = run(cli).await;
+    telemetry::shutdown();
+    res
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::HashKey { key } = &cli.command {
         println!("{}", gateway_http::auth::hash_key(key));
         return Ok(());

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::otlp::{Receiver, SpanRecord};
 use testkit::stack::{Stack, StackOptions, DEMO_KEY};
 
 fn repo() -> PathBuf {
@@ -160,9 +161,229 @@ fn dashboards() -> Vec<Value> {
     out
 }
 
+/// Sends spans of this test process to `receiver` (every role runs in-process here, so
+/// one exporter carries the API's, the worker's and the sink's spans).
+fn trace_to(receiver: &Receiver) {
+    let mut cfg = telemetry::Config::from_env("gateway-test", false);
+    cfg.otlp_endpoint = Some(receiver.endpoint.clone());
+    cfg.export_interval = Duration::from_millis(200);
+    cfg.logs = std::env::var_os("TEST_LOG").is_some();
+    telemetry::init(&cfg).unwrap();
+}
+
+fn flush_spans() {
+    tokio::task::block_in_place(telemetry::flush);
+}
+
+fn named<'a>(spans: &'a [SpanRecord], name_prefix: &str) -> Vec<&'a SpanRecord> {
+    spans
+        .iter()
+        .filter(|s| s.name.starts_with(name_prefix))
+        .collect()
+}
+
+fn process_spans<'a>(spans: &'a [SpanRecord], command: &str) -> Vec<&'a SpanRecord> {
+    spans
+        .iter()
+        .filter(|s| s.name.starts_with("process ") && s.attributes["command"] == command)
+        .collect()
+}
+
+/// A payment whose first charge attempt gets a 503, whose retry is answered "pending"
+/// and which completes by webhook: every span of it — API request, command produce,
+/// each processing step, both provider calls, event produce, projection writes — is in
+/// one trace, rooted at the API request, each with its parent in the trace; the
+/// webhook's own request (a trace of its own) is linked from the step that applied it.
+/// Returns the number of spans in the payment's trace.
+async fn one_trace_per_payment(stack: &Stack, receiver: &Receiver) -> usize {
+    let api = stack.client(DEMO_KEY);
+    let r = api.create("traced-1", 1010, "EUR").await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let pool = stack.pool().await.unwrap();
+    testkit::client::wait_all_terminal(&pool, std::slice::from_ref(&id), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let history = api.events(&id).await.unwrap();
+    let kinds: Vec<&str> = history.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"retry_scheduled") && kinds.last() == Some(&"completed"),
+        "the traced payment must go through a retry and complete: {kinds:?}"
+    );
+    let events = kinds.len();
+
+    // Spans arrive in export batches; wait until the trace is complete.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (trace, all) = loop {
+        flush_spans();
+        let all = receiver.spans();
+        let trace_id = all
+            .iter()
+            .find(|s| {
+                s.attributes.get("payment_id") == Some(&id)
+                    && s.attributes.get("command").map(String::as_str) == Some("create")
+            })
+            .map(|s| s.trace_id.clone());
+        if let Some(t) = trace_id {
+            let trace: Vec<SpanRecord> = all.iter().filter(|s| s.trace_id == t).cloned().collect();
+            let projected = named(&trace, &format!("{} project", stack.events_topic())).len();
+            if projected >= events && !process_spans(&trace, "webhook").is_empty() {
+                break (trace, all);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the payment's spans did not all arrive; received {} spans",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let by_id: std::collections::HashMap<&str, &SpanRecord> =
+        trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |s: &SpanRecord| by_id.get(s.parent_span_id.as_str()).copied();
+
+    // One root: the API request that created the payment.
+    let roots: Vec<&SpanRecord> = trace
+        .iter()
+        .filter(|s| s.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root span: {roots:#?}");
+    assert_eq!(roots[0].name, "POST /v1/payments");
+    assert_eq!(roots[0].attributes["http.response.status_code"], "202");
+    for s in &trace {
+        assert!(
+            s.parent_span_id.is_empty() || parent_of(s).is_some(),
+            "span {:?} has a parent outside the trace",
+            s.name
+        );
+    }
+    // API: request → command produce → processing of the create.
+    let produce = named(&trace, &format!("{} publish", stack.commands_topic()));
+    assert!(produce
+        .iter()
+        .any(|p| parent_of(p).is_some_and(|r| r.name == "POST /v1/payments")));
+    let creates = process_spans(&trace, "create");
+    assert_eq!(creates.len(), 1);
+    assert!(parent_of(creates[0]).is_some_and(|p| produce.iter().any(|q| q.span_id == p.span_id)));
+    assert_eq!(creates[0].attributes["transition"], "none->NEW");
+    // Two provider calls (the 503, then the pending retry), each a child of the step that
+    // decided it, each answered by a reply processed as its child.
+    let calls = named(&trace, "provider charge");
+    let attempts: HashSet<&str> = calls
+        .iter()
+        .map(|c| c.attributes["attempt"].as_str())
+        .collect();
+    assert_eq!(attempts, HashSet::from(["1", "2"]), "{calls:#?}");
+    let outcomes: HashSet<&str> = calls
+        .iter()
+        .map(|c| c.attributes["outcome"].as_str())
+        .collect();
+    assert!(
+        outcomes.contains("transient") && outcomes.contains("pending"),
+        "{outcomes:?}"
+    );
+    for c in &calls {
+        assert!(parent_of(c).is_some_and(|p| p.name.starts_with("process ")));
+    }
+    let replies = process_spans(&trace, "provider_reply");
+    assert!(replies.len() >= 2);
+    for r in &replies {
+        assert!(parent_of(r).is_some_and(|p| p.name == "provider charge"));
+    }
+    // The retry timer joined the payment's trace.
+    assert!(!process_spans(&trace, "timer").is_empty());
+    // The webhook: applied in the payment's trace, linked to its own request's trace.
+    let webhook = process_spans(&trace, "webhook");
+    assert!(webhook.iter().any(
+        |w| w.attributes.get("transition").map(String::as_str) == Some("PROCESSING->COMPLETED")
+    ));
+    let linked: Vec<&SpanRecord> = webhook
+        .iter()
+        .flat_map(|w| &w.links)
+        .filter_map(|(t, s)| all.iter().find(|x| &x.trace_id == t && &x.span_id == s))
+        .collect();
+    assert!(
+        !linked.is_empty(),
+        "the webhook step links its request: {webhook:#?}"
+    );
+    for l in &linked {
+        assert_ne!(l.trace_id, roots[0].trace_id);
+        let request = all
+            .iter()
+            .find(|x| x.trace_id == l.trace_id && x.parent_span_id.is_empty())
+            .unwrap();
+        assert_eq!(request.name, "POST /v1/callbacks/{provider}");
+    }
+    // Every event was published and projected in the trace: projection writes are
+    // children of the event's produce span.
+    let writes = named(&trace, &format!("{} project", stack.events_topic()));
+    assert!(writes.len() >= events, "a projection write per event");
+    for w in writes {
+        assert!(parent_of(w).is_some_and(|p| p.name.ends_with(" publish")));
+    }
+    if std::env::var_os("PRINT_TRACE").is_some() {
+        for s in &trace {
+            let parent = parent_of(s).map_or("-", |p| p.name.as_str());
+            println!(
+                "span {:<40} parent {:<40} {:?}",
+                s.name,
+                parent,
+                s.attributes.get("transition")
+            );
+        }
+    }
+    trace.len()
+}
+
+/// With the collector down (requests hang unanswered), payments complete as before:
+/// spans are dropped, the data path does not wait for the exporter.
+async fn collector_down_does_not_slow_payments(stack: &Stack, receiver: &Receiver) {
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let mut timings = Vec::new();
+    for (label, down) in [("up", false), ("down", true)] {
+        receiver.set_down(down);
+        let before = receiver.requests();
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let r = api
+                .create(&format!("collector-{label}-{i}"), 1000 + 100 * i, "EUR")
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202, "collector {label}: {}", r.body);
+            ids.push(r.body["id"].as_str().unwrap().to_owned());
+        }
+        testkit::client::wait_all_terminal(&pool, &ids, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("collector {label}: payments did not complete: {e}"));
+        timings.push(format!("{label}={:.2}s", started.elapsed().as_secs_f64()));
+        if down {
+            assert!(
+                receiver.requests() > before,
+                "the exporter must have tried the hanging collector"
+            );
+        }
+    }
+    receiver.set_down(false);
+    println!(
+        "traces: 40 payments to terminal with the collector {}",
+        timings.join(" ")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_panel_returns_data_and_every_rule_evaluates() {
+    let receiver = Receiver::start().await.unwrap();
+    trace_to(&receiver);
     let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let trace_spans = one_trace_per_payment(&stack, &receiver).await;
+    collector_down_does_not_slow_payments(&stack, &receiver).await;
     let prom = start_prometheus(&stack.api.to_string());
     let api = stack.client(DEMO_KEY);
     let http = reqwest::Client::new();
@@ -267,7 +488,7 @@ async fn every_panel_returns_data_and_every_rule_evaluates() {
         .collect();
     let valid = all.iter().filter(|r| r["health"] == "ok").count();
     println!(
-        "observability: panels={panels} panels_with_data={with_data} rules={} rules_valid={valid}",
+        "observability: panels={panels} panels_with_data={with_data} rules={} rules_valid={valid} trace_spans={trace_spans}",
         all.len()
     );
     assert!(empty.is_empty(), "panels without data: {empty:#?}");

@@ -16,6 +16,7 @@ use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use tracing::Instrument;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
@@ -177,13 +178,32 @@ fn created_body(id: &PaymentId, v: &ValidCreate) -> serde_json::Value {
     })
 }
 
+/// Publishes a command in a `produce` span (a child of the request's span) whose
+/// context travels in the record's `traceparent` header.
 async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
+    let span = tracing::info_span!(
+        "kafka.produce",
+        otel.name = %format_args!("{} publish", state.cfg.commands_topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.destination.name = %state.cfg.commands_topic,
+        payment_id = %cmd.payment_id,
+        command = cmd.body.kind(),
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = telemetry::adopt(&span, telemetry::current().as_deref(), &[]);
     let payload = payments::wire::encode_command(cmd);
     let key = cmd.payment_id.to_string();
-    let headers = OwnedHeaders::new().insert(Header {
+    let mut headers = OwnedHeaders::new().insert(Header {
         key: "content-type",
         value: Some(payments::wire::COMMAND_CONTENT_TYPE),
     });
+    if let Some(tp) = &traceparent {
+        headers = headers.insert(Header {
+            key: "traceparent",
+            value: Some(tp.as_str()),
+        });
+    }
     let record = FutureRecord::to(&state.cfg.commands_topic)
         .key(&key)
         .payload(&payload)
@@ -192,6 +212,7 @@ async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
         state.cfg.publish_timeout,
         state.producer.send(record, state.cfg.publish_timeout),
     )
+    .instrument(span)
     .await
     {
         Ok(Ok(_)) => Ok(()),
@@ -286,7 +307,7 @@ pub async fn create_payment(
             request_hash: valid.hash.clone(),
             reference: valid.reference.clone(),
             description: valid.description.clone(),
-            traceparent: None,
+            traceparent: telemetry::current(),
             screening: None,
         }),
     };

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
+use tracing::Instrument;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -40,16 +41,31 @@ static METRICS: LazyLock<HttpMetrics> = LazyLock::new(|| {
 
 /// Runs a handler, converts its error, and records the request under `route` (a template,
 /// never a concrete path: payment ids must not become label values).
+///
+/// Each request is a span (`<METHOD> <route>`); a `traceparent` sent by the client
+/// makes it part of the client's trace.
 async fn timed(
     route: &'static str,
     method: &'static str,
+    traceparent: Option<String>,
     f: impl Future<Output = handlers::Result<Response>>,
 ) -> Response {
     let started = Instant::now();
-    let res = match f.await {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.route = route,
+        http.request.method = method,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, traceparent.as_deref(), &[]);
+    let res = match f.instrument(span.clone()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    span.record("http.response.status_code", res.status().as_u16());
     let status = res.status().as_u16().to_string();
     METRICS
         .requests
@@ -155,6 +171,16 @@ fn method_guard() -> impl Filter<Extract = (), Error = Rejection> + Clone {
         .untuple_one()
 }
 
+/// The `traceparent` request header, if any and readable (a bad one is ignored, as W3C
+/// Trace Context asks).
+fn traceparent() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        h.get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
+}
+
 pub fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
@@ -169,10 +195,12 @@ pub fn routes(
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::header::optional::<String>("content-type"))
         .and(limited_body(max))
-        .then(|s, a, k, ct, b| {
+        .and(traceparent())
+        .then(|s, a, k, ct, b, tp| {
             timed(
                 "/v1/payments",
                 "POST",
+                tp,
                 handlers::create_payment(s, a, k, ct, b),
             )
         });
@@ -181,20 +209,31 @@ pub fn routes(
         .and(st.clone())
         .and(warp::query::<handlers::ListQuery>())
         .and(auth)
-        .then(|s, q, a| timed("/v1/payments", "GET", handlers::list_payments(s, q, a)));
+        .and(traceparent())
+        .then(|s, q, a, tp| timed("/v1/payments", "GET", tp, handlers::list_payments(s, q, a)));
     let get = warp::path!("v1" / "payments" / String)
         .and(warp::get())
         .and(st.clone())
         .and(auth)
-        .then(|id, s, a| timed("/v1/payments/{id}", "GET", handlers::get_payment(s, id, a)));
+        .and(traceparent())
+        .then(|id, s, a, tp| {
+            timed(
+                "/v1/payments/{id}",
+                "GET",
+                tp,
+                handlers::get_payment(s, id, a),
+            )
+        });
     let events = warp::path!("v1" / "payments" / String / "events")
         .and(warp::get())
         .and(st.clone())
         .and(auth)
-        .then(|id, s, a| {
+        .and(traceparent())
+        .then(|id, s, a, tp| {
             timed(
                 "/v1/payments/{id}/events",
                 "GET",
+                tp,
                 handlers::payment_events(s, id, a),
             )
         });
@@ -203,10 +242,12 @@ pub fn routes(
         .and(st.clone())
         .and(auth)
         .and(warp::header::optional::<String>("idempotency-key"))
-        .then(|id, s, a, k| {
+        .and(traceparent())
+        .then(|id, s, a, k, tp| {
             timed(
                 "/v1/payments/{id}/cancel",
                 "POST",
+                tp,
                 handlers::cancel_payment(s, id, a, k),
             )
         });
@@ -217,7 +258,8 @@ pub fn routes(
         .and(warp::header::optional::<String>("webhook-timestamp"))
         .and(warp::header::optional::<String>("webhook-signature"))
         .and(limited_body(64 * 1024))
-        .then(|p, s, id, ts, sig, b| {
+        .and(traceparent())
+        .then(|p, s, id, ts, sig, b, tp| {
             let h = WebhookHeaders {
                 id,
                 timestamp: ts,
@@ -226,18 +268,19 @@ pub fn routes(
             timed(
                 "/v1/callbacks/{provider}",
                 "POST",
+                tp,
                 handlers::callback(s, p, h, b),
             )
         });
     let live = warp::path!("health" / "live").and(warp::get()).then(|| {
-        timed("/health/live", "GET", async {
+        timed("/health/live", "GET", None, async {
             Ok(warp::reply::json(&serde_json::json!({"status": "live"})).into_response())
         })
     });
     let ready = warp::path!("health" / "ready")
         .and(warp::get())
         .and(st.clone())
-        .then(|s| timed("/health/ready", "GET", handlers::ready(s)));
+        .then(|s| timed("/health/ready", "GET", None, handlers::ready(s)));
     let metrics = warp::path!("metrics").and(warp::get()).map(|| {
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&prometheus::gather())

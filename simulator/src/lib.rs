@@ -115,6 +115,9 @@ pub enum Behaviour {
     AsyncSlow,
     /// The webhook is sent before the synchronous 202 answer, and twice.
     AsyncWebhookFirst,
+    /// 503 on the first attempt; the retry is answered pending, then a webhook
+    /// `charge.succeeded`.
+    ErrorOnceThenAsync,
 }
 
 impl Behaviour {
@@ -131,6 +134,7 @@ impl Behaviour {
     /// | 07 | pending, slow webhook (a window to cancel) |
     /// | 08 | 503 on every attempt |
     /// | 09 | webhook before the synchronous answer, delivered twice |
+    /// | 10 | 503 on the first attempt, then pending and webhook `charge.succeeded` |
     /// | other | the configured rates (default: approved) |
     pub fn for_amount(amount: i64) -> Option<Behaviour> {
         Some(match amount % 100 {
@@ -143,6 +147,7 @@ impl Behaviour {
             7 => Behaviour::AsyncSlow,
             8 => Behaviour::ErrorAlways,
             9 => Behaviour::AsyncWebhookFirst,
+            10 => Behaviour::ErrorOnceThenAsync,
             _ => return None,
         })
     }
@@ -349,7 +354,7 @@ impl Simulator {
                     ),
                     false,
                 ),
-                Behaviour::ErrorOnce if first => (
+                Behaviour::ErrorOnce | Behaviour::ErrorOnceThenAsync if first => (
                     None,
                     error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again"),
                     false,
@@ -383,7 +388,8 @@ impl Simulator {
                 Behaviour::AsyncSucceed
                 | Behaviour::AsyncFail
                 | Behaviour::AsyncSlow
-                | Behaviour::AsyncWebhookFirst => {
+                | Behaviour::AsyncWebhookFirst
+                | Behaviour::ErrorOnceThenAsync => {
                     let c = new_charge(ChargeStatus::Pending, None, None);
                     let a = (StatusCode::ACCEPTED, body_of(&c));
                     (Some(c), a, false)
@@ -394,9 +400,14 @@ impl Simulator {
                     (Some(c), a, false)
                 }
             };
+            let charged = charge.is_some();
             if let Some(c) = charge {
                 g.charges.insert(c.idempotency_key.clone(), c);
             }
+            let behaviour = match behaviour {
+                Behaviour::ErrorOnceThenAsync if charged => Behaviour::AsyncSucceed,
+                b => b,
+            };
             (answer, behaviour, hang)
         };
         let key = req.idempotency_key.clone();

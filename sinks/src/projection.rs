@@ -35,6 +35,8 @@ pub struct InRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The record's W3C `traceparent` header.
+    pub traceparent: Option<String>,
 }
 
 /// What a batch changed.

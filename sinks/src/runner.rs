@@ -16,6 +16,7 @@ use prometheus::{
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -87,7 +88,37 @@ fn to_record(m: &impl Message) -> InRecord {
         offset: m.offset(),
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
+        traceparent: m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        }),
     }
+}
+
+/// One `projection.write` span per traced record, children of the span that published
+/// it, open until the batch is committed.
+fn write_spans(batch: &[InRecord]) -> Vec<tracing::Span> {
+    batch
+        .iter()
+        .filter(|r| r.traceparent.is_some())
+        .map(|r| {
+            let span = tracing::info_span!(
+                "projection.write",
+                otel.name = %format_args!("{} project", r.topic),
+                otel.kind = "consumer",
+                db.system.name = "postgresql",
+                messaging.destination.name = %r.topic,
+                messaging.kafka.offset = r.offset,
+                payment_id = %String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::adopt(&span, r.traceparent.as_deref(), &[]);
+            span
+        })
+        .collect()
 }
 
 /// Applies one batch, retrying until PostgreSQL takes it. A batch that PostgreSQL
@@ -229,7 +260,9 @@ pub async fn run_sink(
                 Err(_) => break,
             }
         }
+        let spans = write_spans(&batch);
         let applied = apply_with_retry(&pool, &settings.topics, &batch).await;
+        drop(spans);
         record_metrics(&applied);
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
         for r in &batch {

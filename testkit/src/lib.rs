@@ -13,12 +13,15 @@
 
 pub mod client;
 pub mod kafka;
+pub mod otlp;
 pub mod pg;
 pub mod stack;
 
 /// Sets up logging once for a test process (only when `TEST_LOG` is set).
 pub fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
-        gateway::init_logging(false);
+        let mut cfg = telemetry::Config::from_env("gateway-test", false);
+        cfg.otlp_endpoint = None;
+        let _ = telemetry::init(&cfg);
     }
 }

@@ -184,6 +184,10 @@ impl Stack {
         self.common.commands_topic().unwrap_or_default()
     }
 
+    pub fn events_topic(&self) -> String {
+        self.common.events_topic.clone()
+    }
+
     pub fn start_worker(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.worker.is_none(), "a worker is already running");
         let provider_url = format!("http://{}", self.sim_addr);

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub errors: IntCounterVec,
     pub batch_seconds: Histogram,
+    pub restore_seconds: HistogramVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -101,6 +102,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "gateway_task_batch_seconds",
             "Time to process, persist and publish one batch of a task",
             vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+        )?,
+        restore_seconds: register_histogram_vec!(
+            "gateway_store_restore_seconds",
+            "Time from a partition's assignment until its store is open and verified current",
+            &["source"],
+            vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]
         )?,
     })
 }

@@ -129,6 +129,10 @@ pub struct Context<'a> {
     pub(crate) timers: Vec<TimerRequest>,
     pub(crate) now_ms: i64,
     pub(crate) processor_id: &'a str,
+    /// W3C trace context of the input record (its `traceparent` header).
+    pub(crate) trace_in: Option<&'a str>,
+    /// Trace context for what this step emits, set by the processor that traced it.
+    pub(crate) trace_out: Option<String>,
 }
 
 impl<'a> Context<'a> {
@@ -185,6 +189,18 @@ impl<'a> Context<'a> {
 
     pub fn processor_id(&self) -> &str {
         self.processor_id
+    }
+
+    /// The `traceparent` the input record arrived with (none for timers).
+    pub fn incoming_trace(&self) -> Option<&str> {
+        self.trace_in
+    }
+
+    /// Records published for this step carry `traceparent` in their headers.
+    pub fn set_outgoing_trace(&mut self, traceparent: Option<String>) {
+        if traceparent.is_some() {
+            self.trace_out = traceparent;
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct ProviderClient {
@@ -178,14 +179,31 @@ impl Dispatcher {
         }
     }
 
-    pub fn dispatch(&self, call: ProviderCall) {
+    /// Makes the call in a `provider.call` span (a child of the step that decided it);
+    /// the request and the reply command carry that span's `traceparent`.
+    pub fn dispatch(&self, mut call: ProviderCall) {
         let this = self.clone();
+        let span = tracing::info_span!(
+            "provider.call",
+            otel.name = %format_args!("provider {}", call.op.as_str()),
+            otel.kind = "client",
+            payment_id = %call.payment_id,
+            op = call.op.as_str(),
+            attempt = call.attempt,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(tp) = telemetry::adopt(&span, call.traceparent.as_deref(), &[]) {
+            call.traceparent = Some(tp);
+        }
+        let task_span = span.clone();
         tokio::spawn(async move {
             let Ok(_permit) = this.inflight.clone().acquire_owned().await else {
                 return;
             };
             let started = Instant::now();
             let outcome = this.client.call(&call).await;
+            span.record("outcome", outcome.label());
             let labels = [call.op.as_str(), outcome.label()];
             METRICS.provider_requests.with_label_values(&labels).inc();
             METRICS
@@ -194,7 +212,7 @@ impl Dispatcher {
                 .observe(started.elapsed().as_secs_f64());
             tracing::debug!(payment_id = %call.payment_id, op = call.op.as_str(), attempt = call.attempt, outcome = outcome.label(), "provider call");
             this.publish_reply(&call, outcome).await;
-        });
+        }.instrument(task_span));
     }
 
     async fn publish_reply(&self, call: &ProviderCall, outcome: ProviderOutcome) {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use stores::PartitionStore;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -311,10 +312,16 @@ fn spawn_task(
     dispatcher: Dispatcher,
     fail: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<TaskHandle> {
+    let started = Instant::now();
     let store = open_store(settings, &topo.application_id, topic, partition)?;
     let task = Task::open(topo, store, topic, partition)?;
     ensure_store_is_current(&consumer, topic, partition, task.next_offset())?;
-    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), "task started");
+    let restore = started.elapsed();
+    METRICS
+        .restore_seconds
+        .with_label_values(&["local"])
+        .observe(restore.as_secs_f64());
+    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), restore_ms = restore.as_millis() as u64, "task started");
     let (tx, rx) = mpsc::channel(settings.max_batch * 4);
     let settings = settings.clone();
     let join = tokio::spawn(async move {
@@ -477,6 +484,36 @@ async fn send_until_delivered(
     topic: String,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
+    mut headers: Vec<(String, Vec<u8>)>,
+) {
+    // A traced record is published in a `produce` span; its consumer continues from it.
+    let span = headers
+        .iter_mut()
+        .find(|(k, _)| k == "traceparent")
+        .and_then(|(_, tp)| {
+            let parent = String::from_utf8(tp.clone()).ok()?;
+            let span = tracing::info_span!(
+                "kafka.produce",
+                otel.name = %format_args!("{topic} publish"),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.destination.name = %topic,
+                trace_id = tracing::field::Empty,
+            );
+            *tp = telemetry::adopt(&span, Some(&parent), &[])?.into_bytes();
+            Some(span)
+        })
+        .unwrap_or_else(tracing::Span::none);
+    deliver(producer, &topic, key, payload, headers)
+        .instrument(span)
+        .await
+}
+
+async fn deliver(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
     headers: Vec<(String, Vec<u8>)>,
 ) {
     let mut delay = Duration::from_millis(100);
@@ -488,7 +525,7 @@ async fn send_until_delivered(
                 value: Some(v.as_slice()),
             });
         }
-        let mut record = FutureRecord::to(&topic).payload(&payload).headers(h);
+        let mut record = FutureRecord::to(topic).payload(&payload).headers(h);
         if let Some(k) = &key {
             record = record.key(k);
         }

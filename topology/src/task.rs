@@ -91,6 +91,10 @@ impl Graph {
 #[derive(Default)]
 struct Step {
     outbox: Vec<OutboxEntry>,
+    /// `traceparent` of the input record.
+    trace_in: Option<String>,
+    /// `traceparent` for the records this step publishes.
+    trace_out: Option<String>,
 }
 
 pub struct Task {
@@ -149,7 +153,14 @@ impl Task {
         }
         let offset = raw.offset;
         let mut ws = WriteSet::default();
-        let mut step = Step::default();
+        let mut step = Step {
+            trace_in: raw
+                .headers
+                .iter()
+                .find(|(k, _)| k == "traceparent")
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok()),
+            ..Step::default()
+        };
         self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
         self.stage_outbox(&mut ws, step);
         ws.set_next_offset(offset + 1);
@@ -204,6 +215,8 @@ impl Task {
                     timers: vec![],
                     now_ms,
                     processor_id: &id,
+                    trace_in: None,
+                    trace_out: None,
                 };
                 p.maintain(&mut ctx)?;
             }
@@ -279,9 +292,14 @@ impl Task {
             timers: vec![],
             now_ms,
             processor_id: &id,
+            trace_in: step.trace_in.as_deref(),
+            trace_out: None,
         };
         call(p.as_mut(), &mut ctx)?;
         let (out, timers) = (ctx.out, ctx.timers);
+        if ctx.trace_out.is_some() {
+            step.trace_out = ctx.trace_out;
+        }
         stage_timers(ws, node, timers);
         for rec in out {
             self.route(node, rec, ws, now_ms, step)?;
@@ -300,7 +318,8 @@ impl Task {
         match &mut self.graph.nodes[node].runtime {
             NodeRuntime::Source => self.route(node, record, ws, now_ms, step),
             NodeRuntime::KafkaSink { topic } => {
-                step.outbox.push(kafka_entry(topic, record));
+                let trace = step.trace_out.clone();
+                step.outbox.push(kafka_entry(topic, record, trace));
                 Ok(())
             }
             NodeRuntime::ProviderSink => {
@@ -365,8 +384,10 @@ fn stage_timers(ws: &mut WriteSet, node: usize, timers: Vec<crate::processor::Ti
     }
 }
 
-fn kafka_entry(topic: &str, record: Record) -> OutboxEntry {
-    let (key, payload, content_type, traceparent) = match record {
+/// The Kafka record for `record`; `trace` (the step's trace context) goes in its
+/// `traceparent` header unless the record names its own.
+fn kafka_entry(topic: &str, record: Record, trace: Option<String>) -> OutboxEntry {
+    let (key, payload, content_type, own_trace) = match record {
         Record::Event(e) => (
             Some(e.payment_id.to_string().into_bytes()),
             payments::wire::encode_event(&e),
@@ -399,7 +420,7 @@ fn kafka_entry(topic: &str, record: Record) -> OutboxEntry {
         ),
     };
     let mut headers = vec![("content-type".to_owned(), content_type.as_bytes().to_vec())];
-    if let Some(tp) = traceparent {
+    if let Some(tp) = own_trace.or(trace) {
         headers.push(("traceparent".to_owned(), tp.into_bytes()));
     }
     OutboxEntry::Kafka {

@@ -46,7 +46,7 @@ fn start_ui(api: SocketAddr, listen: SocketAddr) -> Option<std::process::Child> 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    gateway::init_logging(false);
+    telemetry::init(&telemetry::Config::from_env("gateway-local", false))?;
     let defaults = StackOptions::default();
     let opts = StackOptions {
         partitions: a.partitions,

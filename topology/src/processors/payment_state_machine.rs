@@ -76,9 +76,24 @@ impl PaymentStateMachine {
         cmd: &Command,
     ) -> Result<(), ProcessError> {
         let kind = cmd.body.kind();
-        let _span = tracing::debug_span!("command", payment_id = %cmd.payment_id, command = kind, command_id = %cmd.command_id).entered();
+        let span = tracing::info_span!(
+            "payment.process",
+            otel.name = %format_args!("process {kind}"),
+            otel.kind = "consumer",
+            payment_id = %cmd.payment_id,
+            command = kind,
+            command_id = %cmd.command_id,
+            transition = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let traceparent = trace_step(&span, state.as_ref(), cmd, ctx.incoming_trace());
+        ctx.set_outgoing_trace(traceparent.clone());
+        let _entered = span.enter();
+        let before = state.as_ref().map(|s| s.status);
         match decide(state.as_ref(), cmd, &self.policy) {
             Decision::Apply { events, effects } => {
+                span.record("decision", "apply");
                 let mut s = state;
                 for e in &events {
                     s = evolve(s, e);
@@ -100,6 +115,10 @@ impl PaymentStateMachine {
                     tracing::debug!(payment_id = %e.payment_id, seq = e.seq, event = e.body.kind(), "event");
                 }
                 let Some(s) = s else { return Ok(()) };
+                if before != Some(s.status) {
+                    let from = before.map_or("none", |b| b.as_str());
+                    span.record("transition", format_args!("{from}->{}", s.status.as_str()));
+                }
                 ctx.put(&self.state, &s.payment_id.key_bytes(), &s);
                 for e in events {
                     ctx.forward(Record::Event(e));
@@ -115,7 +134,7 @@ impl PaymentStateMachine {
                                 idempotency_key: payments::provider_idempotency_key(&s.payment_id),
                                 amount: s.amount.minor_units(),
                                 currency: s.currency.to_string(),
-                                traceparent: s.traceparent.clone(),
+                                traceparent: traceparent.clone(),
                             }))
                         }
                         Effect::Schedule { due_at_ms, kind } => {
@@ -131,15 +150,43 @@ impl PaymentStateMachine {
                 }
             }
             Decision::Ignore(why) => {
+                span.record("decision", "ignore");
                 METRICS.ignored.with_label_values(&[why.label()]).inc();
                 tracing::debug!(reason = why.label(), "command ignored");
             }
             Decision::Reject(r) => {
+                span.record("decision", "reject");
                 METRICS.rejected.with_label_values(&[r.code]).inc();
                 tracing::warn!(payment_id = %cmd.payment_id, command = kind, command_id = %cmd.command_id, code = r.code, message = %r.message, "command rejected");
             }
         }
         Ok(())
+    }
+}
+
+/// Places the processing span in the payment's trace: the trace context kept in its
+/// state (from the request that created it) is the parent, so retries, timers, webhooks
+/// and cancels join the same trace. An input from that trace (a provider reply) is the
+/// closer parent; an input from another trace (a webhook or cancel request) is linked.
+fn trace_step(
+    span: &tracing::Span,
+    state: Option<&PaymentState>,
+    cmd: &Command,
+    incoming: Option<&str>,
+) -> Option<String> {
+    let payment_trace = match (&cmd.body, state) {
+        (_, Some(s)) => s.traceparent.as_deref(),
+        (CommandBody::Create(c), None) => c.traceparent.as_deref(),
+        _ => None,
+    };
+    let same_trace = |a: &str, b: &str| {
+        telemetry::trace_id(a).is_some() && telemetry::trace_id(a) == telemetry::trace_id(b)
+    };
+    match (payment_trace, incoming) {
+        (Some(p), Some(i)) if same_trace(p, i) => telemetry::adopt(span, Some(i), &[]),
+        (Some(p), Some(i)) => telemetry::adopt(span, Some(p), &[i]),
+        (Some(p), None) => telemetry::adopt(span, Some(p), &[]),
+        (None, i) => telemetry::adopt(span, i, &[]),
     }
 }
 
