@@ -6,9 +6,9 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit build fmt local-stack bench fuzz
+.PHONY: test fmt-check clippy unit fuzz-short build fmt local-stack bench fuzz
 
-test: fmt-check clippy unit
+test: fmt-check clippy unit fuzz-short
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -23,6 +23,10 @@ unit:
 	$(CARGO) build --workspace --bins --locked
 	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) --nocapture 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+
+# A short contract fuzz of the API (the full one is `make fuzz`).
+fuzz-short:
+	FUZZ_EXAMPLES=$${FUZZ_SHORT_EXAMPLES:-25} bash scripts/fuzz.sh
 
 build:
 	$(CARGO) build --workspace --release --locked

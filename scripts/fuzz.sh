@@ -9,9 +9,11 @@ examples="${FUZZ_EXAMPLES:-100}"
 seed="${FUZZ_SEED:-1}"
 venv=target/fuzz-venv
 if [ ! -x "$venv/bin/st" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet "schemathesis==4.32.5"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || { echo "fuzz: python3 -m venv failed: install the Debian package python3-venv"; exit 1; }
+  "$venv/bin/pip" install --quiet "schemathesis==4.32.5" || { echo "fuzz: installing schemathesis from PyPI failed (network?)"; exit 1; }
 fi
+command -v curl >/dev/null || { echo "fuzz: curl not found: install the Debian package curl"; exit 1; }
 cargo build --locked -q -p testkit -p payment-client --bins
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=127.0.0.1:$(port); sim=127.0.0.1:$(port); ui=127.0.0.1:$(port)

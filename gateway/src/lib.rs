@@ -143,7 +143,6 @@ pub async fn start_api(
         per_second: opts.rate_limit_per_second,
         burst: opts.rate_limit_per_second * 2.0,
     });
-    cfg.topology = Some(common.topology.describe());
     let state = ApiState::new(cfg, producer, pool);
     let (addr, handle) = gateway_http::serve(state, opts.listen, shutdown).await?;
     tracing::info!(%addr, "API listening");

@@ -65,6 +65,10 @@ struct Cli {
 struct ApiArgs {
     #[arg(long = "listen", env = "API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
+    /// Operational endpoints (/metrics, /health/live, /topology), apart from the
+    /// merchant API.
+    #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9100")]
+    ops_listen: SocketAddr,
     /// Merchants (hashed API keys) and webhook secrets.
     #[arg(
         long,
@@ -180,9 +184,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Api(a) => {
+            let (_, ops) = gateway_http::serve_ops(
+                a.ops_listen,
+                Some(common.topology.describe()),
+                std::future::pending(),
+            )
+            .await?;
             let opts = api_opts(a)?;
             let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
             handle.await?;
+            ops.abort();
             Ok(())
         }
         Cmd::Worker { worker, ops_listen } => {
@@ -212,6 +223,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             worker,
             group_id,
         } => {
+            let (_, ops) = gateway_http::serve_ops(
+                api.ops_listen,
+                Some(common.topology.describe()),
+                std::future::pending(),
+            )
+            .await?;
             let opts = api_opts(api)?;
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
@@ -233,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let _ = tx.send(());
             let _ = api_handle.await;
+            ops.abort();
             res.map(|_| ())
         }
         Cmd::RebuildProjection => {

@@ -58,7 +58,7 @@ fn start_prometheus(target: &str) -> Prometheus {
     let config = shipped
         .replace("scrape_interval: 5s", "scrape_interval: 1s")
         .replace("evaluation_interval: 5s", "evaluation_interval: 1s")
-        .replace("\"api:8080\"", &format!("\"{target}\""))
+        .replace("\"api:9100\"", &format!("\"{target}\""))
         .replace("\"worker:9101\"", &format!("\"{target}\""))
         .replace("\"sink:9102\"", &format!("\"{target}\""))
         .replace(
@@ -384,7 +384,7 @@ async fn every_panel_returns_data_and_every_rule_evaluates() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let trace_spans = one_trace_per_payment(&stack, &receiver).await;
     collector_down_does_not_slow_payments(&stack, &receiver).await;
-    let prom = start_prometheus(&stack.api.to_string());
+    let prom = start_prometheus(&stack.ops.to_string());
     let api = stack.client(DEMO_KEY);
     let http = reqwest::Client::new();
 

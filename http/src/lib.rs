@@ -35,8 +35,6 @@ pub struct ApiConfig {
     pub max_body_bytes: u64,
     /// How long a create or cancel may wait for Kafka before answering 503.
     pub publish_timeout: Duration,
-    /// Served at `GET /topology` when set.
-    pub topology: Option<serde_json::Value>,
     /// Requests per merchant; `None` disables the limit.
     pub rate_limit: Option<RateLimit>,
 }
@@ -80,7 +78,6 @@ impl ApiConfig {
             commands_topic: commands_topic.to_owned(),
             max_body_bytes: 16 * 1024,
             publish_timeout: Duration::from_secs(5),
-            topology: None,
             rate_limit: Some(RateLimit {
                 per_second: 5000.0,
                 burst: 10_000.0,
@@ -168,8 +165,8 @@ where
     Ok((local, handle))
 }
 
-/// Operational endpoints for processes without the API (worker, sink): `/metrics`,
-/// `/health/live` and, for a worker, `/topology`.
+/// Operational endpoints of every role, on their own port, apart from the merchant API:
+/// `/metrics`, `/health/live` and, when the process knows its topology, `/topology`.
 pub async fn serve_ops(
     addr: SocketAddr,
     topology: Option<serde_json::Value>,

@@ -13,8 +13,6 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/callbacks/{provider}"),
     ("get", "/health/live"),
     ("get", "/health/ready"),
-    ("get", "/metrics"),
-    ("get", "/topology"),
     ("get", "/openapi.json"),
 ];
 
@@ -126,8 +124,6 @@ pub fn document() -> Value {
             }},
             "/health/live": { "get": { "operationId": "live", "security": [], "responses": { "200": { "description": "the process runs" } } } },
             "/health/ready": { "get": { "operationId": "ready", "security": [], "responses": with(errors(&[("503", "PostgreSQL or Kafka unreachable (`unavailable`)")]), ("200", json!({ "description": "ready" }))) } },
-            "/metrics": { "get": { "operationId": "metrics", "security": [], "responses": { "200": { "description": "Prometheus text format", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
-            "/topology": { "get": { "operationId": "topology", "security": [], "responses": { "200": { "description": "the compiled processor topology", "content": { "application/json": { "schema": { "type": "object" } } } }, "404": error_response("this process runs no topology (`not_found`)") } } },
             "/openapi.json": { "get": { "operationId": "openapi", "security": [], "responses": { "200": { "description": "this document", "content": { "application/json": { "schema": { "type": "object" } } } } } } }
         },
         "components": {

@@ -281,28 +281,9 @@ pub fn routes(
         .and(warp::get())
         .and(st.clone())
         .then(|s| timed("/health/ready", "GET", None, handlers::ready(s)));
-    let metrics = warp::path!("metrics").and(warp::get()).map(|| {
-        let text = prometheus::TextEncoder::new()
-            .encode_to_string(&prometheus::gather())
-            .unwrap_or_default();
-        warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
-    });
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| warp::reply::json(&crate::openapi::document()).into_response());
-    let topology =
-        warp::path!("topology")
-            .and(warp::get())
-            .and(st)
-            .map(|s: Arc<ApiState>| match &s.cfg.topology {
-                Some(t) => warp::reply::json(t).into_response(),
-                None => ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "this process runs no topology",
-                )
-                .into_response(),
-            });
 
     let all = create
         .or(list)
@@ -318,10 +299,6 @@ pub fn routes(
         .or(live)
         .unify()
         .or(ready)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(topology)
         .unify()
         .or(openapi)
         .unify();
@@ -398,7 +375,6 @@ mod tests {
             .unwrap();
         let pool = sinks::connect("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
         let mut cfg = ApiConfig::new("commands");
-        cfg.topology = Some(serde_json::json!({}));
         cfg.webhook_secrets
             .insert("sim".into(), vec![b"secret".to_vec()]);
         ApiState::new(cfg, producer, pool)
@@ -425,6 +401,19 @@ mod tests {
             .collect();
         declared.sort();
         assert_eq!(documented, declared);
+    }
+
+    #[tokio::test]
+    async fn operational_endpoints_are_not_on_the_merchant_port() {
+        let routes = routes(state());
+        for path in ["/metrics", "/topology"] {
+            let res = warp::test::request().path(path).reply(&routes).await;
+            assert_eq!(
+                res.status(),
+                404,
+                "{path} must be served on the ops port only"
+            );
+        }
     }
 
     #[tokio::test]

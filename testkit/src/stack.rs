@@ -66,6 +66,9 @@ pub struct Stack {
     pub database_url: String,
     pub common: Common,
     pub api: SocketAddr,
+    /// Operational endpoints (`/metrics`, `/health/live`, `/topology`) of the in-process
+    /// roles, which share one metrics registry.
+    pub ops: SocketAddr,
     pub sim: Simulator,
     pub sim_addr: SocketAddr,
     pub state_dir: tempfile::TempDir,
@@ -150,6 +153,12 @@ impl Stack {
             rate_limit_per_second: 5000.0,
         };
         let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
+        let (ops, _ops_join) = gateway_http::serve_ops(
+            "127.0.0.1:0".parse()?,
+            Some(common.topology.describe()),
+            wait_for(&shutdown),
+        )
+        .await?;
         let mut sim_cfg = opts.sim.clone();
         sim_cfg.webhook_url = Some(format!("http://{api}/v1/callbacks/sim"));
         sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
@@ -167,6 +176,7 @@ impl Stack {
             database_url,
             common,
             api,
+            ops,
             sim,
             sim_addr,
             state_dir,

@@ -66,8 +66,9 @@ async fn main() -> anyhow::Result<()> {
         None => "not started (build it: cargo build -p payment-client)".to_owned(),
     };
     println!(
-        "\nlocal stack ready\n  test client   {ui_line}\n  API           http://{api}   (Authorization: Bearer {DEMO_KEY} | {OTHER_KEY})\n  OpenAPI       http://{api}/openapi.json\n  metrics       http://{api}/metrics\n  topology      http://{api}/topology\n  provider sim  http://{sim}   (ledger: http://{sim}/ledger)\n  Kafka         {brokers}   (mock cluster; topics {cmd}, {evt}, {dlq})\n  PostgreSQL    {db}\n\ntry:\n  curl -s -X POST http://{api}/v1/payments -H 'Authorization: Bearer {DEMO_KEY}' \\\n    -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{{\"amount\": 1000, \"currency\": \"EUR\"}}'\n\nCtrl-C stops everything.",
+        "\nlocal stack ready\n  test client   {ui_line}\n  API           http://{api}   (Authorization: Bearer {DEMO_KEY} | {OTHER_KEY})\n  OpenAPI       http://{api}/openapi.json\n  metrics       http://{ops}/metrics\n  topology      http://{ops}/topology\n  provider sim  http://{sim}   (ledger: http://{sim}/ledger)\n  Kafka         {brokers}   (mock cluster; topics {cmd}, {evt}, {dlq})\n  PostgreSQL    {db}\n\ntry:\n  curl -s -X POST http://{api}/v1/payments -H 'Authorization: Bearer {DEMO_KEY}' \\\n    -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{{\"amount\": 1000, \"currency\": \"EUR\"}}'\n\nCtrl-C stops everything.",
         api = stack.api,
+        ops = stack.ops,
         sim = stack.sim_addr,
         brokers = stack.kafka.brokers(),
         cmd = stack.commands_topic(),
