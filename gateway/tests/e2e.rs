@@ -664,6 +664,12 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
         ),
         (Some("k10"), "".into(), 400, "invalid_json"),
         (Some("k12"), "[]".into(), 400, "invalid_request"),
+        (
+            Some("k13"),
+            r#"{"amount": 100, "currency": "EUR", "metadata": {"order": 7}}"#.into(),
+            400,
+            "invalid_request",
+        ),
     ];
     for (key, body, status, code) in &cases {
         let r = post(*key, body).await.unwrap();
@@ -678,6 +684,31 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+    // Metadata travels with the payment and comes back on reads; a replay with other
+    // metadata is a different request.
+    let meta = r#"{"amount": 1000, "currency": "EUR", "metadata": {"order_id": "A-17", "channel": "web"}}"#;
+    let created = post(Some("with-metadata"), meta).await.unwrap();
+    assert_eq!(created.status, 202, "{}", created.body);
+    assert_eq!(created.body["metadata"]["order_id"], "A-17");
+    let meta_id = created.body["id"].as_str().unwrap().to_owned();
+    let read = api
+        .wait_for_status(&meta_id, TERMINAL, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.body["metadata"],
+        serde_json::json!({"order_id": "A-17", "channel": "web"})
+    );
+    let changed = post(
+        Some("with-metadata"),
+        r#"{"amount": 1000, "currency": "EUR", "metadata": {"order_id": "A-18"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (changed.status, changed.code()),
+        (422, "idempotency_key_reused")
+    );
     // Authentication and isolation: another merchant's payment is a 404.
     let unauth = api
         .with_key("wrong")

@@ -15,6 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tracing::Instrument;
 use warp::http::StatusCode;
@@ -25,6 +26,10 @@ pub type Result<T> = std::result::Result<T, ApiError>;
 
 const MAX_REFERENCE: usize = 128;
 const MAX_DESCRIPTION: usize = 512;
+/// Metadata bounds: keys, key length (letters, digits, `_ - .`), value length.
+pub const MAX_METADATA_KEYS: usize = 20;
+pub const MAX_METADATA_KEY: usize = 40;
+pub const MAX_METADATA_VALUE: usize = 200;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -66,13 +71,26 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
             "the request body is empty; send a JSON object",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| (e.path().to_string(), e.into_inner()))
+        .and_then(|v| de.end().map(|()| v).map_err(|e| (String::new(), e)));
+    parsed.map_err(|(path, e)| {
         let code = if e.is_syntax() || e.is_eof() {
             "invalid_json"
         } else {
             "invalid_request"
         };
-        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
+        let at = if path == "." || path.is_empty() {
+            String::new()
+        } else {
+            format!(" (at `{path}`)")
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("request body{at}: {e}"),
+        )
     })
 }
 
@@ -104,6 +122,8 @@ struct CreateRequest {
     reference: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
 }
 
 /// A validated create request and its canonical hash.
@@ -112,7 +132,40 @@ struct ValidCreate {
     currency: Currency,
     reference: Option<String>,
     description: Option<String>,
+    metadata: BTreeMap<String, String>,
     hash: String,
+}
+
+/// Metadata: at most [`MAX_METADATA_KEYS`] pairs; keys of 1 to [`MAX_METADATA_KEY`]
+/// letters, digits, `_`, `-` or `.`; values of at most [`MAX_METADATA_VALUE`] characters
+/// without control characters or card numbers.
+fn validate_metadata(m: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    if m.len() > MAX_METADATA_KEYS {
+        return Err(ApiError::invalid(format!(
+            "metadata holds {} keys; at most {MAX_METADATA_KEYS} are allowed",
+            m.len()
+        )));
+    }
+    for (k, v) in &m {
+        reject_card_data("metadata key", Some(k))?;
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_METADATA_KEY
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !key_ok {
+            return Err(ApiError::invalid(format!(
+                "metadata key {:?} must be 1 to {MAX_METADATA_KEY} letters, digits, '_', '-' or '.'",
+                k.chars().take(MAX_METADATA_KEY + 1).collect::<String>()
+            )));
+        }
+        if v.chars().count() > MAX_METADATA_VALUE || v.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "metadata.{k} must be at most {MAX_METADATA_VALUE} characters, without control characters"
+            )));
+        }
+        reject_card_data(&format!("metadata.{k}"), Some(v))?;
+    }
+    Ok(m)
 }
 
 /// Card data must never enter the gateway (nor its logs, topics or database).
@@ -149,19 +202,25 @@ fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
     for (name, v) in [("reference", &reference), ("description", &description)] {
         reject_card_data(name, v.as_deref())?;
     }
-    // The canonical form: field order and spelling fixed, so equal requests hash equally.
-    let canonical = serde_json::json!([
+    let metadata = validate_metadata(req.metadata.unwrap_or_default())?;
+    // The canonical form: field order and spelling fixed, so equal requests hash equally
+    // (metadata, a sorted map, only when present).
+    let mut canonical = serde_json::json!([
         amount.minor_units(),
         currency.as_str(),
         reference,
         description
     ]);
+    if let (false, Some(fields)) = (metadata.is_empty(), canonical.as_array_mut()) {
+        fields.push(serde_json::json!(metadata));
+    }
     let hash = hex::encode(Sha256::digest(canonical.to_string().as_bytes()));
     Ok(ValidCreate {
         amount,
         currency,
         reference,
         description,
+        metadata,
         hash,
     })
 }
@@ -173,6 +232,7 @@ fn created_body(id: &PaymentId, v: &ValidCreate) -> serde_json::Value {
         "amount": v.amount.minor_units(),
         "currency": v.currency.as_str(),
         "reference": v.reference,
+        "metadata": v.metadata,
         "description": v.description,
         "links": { "self": format!("/v1/payments/{id}"), "events": format!("/v1/payments/{id}/events") },
     })
@@ -308,6 +368,7 @@ pub async fn create_payment(
             reference: valid.reference.clone(),
             description: valid.description.clone(),
             traceparent: telemetry::current(),
+            metadata: valid.metadata.clone(),
             screening: None,
         }),
     };

@@ -138,7 +138,8 @@ pub fn document() -> Value {
                         "amount": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "description": "minor units" },
                         "currency": { "$ref": "#/components/schemas/Currency" },
                         "reference": { "type": "string", "maxLength": 128, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" },
-                        "description": { "type": "string", "maxLength": 512, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }
+                        "description": { "type": "string", "maxLength": 512, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" },
+                        "metadata": { "type": "object", "maxProperties": 20, "propertyNames": { "pattern": "^[A-Za-z0-9_.-]{1,40}$" }, "additionalProperties": { "type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }, "description": "your key-value pairs (at most 20; keys up to 40 characters of letters, digits, _ - .; values up to 200 characters); never card data" }
                     }
                 },
                 "Accepted": {
@@ -147,6 +148,7 @@ pub fn document() -> Value {
                         "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" },
                         "amount": { "type": "integer" }, "currency": { "type": "string" },
                         "reference": { "type": "string", "nullable": true }, "description": { "type": "string", "nullable": true },
+                        "metadata": { "type": "object", "additionalProperties": { "type": "string" } },
                         "links": { "type": "object" }
                     }
                 },
@@ -156,6 +158,7 @@ pub fn document() -> Value {
                         "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" },
                         "amount": { "type": "integer" }, "currency": { "type": "string" },
                         "reference": { "type": "string", "nullable": true }, "description": { "type": "string", "nullable": true },
+                        "metadata": { "type": "object", "additionalProperties": { "type": "string" } },
                         "provider_reference": { "type": "string", "nullable": true },
                         "failure_code": { "type": "string", "nullable": true }, "failure_message": { "type": "string", "nullable": true },
                         "cancel_requested": { "type": "boolean" }, "stuck": { "type": "boolean" }, "attempts": { "type": "integer" },

@@ -477,9 +477,12 @@ mod tests {
         assert_eq!(body["error"]["code"], "rate_limited");
     }
 
-    /// Keys and card-like data never reach logs or metric labels, even at TRACE level.
+    /// Keys and card-like data never reach logs, spans or metric labels, even at TRACE
+    /// level.
     #[tokio::test]
     async fn secrets_and_card_data_are_not_logged() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
         #[derive(Clone, Default)]
         struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Buf {
@@ -493,10 +496,15 @@ mod tests {
         }
         let buf = Buf::default();
         let writer = buf.clone();
+        let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(spans.clone())
+            .build();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_writer(move || writer.clone())
-            .finish();
+            .finish()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let _guard = tracing::subscriber::set_default(subscriber);
         let mut s = state();
         if let Some(st) = Arc::get_mut(&mut s) {
@@ -511,8 +519,9 @@ mod tests {
                 .path("/v1/payments")
                 .header("authorization", format!("Bearer {key}"))
                 .header("idempotency-key", "k1")
+                .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
                 .body(format!(
-                    r#"{{"amount": 100, "currency": "EUR", "reference": "{pan}"}}"#
+                    r#"{{"amount": 100, "currency": "EUR", "reference": "{pan}", "metadata": {{"card": "{pan}"}}}}"#
                 ))
                 .reply(&routes)
                 .await;
@@ -534,9 +543,18 @@ mod tests {
         let metrics = prometheus::TextEncoder::new()
             .encode_to_string(&prometheus::gather())
             .unwrap();
+        let finished = spans.get_finished_spans().unwrap();
+        assert!(
+            finished.iter().any(
+                |s| s.span_context.trace_id().to_string() == "4bf92f3577b34da6a3ce929d0e0e4736"
+            ),
+            "spans were not captured: {finished:#?}"
+        );
+        let spans_text = format!("{finished:?}");
         for secret in ["TOPSECRET", "SECRET2", pan] {
             assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
             assert!(!metrics.contains(secret), "{secret} in the metrics");
+            assert!(!spans_text.contains(secret), "{secret} in the spans");
         }
     }
 
@@ -557,6 +575,14 @@ mod tests {
                 r#"{"amount": 100, "currency": "EUR", "description": "card 5500-0055-5555-5559"}"#,
             ),
             ("4111111111111111", r#"{"amount": 100, "currency": "EUR"}"#),
+            (
+                "k3",
+                r#"{"amount": 100, "currency": "EUR", "metadata": {"card": "4111-1111-1111-1111"}}"#,
+            ),
+            (
+                "k4",
+                r#"{"amount": 100, "currency": "EUR", "metadata": {"4111111111111111": "x"}}"#,
+            ),
         ] {
             let res = warp::test::request()
                 .method("POST")
@@ -571,6 +597,58 @@ mod tests {
                 (res.status().as_u16(), v["error"]["code"].as_str()),
                 (400, Some("card_data_rejected")),
                 "{body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn metadata_is_bounded() {
+        let mut s = state();
+        if let Some(st) = Arc::get_mut(&mut s) {
+            st.cfg.merchants = vec![crate::auth::MerchantKey::from_plain("acme", "sk").unwrap()];
+        }
+        let routes = routes(s);
+        let many: serde_json::Map<String, serde_json::Value> = (0..21)
+            .map(|i| (format!("k{i}"), serde_json::json!("v")))
+            .collect();
+        for (metadata, why) in [
+            (serde_json::json!(many), "21 keys"),
+            (
+                serde_json::json!({ "k".repeat(41): "v" }),
+                "41-character key",
+            ),
+            (serde_json::json!({ "": "v" }), "empty key"),
+            (serde_json::json!({ "a b": "v" }), "space in key"),
+            (
+                serde_json::json!({ "k": "v".repeat(201) }),
+                "201-character value",
+            ),
+            (
+                serde_json::json!({ "k": "line\nbreak" }),
+                "control character",
+            ),
+            (serde_json::json!({ "k": 1 }), "number value"),
+            (serde_json::json!(["k"]), "array"),
+        ] {
+            let res = warp::test::request()
+                .method("POST")
+                .path("/v1/payments")
+                .header("authorization", "Bearer sk")
+                .header("idempotency-key", "meta")
+                .json(
+                    &serde_json::json!({ "amount": 100, "currency": "EUR", "metadata": metadata }),
+                )
+                .reply(&routes)
+                .await;
+            let v: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+            assert_eq!(
+                (res.status().as_u16(), v["error"]["code"].as_str()),
+                (400, Some("invalid_request")),
+                "{why}: {v}"
+            );
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("metadata"),
+                "{why}: {v}"
             );
         }
     }

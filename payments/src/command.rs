@@ -6,6 +6,7 @@
 use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId};
 use crate::money::{Amount, Currency};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
@@ -65,6 +66,9 @@ pub struct CreatePayment {
     pub reference: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Merchant key-value pairs, bounded by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     /// W3C trace context of the request that created the payment.
     #[serde(default)]
     pub traceparent: Option<String>,

@@ -5,6 +5,7 @@ use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId};
 use crate::money::{Amount, Currency};
 use crate::Status;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -35,6 +36,8 @@ pub enum EventBody {
         reference: Option<String>,
         description: Option<String>,
         traceparent: Option<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        metadata: BTreeMap<String, String>,
     },
     ProcessingStarted,
     ChargeRequested {

@@ -16,6 +16,7 @@ use crate::ids::{IdempotencyKey, MerchantId, PaymentId};
 use crate::money::{Amount, Currency};
 use crate::Status;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Tunables of the machine; set per processor in `config/topology.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +107,10 @@ pub struct PaymentState {
     pub reference: Option<String>,
     pub description: Option<String>,
     pub traceparent: Option<String>,
+    /// Always encoded (the stores use a positional format); `default` reads projection
+    /// rows written before the field existed.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
     pub status: Status,
     /// Seq of the last event; the next one is `seq + 1`.
     pub seq: u64,
@@ -205,6 +210,7 @@ pub fn evolve(state: Option<PaymentState>, event: &Event) -> Option<PaymentState
                 reference,
                 description,
                 traceparent,
+                metadata,
             },
             None,
         ) => {
@@ -218,6 +224,7 @@ pub fn evolve(state: Option<PaymentState>, event: &Event) -> Option<PaymentState
                 reference: reference.clone(),
                 description: description.clone(),
                 traceparent: traceparent.clone(),
+                metadata: metadata.clone(),
                 status: Status::New,
                 seq: event.seq,
                 attempt: 0,
@@ -488,6 +495,7 @@ fn decide_create(
         reference: c.reference.clone(),
         description: c.description.clone(),
         traceparent: c.traceparent.clone(),
+        metadata: c.metadata.clone(),
     });
     match &c.screening {
         Some(refused) => {

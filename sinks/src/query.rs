@@ -14,6 +14,7 @@ pub struct PaymentView {
     pub currency: String,
     pub reference: Option<String>,
     pub description: Option<String>,
+    pub metadata: serde_json::Value,
     pub provider_reference: Option<String>,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
@@ -35,7 +36,8 @@ const COLUMNS: &str = "payment_id, status, amount, currency::text, reference, de
     failure_message, cancel_requested, stuck, attempts, seq,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-    idempotency_key, request_hash, (extract(epoch FROM created_at) * 1000000)::int8";
+    idempotency_key, request_hash, (extract(epoch FROM created_at) * 1000000)::int8,
+    coalesce(state->'metadata', '{}'::jsonb)";
 
 fn view(r: &Row) -> PaymentView {
     PaymentView {
@@ -57,6 +59,7 @@ fn view(r: &Row) -> PaymentView {
         idempotency_key: r.get(15),
         request_hash: r.get(16),
         created_at_us: r.get(17),
+        metadata: r.get(18),
     }
 }
 

@@ -35,6 +35,7 @@ fn create(hash: &str) -> CommandBody {
         reference: None,
         description: None,
         traceparent: None,
+        metadata: [("order".to_owned(), "A-1".to_owned())].into(),
         screening: None,
     })
 }
