@@ -81,7 +81,7 @@ pub fn document() -> Value {
                         { "name": "currency", "in": "query", "schema": { "$ref": "#/components/schemas/Currency" } },
                         { "name": "reference", "in": "query", "schema": { "type": "string", "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" } },
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
-                        { "name": "cursor", "in": "query", "schema": { "type": "string" } }
+                        { "name": "cursor", "in": "query", "description": "opaque: the `next_cursor` of a previous page", "schema": { "type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$" } }
                     ],
                     "responses": with(errors(&[("400", "invalid filter or cursor (`invalid_request`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("PaymentList", "a page"))),
                 }
@@ -139,7 +139,7 @@ pub fn document() -> Value {
                         "currency": { "$ref": "#/components/schemas/Currency" },
                         "reference": { "type": "string", "maxLength": 128, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" },
                         "description": { "type": "string", "maxLength": 512, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" },
-                        "metadata": { "type": "object", "maxProperties": 20, "propertyNames": { "pattern": "^[A-Za-z0-9_.-]{1,40}$" }, "additionalProperties": { "type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }, "description": "your key-value pairs (at most 20; keys up to 40 characters of letters, digits, _ - .; values up to 200 characters); never card data" }
+                        "metadata": { "type": "object", "nullable": true, "maxProperties": 20, "propertyNames": { "pattern": "^[A-Za-z0-9_.-]{1,40}$" }, "additionalProperties": { "type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }, "description": "your key-value pairs (at most 20; keys up to 40 characters of letters, digits, _ - .; values up to 200 characters); never card data" }
                     }
                 },
                 "Accepted": {

@@ -8,7 +8,7 @@
 //! and durability after [`PartitionStore::flush`].
 
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Store names starting with `__` are reserved for the engine.
@@ -125,6 +125,27 @@ impl PartitionStore {
         self.tree.apply_batch(batch).map_err(|e| self.err(e))
     }
 
+    /// Empties every store of the partition (before a restore).
+    pub fn clear(&self) -> Result<()> {
+        self.tree.clear().map_err(|e| self.err(e))
+    }
+
+    /// Applies changelog records (full keys as produced by [`WriteSet::changelog`];
+    /// `None` deletes) atomically.
+    pub fn apply_changelog(
+        &self,
+        records: impl IntoIterator<Item = ChangelogRecord>,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
     /// Makes everything committed so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.db
@@ -153,6 +174,17 @@ impl PartitionStore {
 #[derive(Default, Debug)]
 pub struct WriteSet {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Stores whose records go last in the changelog (dedup records, the checkpoint).
+    late: BTreeSet<String>,
+}
+
+/// A changelog record: full key (store prefix + key), value or `None` for a delete.
+pub type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
+
+/// The store a full key belongs to.
+pub fn store_of(full_key: &[u8]) -> Option<&str> {
+    let len = *full_key.first()? as usize;
+    std::str::from_utf8(full_key.get(1..1 + len)?).ok()
 }
 
 impl WriteSet {
@@ -171,6 +203,35 @@ impl WriteSet {
     /// `Some(Some(v))`: staged value; `Some(None)`: staged delete; `None`: not staged.
     pub fn staged(&self, store: &str, key: &[u8]) -> Option<Option<&[u8]>> {
         self.writes.get(&full_key(store, key)).map(|v| v.as_deref())
+    }
+
+    /// Orders `store`'s records after the others in [`WriteSet::changelog`].
+    pub fn mark_late(&mut self, store: &str) {
+        if !self.late.contains(store) {
+            self.late.insert(store.to_owned());
+        }
+    }
+
+    /// The write set as changelog records (full key, value or `None` for a delete),
+    /// without the stores in `exclude`. Ordered so that any delivered prefix is a state
+    /// the task could have been in: every other store first, then the stores marked late
+    /// (a dedup record must never be visible without the state change it guards), and
+    /// the checkpoint (`__meta`) last.
+    pub fn changelog(&self, exclude: &[&str]) -> Vec<ChangelogRecord> {
+        let rank = |k: &[u8]| match store_of(k) {
+            Some(META) => 2,
+            Some(s) if self.late.contains(s) => 1,
+            _ => 0,
+        };
+        let mut out: Vec<ChangelogRecord> = self
+            .writes
+            .iter()
+            .filter(|(k, _)| !store_of(k).is_some_and(|s| exclude.contains(&s)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // A stable sort: key order within each rank.
+        out.sort_by_key(|(k, _)| rank(k));
+        out
     }
 
     pub fn set_next_offset(&mut self, offset: i64) {
@@ -236,9 +297,12 @@ pub mod dedup {
 
     pub fn record(ws: &mut WriteSet, store: &str, id: &str, at_ms: i64) {
         ws.put(store, id.as_bytes(), &at_ms);
+        ws.mark_late(store);
         let mut k = time_key(at_ms).to_vec();
         k.extend_from_slice(id.as_bytes());
-        ws.put_raw(&index_store(store), &k, Vec::new());
+        let index = index_store(store);
+        ws.put_raw(&index, &k, Vec::new());
+        ws.mark_late(&index);
     }
 
     /// Removes up to `limit` records first seen before `cutoff_ms`. Returns how many.
@@ -330,6 +394,55 @@ mod tests {
             ps.get::<String>("payments", b"k"),
             Err(StoreError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn the_changelog_replays_into_an_equal_store_and_orders_guards_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let mut log = Vec::new();
+        for i in 0..50u32 {
+            let mut ws = WriteSet::default();
+            dedup::record(&mut ws, "dedup", &format!("cmd-{i}"), i64::from(i));
+            ws.put("payments", &(i % 7).to_be_bytes(), &i);
+            if i % 5 == 0 {
+                ws.delete("payments", &((i + 3) % 7).to_be_bytes());
+            }
+            ws.put_raw(OUTBOX, &i.to_be_bytes(), vec![1]);
+            ws.set_next_offset(i64::from(i) + 1);
+            let records = ws.changelog(&[OUTBOX]);
+            let stores: Vec<&str> = records.iter().filter_map(|(k, _)| store_of(k)).collect();
+            assert!(!stores.contains(&OUTBOX), "excluded stores stay out");
+            let first_late = stores.iter().position(|s| s.starts_with("dedup")).unwrap();
+            assert!(stores[..first_late].iter().all(|s| *s == "payments"));
+            assert_eq!(stores.last(), Some(&META), "the checkpoint goes last");
+            log.extend(records);
+            live.commit(ws).unwrap();
+        }
+        let restored_dir = tempfile::tempdir().unwrap();
+        let restored = PartitionStore::open(restored_dir.path(), "app", "t", 0).unwrap();
+        restored.put_garbage_for_test();
+        restored.clear().unwrap();
+        restored.apply_changelog(log).unwrap();
+        let without_outbox = |ps: &PartitionStore| -> Vec<(Vec<u8>, Vec<u8>)> {
+            ps.tree
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(k, _)| store_of(k) != Some(OUTBOX))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect()
+        };
+        assert_eq!(without_outbox(&live), without_outbox(&restored));
+        assert_eq!(restored.next_offset().unwrap(), Some(50));
+        assert!(restored.scan(OUTBOX, 10).unwrap().is_empty());
+    }
+
+    impl PartitionStore {
+        fn put_garbage_for_test(&self) {
+            let mut ws = WriteSet::default();
+            ws.put("payments", b"stale", &1u8);
+            self.commit(ws).unwrap();
+        }
     }
 
     /// Minimal executor for the one async call in these tests.

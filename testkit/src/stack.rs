@@ -66,6 +66,9 @@ pub struct Stack {
     pub database_url: String,
     pub common: Common,
     pub api: SocketAddr,
+    /// Where the next worker keeps its stores (change it to start a worker on a fresh
+    /// disk, which restores from the changelog).
+    pub worker_state: PathBuf,
     /// Operational endpoints (`/metrics`, `/health/live`, `/topology`) of the in-process
     /// roles, which share one metrics registry.
     pub ops: SocketAddr,
@@ -121,6 +124,9 @@ impl Stack {
             text = text.replace(from.as_str(), to);
         }
         let topology = Arc::new(topology::compile_str(&text)?);
+        kafka
+            .create_topic(&topology.changelog_topic(&commands), opts.partitions)
+            .await?;
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
             .tempdir()?;
@@ -176,6 +182,7 @@ impl Stack {
             database_url,
             common,
             api,
+            worker_state: state_dir.path().join("stores"),
             ops,
             sim,
             sim_addr,
@@ -201,7 +208,7 @@ impl Stack {
     pub fn start_worker(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.worker.is_none(), "a worker is already running");
         let provider_url = format!("http://{}", self.sim_addr);
-        let state = self.state_dir.path().join("stores");
+        let state = self.worker_state.clone();
         self.worker = Some(match &self.opts.gateway_bin {
             Some(bin) => {
                 let mut cmd = std::process::Command::new(bin);
@@ -251,7 +258,7 @@ impl Stack {
         let (stop, _) = broadcast::channel(1);
         let common = self.common.clone();
         let opts = WorkerOptions {
-            state_dir: self.state_dir.path().join("stores"),
+            state_dir: self.worker_state.clone(),
             provider_url: format!("http://{}", self.sim_addr),
             provider_timeout: self.opts.provider_timeout,
         };

@@ -144,6 +144,12 @@ pub struct CompiledTopology {
 }
 
 impl CompiledTopology {
+    /// The compacted topic that holds the changelog of the stores of `source`'s tasks
+    /// (partition `p` of the source ↔ partition `p` of the changelog).
+    pub fn changelog_topic(&self, source: &str) -> String {
+        format!("{}-{source}-changelog", self.application_id)
+    }
+
     pub fn source_topics(&self) -> Vec<String> {
         self.nodes
             .iter()

@@ -17,9 +17,13 @@ use crate::task::{OutboxEntry, Task};
 use anyhow::Context as _;
 use futures::future::join_all;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Offset;
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,6 +48,8 @@ pub struct WorkerSettings {
     pub max_inflight_provider_calls: usize,
     /// Extra librdkafka properties, applied to every client.
     pub kafka: Vec<(String, String)>,
+    /// Publish store changes to the changelog topics and restore from them.
+    pub changelog: bool,
 }
 
 impl WorkerSettings {
@@ -63,6 +69,7 @@ impl WorkerSettings {
             max_batch: 500,
             max_inflight_provider_calls: 512,
             kafka: vec![],
+            changelog: true,
         }
     }
 }
@@ -219,6 +226,9 @@ pub async fn run_worker(
         .subscribe(&topic_refs)
         .context("subscribing to the source topics")?;
     let producer = producer(&settings.brokers, &settings.kafka)?;
+    if settings.changelog {
+        ensure_changelog_topics(&producer, &topo)?;
+    }
     let client = ProviderClient::new(&settings.provider_url, settings.provider_timeout)?;
     let dispatcher = Dispatcher::new(
         client,
@@ -314,14 +324,31 @@ fn spawn_task(
 ) -> anyhow::Result<TaskHandle> {
     let started = Instant::now();
     let store = open_store(settings, &topo.application_id, topic, partition)?;
-    let task = Task::open(topo, store, topic, partition)?;
-    ensure_store_is_current(&consumer, topic, partition, task.next_offset())?;
+    let committed = committed_offset(&consumer, topic, partition)?;
+    let local = store.next_offset()?;
+    let behind = match (local, committed) {
+        (None, _) => true,
+        (Some(l), Some(c)) => l < c,
+        (Some(_), None) => false,
+    };
+    let source = if settings.changelog && behind {
+        let changelog = topo.changelog_topic(topic);
+        let records = tokio::task::block_in_place(|| {
+            restore_from_changelog(&store, settings, &changelog, partition)
+        })?;
+        tracing::info!(topic, partition, records, checkpoint = ?store.next_offset()?, "store restored from the changelog");
+        "changelog"
+    } else {
+        "local"
+    };
+    let task = Task::open(topo, store, topic, partition, settings.changelog)?;
+    ensure_store_is_current(topic, partition, task.next_offset(), committed)?;
     let restore = started.elapsed();
     METRICS
         .restore_seconds
-        .with_label_values(&["local"])
+        .with_label_values(&[source])
         .observe(restore.as_secs_f64());
-    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), restore_ms = restore.as_millis() as u64, "task started");
+    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), source, restore_ms = restore.as_millis() as u64, "task started");
     let (tx, rx) = mpsc::channel(settings.max_batch * 4);
     let settings = settings.clone();
     let join = tokio::spawn(async move {
@@ -356,34 +383,151 @@ fn open_store(
     }
 }
 
-/// Refuses a local store that is behind what the group has committed for its partition:
-/// another worker processed the partition meanwhile, or the state directory was lost.
-/// Applying commands to such a store would diverge from the events already published.
-fn ensure_store_is_current(
+/// The group's committed offset for a partition, if any.
+fn committed_offset(
     consumer: &WorkerConsumer,
     topic: &str,
     partition: i32,
-    local: Option<i64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<i64>> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
     let committed =
         tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10)))
             .with_context(|| format!("reading the committed offset of {topic}-{partition}"))?;
-    let committed = committed
+    Ok(committed
         .find_partition(topic, partition)
         .and_then(|e| e.offset().to_raw())
-        .filter(|o| *o >= 0);
+        .filter(|o| *o >= 0))
+}
+
+/// Refuses a store that is behind what the group has committed for its partition (after
+/// any restore): applying commands to it would diverge from the events already published.
+fn ensure_store_is_current(
+    topic: &str,
+    partition: i32,
+    local: Option<i64>,
+    committed: Option<i64>,
+) -> anyhow::Result<()> {
     match (local, committed) {
         (_, None) => Ok(()),
         (Some(local), Some(c)) if local >= c => Ok(()),
         (local, Some(c)) => anyhow::bail!(
-            "the local store of {topic}-{partition} is behind the group's committed offset (store: {}, group: {c}): \
-             another worker processed this partition, or the state directory was lost. Stores cannot be restored \
-             from a changelog yet: run one worker per state directory and keep that directory (README, Limits)",
+            "the store of {topic}-{partition} is behind the group's committed offset (store: {}, group: {c}) even \
+             after restoring: the changelog topic was deleted or is not compacted-retained, or changelogs are off \
+             (they are on by default). Restore the changelog topic, or reset the group's offsets to replay the source",
             local.map_or("empty".to_owned(), |l| l.to_string())
         ),
     }
+}
+
+/// Changelog values carry a one-byte tag so an empty stored value is not a tombstone.
+const CHANGELOG_PUT: u8 = 1;
+
+fn changelog_value(v: &Option<Vec<u8>>) -> Option<Vec<u8>> {
+    v.as_ref().map(|v| {
+        let mut out = Vec::with_capacity(v.len() + 1);
+        out.push(CHANGELOG_PUT);
+        out.extend_from_slice(v);
+        out
+    })
+}
+
+/// Rebuilds a partition's store from its changelog partition: empties it, then applies
+/// every record up to the partition's end. Returns how many records were applied.
+fn restore_from_changelog(
+    store: &PartitionStore,
+    settings: &WorkerSettings,
+    changelog: &str,
+    partition: i32,
+) -> anyhow::Result<usize> {
+    let mut cfg = client_config(&settings.brokers, &settings.kafka);
+    cfg.set("group.id", format!("{changelog}-restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .context("creating the changelog restore consumer")?;
+    let (low, high) = consumer
+        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+        .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
+    store.clear()?;
+    if high <= low {
+        return Ok(0);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(changelog, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut batch = Vec::new();
+    let mut applied = 0;
+    loop {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "restoring {changelog}-{partition} took longer than 10 minutes ({applied} records so far)"
+        );
+        let done = match consumer.poll(Duration::from_millis(500)) {
+            None => false,
+            Some(Ok(m)) => {
+                if let Some(k) = m.key() {
+                    let v = match m.payload() {
+                        None => None,
+                        Some([CHANGELOG_PUT, rest @ ..]) => Some(rest.to_vec()),
+                        Some(_) => anyhow::bail!(
+                            "{changelog}-{partition} offset {}: not a changelog record of this version",
+                            m.offset()
+                        ),
+                    };
+                    batch.push((k.to_vec(), v));
+                }
+                m.offset() >= high - 1
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => true,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, %changelog, partition, "changelog read failed; retrying");
+                false
+            }
+        };
+        if batch.len() >= 10_000 || (done && !batch.is_empty()) {
+            applied += batch.len();
+            store.apply_changelog(batch.drain(..))?;
+        }
+        if done {
+            return Ok(applied);
+        }
+    }
+}
+
+/// Fails fast, with what to do, when a source's changelog topic is missing or has fewer
+/// partitions than the source.
+fn ensure_changelog_topics(
+    producer: &FutureProducer,
+    topo: &CompiledTopology,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    for source in topo.source_topics() {
+        let changelog = topo.changelog_topic(&source);
+        let partitions = |t: &str| -> anyhow::Result<usize> {
+            let md = tokio::task::block_in_place(|| {
+                producer
+                    .client()
+                    .fetch_metadata(Some(t), Duration::from_secs(10))
+            })
+            .with_context(|| format!("reading the metadata of topic {t}"))?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|x| x.name() == t && x.error().is_none())
+                .map_or(0, |x| x.partitions().len()))
+        };
+        let (have, need) = (partitions(&changelog)?, partitions(&source)?);
+        anyhow::ensure!(
+            have > 0 && have >= need,
+            "changelog topic {changelog} has {have} partitions, the source {source} {need}: create it with \
+             {need} partitions and cleanup.policy=compact (docker-compose.yml's kafka-init does)"
+        );
+    }
+    Ok(())
 }
 
 async fn task_loop(
@@ -458,6 +602,7 @@ async fn publish(
     }
     let mut calls = Vec::new();
     let mut sends = Vec::new();
+    let mut changelog = Vec::new();
     let mut keys = Vec::with_capacity(pending.entries.len());
     for (key, entry) in pending.entries {
         keys.push(key);
@@ -469,14 +614,59 @@ async fn publish(
                 payload,
                 headers,
             } => sends.push(send_until_delivered(producer, topic, key, payload, headers)),
+            OutboxEntry::Changelog { records } => changelog.extend(records),
         }
     }
     join_all(sends).await;
+    // The changelog follows the outputs it accounts for: a restored store never holds a
+    // change whose events were not published. Records of one partition keep their order
+    // (idempotent producer), so a delivered prefix is a state the task was in.
+    if let (Some(topic), false) = (task.changelog_topic(), changelog.is_empty()) {
+        let sends = changelog.into_iter().map(|(key, value)| {
+            send_changelog(
+                producer,
+                topic,
+                task.partition,
+                key,
+                changelog_value(&value),
+            )
+        });
+        for r in join_all(sends).await {
+            r?;
+        }
+    }
     for call in calls {
         dispatcher.dispatch(call);
     }
     task.published(keys)?;
     Ok(())
+}
+
+/// Sends one changelog record. A failure is not retried here: a retried record would
+/// land after later ones and a restore would apply an older value last. The task fails
+/// instead, and its restart republishes the whole pending changelog, in order, from the
+/// outbox.
+async fn send_changelog(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        .partition(partition)
+        .key(&key);
+    if let Some(v) = &value {
+        record = record.payload(v);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| {
+            METRICS.errors.with_label_values(&["changelog_produce"]).inc();
+            anyhow::anyhow!("publishing to the changelog {topic}-{partition} failed: {e}; the task restarts and republishes its pending changelog")
+        })
 }
 
 async fn send_until_delivered(

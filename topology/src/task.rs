@@ -25,6 +25,11 @@ pub enum OutboxEntry {
         headers: Vec<(String, Vec<u8>)>,
     },
     Provider(ProviderCall),
+    /// The changelog of one write set, published (in order, to the task's partition of
+    /// the changelog topic) after every other output of the batch is delivered.
+    Changelog {
+        records: Vec<stores::ChangelogRecord>,
+    },
 }
 
 enum NodeRuntime {
@@ -105,6 +110,7 @@ pub struct Task {
     source: usize,
     next_offset: Option<i64>,
     outbox_seq: u64,
+    changelog_topic: Option<String>,
 }
 
 /// Keys of the outbox entries staged for publishing.
@@ -113,11 +119,14 @@ pub struct Pending {
 }
 
 impl Task {
+    /// `changelog`: whether the task's store changes are published to the changelog
+    /// topic (restores on another worker need it).
     pub fn open(
         topo: &CompiledTopology,
         store: PartitionStore,
         topic: &str,
         partition: i32,
+        changelog: bool,
     ) -> anyhow::Result<Task> {
         let graph = Graph::build(topo)?;
         let source = graph
@@ -133,7 +142,13 @@ impl Task {
             source,
             next_offset,
             outbox_seq,
+            changelog_topic: changelog.then(|| topo.changelog_topic(topic)),
         })
+    }
+
+    /// Where this task's changelog goes, if it keeps one.
+    pub fn changelog_topic(&self) -> Option<&str> {
+        self.changelog_topic.as_deref()
     }
 
     /// The next input offset this task will apply (its durable checkpoint after flush).
@@ -164,6 +179,7 @@ impl Task {
         self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
         self.stage_outbox(&mut ws, step);
         ws.set_next_offset(offset + 1);
+        self.stage_changelog(&mut ws);
         self.store.commit(ws)?;
         self.next_offset = Some(offset + 1);
         Ok(true)
@@ -196,6 +212,7 @@ impl Task {
                     );
                 }
             }
+            self.stage_changelog(&mut ws);
             self.store.commit(ws)?;
             fired += 1;
         }
@@ -221,6 +238,7 @@ impl Task {
                 p.maintain(&mut ctx)?;
             }
         }
+        self.stage_changelog(&mut ws);
         self.store.commit(ws)?;
         Ok(())
     }
@@ -244,6 +262,25 @@ impl Task {
             self.store.commit(ws)?;
         }
         Ok(())
+    }
+
+    /// Adds the write set's changelog to the outbox (in the same atomic commit), so a
+    /// crash before it is published republishes it.
+    fn stage_changelog(&mut self, ws: &mut WriteSet) {
+        if self.changelog_topic.is_none() {
+            return;
+        }
+        let records = ws.changelog(&[OUTBOX]);
+        if records.is_empty() {
+            return;
+        }
+        ws.put(
+            OUTBOX,
+            &self.outbox_seq.to_be_bytes(),
+            &OutboxEntry::Changelog { records },
+        );
+        self.outbox_seq += 1;
+        ws.set_outbox_seq(self.outbox_seq);
     }
 
     fn stage_outbox(&mut self, ws: &mut WriteSet, step: Step) {
