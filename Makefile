@@ -6,7 +6,7 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit fuzz-short build fmt local-stack bench fuzz
+.PHONY: test fmt-check clippy unit fuzz-short chaos build fmt local-stack bench fuzz
 
 test: fmt-check clippy unit fuzz-short
 
@@ -23,6 +23,12 @@ unit:
 	$(CARGO) build --workspace --bins --locked
 	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) --nocapture 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+
+# Separate processes, killed and broken while payments flow (see testkit/src/bin/chaos.rs).
+# ARGS: --payments N (10000) --rate R --seed S --guarantee at_least_once --min-kills K
+chaos:
+	$(CARGO) build --workspace --bins --locked
+	target/debug/chaos $(ARGS)
 
 # A short contract fuzz of the API (the full one is `make fuzz`).
 fuzz-short:

@@ -183,6 +183,10 @@ pub struct Ledger {
     pub total_captures: u64,
     pub requests: u64,
     pub webhooks_sent: u64,
+    /// Faults injected: 5xx answers, hangs past the client's timeout, lost answers,
+    /// duplicated or delayed webhooks.
+    #[serde(default)]
+    pub faults: u64,
 }
 
 struct Inner {
@@ -192,6 +196,7 @@ struct Inner {
     rng: StdRng,
     requests: u64,
     webhooks_sent: u64,
+    faults: u64,
 }
 
 #[derive(Clone)]
@@ -246,6 +251,7 @@ impl Simulator {
                 rng,
                 requests: 0,
                 webhooks_sent: 0,
+                faults: 0,
             })),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -268,6 +274,7 @@ impl Simulator {
             charges,
             requests: g.requests,
             webhooks_sent: g.webhooks_sent,
+            faults: g.faults,
         }
     }
 
@@ -401,6 +408,10 @@ impl Simulator {
                 }
             };
             let charged = charge.is_some();
+            let faulty = hang || answer.0.is_server_error();
+            if faulty {
+                g.faults += 1;
+            }
             if let Some(c) = charge {
                 g.charges.insert(c.idempotency_key.clone(), c);
             }
@@ -491,6 +502,7 @@ impl Simulator {
             } else {
                 0
             };
+            g.faults += u64::from(dup) + u64::from(jitter > 0);
             (dup, jitter)
         };
         tokio::time::sleep(Duration::from_millis(jitter)).await;

@@ -74,7 +74,10 @@ fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> Cl
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        // A crashed sink's partitions move after 10 s rather than librdkafka's 45 s.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000");
     for (k, v) in extra {
         c.set(k, v);
     }

@@ -11,12 +11,55 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 enum Request {
     CreateTopic(String, i32, mpsc::Sender<anyhow::Result<()>>),
+    Fault(Fault, mpsc::Sender<anyhow::Result<()>>),
+}
+
+/// A broker fault the mock cluster can inject (chaos runs).
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The next requests of this kind fail with these errors, in order.
+    RequestErrors {
+        api: RDKafkaApiKey,
+        errors: Vec<RDKafkaRespErr>,
+    },
+    BrokerDown(i32),
+    BrokerUp(i32),
+    /// Round-trip latency added by a broker.
+    Latency(i32, Duration),
+    /// Moves a partition's leadership.
+    Leader {
+        topic: String,
+        partition: i32,
+        broker: i32,
+    },
+}
+
+fn inject<C: rdkafka::ClientContext>(
+    cluster: &MockCluster<'_, C>,
+    fault: Fault,
+) -> anyhow::Result<()> {
+    let r = match fault {
+        Fault::RequestErrors { api, errors } => {
+            cluster.request_errors(api, &errors);
+            Ok(())
+        }
+        Fault::BrokerDown(b) => cluster.broker_down(b),
+        Fault::BrokerUp(b) => cluster.broker_up(b),
+        Fault::Latency(b, d) => cluster.broker_round_trip_time(b, d),
+        Fault::Leader {
+            topic,
+            partition,
+            broker,
+        } => cluster.partition_leader(&topic, partition, Some(broker)),
+    };
+    r.map_err(|e| anyhow::anyhow!("mock cluster fault: {e}"))
 }
 
 pub struct Kafka {
@@ -26,6 +69,12 @@ pub struct Kafka {
 
 impl Kafka {
     pub fn start() -> anyhow::Result<Kafka> {
+        Self::start_cluster(1)
+    }
+
+    /// A mock cluster of `brokers` brokers (ids 1..=brokers), unless `KAFKA_BROKERS`
+    /// names real ones.
+    pub fn start_cluster(brokers: i32) -> anyhow::Result<Kafka> {
         if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
             return Ok(Kafka {
                 brokers,
@@ -37,7 +86,7 @@ impl Kafka {
         std::thread::Builder::new()
             .name("kafka-mock".into())
             .spawn(move || {
-                let cluster = match MockCluster::new(1) {
+                let cluster = match MockCluster::new(brokers) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready_tx
@@ -55,6 +104,9 @@ impl Kafka {
                                 .map_err(|e| anyhow::anyhow!("create topic {name}: {e}"));
                             let _ = reply.send(r);
                         }
+                        Request::Fault(fault, reply) => {
+                            let _ = reply.send(inject(&cluster, fault));
+                        }
                     }
                 }
             })?;
@@ -63,6 +115,18 @@ impl Kafka {
             brokers,
             mock: Some(tx),
         })
+    }
+
+    /// Injects a fault into the mock cluster (an error with real brokers).
+    pub fn fault(&self, fault: Fault) -> anyhow::Result<()> {
+        let mock = self
+            .mock
+            .as_ref()
+            .context("faults can only be injected into the mock cluster")?;
+        let (tx, rx) = mpsc::channel();
+        mock.send(Request::Fault(fault, tx))
+            .map_err(|_| anyhow::anyhow!("the mock cluster thread died"))?;
+        rx.recv().context("the mock cluster thread died")?
     }
 
     pub fn brokers(&self) -> &str {

@@ -221,7 +221,19 @@ impl PgServer {
             .as_ref()
             .context("cannot restart an external DATABASE_URL server")?;
         let d = data.to_string_lossy().into_owned();
-        self.run("pg_ctl", &["-D", &d, "-m", "fast", "-w", "restart"])?;
+        // With its output in the log file: the server must not hold our pipes open.
+        let log = data
+            .parent()
+            .unwrap_or(data)
+            .join("server.log")
+            .to_string_lossy()
+            .into_owned();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &d, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart",
+            ],
+        )?;
         Ok(())
     }
 }

@@ -82,6 +82,39 @@ pub struct Stack {
     sink: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// `config/topology.toml` with its topics, application id and payment policy replaced,
+/// then `edits` (`(from, to)` text replacements) applied.
+pub fn topology_text(
+    commands: &str,
+    events: &str,
+    dlq: &str,
+    application_id: &str,
+    policy: &str,
+    edits: &[(String, String)],
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        TOPOLOGY.contains(SHIPPED_POLICY),
+        "config/topology.toml no longer holds the payment policy the test kit replaces: update SHIPPED_POLICY"
+    );
+    let mut text = TOPOLOGY
+        .replace("\"payments.commands\"", &format!("\"{commands}\""))
+        .replace("\"payments.events\"", &format!("\"{events}\""))
+        .replace("\"payments.dlq\"", &format!("\"{dlq}\""))
+        .replace(
+            "application_id = \"payment-gateway\"",
+            &format!("application_id = \"{application_id}\""),
+        )
+        .replace(SHIPPED_POLICY, policy);
+    for (from, to) in edits {
+        anyhow::ensure!(
+            text.contains(from.as_str()),
+            "topology edit: {from:?} is not in config/topology.toml"
+        );
+        text = text.replace(from.as_str(), to);
+    }
+    Ok(text)
+}
+
 fn wait_for(tx: &broadcast::Sender<()>) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut rx = tx.subscribe();
     async move {
@@ -102,27 +135,14 @@ impl Stack {
         for t in [&commands, &events, &dlq] {
             kafka.create_topic(t, opts.partitions).await?;
         }
-        anyhow::ensure!(
-            TOPOLOGY.contains(SHIPPED_POLICY),
-            "config/topology.toml no longer holds the payment policy the test kit replaces: update SHIPPED_POLICY"
-        );
-        let text = TOPOLOGY
-            .replace("\"payments.commands\"", &format!("\"{commands}\""))
-            .replace("\"payments.events\"", &format!("\"{events}\""))
-            .replace("\"payments.dlq\"", &format!("\"{dlq}\""))
-            .replace(
-                "application_id = \"payment-gateway\"",
-                &format!("application_id = \"app-{suffix}\""),
-            )
-            .replace(SHIPPED_POLICY, &opts.policy);
-        let mut text = text;
-        for (from, to) in &opts.topology_edits {
-            anyhow::ensure!(
-                text.contains(from.as_str()),
-                "topology edit: {from:?} is not in config/topology.toml"
-            );
-            text = text.replace(from.as_str(), to);
-        }
+        let text = topology_text(
+            &commands,
+            &events,
+            &dlq,
+            &format!("app-{suffix}"),
+            &opts.policy,
+            &opts.topology_edits,
+        )?;
         let topology = Arc::new(topology::compile_str(&text)?);
         kafka
             .create_topic(&topology.changelog_topic(&commands), opts.partitions)

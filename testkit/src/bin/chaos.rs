@@ -1,0 +1,784 @@
+//! `make chaos`: the gateway as separate OS processes — the API, two workers, the sink and
+//! the provider simulator — against a Kafka mock cluster of three brokers held here and a
+//! throwaway PostgreSQL. It sends payments at a steady rate (with duplicate requests mixed
+//! in) while it SIGKILLs and restarts workers (half of the time onto an empty state
+//! directory, so the partition's store is restored from the changelog), the sink and the
+//! API, injects Kafka faults (request errors on produce, fetch and offset commit; a broker
+//! down and up; leader moves; latency), lets the provider misbehave (5xx, timeouts, a
+//! charge done but its answer lost, duplicated, delayed and reordered webhooks) and
+//! restarts PostgreSQL. Then it drains and checks, against the provider's ledger and the
+//! events topic: every accepted payment is terminal, none was charged twice or charged
+//! without completing, every transition is legal, every history is gap-free, and the
+//! projection equals a replay of the events topic.
+//!
+//! The last line it prints:
+//!   chaos: payments=<N> accepted=<A> terminal=<T> lost=<L> double_charged=<D>
+//!   illegal_transitions=<I> seq_gaps=<G> projection_mismatches=<M> kills=<K>
+//!   kafka_faults=<F> provider_faults=<P> pg_restarts=<R>
+//! and it exits non-zero if L, D, I, G or M is non-zero or T < A. The same `--seed`
+//! replays the same schedule of faults (timing still varies).
+
+use anyhow::Context as _;
+use clap::Parser;
+use payments::{evolve, Status};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use testkit::kafka::{Fault, Kafka};
+use testkit::stack::{topology_text, StackOptions, DEMO_KEY};
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Kill, break and restart everything while payments flow; then prove nothing was lost or charged twice"
+)]
+struct Args {
+    /// Keep the processes' logs even when the run passes.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Payments to send.
+    #[arg(long, default_value_t = 10_000)]
+    payments: usize,
+    /// Payments per second.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Seed of the fault schedule and the provider's behaviour (random if absent).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `at_least_once` or `exactly_once`.
+    #[arg(long, default_value = "at_least_once")]
+    guarantee: String,
+    /// Keep injecting faults until at least this many processes were killed (and half as
+    /// many Kafka faults and one PostgreSQL restart happened).
+    #[arg(long, default_value_t = 10)]
+    min_kills: usize,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// How long every accepted payment has to reach a terminal state after the load.
+    #[arg(long, default_value_t = 300)]
+    drain_timeout_s: u64,
+}
+
+/// One child process the harness can kill and start again.
+struct Proc {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process exited on its own (a crash-only restart is due).
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                self.child = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_addr() -> anyhow::Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string())
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("the harness has no directory")?
+        .join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build every binary first (cargo build --workspace --bins)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// What the load generator saw.
+#[derive(Default)]
+struct Load {
+    /// Idempotency key → payment id, for every create answered 202.
+    accepted: Mutex<HashMap<String, String>>,
+    duplicates: AtomicUsize,
+    retries: AtomicUsize,
+    refused: Mutex<Vec<String>>,
+}
+
+/// Creates one payment, retrying (with the same Idempotency-Key, as a client must)
+/// through API restarts and broker outages, for up to two minutes.
+async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let res = http
+            .post(format!("http://{api}/v1/payments"))
+            .bearer_auth(DEMO_KEY)
+            .header("idempotency-key", &key)
+            .json(&serde_json::json!({ "amount": amount, "currency": "EUR", "reference": key }))
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status() == 202 => {
+                if let Ok(body) = r.json::<serde_json::Value>().await {
+                    if let Some(id) = body["id"].as_str() {
+                        lock(&load.accepted).insert(key, id.to_owned());
+                        return;
+                    }
+                }
+            }
+            Ok(r) if r.status().is_client_error() && r.status() != 429 && r.status() != 408 => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                lock(&load.refused).push(format!("{key}: {status} {body}"));
+                return;
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            lock(&load.refused).push(format!("{key}: not accepted within 120 s"));
+            return;
+        }
+        load.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default, Debug)]
+struct Counters {
+    kills: usize,
+    crashes: usize,
+    restores: usize,
+    kafka_faults: usize,
+    pg_restarts: usize,
+}
+
+struct Cluster {
+    api: Proc,
+    sink: Proc,
+    workers: Vec<Proc>,
+    sim: Proc,
+    /// Args of a worker without `--state-dir`, to start one on another directory.
+    worker_base: Vec<String>,
+    state_root: PathBuf,
+    next_dir: usize,
+}
+
+impl Cluster {
+    fn worker_args(&mut self, fresh: bool, index: usize) -> Vec<String> {
+        if fresh {
+            self.next_dir += 1;
+        }
+        let dir = self.state_root.join(format!(
+            "w{index}-{}",
+            if fresh { self.next_dir } else { 0 }
+        ));
+        let mut args = self.worker_base.clone();
+        args.extend(["--state-dir".to_owned(), dir.display().to_string()]);
+        args
+    }
+
+    /// Restarts whatever exited on its own (the crash-only processes' supervisor).
+    fn supervise(&mut self, c: &mut Counters) -> anyhow::Result<()> {
+        for p in std::iter::once(&mut self.api)
+            .chain(std::iter::once(&mut self.sink))
+            .chain(self.workers.iter_mut())
+        {
+            if p.exited() {
+                eprintln!("chaos: {} exited on its own; restarting it", p.name);
+                c.crashes += 1;
+                p.start()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_ms(rng: &mut StdRng, lo: u64, hi: u64) {
+    tokio::time::sleep(Duration::from_millis(rng.random_range(lo..hi))).await;
+}
+
+/// One step of the fault schedule.
+async fn inject(
+    rng: &mut StdRng,
+    cluster: &mut Cluster,
+    kafka: &Kafka,
+    topics: &[String],
+    partitions: i32,
+    c: &mut Counters,
+) -> anyhow::Result<()> {
+    let roll: u32 = rng.random_range(0..100);
+    match roll {
+        0..=29 => {
+            let i = rng.random_range(0..cluster.workers.len());
+            let fresh = rng.random_bool(0.5);
+            cluster.workers[i].kill();
+            c.kills += 1;
+            sleep_ms(rng, 100, 1500).await;
+            let args = cluster.worker_args(fresh, i);
+            cluster.workers[i].args = args;
+            if fresh {
+                c.restores += 1;
+            }
+            cluster.workers[i].start()?;
+        }
+        30..=39 => {
+            cluster.sink.kill();
+            c.kills += 1;
+            sleep_ms(rng, 100, 1500).await;
+            cluster.sink.start()?;
+        }
+        40..=49 => {
+            cluster.api.kill();
+            c.kills += 1;
+            sleep_ms(rng, 100, 1000).await;
+            cluster.api.start()?;
+        }
+        50..=84 => {
+            use RDKafkaRespErr::*;
+            let fault = match rng.random_range(0..6) {
+                0 => Fault::RequestErrors {
+                    api: RDKafkaApiKey::Produce,
+                    errors: vec![
+                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                        RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                    ],
+                },
+                1 => Fault::RequestErrors {
+                    api: RDKafkaApiKey::Fetch,
+                    errors: vec![
+                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    ],
+                },
+                2 => Fault::RequestErrors {
+                    api: RDKafkaApiKey::OffsetCommit,
+                    errors: vec![
+                        RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    ],
+                },
+                3 => {
+                    let broker = rng.random_range(1..=3);
+                    kafka.fault(Fault::BrokerDown(broker))?;
+                    c.kafka_faults += 1;
+                    sleep_ms(rng, 500, 2000).await;
+                    Fault::BrokerUp(broker)
+                }
+                4 => Fault::Leader {
+                    topic: topics[rng.random_range(0..topics.len())].clone(),
+                    partition: rng.random_range(0..partitions),
+                    broker: rng.random_range(1..=3),
+                },
+                _ => {
+                    let broker = rng.random_range(1..=3);
+                    kafka.fault(Fault::Latency(broker, Duration::from_millis(250)))?;
+                    c.kafka_faults += 1;
+                    sleep_ms(rng, 500, 2000).await;
+                    Fault::Latency(broker, Duration::ZERO)
+                }
+            };
+            kafka.fault(fault)?;
+            c.kafka_faults += 1;
+        }
+        85..=89 if c.pg_restarts < 3 => {
+            tokio::task::spawn_blocking(|| testkit::pg::server()?.restart()).await??;
+            c.pg_restarts += 1;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether a payment may move from `from` to `to`.
+fn legal(from: Option<Status>, to: Status) -> bool {
+    match (from, to) {
+        (None, Status::New) => true,
+        (None, _) => false,
+        (Some(a), b) if a == b => true,
+        (Some(a), _) if a.is_terminal() => false,
+        (Some(Status::New), _) => true,
+        (Some(Status::Processing), b) => b != Status::New,
+        _ => false,
+    }
+}
+
+#[derive(Default, Debug)]
+struct Verdict {
+    terminal: usize,
+    lost: usize,
+    double_charged: usize,
+    charged_not_completed: usize,
+    illegal: usize,
+    gaps: usize,
+    mismatches: usize,
+}
+
+async fn verify(
+    kafka: &Kafka,
+    events_topic: &str,
+    pool: &sinks::Pool,
+    ledger: &simulator::Ledger,
+    accepted: &HashMap<String, String>,
+) -> anyhow::Result<Verdict> {
+    let mut v = Verdict::default();
+    let c = pool.get().await?;
+    let rows = c
+        .query("SELECT payment_id, status, state FROM payments", &[])
+        .await?;
+    let projected: HashMap<String, (String, serde_json::Value)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    for id in accepted.values() {
+        match projected.get(id).map(|(s, _)| Status::parse(s)) {
+            Some(Some(s)) if s.is_terminal() => v.terminal += 1,
+            _ => v.lost += 1,
+        }
+    }
+    // The provider's ledger: one capture at most, and only for completed payments.
+    let mut captures: HashMap<&str, u32> = HashMap::new();
+    for ch in &ledger.charges {
+        *captures.entry(ch.reference.as_str()).or_default() += ch.captures;
+    }
+    for (id, n) in &captures {
+        if *n > 1 {
+            v.double_charged += 1;
+        }
+        let completed = projected.get(*id).is_some_and(|(s, _)| s == "COMPLETED");
+        if *n >= 1 && !completed {
+            v.charged_not_completed += 1;
+        }
+    }
+    // The events topic, replayed: identical duplicates only, gap-free, legal, and equal
+    // to the projection.
+    let (topic, _) = testkit::client::topic_events(kafka, events_topic)?;
+    let mut by_payment: BTreeMap<String, Vec<payments::Event>> = BTreeMap::new();
+    for ((pid, _), e) in topic {
+        let e: payments::Event = serde_json::from_value(e).context("event on the topic")?;
+        by_payment.entry(pid).or_default().push(e);
+    }
+    let event_rows = c
+        .query("SELECT payment_id, seq, event FROM payment_events", &[])
+        .await?;
+    let mut history: HashMap<String, Vec<(i64, serde_json::Value)>> = HashMap::new();
+    for r in &event_rows {
+        history
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2)));
+    }
+    for (pid, events) in &by_payment {
+        let mut state = None;
+        let mut gap = false;
+        for (i, e) in events.iter().enumerate() {
+            if e.seq != i as u64 + 1 {
+                gap = true;
+            }
+            let from = state
+                .as_ref()
+                .map(|s: &payments::machine::PaymentState| s.status);
+            state = evolve(state, e);
+            if let Some(s) = &state {
+                if !legal(from, s.status) {
+                    v.illegal += 1;
+                }
+            }
+        }
+        if gap {
+            v.gaps += 1;
+        }
+        let replayed = state.map(|s| serde_json::to_value(&s)).transpose()?;
+        let mut rows = history.remove(pid).unwrap_or_default();
+        rows.sort_by_key(|(seq, _)| *seq);
+        let topic_json: Vec<serde_json::Value> = events
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        let rows_json: Vec<serde_json::Value> = rows.into_iter().map(|(_, e)| e).collect();
+        if replayed.as_ref() != projected.get(pid).map(|(_, s)| s) || topic_json != rows_json {
+            v.mismatches += 1;
+        }
+    }
+    // Rows the topic does not explain.
+    v.mismatches += history.len();
+    Ok(v)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.guarantee == "at_least_once",
+        "--guarantee {}: only at_least_once is available; exactly_once (Kafka transactions) is refused by the topology compiler",
+        a.guarantee
+    );
+    let seed = a.seed.unwrap_or_else(rand::random);
+    println!(
+        "chaos: seed={seed} guarantee={} payments={} rate={}/s (replay: make chaos ARGS=\"--seed {seed} --payments {}\")",
+        a.guarantee, a.payments, a.rate, a.payments
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let gateway = sibling("gateway")?;
+    let sim_bin = sibling("provider-sim")?;
+    let work = tempfile::Builder::new().prefix("chaos-").tempdir()?;
+    let root = work.path().to_owned();
+
+    let kafka = Kafka::start_cluster(3)?;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (commands, events, dlq) = (
+        format!("cmd-{suffix}"),
+        format!("evt-{suffix}"),
+        format!("dlq-{suffix}"),
+    );
+    let text = topology_text(
+        &commands,
+        &events,
+        &dlq,
+        &format!("chaos-{suffix}"),
+        &StackOptions::default().policy,
+        &[],
+    )?;
+    let topology = topology::compile_str(&text)?;
+    let changelog = topology.changelog_topic(&commands);
+    let topics = vec![
+        commands.clone(),
+        events.clone(),
+        dlq.clone(),
+        changelog.clone(),
+    ];
+    for t in &topics {
+        kafka.create_topic(t, a.partitions).await?;
+    }
+    let topology_file = root.join("topology.toml");
+    std::fs::write(&topology_file, &text)?;
+    let database_url = testkit::pg::server()?.fresh_database().await?;
+    let merchants = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
+    let (api_addr, sim_addr) = (free_addr()?, free_addr()?);
+    let common = vec![
+        "--brokers".to_owned(),
+        kafka.brokers().to_owned(),
+        "--topology".to_owned(),
+        topology_file.display().to_string(),
+        "--events-topic".to_owned(),
+        events.clone(),
+        "--dlq-topic".to_owned(),
+        dlq.clone(),
+        "--database-url".to_owned(),
+        database_url.clone(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v = common.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let proc = |name: &str, program: &Path, args: Vec<String>| Proc {
+        name: name.to_owned(),
+        program: program.to_owned(),
+        args,
+        log: root.join(format!("{name}.log")),
+        child: None,
+    };
+    let sim_args: Vec<String> = [
+        "--listen",
+        &sim_addr,
+        "--webhook-url",
+        &format!("http://{api_addr}/v1/callbacks/sim"),
+        "--no-magic",
+        "--seed",
+        &seed.to_string(),
+        "--max-latency-ms",
+        "20",
+        "--error-rate",
+        "0.05",
+        "--timeout-rate",
+        "0.03",
+        "--lost-response-rate",
+        "0.03",
+        "--async-rate",
+        "0.25",
+        "--decline-rate",
+        "0.1",
+        "--duplicate-webhook-rate",
+        "0.3",
+        "--webhook-jitter-ms",
+        "400",
+        "--hang-ms",
+        "1500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let worker_base = with(&[
+        "worker",
+        "--provider-url",
+        &format!("http://{sim_addr}"),
+        "--provider-timeout-ms",
+        "800",
+        "--ops-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut cluster = Cluster {
+        api: proc(
+            "api",
+            &gateway,
+            with(&[
+                "api",
+                "--listen",
+                &api_addr,
+                "--ops-listen",
+                "127.0.0.1:0",
+                "--merchants",
+                &merchants.display().to_string(),
+                "--rate-limit",
+                "0",
+            ]),
+        ),
+        sink: proc(
+            "sink",
+            &gateway,
+            with(&[
+                "sink",
+                "--group-id",
+                "projection",
+                "--ops-listen",
+                "127.0.0.1:0",
+            ]),
+        ),
+        workers: vec![],
+        sim: proc("provider-sim", &sim_bin, sim_args),
+        worker_base,
+        state_root: root.join("state"),
+        next_dir: 0,
+    };
+    for i in 0..2 {
+        let args = cluster.worker_args(false, i);
+        cluster
+            .workers
+            .push(proc(&format!("worker-{i}"), &gateway, args));
+    }
+    cluster.sim.start()?;
+    cluster.api.start()?;
+    cluster.sink.start()?;
+    for w in &mut cluster.workers {
+        w.start()?;
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let ready = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("http://{api_addr}/health/ready"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        anyhow::ensure!(
+            Instant::now() < ready,
+            "the API did not become ready; logs in {}",
+            root.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Load: a steady rate, a tenth of the requests sent twice.
+    let load = Arc::new(Load::default());
+    let started = Instant::now();
+    let load_task = {
+        let (load, http, api) = (load.clone(), http.clone(), api_addr.clone());
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        let (n, rate) = (a.payments, a.rate);
+        tokio::spawn(async move {
+            let mut tasks = Vec::with_capacity(n);
+            for i in 0..n {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let key = format!("chaos-{seed}-{i}");
+                let amount = rng.random_range(100..100_000);
+                tasks.push(tokio::spawn(create(
+                    http.clone(),
+                    api.clone(),
+                    key.clone(),
+                    amount,
+                    load.clone(),
+                )));
+                if rng.random_bool(0.1) {
+                    load.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tasks.push(tokio::spawn(create(
+                        http.clone(),
+                        api.clone(),
+                        key,
+                        amount,
+                        load.clone(),
+                    )));
+                }
+            }
+            futures::future::join_all(tasks).await;
+        })
+    };
+
+    // Faults until the load is done and enough of each kind happened.
+    let mut counters = Counters::default();
+    while !load_task.is_finished()
+        || counters.kills < a.min_kills
+        || counters.kafka_faults < a.min_kills / 2
+        || counters.pg_restarts < 1
+    {
+        sleep_ms(&mut rng, 200, 800).await;
+        cluster.supervise(&mut counters)?;
+        inject(
+            &mut rng,
+            &mut cluster,
+            &kafka,
+            &topics,
+            a.partitions,
+            &mut counters,
+        )
+        .await?;
+    }
+    load_task.await?;
+    let load_s = started.elapsed().as_secs_f64();
+
+    // Drain: every process up, no faults left, every accepted payment terminal.
+    let pool = sinks::connect(&database_url, 2)?;
+    let accepted = lock(&load.accepted).clone();
+    let ids: Vec<String> = accepted.values().cloned().collect();
+    let drain = Instant::now() + Duration::from_secs(a.drain_timeout_s);
+    let mut last_report = Instant::now();
+    loop {
+        cluster.supervise(&mut counters)?;
+        let open: i64 = match pool.get().await {
+            Ok(c) => c
+                .query_one(
+                    "SELECT $2::int8 - count(*) FROM payments WHERE payment_id = ANY($1) AND status IN ('COMPLETED','FAILED','CANCELED')",
+                    &[&ids, &(ids.len() as i64)],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(i64::MAX),
+            Err(_) => i64::MAX,
+        };
+        if open == 0 || Instant::now() > drain {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!(
+                "chaos: draining: {open} of {} payments not terminal yet ({:.0} s)",
+                ids.len(),
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drained_s = started.elapsed().as_secs_f64();
+    // Let the sink settle what the topic holds beyond the terminal events.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ledger: simulator::Ledger = http
+        .get(format!("http://{sim_addr}/ledger"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let v = verify(&kafka, &events, &pool, &ledger, &accepted).await?;
+    let refused = lock(&load.refused).clone();
+    println!(
+        "chaos: detail load_s={load_s:.1} drained_s={drained_s:.1} duplicate_requests={} client_retries={} refused={} crashes_restarted={} fresh_disk_restores={} charged_not_completed={} provider_requests={} webhooks_sent={} logs={}",
+        load.duplicates.load(Ordering::Relaxed),
+        load.retries.load(Ordering::Relaxed),
+        refused.len(),
+        counters.crashes,
+        counters.restores,
+        v.charged_not_completed,
+        ledger.requests,
+        ledger.webhooks_sent,
+        root.display()
+    );
+    for r in refused.iter().take(5) {
+        println!("chaos: refused {r}");
+    }
+    let failed = v.lost > 0
+        || v.double_charged > 0
+        || v.charged_not_completed > 0
+        || v.illegal > 0
+        || v.gaps > 0
+        || v.mismatches > 0
+        || v.terminal < accepted.len()
+        || !refused.is_empty();
+    if failed || a.keep_logs {
+        // Keep the logs of a failing run.
+        let kept = work.keep();
+        let verdict = if failed { "FAILED" } else { "passed" };
+        println!(
+            "chaos: {verdict} with seed {seed}; process logs kept in {}",
+            kept.display()
+        );
+    }
+    println!(
+        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} kills={} kafka_faults={} provider_faults={} pg_restarts={}",
+        a.payments,
+        accepted.len(),
+        v.terminal,
+        v.lost,
+        v.double_charged,
+        v.illegal,
+        v.gaps,
+        v.mismatches,
+        counters.kills,
+        counters.kafka_faults,
+        ledger.faults,
+        counters.pg_restarts
+    );
+    drop(cluster);
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}

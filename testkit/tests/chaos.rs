@@ -1,0 +1,48 @@
+//! The short chaos run of `make test`: 1,000 payments, at least 10 kills, Kafka faults,
+//! provider faults and a PostgreSQL restart, all as separate processes (see
+//! `src/bin/chaos.rs`). `make chaos` runs the long one.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+#[test]
+fn a_short_chaos_run_loses_nothing_and_charges_nothing_twice() {
+    let seed = std::env::var("CHAOS_SEED").unwrap_or_else(|_| "1".to_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .args(["--payments", "1000", "--rate", "100", "--min-kills", "10"])
+        .args(["--seed", &seed])
+        .output()
+        .expect("the chaos harness runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chaos run failed (seed {seed})");
+    let last = stdout.lines().last().unwrap_or_default();
+    let fields: HashMap<&str, u64> = last
+        .trim_start_matches("chaos: ")
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    let get = |k: &str| {
+        *fields
+            .get(k)
+            .unwrap_or_else(|| panic!("`{k}` missing from {last:?}"))
+    };
+    assert_eq!(get("payments"), 1000);
+    assert_eq!(get("accepted"), 1000);
+    assert_eq!(get("terminal"), get("accepted"));
+    for zero in [
+        "lost",
+        "double_charged",
+        "illegal_transitions",
+        "seq_gaps",
+        "projection_mismatches",
+    ] {
+        assert_eq!(get(zero), 0, "{zero} in {last}");
+    }
+    assert!(get("kills") >= 10, "{last}");
+    assert!(get("kafka_faults") >= 5, "{last}");
+    assert!(get("provider_faults") > 0, "{last}");
+    assert!(get("pg_restarts") >= 1, "{last}");
+}
