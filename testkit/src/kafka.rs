@@ -184,6 +184,25 @@ impl Kafka {
     }
 
     /// Every record of `topic` up to its current end.
+    /// Partitions of `topic` whose first record is gone (retention, or the mock cluster's
+    /// size limit).
+    pub fn truncated_partitions(&self, topic: &str) -> anyhow::Result<Vec<i32>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        let timeout = Duration::from_secs(10);
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
+        let mut out = Vec::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                if consumer.fetch_watermarks(topic, p.id(), timeout)?.0 > 0 {
+                    out.push(p.id());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn read_all(&self, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testkit::kafka::{Fault, Kafka};
-use testkit::stack::{topology_text, StackOptions, DEMO_KEY};
+use testkit::stack::{topology_text, DEMO_KEY, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,8 +57,14 @@ struct Args {
     /// many Kafka faults and one PostgreSQL restart happened).
     #[arg(long, default_value_t = 10)]
     min_kills: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Partitions of every topic. The mock cluster keeps about 5 MB per partition and
+    /// drops older records beyond that; the replay check needs every event.
+    #[arg(long, default_value_t = 8)]
     partitions: i32,
+    /// Mean pause between faults, in ms (each pause is drawn from half to one and a half
+    /// times this). Much shorter pauses keep the consumer groups rebalancing all the time.
+    #[arg(long, default_value_t = 1500)]
+    pause_ms: u64,
     /// How long every accepted payment has to reach a terminal state after the load.
     #[arg(long, default_value_t = 300)]
     drain_timeout_s: u64,
@@ -399,6 +405,12 @@ async fn verify(
     }
     // The events topic, replayed: identical duplicates only, gap-free, legal, and equal
     // to the projection.
+    let truncated = kafka.truncated_partitions(events_topic)?;
+    anyhow::ensure!(
+        truncated.is_empty(),
+        "the events topic no longer starts at offset 0 in partitions {truncated:?} (the mock cluster keeps about \
+         5 MB per partition): the replay check would be partial; run with more --partitions or fewer --payments"
+    );
     let (topic, _) = testkit::client::topic_events(kafka, events_topic)?;
     let mut by_payment: BTreeMap<String, Vec<payments::Event>> = BTreeMap::new();
     for ((pid, _), e) in topic {
@@ -434,6 +446,14 @@ async fn verify(
         }
         if gap {
             v.gaps += 1;
+            if v.gaps <= 3 {
+                let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+                let rows: Vec<i64> = history
+                    .get(pid)
+                    .map(|r| r.iter().map(|(s, _)| *s).collect())
+                    .unwrap_or_default();
+                println!("chaos: gap in {pid}: topic seqs {seqs:?}, projection seqs {rows:?}");
+            }
         }
         let replayed = state.map(|s| serde_json::to_value(&s)).transpose()?;
         let mut rows = history.remove(pid).unwrap_or_default();
@@ -445,6 +465,15 @@ async fn verify(
         let rows_json: Vec<serde_json::Value> = rows.into_iter().map(|(_, e)| e).collect();
         if replayed.as_ref() != projected.get(pid).map(|(_, s)| s) || topic_json != rows_json {
             v.mismatches += 1;
+            if v.mismatches <= 3 {
+                println!(
+                    "chaos: projection of {pid} differs from the topic: topic events {}, rows {}; state from topic {}, projected {}",
+                    topic_json.len(),
+                    rows_json.len(),
+                    replayed.map(|s| s.to_string()).unwrap_or_default(),
+                    projected.get(pid).map(|(_, s)| s.to_string()).unwrap_or_default()
+                );
+            }
         }
     }
     // Rows the topic does not explain.
@@ -483,7 +512,10 @@ async fn main() -> anyhow::Result<()> {
         &events,
         &dlq,
         &format!("chaos-{suffix}"),
-        &StackOptions::default().policy,
+        // The shipped policy: timeouts sized for a loaded pipeline. Far shorter reply
+        // timeouts than the command queue's latency under a backlog turn every timeout
+        // into another status check, and the checks into more backlog.
+        SHIPPED_POLICY,
         &[],
     )?;
     let topology = topology::compile_str(&text)?;
@@ -671,7 +703,7 @@ async fn main() -> anyhow::Result<()> {
         || counters.kafka_faults < a.min_kills / 2
         || counters.pg_restarts < 1
     {
-        sleep_ms(&mut rng, 200, 800).await;
+        sleep_ms(&mut rng, a.pause_ms / 2, a.pause_ms * 3 / 2 + 1).await;
         cluster.supervise(&mut counters)?;
         inject(
             &mut rng,
