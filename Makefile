@@ -55,4 +55,4 @@ bench:
 # Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on
 # a local stack; prints "fuzz: cases=N server_errors=E schema_violations=S".
 fuzz:
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-600} bash scripts/fuzz.sh
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-600} FUZZ_SEEDS=$${FUZZ_SEEDS:-1 2} bash scripts/fuzz.sh

@@ -2,7 +2,8 @@
 # Fuzzes the API against its own OpenAPI document with schemathesis (installed from PyPI
 # into target/fuzz-venv), on a local stack started for the run. Prints one line:
 #   fuzz: cases=<N> server_errors=<E> schema_violations=<S>
-# and fails unless E = S = 0. FUZZ_EXAMPLES sets examples per operation, FUZZ_SEED the seed.
+# and fails unless E = S = 0. FUZZ_EXAMPLES sets examples per operation, FUZZ_SEED the seed
+# (FUZZ_SEEDS: several runs, one per seed, summed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 examples="${FUZZ_EXAMPLES:-100}"
@@ -26,22 +27,28 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 curl -fs "http://$api/health/ready" >/dev/null || { echo "fuzz: the local stack did not become ready"; cat "$log"; exit 1; }
-out=$(mktemp)
-set +e
-"$venv/bin/st" run "http://$api/openapi.json" -H "Authorization: Bearer sk_test_demo" \
-  --checks all --max-examples "$examples" --seed "$seed" --workers 2 --no-color >"$out" 2>&1
-set -e
-# ST101/ST102: server errors; ST103-ST108: responses that break the document (status,
-# content type, headers, schema).
-read -r cases server_errors schema < <(python3 - "$out" <<'PY'
+# One schemathesis run per seed (FUZZ_SEEDS, space-separated); the figures are summed.
+cases=0; server_errors=0; schema=0
+for seed in ${FUZZ_SEEDS:-$seed}; do
+  out=$(mktemp)
+  set +e
+  "$venv/bin/st" run "http://$api/openapi.json" -H "Authorization: Bearer sk_test_demo" \
+    --checks all --max-examples "$examples" --seed "$seed" --workers 2 --no-color >"$out" 2>&1
+  set -e
+  # ST101/ST102: server errors; ST103-ST108: responses that break the document (status,
+  # content type, headers, schema).
+  read -r c e s < <(python3 - "$out" <<'PY'
 import re, sys
 text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
 count = lambda codes: sum(int(n) for c, n in re.findall(r"(ST\d{3}) [^:\n]*: (\d+)", text) if c in codes)
 cases = re.findall(r"(\d+) generated", text)
 print(cases[-1] if cases else 0, count({"ST101", "ST102"}), count({"ST103", "ST104", "ST105", "ST106", "ST107", "ST108"}))
 PY
-)
-sed -n '/SUMMARY/,$p' "$out"
-rm -f "$out"
+  )
+  echo "== seed $seed: cases=$c server_errors=$e schema_violations=$s"
+  sed -n '/SUMMARY/,$p' "$out"
+  rm -f "$out"
+  cases=$((cases + c)); server_errors=$((server_errors + e)); schema=$((schema + s))
+done
 echo "fuzz: cases=$cases server_errors=$server_errors schema_violations=$schema"
 [ "$cases" -gt 0 ] && [ "$server_errors" -eq 0 ] && [ "$schema" -eq 0 ]
