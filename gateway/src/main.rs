@@ -184,12 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Api(a) => {
-            let (_, ops) = gateway_http::serve_ops(
-                a.ops_listen,
-                Some(common.topology.describe()),
-                std::future::pending(),
-            )
-            .await?;
+            let ops = ops_server(a.ops_listen, Some(&common)).await?;
             let opts = api_opts(a)?;
             let (_, handle) = gateway::start_api(&common, opts, gateway::shutdown_signal()).await?;
             handle.await?;
@@ -197,12 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Worker { worker, ops_listen } => {
-            let (_, ops) = gateway_http::serve_ops(
-                ops_listen,
-                Some(common.topology.describe()),
-                std::future::pending(),
-            )
-            .await?;
+            let ops = ops_server(ops_listen, Some(&common)).await?;
             let res =
                 gateway::run_worker(&common, worker_opts(worker), gateway::shutdown_signal()).await;
             ops.abort();
@@ -212,8 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             group_id,
             ops_listen,
         } => {
-            let (_, ops) =
-                gateway_http::serve_ops(ops_listen, None, std::future::pending()).await?;
+            let ops = ops_server(ops_listen, None).await?;
             let res = gateway::run_sink(&common, &group_id, gateway::shutdown_signal()).await;
             ops.abort();
             res
@@ -223,12 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             worker,
             group_id,
         } => {
-            let (_, ops) = gateway_http::serve_ops(
-                api.ops_listen,
-                Some(common.topology.describe()),
-                std::future::pending(),
-            )
-            .await?;
+            let ops = ops_server(api.ops_listen, Some(&common)).await?;
             let opts = api_opts(api)?;
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
@@ -262,6 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Serves the operational endpoints (with the topology, for roles that run or publish
+/// to it) until the process ends.
+async fn ops_server(
+    addr: SocketAddr,
+    common: Option<&Common>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let topology = common.map(|c| c.topology.describe());
+    let (_, handle) = gateway_http::serve_ops(addr, topology, std::future::pending()).await?;
+    Ok(handle)
 }
 
 fn api_opts(a: ApiArgs) -> anyhow::Result<ApiOptions> {

@@ -91,6 +91,18 @@ impl Api {
             .await
     }
 
+    /// The `type` of each event in a payment's history, in order.
+    pub async fn event_types(&self, id: &str) -> anyhow::Result<Vec<String>> {
+        let r = self.events(id).await?;
+        let events = r.body["events"]
+            .as_array()
+            .with_context(|| format!("no events in {}", r.body))?;
+        Ok(events
+            .iter()
+            .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+
     pub async fn events(&self, id: &str) -> anyhow::Result<Reply> {
         self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}/events")))
             .await
