@@ -485,6 +485,10 @@ async fn verify(
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(
+        a.payments > 0 && a.rate.is_finite() && a.rate > 0.0 && a.partitions > 0,
+        "--payments, --rate and --partitions must be positive"
+    );
+    anyhow::ensure!(
         a.guarantee == "at_least_once",
         "--guarantee {}: only at_least_once is available; exactly_once (Kafka transactions) is refused by the topology compiler",
         a.guarantee
