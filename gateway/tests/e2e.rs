@@ -188,30 +188,14 @@ async fn a_thousand_payments_end_to_end_with_duplicates_replays_and_a_rebuild() 
 
     // Redelivery: every command is published again. Nothing may change.
     let snapshot = projected_events(&pool).await.unwrap();
-    let commands = stack.kafka.read_all(&stack.commands_topic()).unwrap();
-    let producer = stack.kafka.producer().unwrap();
-    let sends = commands.iter().map(|r| {
-        let p = producer.clone();
-        let topic = stack.commands_topic();
-        async move {
-            let mut rec = rdkafka_record(&topic, r);
-            rec = rec.partition(r.partition);
-            p.send(rec, Duration::from_secs(10))
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| e)
-        }
-    });
-    for r in futures::future::join_all(sends).await {
-        r.unwrap();
-    }
+    let commands = redeliver_all_commands(&stack).await;
     // The redelivered commands are processed once the topic end is consumed again.
-    wait_for_consumed(&stack, commands.len() * 2).await;
+    wait_for_consumed(&stack, commands * 2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = projected_events(&pool).await.unwrap();
     assert_eq!(snapshot, after, "redelivered commands changed the history");
     check_history_matches_topic(&stack).await;
-    println!("e2e: redelivered_commands={} new_events=0", commands.len());
+    println!("e2e: redelivered_commands={commands} new_events=0");
 
     // Rebuild into an empty database: the same state and history.
     let rebuilt_url = testkit::pg::server()
