@@ -15,8 +15,19 @@ use std::path::{Path, PathBuf};
 pub const META: &str = "__meta";
 pub const OUTBOX: &str = "__outbox";
 pub const TIMERS: &str = "__timers";
+/// Changelog batches committed but not yet delivered to the changelog topic, in order.
+/// Local to this disk: never itself part of the changelog.
+pub const CHANGELOG_QUEUE: &str = "__changelog";
+/// Facts about this copy of the store (how far it follows the changelog topic). Local
+/// to this disk: never part of the changelog.
+pub const LOCAL: &str = "__local";
 const NEXT_OFFSET: &[u8] = b"next_offset";
 const OUTBOX_SEQ: &[u8] = b"outbox_seq";
+/// The record that closes every changelog batch: a restore applies a batch only once it
+/// has read its marker, so a batch cut short by a crash is never half-applied.
+const COMMIT_MARKER: &[u8] = b"~commit";
+const CHANGELOG_END: &[u8] = b"changelog_end";
+const CHANGELOG_SEQ: &[u8] = b"changelog_seq";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -165,6 +176,32 @@ impl PartitionStore {
         Ok(self.get(META, OUTBOX_SEQ)?.unwrap_or(0))
     }
 
+    /// Sequence number for the next changelog batch.
+    pub fn changelog_seq(&self) -> Result<u64> {
+        Ok(self.get(LOCAL, CHANGELOG_SEQ)?.unwrap_or(0))
+    }
+
+    /// The changelog offset this copy of the store has caught up to: everything in the
+    /// changelog partition below it is reflected here. `None` for a store that never
+    /// wrote or read a changelog.
+    pub fn changelog_end(&self) -> Result<Option<i64>> {
+        self.get(LOCAL, CHANGELOG_END)
+    }
+
+    /// The current values (or `None`) of the given full keys, as changelog records.
+    pub fn current(
+        &self,
+        full_keys: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<Vec<ChangelogRecord>> {
+        full_keys
+            .into_iter()
+            .map(|k| {
+                let v = self.tree.get(&k).map_err(|e| self.err(e))?;
+                Ok((k, v.map(|v| v.to_vec())))
+            })
+            .collect()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -185,6 +222,21 @@ pub type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
 pub fn store_of(full_key: &[u8]) -> Option<&str> {
     let len = *full_key.first()? as usize;
     std::str::from_utf8(full_key.get(1..1 + len)?).ok()
+}
+
+/// Stores that describe this disk's copy and never go to the changelog.
+fn is_local(store: &str) -> bool {
+    store == CHANGELOG_QUEUE || store == LOCAL
+}
+
+/// The record closing changelog batch `batch`.
+pub fn commit_marker(batch: u64) -> ChangelogRecord {
+    (full_key(META, COMMIT_MARKER), Some(encode(&batch)))
+}
+
+/// Whether a changelog record is a batch's commit marker.
+pub fn is_commit_marker(full_key_: &[u8]) -> bool {
+    full_key_ == full_key(META, COMMIT_MARKER).as_slice()
 }
 
 impl WriteSet {
@@ -212,12 +264,12 @@ impl WriteSet {
         }
     }
 
-    /// The write set as changelog records (full key, value or `None` for a delete),
-    /// without the stores in `exclude`. Ordered so that any delivered prefix is a state
-    /// the task could have been in: every other store first, then the stores marked late
-    /// (a dedup record must never be visible without the state change it guards), and
-    /// the checkpoint (`__meta`) last.
-    pub fn changelog(&self, exclude: &[&str]) -> Vec<ChangelogRecord> {
+    /// The write set as one changelog batch (full key, value or `None` for a delete),
+    /// without the disk-local stores, closed by a commit marker carrying `batch`. Empty
+    /// when nothing but local stores changed. Within the batch: every other store
+    /// first, then the stores marked late (dedup records after the state they guard),
+    /// the checkpoint (`__meta`), and the marker last.
+    pub fn changelog(&self, batch: u64) -> Vec<ChangelogRecord> {
         let rank = |k: &[u8]| match store_of(k) {
             Some(META) => 2,
             Some(s) if self.late.contains(s) => 1,
@@ -226,12 +278,26 @@ impl WriteSet {
         let mut out: Vec<ChangelogRecord> = self
             .writes
             .iter()
-            .filter(|(k, _)| !store_of(k).is_some_and(|s| exclude.contains(&s)))
+            .filter(|(k, _)| !store_of(k).is_some_and(is_local))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if out.is_empty() {
+            return out;
+        }
         // A stable sort: key order within each rank.
         out.sort_by_key(|(k, _)| rank(k));
+        out.push(commit_marker(batch));
         out
+    }
+
+    /// Records which changelog batch is next (disk-local).
+    pub fn set_changelog_seq(&mut self, seq: u64) {
+        self.put(LOCAL, CHANGELOG_SEQ, &seq);
+    }
+
+    /// Records how far this copy follows the changelog partition (disk-local).
+    pub fn set_changelog_end(&mut self, end: i64) {
+        self.put(LOCAL, CHANGELOG_END, &end);
     }
 
     pub fn set_next_offset(&mut self, offset: i64) {
@@ -248,6 +314,74 @@ impl WriteSet {
 
     pub fn len(&self) -> usize {
         self.writes.len()
+    }
+}
+
+/// Rebuilds a store from its changelog, read in order. Records are held until the
+/// commit marker of their batch arrives, so the rebuilt store is always a state the
+/// writer committed: a batch cut short by a crash (the log's tail without its marker)
+/// is left out, and [`Restored::unfinished`] names its keys so the new writer can
+/// publish their restored values over it.
+pub struct Restore<'a> {
+    store: &'a PartitionStore,
+    held: Vec<ChangelogRecord>,
+    ready: Vec<ChangelogRecord>,
+    applied: usize,
+}
+
+/// What a finished [`Restore`] did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Records applied (commit markers are not state and not counted).
+    pub applied: usize,
+    /// Keys of the unfinished batch at the log's end, left out.
+    pub unfinished: Vec<Vec<u8>>,
+}
+
+impl<'a> Restore<'a> {
+    /// Empties `store` and starts rebuilding it.
+    pub fn start(store: &'a PartitionStore) -> Result<Self> {
+        store.clear()?;
+        Ok(Restore {
+            store,
+            held: Vec::new(),
+            ready: Vec::new(),
+            applied: 0,
+        })
+    }
+
+    pub fn push(&mut self, record: ChangelogRecord) -> Result<()> {
+        if is_commit_marker(&record.0) {
+            // The marker is not state: it only closes the batch.
+            self.ready.append(&mut self.held);
+            if self.ready.len() >= 10_000 {
+                self.apply()?;
+            }
+        } else {
+            self.held.push(record);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        self.applied += self.ready.len();
+        self.store.apply_changelog(self.ready.drain(..))
+    }
+
+    /// Applies the last complete batches and records that the store follows the
+    /// changelog up to offset `end` (exclusive).
+    pub fn finish(mut self, end: i64) -> Result<Restored> {
+        self.apply()?;
+        let mut ws = WriteSet::default();
+        ws.set_changelog_end(end);
+        self.store.commit(ws)?;
+        let mut unfinished: Vec<Vec<u8>> = self.held.into_iter().map(|(k, _)| k).collect();
+        unfinished.sort();
+        unfinished.dedup();
+        Ok(Restored {
+            applied: self.applied,
+            unfinished,
+        })
     }
 }
 
@@ -410,31 +544,88 @@ mod tests {
             }
             ws.put_raw(OUTBOX, &i.to_be_bytes(), vec![1]);
             ws.set_next_offset(i64::from(i) + 1);
-            let records = ws.changelog(&[OUTBOX]);
+            ws.set_changelog_seq(u64::from(i) + 1);
+            ws.put_raw(CHANGELOG_QUEUE, &i.to_be_bytes(), vec![2]);
+            let records = ws.changelog(u64::from(i));
             let stores: Vec<&str> = records.iter().filter_map(|(k, _)| store_of(k)).collect();
-            assert!(!stores.contains(&OUTBOX), "excluded stores stay out");
+            assert!(
+                !stores.contains(&LOCAL) && !stores.contains(&CHANGELOG_QUEUE),
+                "disk-local stores stay out"
+            );
+            assert!(stores.contains(&OUTBOX), "the outbox is part of the state");
             let first_late = stores.iter().position(|s| s.starts_with("dedup")).unwrap();
-            assert!(stores[..first_late].iter().all(|s| *s == "payments"));
-            assert_eq!(stores.last(), Some(&META), "the checkpoint goes last");
+            assert!(stores[..first_late]
+                .iter()
+                .all(|s| *s == "payments" || *s == OUTBOX));
+            assert!(
+                is_commit_marker(&records.last().unwrap().0),
+                "the marker closes the batch"
+            );
+            assert_eq!(
+                stores[stores.len() - 2],
+                META,
+                "the checkpoint comes before it"
+            );
             log.extend(records);
             live.commit(ws).unwrap();
         }
         let restored_dir = tempfile::tempdir().unwrap();
         let restored = PartitionStore::open(restored_dir.path(), "app", "t", 0).unwrap();
         restored.put_garbage_for_test();
-        restored.clear().unwrap();
-        restored.apply_changelog(log).unwrap();
-        let without_outbox = |ps: &PartitionStore| -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut r = Restore::start(&restored).unwrap();
+        for rec in log.iter().cloned() {
+            r.push(rec).unwrap();
+        }
+        let done = r.finish(log.len() as i64).unwrap();
+        assert_eq!(done.applied, log.len() - 50, "all but the 50 markers");
+        assert!(done.unfinished.is_empty());
+        let shared = |ps: &PartitionStore| -> Vec<(Vec<u8>, Vec<u8>)> {
             ps.tree
                 .iter()
                 .filter_map(|r| r.ok())
-                .filter(|(k, _)| store_of(k) != Some(OUTBOX))
+                .filter(|(k, _)| !store_of(k).is_some_and(is_local))
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect()
         };
-        assert_eq!(without_outbox(&live), without_outbox(&restored));
+        assert!(
+            shared(&live) == shared(&restored),
+            "the restored store differs"
+        );
         assert_eq!(restored.next_offset().unwrap(), Some(50));
-        assert!(restored.scan(OUTBOX, 10).unwrap().is_empty());
+        assert_eq!(restored.changelog_end().unwrap(), Some(log.len() as i64));
+        assert!(restored.scan(CHANGELOG_QUEUE, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_left_out_of_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Vec::new();
+        let mut ws = WriteSet::default();
+        ws.put("payments", b"p1", &1u32);
+        ws.set_next_offset(1);
+        log.extend(ws.changelog(0));
+        let mut ws = WriteSet::default();
+        ws.put("payments", b"p1", &2u32);
+        ws.put("payments", b"p2", &2u32);
+        ws.set_next_offset(2);
+        let mut second = ws.changelog(1);
+        second.truncate(1); // the writer died after the first record
+        log.extend(second);
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let mut r = Restore::start(&ps).unwrap();
+        for rec in log {
+            r.push(rec).unwrap();
+        }
+        let done = r.finish(4).unwrap();
+        assert_eq!(ps.get::<u32>("payments", b"p1").unwrap(), Some(1));
+        assert_eq!(ps.get::<u32>("payments", b"p2").unwrap(), None);
+        assert_eq!(ps.next_offset().unwrap(), Some(1));
+        assert_eq!(done.unfinished, vec![full_key("payments", b"p1")]);
+        assert_eq!(
+            ps.current(done.unfinished).unwrap(),
+            vec![(full_key("payments", b"p1"), Some(encode(&1u32)))],
+            "the restored value, to publish over the unfinished one"
+        );
     }
 
     impl PartitionStore {

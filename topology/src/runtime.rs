@@ -87,6 +87,10 @@ fn lock(tasks: &Tasks) -> std::sync::MutexGuard<'_, HashMap<(String, i32), TaskH
 pub struct WorkerContext {
     group: String,
     tasks: Tasks,
+    /// Partitions just assigned, for the worker loop to start their tasks at once (not
+    /// at their first record: a partition with nothing new to read still has timers to
+    /// fire and an outbox to publish).
+    assigned: mpsc::UnboundedSender<Vec<(String, i32)>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -138,6 +142,15 @@ impl ConsumerContext for WorkerContext {
     }
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance done");
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // The worker loop is gone only when the worker is stopping.
+            let _ = self.assigned.send(parts);
+        }
     }
 }
 
@@ -186,6 +199,19 @@ pub fn producer(brokers: &str, extra: &[(String, String)]) -> anyhow::Result<Fut
     c.create().context("creating the Kafka producer")
 }
 
+/// The worker's producer: idempotent and gapless (a failure that would leave a hole in a
+/// partition stops it instead), and it never gives up on a record by time — a broker
+/// outage stalls publishing rather than failing it. What a changelog partition holds is
+/// therefore always a prefix of what its task sent.
+fn worker_producer(settings: &WorkerSettings) -> anyhow::Result<FutureProducer> {
+    let mut extra = vec![
+        ("enable.gapless.guarantee".to_owned(), "true".to_owned()),
+        ("message.timeout.ms".to_owned(), "0".to_owned()),
+    ];
+    extra.extend(settings.kafka.iter().cloned());
+    producer(&settings.brokers, &extra)
+}
+
 struct TaskHandle {
     tx: mpsc::Sender<RawRecord>,
     join: JoinHandle<()>,
@@ -199,6 +225,7 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let group = topo.application_id.clone();
     let tasks: Tasks = Arc::default();
+    let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel();
     let mut cfg = client_config(&settings.brokers, &[]);
     cfg.set("group.id", &group)
         .set("enable.auto.commit", "true")
@@ -217,6 +244,7 @@ pub async fn run_worker(
         cfg.create_with_context(WorkerContext {
             group: group.clone(),
             tasks: tasks.clone(),
+            assigned: assigned_tx,
         })
         .context("creating the Kafka consumer")?,
     );
@@ -225,7 +253,7 @@ pub async fn run_worker(
     consumer
         .subscribe(&topic_refs)
         .context("subscribing to the source topics")?;
-    let producer = producer(&settings.brokers, &settings.kafka)?;
+    let producer = worker_producer(&settings)?;
     if settings.changelog {
         ensure_changelog_topics(&producer, &topo)?;
     }
@@ -239,11 +267,36 @@ pub async fn run_worker(
     tracing::info!(%group, ?topics, guarantee = ?topo.processing_guarantee, "worker started");
 
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+    let spawner = Spawner {
+        topo: topo.clone(),
+        settings: settings.clone(),
+        tasks: tasks.clone(),
+        consumer: consumer.clone(),
+        producer: producer.clone(),
+        dispatcher,
+        fail: fail_tx,
+    };
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             Some(e) = fail_rx.recv() => break Err(e),
+            Some(parts) = assigned_rx.recv() => {
+                // Still assigned (a later rebalance may have taken them again)?
+                let current = consumer.assignment().unwrap_or_default();
+                let mut failed = None;
+                for (topic, partition) in parts {
+                    if current.find_partition(&topic, partition).is_some() {
+                        if let Err(e) = spawner.task(&topic, partition) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e);
+                }
+            }
             msg = consumer.recv() => {
                 let m = match msg {
                     Ok(m) => m,
@@ -264,26 +317,15 @@ pub async fn run_worker(
                     timestamp_ms: m.timestamp().to_millis(),
                 };
                 drop(m);
-                let key = (raw.topic.clone(), raw.partition);
-                let tx = {
-                    let mut map = lock(&tasks);
-                    if !map.contains_key(&key) {
-                        match spawn_task(&topo, &settings, &key.0, key.1, consumer.clone(), producer.clone(), dispatcher.clone(), fail_tx.clone()) {
-                            Ok(handle) => {
-                                map.insert(key.clone(), handle);
-                            }
-                            Err(e) => break Err(e),
-                        }
-                    }
-                    map.get(&key).map(|h| h.tx.clone())
+                let tx = match spawner.task(&raw.topic, raw.partition) {
+                    Ok(tx) => tx,
+                    Err(e) => break Err(e),
                 };
-                if let Some(tx) = tx {
-                    if tx.send(raw).await.is_err() {
-                        // The task has stopped; its error arrives on `fail_rx`.
-                        match fail_rx.recv().await {
-                            Some(e) => break Err(e),
-                            None => break Err(anyhow::anyhow!("task for {}-{} stopped", key.0, key.1)),
-                        }
+                if tx.send(raw).await.is_err() {
+                    // The task has stopped; its error arrives on `fail_rx`.
+                    match fail_rx.recv().await {
+                        Some(e) => break Err(e),
+                        None => break Err(anyhow::anyhow!("a task stopped")),
                     }
                 }
             }
@@ -311,6 +353,40 @@ pub async fn run_worker(
     result
 }
 
+/// Starts the tasks of the worker's partitions.
+struct Spawner {
+    topo: Arc<CompiledTopology>,
+    settings: WorkerSettings,
+    tasks: Tasks,
+    consumer: Arc<WorkerConsumer>,
+    producer: FutureProducer,
+    dispatcher: Dispatcher,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+}
+
+impl Spawner {
+    /// The input channel of the partition's task, started first if it is not running.
+    fn task(&self, topic: &str, partition: i32) -> anyhow::Result<mpsc::Sender<RawRecord>> {
+        let key = (topic.to_owned(), partition);
+        if let Some(h) = lock(&self.tasks).get(&key) {
+            return Ok(h.tx.clone());
+        }
+        let handle = spawn_task(
+            &self.topo,
+            &self.settings,
+            topic,
+            partition,
+            self.consumer.clone(),
+            self.producer.clone(),
+            self.dispatcher.clone(),
+            self.fail.clone(),
+        )?;
+        let tx = handle.tx.clone();
+        lock(&self.tasks).insert(key, handle);
+        Ok(tx)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn spawn_task(
     topo: &CompiledTopology,
@@ -325,23 +401,38 @@ fn spawn_task(
     let started = Instant::now();
     let store = open_store(settings, &topo.application_id, topic, partition)?;
     let committed = committed_offset(&consumer, topic, partition)?;
-    let local = store.next_offset()?;
-    let behind = match (local, committed) {
-        (None, _) => true,
-        (Some(l), Some(c)) => l < c,
-        (Some(_), None) => false,
+    let mut unfinished = Vec::new();
+    let source = match settings.changelog {
+        true => {
+            let changelog = topo.changelog_topic(topic);
+            let (_, high) = tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(&changelog, partition, Duration::from_secs(10))
+            })
+            .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
+            // Someone else wrote to the changelog since this copy last followed it (the
+            // partition was elsewhere meanwhile), or this copy is new or behind the group.
+            let behind_log = store.changelog_end()?.unwrap_or(0) < high;
+            let behind_group = match (store.next_offset()?, committed) {
+                (Some(l), Some(c)) => l < c,
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+            if behind_log || behind_group {
+                let restored = tokio::task::block_in_place(|| {
+                    restore_from_changelog(&store, settings, &changelog, partition, high)
+                })?;
+                tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
+                unfinished = restored.unfinished;
+                "changelog"
+            } else {
+                "local"
+            }
+        }
+        false => "local",
     };
-    let source = if settings.changelog && behind {
-        let changelog = topo.changelog_topic(topic);
-        let records = tokio::task::block_in_place(|| {
-            restore_from_changelog(&store, settings, &changelog, partition)
-        })?;
-        tracing::info!(topic, partition, records, checkpoint = ?store.next_offset()?, "store restored from the changelog");
-        "changelog"
-    } else {
-        "local"
-    };
-    let task = Task::open(topo, store, topic, partition, settings.changelog)?;
+    let mut task = Task::open(topo, store, topic, partition, settings.changelog)?;
+    // The restored values go over whatever the previous writer left half-written.
+    task.republish(unfinished)?;
     ensure_store_is_current(topic, partition, task.next_offset(), committed)?;
     let restore = started.elapsed();
     METRICS
@@ -433,13 +524,15 @@ fn changelog_value(v: &Option<Vec<u8>>) -> Option<Vec<u8>> {
 }
 
 /// Rebuilds a partition's store from its changelog partition: empties it, then applies
-/// every record up to the partition's end. Returns how many records were applied.
+/// every complete batch up to the partition's end (`high`). Returns the keys of an
+/// unfinished batch at the end, left out.
 fn restore_from_changelog(
     store: &PartitionStore,
     settings: &WorkerSettings,
     changelog: &str,
     partition: i32,
-) -> anyhow::Result<usize> {
+    high: i64,
+) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(&settings.brokers, &settings.kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
         .set("enable.auto.commit", "false")
@@ -448,28 +541,27 @@ fn restore_from_changelog(
     let consumer: BaseConsumer = cfg
         .create()
         .context("creating the changelog restore consumer")?;
-    let (low, high) = consumer
+    let mut restore = stores::Restore::start(store)?;
+    let (low, _) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
-    store.clear()?;
     if high <= low {
-        return Ok(0);
+        return Ok(restore.finish(high)?);
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(changelog, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + Duration::from_secs(600);
-    let mut batch = Vec::new();
-    let mut applied = 0;
+    let mut read = 0;
     loop {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "restoring {changelog}-{partition} took longer than 10 minutes ({applied} records so far)"
+            "restoring {changelog}-{partition} took longer than 10 minutes ({read} records so far)"
         );
         let done = match consumer.poll(Duration::from_millis(500)) {
             None => false,
             Some(Ok(m)) => {
-                if let Some(k) = m.key() {
+                if let (Some(k), true) = (m.key(), m.offset() < high) {
                     let v = match m.payload() {
                         None => None,
                         Some([CHANGELOG_PUT, rest @ ..]) => Some(rest.to_vec()),
@@ -478,7 +570,8 @@ fn restore_from_changelog(
                             m.offset()
                         ),
                     };
-                    batch.push((k.to_vec(), v));
+                    restore.push((k.to_vec(), v))?;
+                    read += 1;
                 }
                 m.offset() >= high - 1
             }
@@ -488,12 +581,8 @@ fn restore_from_changelog(
                 false
             }
         };
-        if batch.len() >= 10_000 || (done && !batch.is_empty()) {
-            applied += batch.len();
-            store.apply_changelog(batch.drain(..))?;
-        }
         if done {
-            return Ok(applied);
+            return Ok(restore.finish(high)?);
         }
     }
 }
@@ -538,8 +627,8 @@ async fn task_loop(
     dispatcher: &Dispatcher,
     settings: &WorkerSettings,
 ) -> anyhow::Result<()> {
-    // Whatever a crash left in the outbox goes out first.
-    publish(&task, producer, dispatcher).await?;
+    // Whatever a crash (or the previous owner) left in the outbox goes out first.
+    publish(&mut task, producer, dispatcher).await?;
     let mut tick = tokio::time::interval(settings.punctuate_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
@@ -562,7 +651,7 @@ async fn task_loop(
                     task.apply_input(raw, now)?;
                 }
                 task.fire_timers(now, 1000)?;
-                publish(&task, producer, dispatcher).await?;
+                publish(&mut task, producer, dispatcher).await?;
                 if let Some(offset) = last {
                     // Stores `offset + 1` for the next commit; fails harmlessly if the
                     // partition was revoked meanwhile.
@@ -574,7 +663,7 @@ async fn task_loop(
             }
             _ = tick.tick() => {
                 if task.fire_timers(now_ms(), 1000)? > 0 {
-                    publish(&task, producer, dispatcher).await?;
+                    publish(&mut task, producer, dispatcher).await?;
                 }
             }
             _ = housekeeping.tick() => {
@@ -582,27 +671,31 @@ async fn task_loop(
             }
         }
     }
-    publish(&task, producer, dispatcher).await?;
+    publish(&mut task, producer, dispatcher).await?;
+    // The removal of what was just published, so the next owner does not publish it
+    // again.
+    task.store().flush().await?;
+    deliver_changelog(&task, producer).await?;
     tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
     Ok(())
 }
 
-/// Makes the task's state durable, then publishes its outbox: Kafka records first
-/// (retried until delivered; a broker outage stalls this partition, it loses nothing),
-/// then provider calls.
+/// Makes the task's state durable, delivers its queued changelog, then publishes its
+/// outbox: Kafka records (retried until delivered; a broker outage stalls this
+/// partition, it loses nothing), then provider calls.
 async fn publish(
-    task: &Task,
+    task: &mut Task,
     producer: &FutureProducer,
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
     task.store().flush().await?;
+    deliver_changelog(task, producer).await?;
     let pending = task.pending()?;
     if pending.entries.is_empty() {
         return Ok(());
     }
     let mut calls = Vec::new();
     let mut sends = Vec::new();
-    let mut changelog = Vec::new();
     let mut keys = Vec::with_capacity(pending.entries.len());
     for (key, entry) in pending.entries {
         keys.push(key);
@@ -614,26 +707,10 @@ async fn publish(
                 payload,
                 headers,
             } => sends.push(send_until_delivered(producer, topic, key, payload, headers)),
-            OutboxEntry::Changelog { records } => changelog.extend(records),
         }
     }
-    join_all(sends).await;
-    // The changelog follows the outputs it accounts for: a restored store never holds a
-    // change whose events were not published. Records of one partition keep their order
-    // (idempotent producer), so a delivered prefix is a state the task was in.
-    if let (Some(topic), false) = (task.changelog_topic(), changelog.is_empty()) {
-        let sends = changelog.into_iter().map(|(key, value)| {
-            send_changelog(
-                producer,
-                topic,
-                task.partition,
-                key,
-                changelog_value(&value),
-            )
-        });
-        for r in join_all(sends).await {
-            r?;
-        }
+    for r in join_all(sends).await {
+        r?;
     }
     for call in calls {
         dispatcher.dispatch(call);
@@ -642,17 +719,51 @@ async fn publish(
     Ok(())
 }
 
-/// Sends one changelog record. A failure is not retried here: a retried record would
-/// land after later ones and a restore would apply an older value last. The task fails
-/// instead, and its restart republishes the whole pending changelog, in order, from the
-/// outbox.
+/// Delivers the task's queued changelog batches, in commit order, to its partition of
+/// the changelog topic, before anything they account for is published: a restore then
+/// never lands behind an output already seen. The producer is idempotent and gapless, so
+/// what the topic holds is always a prefix of what was sent.
+async fn deliver_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Result<()> {
+    let Some(topic) = task.changelog_topic() else {
+        return Ok(());
+    };
+    let batches = task.pending_changelog()?;
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let mut keys = Vec::with_capacity(batches.len());
+    let mut sends = Vec::new();
+    for (key, records) in batches {
+        keys.push(key);
+        for (k, v) in records {
+            sends.push(send_changelog(
+                producer,
+                topic,
+                task.partition,
+                k,
+                changelog_value(&v),
+            ));
+        }
+    }
+    let mut end = 0;
+    for r in join_all(sends).await {
+        end = end.max(r? + 1);
+    }
+    task.changelog_delivered(keys, end)?;
+    Ok(())
+}
+
+/// Sends one changelog record; returns its offset. A failure is not retried here: a
+/// retried record would land after later ones and a restore would apply an older value
+/// last. The task fails instead, and its restart delivers the whole queue again, in
+/// order.
 async fn send_changelog(
     producer: &FutureProducer,
     topic: &str,
     partition: i32,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<i64> {
     let mut record = FutureRecord::<[u8], [u8]>::to(topic)
         .partition(partition)
         .key(&key);
@@ -662,10 +773,10 @@ async fn send_changelog(
     producer
         .send(record, Duration::from_secs(30))
         .await
-        .map(|_| ())
+        .map(|d| d.offset)
         .map_err(|(e, _)| {
             METRICS.errors.with_label_values(&["changelog_produce"]).inc();
-            anyhow::anyhow!("publishing to the changelog {topic}-{partition} failed: {e}; the task restarts and republishes its pending changelog")
+            anyhow::anyhow!("publishing to the changelog {topic}-{partition} failed: {e}; the task restarts and delivers its queued changelog again")
         })
 }
 
@@ -675,7 +786,7 @@ async fn send_until_delivered(
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
     mut headers: Vec<(String, Vec<u8>)>,
-) {
+) -> anyhow::Result<()> {
     // A traced record is published in a `produce` span; its consumer continues from it.
     let span = headers
         .iter_mut()
@@ -705,7 +816,8 @@ async fn deliver(
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
     headers: Vec<(String, Vec<u8>)>,
-) {
+) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
     let mut delay = Duration::from_millis(100);
     loop {
         let mut h = OwnedHeaders::new_with_capacity(headers.len());
@@ -720,9 +832,12 @@ async fn deliver(
             record = record.key(k);
         }
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             Err((e, _)) => {
                 METRICS.errors.with_label_values(&["kafka_produce"]).inc();
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    anyhow::bail!("the Kafka producer stopped ({code:?}: {reason}); the worker restarts and publishes its outbox again");
+                }
                 tracing::warn!(%topic, error = %e, "publishing failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

@@ -1,11 +1,12 @@
 //! A task: one input partition, its stores, and its instance of the processor graph.
 //!
 //! For each input record the task runs the graph, then commits **one** sled batch that
-//! holds the state changes, dedup records, timers, the outputs (in an outbox) and the
-//! next input offset. After a batch of records it flushes sled, publishes the outbox,
-//! deletes what was published, and only then stores the Kafka offset. A crash anywhere
-//! replays from the last durable checkpoint; outputs are deterministic and idempotent,
-//! so the replay emits the same `(payment_id, seq)` events.
+//! holds the state changes, dedup records, timers, the outputs (in an outbox), the next
+//! input offset and, when changelogs are on, that batch's changelog records (queued).
+//! After a batch of records it flushes sled, delivers the queued changelog, publishes
+//! the outbox, deletes what was published, and only then stores the Kafka offset. A
+//! crash anywhere replays from the last durable checkpoint; outputs are deterministic
+//! and idempotent, so the replay emits the same `(payment_id, seq)` events.
 
 use crate::config::{CompiledTopology, Role};
 use crate::metrics::METRICS;
@@ -13,7 +14,9 @@ use crate::processor::{
     Context, ProcessError, Processor, ProviderCall, RawRecord, Record, RecordKind,
 };
 use serde::{Deserialize, Serialize};
-use stores::{time_key, PartitionStore, WriteSet, OUTBOX, TIMERS};
+use stores::{
+    time_key, ChangelogRecord, PartitionStore, WriteSet, CHANGELOG_QUEUE, OUTBOX, TIMERS,
+};
 
 /// A record the task must publish once its batch is durable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,11 +28,6 @@ pub enum OutboxEntry {
         headers: Vec<(String, Vec<u8>)>,
     },
     Provider(ProviderCall),
-    /// The changelog of one write set, published (in order, to the task's partition of
-    /// the changelog topic) after every other output of the batch is delivered.
-    Changelog {
-        records: Vec<stores::ChangelogRecord>,
-    },
 }
 
 enum NodeRuntime {
@@ -110,8 +108,12 @@ pub struct Task {
     source: usize,
     next_offset: Option<i64>,
     outbox_seq: u64,
+    changelog_seq: u64,
     changelog_topic: Option<String>,
 }
+
+/// A changelog batch waiting for delivery: its queue key and its records.
+pub type QueuedChangelog = (Vec<u8>, Vec<ChangelogRecord>);
 
 /// Keys of the outbox entries staged for publishing.
 pub struct Pending {
@@ -134,6 +136,7 @@ impl Task {
             .ok_or_else(|| anyhow::anyhow!("topic `{topic}` is not a source of this topology"))?;
         let next_offset = store.next_offset()?;
         let outbox_seq = store.outbox_seq()?;
+        let changelog_seq = store.changelog_seq()?;
         Ok(Task {
             topic: topic.to_owned(),
             partition,
@@ -142,6 +145,7 @@ impl Task {
             source,
             next_offset,
             outbox_seq,
+            changelog_seq,
             changelog_topic: changelog.then(|| topo.changelog_topic(topic)),
         })
     }
@@ -252,35 +256,80 @@ impl Task {
         Ok(Pending { entries })
     }
 
-    /// Removes published outbox entries.
-    pub fn published(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<(), ProcessError> {
+    /// Removes published outbox entries (a change of state like any other: it goes to
+    /// the changelog, so a restore does not publish them again).
+    pub fn published(
+        &mut self,
+        keys: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<(), ProcessError> {
         let mut ws = WriteSet::default();
         for k in keys {
             ws.delete(OUTBOX, &k);
         }
         if !ws.is_empty() {
+            self.stage_changelog(&mut ws);
             self.store.commit(ws)?;
         }
         Ok(())
     }
 
-    /// Adds the write set's changelog to the outbox (in the same atomic commit), so a
-    /// crash before it is published republishes it.
+    /// Changelog batches committed but not yet delivered, in commit order.
+    pub fn pending_changelog(&self) -> Result<Vec<QueuedChangelog>, ProcessError> {
+        let mut batches = Vec::new();
+        for (k, v) in self.store.scan(CHANGELOG_QUEUE, usize::MAX)? {
+            batches.push((k, stores::decode(CHANGELOG_QUEUE, &v)?));
+        }
+        Ok(batches)
+    }
+
+    /// Forgets delivered changelog batches; `end` is the changelog offset after the last
+    /// record delivered.
+    pub fn changelog_delivered(
+        &self,
+        keys: impl IntoIterator<Item = Vec<u8>>,
+        end: i64,
+    ) -> Result<(), ProcessError> {
+        let mut ws = WriteSet::default();
+        for k in keys {
+            ws.delete(CHANGELOG_QUEUE, &k);
+        }
+        ws.set_changelog_end(end);
+        self.store.commit(ws)?;
+        Ok(())
+    }
+
+    /// Queues the current values of `full_keys` for the changelog, as one batch: after a
+    /// restore, they go over a batch the previous writer left unfinished at the log's end.
+    pub fn republish(&mut self, full_keys: Vec<Vec<u8>>) -> Result<(), ProcessError> {
+        if full_keys.is_empty() || self.changelog_topic.is_none() {
+            return Ok(());
+        }
+        let mut records = self.store.current(full_keys)?;
+        records.push(stores::commit_marker(self.changelog_seq));
+        let mut ws = WriteSet::default();
+        self.queue_changelog(&mut ws, records);
+        self.store.commit(ws)?;
+        Ok(())
+    }
+
+    /// Queues the write set's changelog batch in the same atomic commit. The batch is
+    /// delivered before any output of the write set is published, so every output ever
+    /// published comes from a state a restore can reach, and a restored outbox publishes
+    /// whatever the previous owner had not.
     fn stage_changelog(&mut self, ws: &mut WriteSet) {
         if self.changelog_topic.is_none() {
             return;
         }
-        let records = ws.changelog(&[OUTBOX]);
-        if records.is_empty() {
-            return;
+        let records = ws.changelog(self.changelog_seq);
+        if !records.is_empty() {
+            self.queue_changelog(ws, records);
         }
-        ws.put(
-            OUTBOX,
-            &self.outbox_seq.to_be_bytes(),
-            &OutboxEntry::Changelog { records },
-        );
-        self.outbox_seq += 1;
-        ws.set_outbox_seq(self.outbox_seq);
+    }
+
+    fn queue_changelog(&mut self, ws: &mut WriteSet, records: Vec<ChangelogRecord>) {
+        ws.put(CHANGELOG_QUEUE, &self.changelog_seq.to_be_bytes(), &records);
+        self.changelog_seq += 1;
+        ws.set_changelog_seq(self.changelog_seq);
     }
 
     fn stage_outbox(&mut self, ws: &mut WriteSet, step: Step) {
