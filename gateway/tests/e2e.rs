@@ -1038,3 +1038,85 @@ async fn partitions_move_between_two_workers_without_loss() {
     );
     stack.shutdown().await.unwrap();
 }
+
+/// Kafka unreachable: a create is answered at once-ish (within the publish timeout) with
+/// 503 `unavailable` and `Retry-After`, never accepted without being published and never
+/// left hanging. Once the broker is back, the client's retry of the same request is
+/// accepted, and the payment is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_is_a_clear_503_and_the_retry_is_charged_once() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    // Pending at the provider with a slow webhook: still cancelable during the outage.
+    let before = api.create("before-outage", 4207, "EUR").await.unwrap();
+    assert_eq!(before.status, 202, "{}", before.body);
+    api.wait_for_status(
+        before.body["id"].as_str().unwrap(),
+        &["PROCESSING"],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+
+    stack
+        .kafka
+        .fault(testkit::kafka::Fault::BrokerDown(1))
+        .unwrap();
+    let started = Instant::now();
+    let refused = api.create("during-outage", 4300, "EUR").await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.code(), "unavailable", "{}", refused.body);
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "a 503 says when to retry"
+    );
+    let cancel = api
+        .cancel(before.body["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (cancel.status, cancel.code()),
+        (503, "unavailable"),
+        "a cancel that cannot be queued is refused, not accepted: {}",
+        cancel.body
+    );
+
+    stack
+        .kafka
+        .fault(testkit::kafka::Fault::BrokerUp(1))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let accepted = loop {
+        let r = api.create("during-outage", 4300, "EUR").await.unwrap();
+        if r.status == 202 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let id = accepted.body["id"].as_str().unwrap().to_owned();
+    let done = api
+        .wait_for_status(&id, &["COMPLETED"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.body["amount"], 4300);
+    let charges: Vec<u32> = stack
+        .sim
+        .ledger()
+        .charges
+        .iter()
+        .filter(|c| c.reference == id)
+        .map(|c| c.captures)
+        .collect();
+    assert_eq!(
+        charges,
+        vec![1],
+        "the retried create is charged exactly once"
+    );
+    println!(
+        "e2e: broker outage answered 503 in {} ms",
+        waited.as_millis()
+    );
+    stack.shutdown().await.unwrap();
+}

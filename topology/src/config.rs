@@ -221,12 +221,6 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
             "must be non-empty and use only letters, digits, '-', '_' and '.'".into(),
         );
     }
-    if file.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
-        err(
-            "processing_guarantee",
-            "\"exactly_once\" is not available in this version; use \"at_least_once\" (outputs are deterministic and idempotent)".into(),
-        );
-    }
     if file.sources.is_empty() {
         err("sources", "at least one source is required".into());
     }

@@ -1,15 +1,22 @@
 //! The worker: consumes the source topics in a consumer group and runs one [`Task`] per
 //! assigned partition, each on its own tokio task.
 //!
-//! Offsets: auto-commit is on but auto offset *store* is off; a task stores an offset
-//! only after the records up to it are durable in its sled store and their outputs are
-//! published (rust-rdkafka's at-least-once pattern). The sled checkpoint is ahead of or
-//! equal to the committed offset, and records below it are skipped.
+//! A task starts when its partition is assigned: it restores its store from the
+//! changelog first if the local copy is missing, behind the group or behind the
+//! changelog's latest writes, then publishes what its outbox still holds.
+//!
+//! `at_least_once`: auto-commit is on but auto offset *store* is off; a task stores an
+//! offset only after the records up to it are durable in its sled store, their changelog
+//! is delivered and their outputs are published (rust-rdkafka's at-least-once pattern).
+//! `exactly_once`: auto-commit is off; each publish is one transaction of a per-partition
+//! transactional producer holding the changelog, the outputs and the input offset. Either
+//! way the sled checkpoint is ahead of or equal to the committed offset, and records
+//! below it are skipped.
 //!
 //! Crash-only: a task that fails (its store broke) stops the worker with the error; the
 //! supervisor restarts the process, which resumes from the durable checkpoints.
 
-use crate::config::CompiledTopology;
+use crate::config::{CompiledTopology, ProcessingGuarantee};
 use crate::metrics::METRICS;
 use crate::processor::RawRecord;
 use crate::provider::{now_ms, Dispatcher, ProviderClient};
@@ -227,8 +234,9 @@ pub async fn run_worker(
     let tasks: Tasks = Arc::default();
     let (assigned_tx, mut assigned_rx) = mpsc::unbounded_channel();
     let mut cfg = client_config(&settings.brokers, &[]);
+    let auto_commit = topo.processing_guarantee == ProcessingGuarantee::AtLeastOnce;
     cfg.set("group.id", &group)
-        .set("enable.auto.commit", "true")
+        .set("enable.auto.commit", auto_commit.to_string())
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
@@ -343,8 +351,11 @@ pub async fn run_worker(
     for j in joins {
         let _ = j.await;
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(error = %e, "final offset commit skipped");
+    // Under exactly-once the offsets were committed in the tasks' transactions.
+    if topo.processing_guarantee == ProcessingGuarantee::AtLeastOnce {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "final offset commit skipped");
+        }
     }
     // Leave the group now, so the partitions move at once instead of after the session
     // timeout.
@@ -442,9 +453,20 @@ fn spawn_task(
     tracing::info!(topic, partition, checkpoint = ?task.next_offset(), source, restore_ms = restore.as_millis() as u64, "task started");
     let (tx, rx) = mpsc::channel(settings.max_batch * 4);
     let settings = settings.clone();
+    let guarantee = topo.processing_guarantee;
+    let app = topo.application_id.clone();
     let join = tokio::spawn(async move {
         let label = format!("{}-{}", task.topic, task.partition);
-        if let Err(e) = task_loop(task, rx, &consumer, &producer, &dispatcher, &settings).await {
+        let run = async {
+            let output = match guarantee {
+                ProcessingGuarantee::AtLeastOnce => Output::AtLeastOnce(producer),
+                ProcessingGuarantee::ExactlyOnce => Output::ExactlyOnce(
+                    transactional_producer(&settings, &app, &task.topic, task.partition).await?,
+                ),
+            };
+            task_loop(task, rx, &consumer, &output, &dispatcher, &settings).await
+        };
+        if let Err(e) = run.await {
             METRICS.errors.with_label_values(&["task_failed"]).inc();
             tracing::error!(task = %label, error = %format!("{e:#}"), "task failed");
             let _ = fail.send(e.context(format!("task {label} failed")));
@@ -535,6 +557,7 @@ fn restore_from_changelog(
 ) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(&settings.brokers, &settings.kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
+        .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
@@ -619,16 +642,28 @@ fn ensure_changelog_topics(
     Ok(())
 }
 
+/// How a task's outputs, changelog and input offsets reach Kafka.
+enum Output {
+    /// The changelog first, then the outputs; the input offset is stored for the
+    /// consumer's auto-commit once both are delivered.
+    AtLeastOnce(FutureProducer),
+    /// One Kafka transaction per publish: changelog, outputs, their removal from the
+    /// outbox and the input offset commit together or not at all. The producer's
+    /// transactional id is the partition's, so whoever takes the partition over fences
+    /// the previous owner.
+    ExactlyOnce(FutureProducer),
+}
+
 async fn task_loop(
     mut task: Task,
     mut rx: mpsc::Receiver<RawRecord>,
     consumer: &WorkerConsumer,
-    producer: &FutureProducer,
+    output: &Output,
     dispatcher: &Dispatcher,
     settings: &WorkerSettings,
 ) -> anyhow::Result<()> {
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
-    publish(&mut task, producer, dispatcher).await?;
+    publish(&mut task, output, consumer, dispatcher).await?;
     let mut tick = tokio::time::interval(settings.punctuate_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
@@ -651,8 +686,8 @@ async fn task_loop(
                     task.apply_input(raw, now)?;
                 }
                 task.fire_timers(now, 1000)?;
-                publish(&mut task, producer, dispatcher).await?;
-                if let Some(offset) = last {
+                publish(&mut task, output, consumer, dispatcher).await?;
+                if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
                     // Stores `offset + 1` for the next commit; fails harmlessly if the
                     // partition was revoked meanwhile.
                     if let Err(e) = consumer.store_offset(&task.topic, task.partition, offset) {
@@ -663,7 +698,7 @@ async fn task_loop(
             }
             _ = tick.tick() => {
                 if task.fire_timers(now_ms(), 1000)? > 0 {
-                    publish(&mut task, producer, dispatcher).await?;
+                    publish(&mut task, output, consumer, dispatcher).await?;
                 }
             }
             _ = housekeeping.tick() => {
@@ -671,19 +706,33 @@ async fn task_loop(
             }
         }
     }
-    publish(&mut task, producer, dispatcher).await?;
-    // The removal of what was just published, so the next owner does not publish it
-    // again.
-    task.store().flush().await?;
-    deliver_changelog(&task, producer).await?;
+    publish(&mut task, output, consumer, dispatcher).await?;
+    // Once more for the removal of what was just published, so the next owner does not
+    // publish it again.
+    publish(&mut task, output, consumer, dispatcher).await?;
     tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
     Ok(())
 }
 
-/// Makes the task's state durable, delivers its queued changelog, then publishes its
-/// outbox: Kafka records (retried until delivered; a broker outage stalls this
-/// partition, it loses nothing), then provider calls.
+/// Makes the task's state durable, then delivers its queued changelog and publishes its
+/// outbox as the processing guarantee says; provider calls go out last.
 async fn publish(
+    task: &mut Task,
+    output: &Output,
+    consumer: &WorkerConsumer,
+    dispatcher: &Dispatcher,
+) -> anyhow::Result<()> {
+    match output {
+        Output::AtLeastOnce(producer) => publish_at_least_once(task, producer, dispatcher).await,
+        Output::ExactlyOnce(producer) => {
+            publish_transaction(task, producer, consumer, dispatcher).await
+        }
+    }
+}
+
+/// The changelog, then the Kafka records of the outbox (retried until delivered; a
+/// broker outage stalls this partition, it loses nothing), then provider calls.
+async fn publish_at_least_once(
     task: &mut Task,
     producer: &FutureProducer,
     dispatcher: &Dispatcher,
@@ -749,8 +798,230 @@ async fn deliver_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Re
     for r in join_all(sends).await {
         end = end.max(r? + 1);
     }
-    task.changelog_delivered(keys, end)?;
+    task.changelog_delivered(keys, Some(end), None)?;
     Ok(())
+}
+
+/// A transactional producer for one partition's task, its earlier incarnations fenced.
+async fn transactional_producer(
+    settings: &WorkerSettings,
+    app: &str,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<FutureProducer> {
+    use rdkafka::producer::Producer;
+    let mut extra = vec![
+        (
+            "transactional.id".to_owned(),
+            format!("{app}-{topic}-{partition}"),
+        ),
+        ("transaction.timeout.ms".to_owned(), "60000".to_owned()),
+    ];
+    extra.extend(settings.kafka.iter().cloned());
+    let producer = producer(&settings.brokers, &extra)?;
+    txn_call(&producer, "starting the transactional producer", |p| {
+        p.init_transactions(Duration::from_secs(60))
+    })
+    .await
+    .map_err(|e| match e {
+        TxnError::Retry(e) | TxnError::Fatal(e) => e.context(format!("{topic}-{partition}")),
+    })?;
+    Ok(producer)
+}
+
+/// Runs one of the producer's blocking transaction calls off the async threads.
+async fn txn_call<F>(producer: &FutureProducer, what: &'static str, f: F) -> Result<(), TxnError>
+where
+    F: FnOnce(&FutureProducer) -> rdkafka::error::KafkaResult<()> + Send + 'static,
+{
+    let p = producer.clone();
+    match tokio::task::spawn_blocking(move || f(&p)).await {
+        Ok(r) => r.map_err(|e| txn_error(what, e)),
+        Err(e) => Err(TxnError::Fatal(anyhow::anyhow!("{what}: {e}"))),
+    }
+}
+
+/// Why a transaction did not commit.
+enum TxnError {
+    /// Aborted; the same transaction can be tried again.
+    Retry(anyhow::Error),
+    /// The producer is fenced or broken: the task must stop.
+    Fatal(anyhow::Error),
+}
+
+fn txn_error(what: &str, e: KafkaError) -> TxnError {
+    let fatal = match &e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    };
+    let e = anyhow::anyhow!("{what}: {e}");
+    if fatal {
+        TxnError::Fatal(e)
+    } else {
+        TxnError::Retry(e)
+    }
+}
+
+/// One transaction: the queued changelog, the outbox's Kafka records, the changelog of
+/// their removal from the outbox, and the input offset. Retried (after an abort) until
+/// it commits; a fenced producer fails the task. Provider calls go out after the commit.
+async fn publish_transaction(
+    task: &mut Task,
+    producer: &FutureProducer,
+    consumer: &WorkerConsumer,
+    dispatcher: &Dispatcher,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    task.store().flush().await?;
+    let queued = task.pending_changelog()?;
+    let mut outputs = Vec::new();
+    let mut output_keys = Vec::new();
+    let mut calls = Vec::new();
+    let mut call_keys = Vec::new();
+    for (key, entry) in task.pending()?.entries {
+        match entry {
+            OutboxEntry::Provider(call) => {
+                call_keys.push(key);
+                calls.push(call);
+            }
+            kafka => {
+                output_keys.push(key);
+                outputs.push(kafka);
+            }
+        }
+    }
+    if !queued.is_empty() || !outputs.is_empty() {
+        let removal = task.removal(&output_keys);
+        let mut changelog: Vec<stores::ChangelogRecord> = Vec::new();
+        let mut queue_keys = Vec::with_capacity(queued.len());
+        for (k, records) in queued {
+            queue_keys.push(k);
+            changelog.extend(records);
+        }
+        changelog.extend(removal.records.iter().cloned());
+        let mut delay = Duration::from_millis(100);
+        let end = loop {
+            match transaction(task, producer, consumer, &changelog, &outputs).await {
+                Ok(end) => break end,
+                Err(TxnError::Fatal(e)) => return Err(e),
+                Err(TxnError::Retry(e)) => {
+                    METRICS.errors.with_label_values(&["transaction"]).inc();
+                    tracing::warn!(topic = %task.topic, partition = task.partition, error = %format!("{e:#}"), "transaction aborted; retrying");
+                    let abort = txn_call(producer, "aborting the transaction", |p| {
+                        p.abort_transaction(Duration::from_secs(30))
+                    });
+                    if let Err(TxnError::Fatal(e)) = abort.await {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        task.changelog_delivered(queue_keys, end, Some(removal))?;
+    }
+    for call in calls {
+        dispatcher.dispatch(call);
+    }
+    task.published(call_keys)?;
+    Ok(())
+}
+
+/// Runs one transaction; returns the changelog offset after its last record.
+async fn transaction(
+    task: &Task,
+    producer: &FutureProducer,
+    consumer: &WorkerConsumer,
+    changelog: &[stores::ChangelogRecord],
+    outputs: &[OutboxEntry],
+) -> Result<Option<i64>, TxnError> {
+    use rdkafka::producer::Producer;
+    txn_call(producer, "beginning a transaction", |p| {
+        p.begin_transaction()
+    })
+    .await?;
+    let topic = task.changelog_topic();
+    let changelog_sends = changelog.iter().filter_map(|(k, v)| {
+        let topic = topic?;
+        let value = changelog_value(v);
+        Some(async move {
+            let record = changelog_record(topic, task.partition, k, &value);
+            producer.send(record, Duration::from_secs(30)).await
+        })
+    });
+    let output_sends = outputs.iter().filter_map(|entry| match entry {
+        OutboxEntry::Kafka {
+            topic,
+            key,
+            payload,
+            headers,
+        } => Some(async move {
+            let mut record = FutureRecord::to(topic)
+                .payload(payload)
+                .headers(owned_headers(headers));
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            producer.send(record, Duration::from_secs(30)).await
+        }),
+        OutboxEntry::Provider(_) => None,
+    });
+    let (changelog_results, output_results) =
+        futures::future::join(join_all(changelog_sends), join_all(output_sends)).await;
+    let mut last = None;
+    for r in changelog_results {
+        let d = r.map_err(|(e, _)| txn_error("publishing the changelog", e))?;
+        last = last.max(Some(d.offset));
+    }
+    for r in output_results {
+        r.map_err(|(e, _)| txn_error("publishing outputs", e))?;
+    }
+    if let Some(next) = task.next_offset() {
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&task.topic, task.partition, Offset::Offset(next))
+            .map_err(|e| TxnError::Fatal(e.into()))?;
+        let group = consumer.group_metadata().ok_or_else(|| {
+            TxnError::Retry(anyhow::anyhow!("the consumer has no group metadata yet"))
+        })?;
+        txn_call(
+            producer,
+            "adding the input offset to the transaction",
+            move |p| p.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30)),
+        )
+        .await?;
+    }
+    txn_call(producer, "committing the transaction", |p| {
+        p.commit_transaction(Duration::from_secs(30))
+    })
+    .await?;
+    // The commit marker takes the offset after the transaction's last record.
+    Ok(last.map(|o| o + 2))
+}
+
+/// A changelog record for the task's partition (`None`: a tombstone).
+fn changelog_record<'a>(
+    topic: &'a str,
+    partition: i32,
+    key: &'a [u8],
+    value: &'a Option<Vec<u8>>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let record = FutureRecord::to(topic).partition(partition).key(key);
+    match value {
+        Some(v) => record.payload(v),
+        None => record,
+    }
+}
+
+fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(headers.len());
+    for (k, v) in headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_slice()),
+        });
+    }
+    h
 }
 
 /// Sends one changelog record; returns its offset. A failure is not retried here: a
@@ -764,14 +1035,11 @@ async fn send_changelog(
     key: Vec<u8>,
     value: Option<Vec<u8>>,
 ) -> anyhow::Result<i64> {
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-        .partition(partition)
-        .key(&key);
-    if let Some(v) = &value {
-        record = record.payload(v);
-    }
     producer
-        .send(record, Duration::from_secs(30))
+        .send(
+            changelog_record(topic, partition, &key, &value),
+            Duration::from_secs(30),
+        )
         .await
         .map(|d| d.offset)
         .map_err(|(e, _)| {
@@ -820,14 +1088,9 @@ async fn deliver(
     use rdkafka::producer::Producer;
     let mut delay = Duration::from_millis(100);
     loop {
-        let mut h = OwnedHeaders::new_with_capacity(headers.len());
-        for (k, v) in &headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
-        }
-        let mut record = FutureRecord::to(topic).payload(&payload).headers(h);
+        let mut record = FutureRecord::to(topic)
+            .payload(&payload)
+            .headers(owned_headers(&headers));
         if let Some(k) = &key {
             record = record.key(k);
         }

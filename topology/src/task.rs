@@ -112,6 +112,13 @@ pub struct Task {
     changelog_topic: Option<String>,
 }
 
+/// Outbox entries to delete once their transaction commits, and the changelog batch
+/// that says so.
+pub struct Removal {
+    ws: WriteSet,
+    pub records: Vec<ChangelogRecord>,
+}
+
 /// A changelog batch waiting for delivery: its queue key and its records.
 pub type QueuedChangelog = (Vec<u8>, Vec<ChangelogRecord>);
 
@@ -283,19 +290,40 @@ impl Task {
     }
 
     /// Forgets delivered changelog batches; `end` is the changelog offset after the last
-    /// record delivered.
+    /// record delivered; `removal`, delivered with them, is applied too.
     pub fn changelog_delivered(
         &self,
         keys: impl IntoIterator<Item = Vec<u8>>,
-        end: i64,
+        end: Option<i64>,
+        removal: Option<Removal>,
     ) -> Result<(), ProcessError> {
-        let mut ws = WriteSet::default();
+        let mut ws = removal.map(|r| r.ws).unwrap_or_default();
         for k in keys {
             ws.delete(CHANGELOG_QUEUE, &k);
         }
-        ws.set_changelog_end(end);
+        if let Some(end) = end {
+            ws.set_changelog_end(end);
+        }
         self.store.commit(ws)?;
         Ok(())
+    }
+
+    /// The removal of outbox entries about to be published in a transaction, with its
+    /// changelog batch to publish in the same transaction; applied once it commits.
+    pub fn removal(&mut self, keys: &[Vec<u8>]) -> Removal {
+        let mut ws = WriteSet::default();
+        for k in keys {
+            ws.delete(OUTBOX, k);
+        }
+        let records = match (&self.changelog_topic, ws.is_empty()) {
+            (Some(_), false) => ws.changelog(self.changelog_seq),
+            _ => Vec::new(),
+        };
+        if !records.is_empty() {
+            self.changelog_seq += 1;
+            ws.set_changelog_seq(self.changelog_seq);
+        }
+        Removal { ws, records }
     }
 
     /// Queues the current values of `full_keys` for the changelog, as one batch: after a

@@ -489,14 +489,14 @@ async fn main() -> anyhow::Result<()> {
         "--payments, --rate and --partitions must be positive"
     );
     anyhow::ensure!(
-        a.guarantee == "at_least_once",
-        "--guarantee {}: only at_least_once is available; exactly_once (Kafka transactions) is refused by the topology compiler",
+        a.guarantee == "at_least_once" || a.guarantee == "exactly_once",
+        "--guarantee {}: use at_least_once or exactly_once",
         a.guarantee
     );
     let seed = a.seed.unwrap_or_else(rand::random);
     println!(
-        "chaos: seed={seed} guarantee={} payments={} rate={}/s (replay: make chaos ARGS=\"--seed {seed} --payments {}\")",
-        a.guarantee, a.payments, a.rate, a.payments
+        "chaos: seed={seed} guarantee={} payments={} rate={}/s (replay: make chaos ARGS=\"--seed {seed} --payments {} --guarantee {}\")",
+        a.guarantee, a.payments, a.rate, a.payments, a.guarantee
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let gateway = sibling("gateway")?;
@@ -520,7 +520,10 @@ async fn main() -> anyhow::Result<()> {
         // timeouts than the command queue's latency under a backlog turn every timeout
         // into another status check, and the checks into more backlog.
         SHIPPED_POLICY,
-        &[],
+        &[(
+            "processing_guarantee = \"at_least_once\"".to_owned(),
+            format!("processing_guarantee = \"{}\"", a.guarantee),
+        )],
     )?;
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);

@@ -62,16 +62,25 @@ fn every_error_is_reported_and_names_its_component() {
 }
 
 #[test]
-fn invalid_params_and_exactly_once_are_reported() {
-    let text = SHIPPED
-        .replace("max_attempts = 4", "max_attempts = 0")
-        .replace("\"at_least_once\"", "\"exactly_once\"");
+fn invalid_params_are_reported() {
+    let text = SHIPPED.replace("max_attempts = 4", "max_attempts = 0");
     let errs = compile_str(&text).unwrap_err().to_string();
     assert!(
         errs.contains("processor `payments`: invalid params: max_attempts must be >= 1"),
         "{errs}"
     );
-    assert!(errs.contains("processing_guarantee"), "{errs}");
+}
+
+#[test]
+fn the_processing_guarantee_is_read_and_checked() {
+    let eos = SHIPPED.replace("\"at_least_once\"", "\"exactly_once\"");
+    assert_eq!(
+        compile_str(&eos).unwrap().processing_guarantee,
+        ProcessingGuarantee::ExactlyOnce
+    );
+    let bad = SHIPPED.replace("\"at_least_once\"", "\"at_most_once\"");
+    let errs = compile_str(&bad).unwrap_err().to_string();
+    assert!(errs.contains("at_most_once"), "{errs}");
 }
 
 #[test]
