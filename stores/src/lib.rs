@@ -317,6 +317,36 @@ impl WriteSet {
     }
 }
 
+/// Merges changelog batches that are delivered together into one batch: the last write
+/// of each key wins, their commit markers give way to one marker (`batch`) at the end,
+/// and an outbox entry both added and removed within them is left out altogether (its
+/// key is never reused, so the changelog never held it). A restore applies the merged
+/// batch whole or not at all, exactly as it would have applied the last of the batches.
+pub fn coalesce(
+    batches: impl IntoIterator<Item = Vec<ChangelogRecord>>,
+    batch: u64,
+) -> Vec<ChangelogRecord> {
+    let mut latest: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    let mut born: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for (k, v) in batches.into_iter().flatten() {
+        if is_commit_marker(&k) {
+            continue;
+        }
+        if v.is_some() && store_of(&k) == Some(OUTBOX) && !latest.contains_key(&k) {
+            born.insert(k.clone());
+        }
+        latest.insert(k, v);
+    }
+    let mut out: Vec<ChangelogRecord> = latest
+        .into_iter()
+        .filter(|(k, v)| !(v.is_none() && born.contains(k)))
+        .collect();
+    if !out.is_empty() {
+        out.push(commit_marker(batch));
+    }
+    out
+}
+
 /// Rebuilds a store from its changelog, read in order. Records are held until the
 /// commit marker of their batch arrives, so the rebuilt store is always a state the
 /// writer committed: a batch cut short by a crash (the log's tail without its marker)
@@ -626,6 +656,72 @@ mod tests {
             vec![(full_key("payments", b"p1"), Some(encode(&1u32)))],
             "the restored value, to publish over the unfinished one"
         );
+    }
+
+    #[test]
+    fn coalesced_batches_restore_to_the_same_store_as_the_batches() {
+        let batches: Vec<Vec<ChangelogRecord>> = (0..20u64)
+            .map(|i| {
+                let mut ws = WriteSet::default();
+                ws.put("payments", &(i % 3).to_be_bytes(), &i);
+                if i % 4 == 0 {
+                    ws.delete("payments", &((i + 1) % 3).to_be_bytes());
+                }
+                ws.put_raw(OUTBOX, &i.to_be_bytes(), vec![1]);
+                if i > 0 && i % 2 == 0 {
+                    // The previous batch's output, published: removed from the outbox.
+                    ws.delete(OUTBOX, &(i - 1).to_be_bytes());
+                }
+                ws.set_next_offset(i as i64);
+                ws.changelog(i)
+            })
+            .collect();
+        let restore = |records: Vec<ChangelogRecord>| {
+            let dir = tempfile::tempdir().unwrap();
+            let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+            let mut r = Restore::start(&ps).unwrap();
+            for rec in records {
+                r.push(rec).unwrap();
+            }
+            r.finish(0).unwrap();
+            let all: Vec<(Vec<u8>, Vec<u8>)> = ps
+                .tree
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(k, _)| !store_of(k).is_some_and(is_local))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            (dir, all)
+        };
+        let flat: Vec<ChangelogRecord> = batches.iter().flatten().cloned().collect();
+        let merged = coalesce(batches, 19);
+        assert!(
+            merged.len() < flat.len() / 3,
+            "{} of {}",
+            merged.len(),
+            flat.len()
+        );
+        assert!(is_commit_marker(&merged.last().unwrap().0));
+        assert_eq!(
+            merged.iter().filter(|(k, _)| is_commit_marker(k)).count(),
+            1
+        );
+        assert!(
+            !merged
+                .iter()
+                .any(|(k, v)| store_of(k) == Some(OUTBOX) && v.is_none()),
+            "outbox entries added and removed here never reach the changelog"
+        );
+        assert!(
+            restore(flat).1 == restore(merged).1,
+            "the merged batch restores differently"
+        );
+        // A removal whose entry went out in an earlier delivery keeps its tombstone.
+        let mut ws = WriteSet::default();
+        ws.delete(OUTBOX, &7u64.to_be_bytes());
+        let alone = coalesce([ws.changelog(20)], 20);
+        assert_eq!(alone.len(), 2);
+        assert_eq!(alone[0].1, None);
     }
 
     impl PartitionStore {

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub errors: IntCounterVec,
     pub batch_seconds: Histogram,
+    pub stage_seconds: HistogramVec,
     pub restore_seconds: HistogramVec,
 }
 
@@ -102,6 +103,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "gateway_task_batch_seconds",
             "Time to process, persist and publish one batch of a task",
             vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+        )?,
+        stage_seconds: register_histogram_vec!(
+            "gateway_task_stage_seconds",
+            "Time a task's batch spends in each stage: apply (processors and sled commits), flush (sled fsync), changelog (delivery), outputs (events and dead letters), transaction (exactly_once: changelog, outputs and offsets)",
+            &["stage"],
+            vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
         )?,
         restore_seconds: register_histogram_vec!(
             "gateway_store_restore_seconds",

@@ -680,12 +680,10 @@ async fn task_loop(
                     }
                 }
                 let now = now_ms();
-                let mut last = None;
-                for raw in batch {
-                    last = Some(raw.offset);
-                    task.apply_input(raw, now)?;
-                }
+                let last = batch.last().map(|r| r.offset);
+                task.apply_inputs(batch, now)?;
                 task.fire_timers(now, 1000)?;
+                observe_stage("apply", started);
                 publish(&mut task, output, consumer, dispatcher).await?;
                 if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
                     // Stores `offset + 1` for the next commit; fails harmlessly if the
@@ -737,8 +735,13 @@ async fn publish_at_least_once(
     producer: &FutureProducer,
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
+    let t = Instant::now();
     task.store().flush().await?;
+    observe_stage("flush", t);
+    let t = Instant::now();
     deliver_changelog(task, producer).await?;
+    observe_stage("changelog", t);
+    let t = Instant::now();
     let pending = task.pending()?;
     if pending.entries.is_empty() {
         return Ok(());
@@ -761,6 +764,7 @@ async fn publish_at_least_once(
     for r in join_all(sends).await {
         r?;
     }
+    observe_stage("outputs", t);
     for call in calls {
         dispatcher.dispatch(call);
     }
@@ -768,9 +772,17 @@ async fn publish_at_least_once(
     Ok(())
 }
 
-/// Delivers the task's queued changelog batches, in commit order, to its partition of
-/// the changelog topic, before anything they account for is published: a restore then
-/// never lands behind an output already seen. The producer is idempotent and gapless, so
+fn observe_stage(stage: &str, since: Instant) {
+    METRICS
+        .stage_seconds
+        .with_label_values(&[stage])
+        .observe(since.elapsed().as_secs_f64());
+}
+
+/// Delivers the task's queued changelog batches, merged into one (the last write of each
+/// key wins; see [`stores::coalesce`]), to its partition of the changelog topic, before
+/// anything they account for is published: a restore then never lands behind an output
+/// already seen. The producer is idempotent and gapless, so
 /// what the topic holds is always a prefix of what was sent.
 async fn deliver_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Result<()> {
     let Some(topic) = task.changelog_topic() else {
@@ -780,26 +792,24 @@ async fn deliver_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Re
     if batches.is_empty() {
         return Ok(());
     }
-    let mut keys = Vec::with_capacity(batches.len());
-    let mut sends = Vec::new();
-    for (key, records) in batches {
-        keys.push(key);
-        for (k, v) in records {
-            sends.push(send_changelog(
-                producer,
-                topic,
-                task.partition,
-                k,
-                changelog_value(&v),
-            ));
-        }
-    }
+    let marker = batch_number(batches.last().map(|(k, _)| k.as_slice()));
+    let keys: Vec<Vec<u8>> = batches.iter().map(|(k, _)| k.clone()).collect();
+    let records = stores::coalesce(batches.into_iter().map(|(_, r)| r), marker);
+    let sends = records
+        .into_iter()
+        .map(|(k, v)| send_changelog(producer, topic, task.partition, k, changelog_value(&v)));
     let mut end = 0;
     for r in join_all(sends).await {
         end = end.max(r? + 1);
     }
     task.changelog_delivered(keys, Some(end), None)?;
     Ok(())
+}
+
+/// The number of a queued changelog batch, from its queue key.
+fn batch_number(key: Option<&[u8]>) -> u64 {
+    key.and_then(|k| k.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 /// A transactional producer for one partition's task, its earlier incarnations fenced.
@@ -872,7 +882,9 @@ async fn publish_transaction(
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
     use rdkafka::producer::Producer;
+    let t = Instant::now();
     task.store().flush().await?;
+    observe_stage("flush", t);
     let queued = task.pending_changelog()?;
     let mut outputs = Vec::new();
     let mut output_keys = Vec::new();
@@ -892,14 +904,17 @@ async fn publish_transaction(
     }
     if !queued.is_empty() || !outputs.is_empty() {
         let removal = task.removal(&output_keys);
-        let mut changelog: Vec<stores::ChangelogRecord> = Vec::new();
-        let mut queue_keys = Vec::with_capacity(queued.len());
-        for (k, records) in queued {
-            queue_keys.push(k);
-            changelog.extend(records);
-        }
-        changelog.extend(removal.records.iter().cloned());
+        let marker = batch_number(queued.last().map(|(k, _)| k.as_slice())) + 1;
+        let queue_keys: Vec<Vec<u8>> = queued.iter().map(|(k, _)| k.clone()).collect();
+        let changelog = stores::coalesce(
+            queued
+                .into_iter()
+                .map(|(_, r)| r)
+                .chain([removal.records.clone()]),
+            marker,
+        );
         let mut delay = Duration::from_millis(100);
+        let t = Instant::now();
         let end = loop {
             match transaction(task, producer, consumer, &changelog, &outputs).await {
                 Ok(end) => break end,
@@ -918,6 +933,7 @@ async fn publish_transaction(
                 }
             }
         };
+        observe_stage("transaction", t);
         task.changelog_delivered(queue_keys, end, Some(removal))?;
     }
     for call in calls {

@@ -171,32 +171,50 @@ impl Task {
         &self.store
     }
 
-    /// Applies one input record. Records below the checkpoint were applied already and
-    /// are skipped (the consumer may restart behind the store).
-    pub fn apply_input(&mut self, raw: RawRecord, now_ms: i64) -> Result<bool, ProcessError> {
-        if self.next_offset.is_some_and(|next| raw.offset < next) {
-            return Ok(false);
-        }
-        let offset = raw.offset;
+    /// Applies a batch of input records as **one** sled commit (each record sees the
+    /// writes of those before it). Records below the checkpoint were applied already and
+    /// are skipped (the consumer may restart behind the store). Returns how many were
+    /// applied.
+    pub fn apply_inputs(
+        &mut self,
+        records: impl IntoIterator<Item = RawRecord>,
+        now_ms: i64,
+    ) -> Result<usize, ProcessError> {
         let mut ws = WriteSet::default();
-        let mut step = Step {
-            trace_in: raw
-                .headers
-                .iter()
-                .find(|(k, _)| k == "traceparent")
-                .and_then(|(_, v)| String::from_utf8(v.clone()).ok()),
-            ..Step::default()
-        };
-        self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
-        self.stage_outbox(&mut ws, step);
-        ws.set_next_offset(offset + 1);
+        let mut applied = 0;
+        let mut next = self.next_offset;
+        for raw in records {
+            if next.is_some_and(|n| raw.offset < n) {
+                continue;
+            }
+            let offset = raw.offset;
+            let mut step = Step {
+                trace_in: raw
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "traceparent")
+                    .and_then(|(_, v)| String::from_utf8(v.clone()).ok()),
+                ..Step::default()
+            };
+            self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
+            self.stage_outbox(&mut ws, step);
+            next = Some(offset + 1);
+            applied += 1;
+        }
+        if applied == 0 {
+            return Ok(0);
+        }
+        if let Some(n) = next {
+            ws.set_next_offset(n);
+        }
         self.stage_changelog(&mut ws);
         self.store.commit(ws)?;
-        self.next_offset = Some(offset + 1);
-        Ok(true)
+        self.next_offset = next;
+        Ok(applied)
     }
 
-    /// Fires timers due at `now_ms` (at most `limit`). Returns how many fired.
+    /// Fires timers due at `now_ms` (at most `limit`) as one sled commit. Returns how
+    /// many fired.
     pub fn fire_timers(&mut self, now_ms: i64, limit: usize) -> Result<usize, ProcessError> {
         let due = self.store.range(
             TIMERS,
@@ -204,11 +222,11 @@ impl Task {
             &time_key(now_ms.saturating_add(1)),
         )?;
         let mut fired = 0;
+        let mut ws = WriteSet::default();
         for (key, payload) in due.into_iter().take(limit) {
             let node = key
                 .get(8..10)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
-            let mut ws = WriteSet::default();
             ws.delete(TIMERS, &key);
             match node.filter(|n| *n < self.graph.nodes.len()) {
                 Some(node) => {
@@ -223,9 +241,11 @@ impl Task {
                     );
                 }
             }
+            fired += 1;
+        }
+        if fired > 0 {
             self.stage_changelog(&mut ws);
             self.store.commit(ws)?;
-            fired += 1;
         }
         Ok(fired)
     }

@@ -18,6 +18,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use testkit::stack::{Stack, StackOptions, DEMO_KEY};
 
+/// mimalloc: the pipeline allocates many short-lived buffers on several threads, where
+/// glibc's allocator spends a measurable share of the CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
@@ -189,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
         throughput / raw_payments,
         peak_rss_mb(),
     );
+    eprintln!("bench: stages {}", stages());
     if lost > 0 || accepted.len() != results.len() {
         eprintln!(
             "bench: {} requests not accepted, {lost} payments not terminal",
@@ -196,6 +202,67 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     stack.shutdown().await
+}
+
+/// Where the time went, from the stack's own metrics (it runs in this process): mean
+/// per observation and count of each stage's histogram.
+fn stages() -> String {
+    let wanted = [
+        ("gateway_http_request_duration_seconds", "http"),
+        ("gateway_task_batch_seconds", "worker_batch"),
+        ("gateway_provider_request_duration_seconds", "provider_call"),
+        ("gateway_projection_lag_seconds", "projection_lag"),
+    ];
+    let mut out = Vec::new();
+    for family in prometheus::gather() {
+        let Some((_, label)) = wanted.iter().find(|(n, _)| *n == family.name()) else {
+            continue;
+        };
+        let (mut sum, mut count) = (0.0, 0u64);
+        for m in family.get_metric() {
+            let h = m.get_histogram();
+            sum += h.get_sample_sum();
+            count += h.get_sample_count();
+        }
+        out.push(format!(
+            "{label}_mean_ms={:.1} {label}_n={count}",
+            sum * 1000.0 / count.max(1) as f64
+        ));
+    }
+    for family in prometheus::gather() {
+        if family.name() != "gateway_task_stage_seconds" {
+            continue;
+        }
+        for m in family.get_metric() {
+            let stage = m
+                .get_label()
+                .iter()
+                .find(|l| l.name() == "stage")
+                .map_or("?", |l| l.value());
+            let h = m.get_histogram();
+            out.push(format!(
+                "{stage}_mean_ms={:.1}",
+                h.get_sample_sum() * 1000.0 / h.get_sample_count().max(1) as f64
+            ));
+        }
+    }
+    for family in prometheus::gather() {
+        if matches!(
+            family.name(),
+            "gateway_projection_batches_total" | "gateway_commands_total" | "gateway_events_total"
+        ) {
+            let v: f64 = family
+                .get_metric()
+                .iter()
+                .map(|m| m.get_counter().get_value())
+                .sum();
+            out.push(format!(
+                "{}={v:.0}",
+                family.name().trim_start_matches("gateway_")
+            ));
+        }
+    }
+    out.join(" ")
 }
 
 /// Produces `n` messages of `size` bytes to a fresh topic and consumes them back;
