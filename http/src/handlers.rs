@@ -335,11 +335,11 @@ pub async fn create_payment(
         r
     };
     // A key already used: replay or refuse, from the projection or recent memory.
-    let stored = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+    let stored = sinks::query::request_hash(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    if let Some(p) = stored {
-        return if p.request_hash == valid.hash {
+    if let Some(hash) = stored {
+        return if hash == valid.hash {
             Ok(replay(&body))
         } else {
             Err(conflict())

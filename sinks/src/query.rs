@@ -76,6 +76,21 @@ pub async fn get_payment(
         .map(view))
 }
 
+/// The request hash a merchant's payment was created with, if the projection has it
+/// (the idempotency check of a create: one indexed lookup, a statement prepared once per
+/// connection).
+pub async fn request_hash(pool: &Pool, merchant: &str, id: &str) -> anyhow::Result<Option<String>> {
+    let c = pool.get().await?;
+    // By primary key alone: a plan cached while the table was small must not scan it.
+    let stmt = c
+        .prepare_cached("SELECT merchant_id, request_hash FROM payments WHERE payment_id = $1")
+        .await?;
+    Ok(c.query_opt(&stmt, &[&id])
+        .await?
+        .filter(|r| r.get::<_, &str>(0) == merchant)
+        .map(|r| r.get(1)))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EventView {
     pub seq: i64,

@@ -150,9 +150,11 @@ impl PgServer {
                 "--no-instructions",
             ],
         )?;
+        // `TESTKIT_PG_OPTIONS` adds server options (e.g. to load pg_stat_statements).
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-            dir.path().display()
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 {}",
+            dir.path().display(),
+            std::env::var("TESTKIT_PG_OPTIONS").unwrap_or_default()
         );
         let log = dir.path().join("server.log").to_string_lossy().into_owned();
         server.run(

@@ -244,7 +244,10 @@ pub async fn run_worker(
         .set("statistics.interval.ms", "5000")
         // A crashed worker's partitions move after 10 s rather than librdkafka's 45 s.
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000");
+        .set("heartbeat.interval.ms", "2000")
+        // Every hop of a payment (create, provider reply) waits for a fetch: a broker
+        // that answers an empty fetch only after this long adds it to the latency.
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in &settings.kafka {
         cfg.set(k, v);
     }

@@ -133,8 +133,25 @@ async fn main() -> anyhow::Result<()> {
         .await;
     let accepted: Vec<&(String, i64, f64, u16)> = results.iter().filter(|r| r.3 == 202).collect();
     let ids: Vec<String> = accepted.iter().map(|r| r.0.clone()).collect();
-    let statuses =
-        testkit::client::wait_all_terminal(&pool, &ids, Duration::from_secs(1800)).await?;
+    // A cheap count while waiting (the database holds only this run's payments and the
+    // warm-up one), so the waiting adds little load; then one read of every status.
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while Instant::now() < deadline {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM payments WHERE status IN ('COMPLETED', 'FAILED', 'CANCELED')",
+                &[],
+            )
+            .await?
+            .get(0);
+        if n as usize > ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let statuses = testkit::client::wait_all_terminal(&pool, &ids, Duration::from_secs(60)).await?;
     let lost = ids.len() - statuses.len();
 
     let c = pool.get().await?;
@@ -195,6 +212,22 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_mb(),
     );
     eprintln!("bench: stages {}", stages());
+    if std::env::var_os("BENCH_PG_STATEMENTS").is_some() {
+        // Needs TESTKIT_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements".
+        c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await?;
+        for r in c
+            .query(
+                "SELECT round(total_exec_time)::int8, calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 110)
+                 FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10",
+                &[],
+            )
+            .await?
+        {
+            let (ms, calls, q): (i64, i64, String) = (r.get(0), r.get(1), r.get(2));
+            eprintln!("bench: pg {ms:>7} ms {calls:>7} calls  {q}");
+        }
+    }
     if lost > 0 || accepted.len() != results.len() {
         eprintln!(
             "bench: {} requests not accepted, {lost} payments not terminal",
