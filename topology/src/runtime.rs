@@ -723,6 +723,9 @@ async fn publish(
     consumer: &WorkerConsumer,
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
+    let t = Instant::now();
+    task.store().flush().await?;
+    observe_stage("flush", t);
     match output {
         Output::AtLeastOnce(producer) => publish_at_least_once(task, producer, dispatcher).await,
         Output::ExactlyOnce(producer) => {
@@ -739,40 +742,60 @@ async fn publish_at_least_once(
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
-    task.store().flush().await?;
-    observe_stage("flush", t);
-    let t = Instant::now();
     deliver_changelog(task, producer).await?;
     observe_stage("changelog", t);
     let t = Instant::now();
-    let pending = task.pending()?;
-    if pending.entries.is_empty() {
-        return Ok(());
-    }
-    let mut calls = Vec::new();
-    let mut sends = Vec::new();
-    let mut keys = Vec::with_capacity(pending.entries.len());
-    for (key, entry) in pending.entries {
-        keys.push(key);
-        match entry {
-            OutboxEntry::Provider(call) => calls.push(call),
-            OutboxEntry::Kafka {
-                topic,
-                key,
-                payload,
-                headers,
-            } => sends.push(send_until_delivered(producer, topic, key, payload, headers)),
-        }
-    }
+    let outbox = Outbox::of(task)?;
+    let sends = outbox.outputs.into_iter().filter_map(|entry| match entry {
+        OutboxEntry::Kafka {
+            topic,
+            key,
+            payload,
+            headers,
+        } => Some(send_until_delivered(producer, topic, key, payload, headers)),
+        OutboxEntry::Provider(_) => None,
+    });
     for r in join_all(sends).await {
         r?;
     }
     observe_stage("outputs", t);
-    for call in calls {
+    for call in outbox.calls {
         dispatcher.dispatch(call);
     }
-    task.published(keys)?;
+    task.published(outbox.output_keys.into_iter().chain(outbox.call_keys))?;
     Ok(())
+}
+
+/// A task's pending outbox: Kafka records and provider calls, each with their keys.
+struct Outbox {
+    output_keys: Vec<Vec<u8>>,
+    outputs: Vec<OutboxEntry>,
+    call_keys: Vec<Vec<u8>>,
+    calls: Vec<crate::processor::ProviderCall>,
+}
+
+impl Outbox {
+    fn of(task: &Task) -> anyhow::Result<Outbox> {
+        let mut o = Outbox {
+            output_keys: Vec::new(),
+            outputs: Vec::new(),
+            call_keys: Vec::new(),
+            calls: Vec::new(),
+        };
+        for (key, entry) in task.pending()?.entries {
+            match entry {
+                OutboxEntry::Provider(call) => {
+                    o.call_keys.push(key);
+                    o.calls.push(call);
+                }
+                kafka => {
+                    o.output_keys.push(key);
+                    o.outputs.push(kafka);
+                }
+            }
+        }
+        Ok(o)
+    }
 }
 
 fn observe_stage(stage: &str, since: Instant) {
@@ -801,11 +824,11 @@ async fn deliver_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Re
     let sends = records
         .into_iter()
         .map(|(k, v)| send_changelog(producer, topic, task.partition, k, changelog_value(&v)));
-    let mut end = 0;
+    let mut end = None;
     for r in join_all(sends).await {
-        end = end.max(r? + 1);
+        end = end.max(Some(r? + 1));
     }
-    task.changelog_delivered(keys, Some(end), None)?;
+    task.changelog_delivered(keys, end, None)?;
     Ok(())
 }
 
@@ -885,26 +908,13 @@ async fn publish_transaction(
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
     use rdkafka::producer::Producer;
-    let t = Instant::now();
-    task.store().flush().await?;
-    observe_stage("flush", t);
     let queued = task.pending_changelog()?;
-    let mut outputs = Vec::new();
-    let mut output_keys = Vec::new();
-    let mut calls = Vec::new();
-    let mut call_keys = Vec::new();
-    for (key, entry) in task.pending()?.entries {
-        match entry {
-            OutboxEntry::Provider(call) => {
-                call_keys.push(key);
-                calls.push(call);
-            }
-            kafka => {
-                output_keys.push(key);
-                outputs.push(kafka);
-            }
-        }
-    }
+    let Outbox {
+        output_keys,
+        outputs,
+        call_keys,
+        calls,
+    } = Outbox::of(task)?;
     if !queued.is_empty() || !outputs.is_empty() {
         let removal = task.removal(&output_keys);
         let marker = batch_number(queued.last().map(|(k, _)| k.as_slice())) + 1;
