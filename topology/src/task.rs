@@ -1,12 +1,13 @@
 //! A task: one input partition, its stores, and its instance of the processor graph.
 //!
-//! For each input record the task runs the graph, then commits **one** sled batch that
-//! holds the state changes, dedup records, timers, the outputs (in an outbox), the next
-//! input offset and, when changelogs are on, that batch's changelog records (queued).
-//! After a batch of records it flushes sled, delivers the queued changelog, publishes
-//! the outbox, deletes what was published, and only then stores the Kafka offset. A
-//! crash anywhere replays from the last durable checkpoint; outputs are deterministic
-//! and idempotent, so the replay emits the same `(payment_id, seq)` events.
+//! For a batch of input records the task runs each through the graph (each seeing the
+//! writes of those before it), then commits **one** sled batch that holds the state
+//! changes, dedup records, timers, the outputs (in an outbox), the next input offset
+//! and, when changelogs are on, the batch's changelog records (queued). Then it flushes
+//! sled, delivers the queued changelog, publishes the outbox, deletes what was
+//! published, and only then stores the Kafka offset. A crash anywhere replays from the
+//! last durable checkpoint; outputs are deterministic and idempotent, so the replay
+//! emits the same `(payment_id, seq)` events.
 
 use crate::config::{CompiledTopology, Role};
 use crate::metrics::METRICS;
