@@ -419,7 +419,7 @@ fn spawn_task(
     let source = match settings.changelog {
         true => {
             let changelog = topo.changelog_topic(topic);
-            let (_, high) = tokio::task::block_in_place(|| {
+            let (low, high) = tokio::task::block_in_place(|| {
                 consumer.fetch_watermarks(&changelog, partition, Duration::from_secs(10))
             })
             .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
@@ -433,7 +433,7 @@ fn spawn_task(
             };
             if behind_log || behind_group {
                 let restored = tokio::task::block_in_place(|| {
-                    restore_from_changelog(&store, settings, &changelog, partition, high)
+                    restore_from_changelog(&store, settings, &changelog, partition, (low, high))
                 })?;
                 tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
                 unfinished = restored.unfinished;
@@ -549,14 +549,14 @@ fn changelog_value(v: &Option<Vec<u8>>) -> Option<Vec<u8>> {
 }
 
 /// Rebuilds a partition's store from its changelog partition: empties it, then applies
-/// every complete batch up to the partition's end (`high`). Returns the keys of an
-/// unfinished batch at the end, left out.
+/// every complete batch of the partition's extent (`low..high`, read just before).
+/// Returns the keys of an unfinished batch at the end, left out.
 fn restore_from_changelog(
     store: &PartitionStore,
     settings: &WorkerSettings,
     changelog: &str,
     partition: i32,
-    high: i64,
+    (low, high): (i64, i64),
 ) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(&settings.brokers, &settings.kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
@@ -568,9 +568,6 @@ fn restore_from_changelog(
         .create()
         .context("creating the changelog restore consumer")?;
     let mut restore = stores::Restore::start(store)?;
-    let (low, _) = consumer
-        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
-        .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
     if high <= low {
         return Ok(restore.finish(high)?);
     }
