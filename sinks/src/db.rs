@@ -6,18 +6,32 @@ use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 /// Migrations in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_projection",
-    include_str!("../migrations/0001_projection.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_projection",
+        include_str!("../migrations/0001_projection.sql"),
+    ),
+    (
+        "0002_waiting_events",
+        include_str!("../migrations/0002_waiting_events.sql"),
+    ),
+];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x0067_6174_6577_6179;
 
 pub fn connect(database_url: &str, max_size: usize) -> anyhow::Result<Pool> {
-    let cfg: tokio_postgres::Config = database_url
+    let mut cfg: tokio_postgres::Config = database_url
         .parse()
         .with_context(|| "DATABASE_URL is not a valid PostgreSQL connection string (postgres://user:pass@host:port/db)")?;
+    // Statements are prepared once per connection, and several select by `= ANY($1)`
+    // over a batch's ids: a generic plan, made without the array, scans the whole
+    // table. Each execution is planned with its parameters instead.
+    let options = format!(
+        "{} -c plan_cache_mode=force_custom_plan",
+        cfg.get_options().unwrap_or_default()
+    );
+    cfg.options(options.trim_start());
     let mgr = Manager::from_config(
         cfg,
         NoTls,

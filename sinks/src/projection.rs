@@ -4,14 +4,17 @@
 //!   inserts are `ON CONFLICT DO NOTHING`, so redelivery changes nothing.
 //! - `payments` is the fold of each payment's events with the domain's own
 //!   [`payments::evolve`], applied strictly in `seq` order: an event that arrives before
-//!   its predecessor is stored and waits; the row never moves to a lower `seq`.
+//!   its predecessor is stored, listed in `projection_waiting`, and folded when the gap
+//!   is filled; the row never moves to a lower `seq`. The fold takes the batch's events
+//!   from the batch itself and reads from the database only the rows it updates and the
+//!   waiting events of their payments.
 //! - `sink_progress` records the next offset per partition in the same transaction.
 
+use deadpool_postgres::Transaction;
 use payments::machine::PaymentState;
 use payments::wire::{self, DeadLetter};
 use payments::{CommandBody, Event};
 use std::collections::{BTreeMap, HashMap};
-use tokio_postgres::Transaction;
 
 /// Which topic carries what.
 #[derive(Debug, Clone)]
@@ -69,7 +72,7 @@ pub async fn apply_batch(
     batch: &[InRecord],
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut applied = Applied::default();
-    let mut events: BTreeMap<(String, u64), (Event, i32, i64)> = BTreeMap::new();
+    let mut events: BTreeMap<(String, u64), BatchEvent<'_>> = BTreeMap::new();
     let mut dead: Vec<DeadLetter> = Vec::new();
     let mut webhooks: Vec<(String, String, serde_json::Value, i64)> = Vec::new();
     let mut progress: HashMap<(String, i32), i64> = HashMap::new();
@@ -83,10 +86,19 @@ pub async fn apply_batch(
             match wire::decode_event(r.key.as_deref(), r.payload.as_deref()) {
                 Ok(e) => {
                     applied.event_times_ms.push(e.occurred_at_ms);
-                    events.insert(
-                        (e.payment_id.to_string(), e.seq),
-                        (e, r.partition, r.offset),
-                    );
+                    // The first copy wins, as it does across batches (`ON CONFLICT DO
+                    // NOTHING`).
+                    events
+                        .entry((e.payment_id.to_string(), e.seq))
+                        .or_insert(BatchEvent {
+                            json: r
+                                .payload
+                                .as_deref()
+                                .and_then(|p| std::str::from_utf8(p).ok()),
+                            event: e,
+                            partition: r.partition,
+                            offset: r.offset,
+                        });
                 }
                 Err(e) => {
                     applied.undecodable += 1;
@@ -126,77 +138,97 @@ pub async fn apply_batch(
         }
     }
 
-    if !events.is_empty() {
-        applied.events = insert_events(tx, &events).await?;
-        let ids: Vec<String> = {
-            let mut v: Vec<String> = events.keys().map(|(p, _)| p.clone()).collect();
-            v.dedup();
-            v
-        };
-        applied.payments_updated = fold_payments(tx, &ids).await?;
-    }
-    if !dead.is_empty() {
-        applied.dead_letters = insert_dead_letters(tx, &dead).await?;
-    }
-    if !webhooks.is_empty() {
-        applied.webhooks = insert_webhooks(tx, &webhooks).await?;
-    }
-    save_progress(tx, &progress).await?;
+    // Two round trips of pipelined statements: the writes that depend on nothing, with
+    // the reads the fold needs; then the fold's writes.
+    let ids: Vec<&str> = {
+        let mut v: Vec<&str> = events.keys().map(|(p, _)| p.as_str()).collect();
+        v.dedup();
+        v
+    };
+    let (inserted, states, waiting, dead_letters, hooks, ()) = futures::try_join!(
+        insert_events(tx, &events),
+        read_states(tx, &ids),
+        read_waiting(tx, &ids),
+        insert_dead_letters(tx, &dead),
+        insert_webhooks(tx, &webhooks),
+        save_progress(tx, &progress),
+    )?;
+    applied.events = inserted;
+    applied.dead_letters = dead_letters;
+    applied.webhooks = hooks;
+    applied.payments_updated = fold_payments(tx, &events, states, waiting).await?;
     Ok(applied)
+}
+
+/// An event of the batch: decoded, with its record's position and JSON text.
+struct BatchEvent<'a> {
+    event: Event,
+    partition: i32,
+    offset: i64,
+    /// The record's payload, stored as the event's `jsonb` as it was published.
+    json: Option<&'a str>,
 }
 
 async fn insert_events(
     tx: &Transaction<'_>,
-    events: &BTreeMap<(String, u64), (Event, i32, i64)>,
+    events: &BTreeMap<(String, u64), BatchEvent<'_>>,
 ) -> Result<usize, tokio_postgres::Error> {
+    if events.is_empty() {
+        return Ok(0);
+    }
     let mut pid = Vec::with_capacity(events.len());
     let mut seq = Vec::with_capacity(events.len());
     let mut kind = Vec::with_capacity(events.len());
     let mut at = Vec::with_capacity(events.len());
     let mut cause = Vec::with_capacity(events.len());
-    let mut body = Vec::with_capacity(events.len());
+    let mut body: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(events.len());
     let mut part = Vec::with_capacity(events.len());
     let mut off = Vec::with_capacity(events.len());
-    for ((p, s), (e, kp, ko)) in events {
+    for ((p, s), e) in events {
         pid.push(p.as_str());
         seq.push(*s as i64);
-        kind.push(e.body.kind());
-        at.push(e.occurred_at_ms);
-        cause.push(e.caused_by.as_str());
-        body.push(serde_json::to_value(e).unwrap_or_default());
-        part.push(*kp);
-        off.push(*ko);
+        kind.push(e.event.body.kind());
+        at.push(e.event.occurred_at_ms);
+        cause.push(e.event.caused_by.as_str());
+        body.push(match e.json {
+            Some(j) => j.into(),
+            None => serde_json::to_string(&e.event).unwrap_or_default().into(),
+        });
+        part.push(e.partition);
+        off.push(e.offset);
     }
-    let n = tx
-        .execute(
+    let stmt = tx
+        .prepare_cached(
             "INSERT INTO payment_events (payment_id, seq, type, occurred_at, caused_by, event, kafka_partition, kafka_offset)
-             SELECT p, s, t, to_timestamp(o / 1000.0), c, e, kp, ko
-             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::jsonb[], $7::int4[], $8::int8[])
+             SELECT p, s, t, to_timestamp(o / 1000.0), c, e::jsonb, kp, ko
+             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::int4[], $8::int8[])
                   AS u(p, s, t, o, c, e, kp, ko)
              ON CONFLICT (payment_id, seq) DO NOTHING",
-            &[&pid, &seq, &kind, &at, &cause, &body, &part, &off],
         )
+        .await?;
+    let n = tx
+        .execute(&stmt, &[&pid, &seq, &kind, &at, &cause, &body, &part, &off])
         .await?;
     Ok(n as usize)
 }
 
-/// Folds every stored-but-unapplied event of `ids` into their rows, in `seq` order,
-/// stopping at the first gap.
-async fn fold_payments(
+/// The current state of the rows of `ids`, locked until the batch commits.
+async fn read_states(
     tx: &Transaction<'_>,
-    ids: &[String],
-) -> Result<usize, tokio_postgres::Error> {
-    let mut states: HashMap<String, PaymentState> = HashMap::new();
-    for row in tx
-        .query(
-            "SELECT payment_id, state FROM payments WHERE payment_id = ANY($1) FOR UPDATE",
-            &[&ids],
+    ids: &[&str],
+) -> Result<HashMap<String, PaymentState>, tokio_postgres::Error> {
+    let mut states = HashMap::new();
+    if ids.is_empty() {
+        return Ok(states);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT payment_id, state::text FROM payments WHERE payment_id = ANY($1) FOR UPDATE",
         )
-        .await?
-    {
+        .await?;
+    for row in tx.query(&stmt, &[&ids]).await? {
         let id: String = row.get(0);
-        let state: serde_json::Value = row.get(1);
-        match serde_json::from_value::<PaymentState>(state) {
+        match serde_json::from_str::<PaymentState>(row.get(1)) {
             Ok(s) => {
                 states.insert(id, s);
             }
@@ -205,34 +237,109 @@ async fn fold_payments(
             }
         }
     }
-    let pending = tx
-        .query(
-            "SELECT e.payment_id, e.event FROM payment_events e
-             LEFT JOIN payments p ON p.payment_id = e.payment_id
-             WHERE e.payment_id = ANY($1) AND e.seq > COALESCE(p.seq, 0)
-             ORDER BY e.payment_id, e.seq",
-            &[&ids],
+    Ok(states)
+}
+
+/// Stored events of `ids` waiting for a predecessor.
+async fn read_waiting(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+) -> Result<BTreeMap<(String, u64), Event>, tokio_postgres::Error> {
+    let mut stored = BTreeMap::new();
+    if ids.is_empty() {
+        return Ok(stored);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT e.payment_id, e.event::text FROM projection_waiting w
+             JOIN payment_events e ON e.payment_id = w.payment_id AND e.seq = w.seq
+             WHERE w.payment_id = ANY($1)",
         )
         .await?;
-    let mut changed: BTreeMap<String, PaymentState> = BTreeMap::new();
-    for row in pending {
+    for row in tx.query(&stmt, &[&ids]).await? {
         let id: String = row.get(0);
-        let Ok(event) = serde_json::from_value::<Event>(row.get(1)) else {
-            continue;
-        };
-        let current = changed.get(&id).or_else(|| states.get(&id)).cloned();
-        let expected = current.as_ref().map_or(1, |s| s.seq + 1);
-        if event.seq != expected {
+        match serde_json::from_str::<Event>(row.get(1)) {
+            Ok(e) => {
+                stored.insert((id, e.seq), e);
+            }
+            Err(e) => {
+                tracing::error!(payment_id = %id, error = %e, "stored event unreadable; rebuild the projection")
+            }
+        }
+    }
+    Ok(stored)
+}
+
+/// Folds the batch's events, and the waiting events of the same payments (`stored`:
+/// the stored copy wins over the batch's), into their rows in `seq` order, stopping at
+/// the first gap; events beyond a gap are (still) listed as waiting.
+async fn fold_payments(
+    tx: &Transaction<'_>,
+    events: &BTreeMap<(String, u64), BatchEvent<'_>>,
+    states: HashMap<String, PaymentState>,
+    stored: BTreeMap<(String, u64), Event>,
+) -> Result<usize, tokio_postgres::Error> {
+    let had_waiting: Vec<&str> = {
+        let mut v: Vec<&str> = stored.keys().map(|(p, _)| p.as_str()).collect();
+        v.dedup();
+        v
+    };
+    let mut merged: BTreeMap<(&str, u64), &Event> = events
+        .iter()
+        .map(|((p, s), e)| ((p.as_str(), *s), &e.event))
+        .collect();
+    merged.extend(stored.iter().map(|((p, s), e)| ((p.as_str(), *s), e)));
+
+    let mut changed: BTreeMap<&str, PaymentState> = BTreeMap::new();
+    let (mut waiting_id, mut waiting_seq): (Vec<&str>, Vec<i64>) = (vec![], vec![]);
+    for ((id, seq), event) in merged {
+        let current = changed.get(id).or_else(|| states.get(id));
+        let expected = current.map_or(1, |s| s.seq + 1);
+        if seq < expected {
+            continue; // applied already (a replayed batch)
+        }
+        if seq > expected {
+            waiting_id.push(id);
+            waiting_seq.push(seq as i64);
             continue; // a gap: wait for the missing event
         }
-        if let Some(next) = payments::evolve(current, &event) {
-            changed.insert(id, next);
+        match payments::evolve(current.cloned(), event) {
+            Some(next) => {
+                changed.insert(id, next);
+            }
+            None => {
+                tracing::error!(payment_id = %id, seq, "event does not follow its payment's state; the row stays at the previous event")
+            }
         }
     }
-    if changed.is_empty() {
-        return Ok(0);
-    }
-    upsert_payments(tx, changed.values()).await
+    let forget = async {
+        if had_waiting.is_empty() {
+            return Ok(0);
+        }
+        let stmt = tx
+            .prepare_cached("DELETE FROM projection_waiting WHERE payment_id = ANY($1)")
+            .await?;
+        tx.execute(&stmt, &[&had_waiting]).await
+    };
+    let wait = async {
+        if waiting_id.is_empty() {
+            return Ok(0);
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO projection_waiting (payment_id, seq)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[]) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        tx.execute(&stmt, &[&waiting_id, &waiting_seq]).await
+    };
+    // The delete, then the insert (whose rows must survive it), beside the upsert.
+    let waiting = async {
+        forget.await?;
+        wait.await
+    };
+    let (_, updated) = futures::try_join!(waiting, upsert_payments(tx, changed.values()))?;
+    Ok(updated)
 }
 
 async fn upsert_payments<'a>(
@@ -259,7 +366,7 @@ async fn upsert_payments<'a>(
         seq: Vec<i64>,
         created: Vec<i64>,
         updated: Vec<i64>,
-        state: Vec<serde_json::Value>,
+        state: Vec<String>,
     }
     let mut c = Cols::default();
     for s in states {
@@ -281,17 +388,20 @@ async fn upsert_payments<'a>(
         c.seq.push(s.seq as i64);
         c.created.push(s.created_at_ms);
         c.updated.push(s.updated_at_ms);
-        c.state.push(serde_json::to_value(s).unwrap_or_default());
+        c.state.push(serde_json::to_string(s).unwrap_or_default());
     }
-    let n = tx
-        .execute(
+    if c.id.is_empty() {
+        return Ok(0);
+    }
+    let stmt = tx
+        .prepare_cached(
             "INSERT INTO payments (payment_id, merchant_id, status, amount, currency, idempotency_key, request_hash,
                                    reference, description, provider_ref, failure_code, failure_message, attempts,
                                    cancel_requested, stuck, seq, created_at, updated_at, state)
-             SELECT id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, to_timestamp(ca / 1000.0), to_timestamp(ua / 1000.0), js
+             SELECT id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, to_timestamp(ca / 1000.0), to_timestamp(ua / 1000.0), js::jsonb
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
                          $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::bool[], $15::bool[],
-                         $16::int8[], $17::int8[], $18::int8[], $19::jsonb[])
+                         $16::int8[], $17::int8[], $18::int8[], $19::text[])
                   AS u(id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, ca, ua, js)
              ON CONFLICT (payment_id) DO UPDATE SET
                 status = EXCLUDED.status, provider_ref = EXCLUDED.provider_ref,
@@ -300,10 +410,31 @@ async fn upsert_payments<'a>(
                 stuck = EXCLUDED.stuck, seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at,
                 state = EXCLUDED.state, projected_at = now()
              WHERE payments.seq < EXCLUDED.seq",
+        )
+        .await?;
+    let n = tx
+        .execute(
+            &stmt,
             &[
-                &c.id, &c.merchant, &c.status, &c.amount, &c.currency, &c.key, &c.hash, &c.reference, &c.description,
-                &c.provider_ref, &c.failure_code, &c.failure_message, &c.attempts, &c.cancel, &c.stuck, &c.seq,
-                &c.created, &c.updated, &c.state,
+                &c.id,
+                &c.merchant,
+                &c.status,
+                &c.amount,
+                &c.currency,
+                &c.key,
+                &c.hash,
+                &c.reference,
+                &c.description,
+                &c.provider_ref,
+                &c.failure_code,
+                &c.failure_message,
+                &c.attempts,
+                &c.cancel,
+                &c.stuck,
+                &c.seq,
+                &c.created,
+                &c.updated,
+                &c.state,
             ],
         )
         .await?;
@@ -340,9 +471,12 @@ pub(crate) async fn insert_dead_letters(
     tx: &Transaction<'_>,
     dead: &[DeadLetter],
 ) -> Result<usize, tokio_postgres::Error> {
+    if dead.is_empty() {
+        return Ok(0);
+    }
     let mut n = 0;
     let stmt = tx
-        .prepare(
+        .prepare_cached(
             "INSERT INTO dead_letters (source_topic, source_partition, source_offset, reason, detail, processor, record_key, payload, failed_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::int8 / 1000.0))
              ON CONFLICT DO NOTHING",
@@ -373,9 +507,12 @@ async fn insert_webhooks(
     tx: &Transaction<'_>,
     hooks: &[(String, String, serde_json::Value, i64)],
 ) -> Result<usize, tokio_postgres::Error> {
+    if hooks.is_empty() {
+        return Ok(0);
+    }
     let mut n = 0;
     let stmt = tx
-        .prepare(
+        .prepare_cached(
             "INSERT INTO webhooks_received (command_id, payment_id, outcome, received_at)
              VALUES ($1, $2, $3, to_timestamp($4::int8 / 1000.0)) ON CONFLICT DO NOTHING",
         )
@@ -399,14 +536,15 @@ async fn save_progress(
         part.push(*p);
         next.push(*o);
     }
-    tx.execute(
-        "INSERT INTO sink_progress (topic, partition, next_offset)
-         SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[])
-         ON CONFLICT (topic, partition) DO UPDATE
-           SET next_offset = GREATEST(sink_progress.next_offset, EXCLUDED.next_offset), updated_at = now()",
-        &[&topic, &part, &next],
-    )
-    .await?;
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO sink_progress (topic, partition, next_offset)
+             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[])
+             ON CONFLICT (topic, partition) DO UPDATE
+               SET next_offset = GREATEST(sink_progress.next_offset, EXCLUDED.next_offset), updated_at = now()",
+        )
+        .await?;
+    tx.execute(&stmt, &[&topic, &part, &next]).await?;
     Ok(())
 }
 

@@ -20,13 +20,15 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 struct SinkMetrics {
     records: IntCounterVec,
     batches: IntCounter,
     lag: Histogram,
+    write_seconds: Histogram,
     errors: IntCounterVec,
 }
 
@@ -47,6 +49,11 @@ static METRICS: LazyLock<SinkMetrics> = LazyLock::new(|| {
                 "gateway_projection_lag_seconds",
                 "Time from an event to its commit in PostgreSQL",
                 vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+            )?,
+            write_seconds: register_histogram!(
+                "gateway_projection_write_seconds",
+                "Time to write one batch to PostgreSQL (its transaction, retries included)",
+                vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
             )?,
             errors: register_int_counter_vec!(
                 "gateway_projection_errors_total",
@@ -222,75 +229,113 @@ fn record_metrics(a: &Applied) {
 }
 
 /// Runs the sink until `shutdown` resolves.
+///
+/// Two stages, one batch apart: the consumer collects the next batch while the previous
+/// one is written to PostgreSQL; offsets are committed after each write.
 pub async fn run_sink(
     pool: Pool,
     settings: SinkSettings,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::migrate(&pool).await?;
-    let consumer: StreamConsumer =
+    let consumer: Arc<StreamConsumer> = Arc::new(
         consumer_config(&settings.brokers, &settings.group_id, &settings.kafka)
             .create()
-            .context("creating the sink's Kafka consumer")?;
+            .context("creating the sink's Kafka consumer")?,
+    );
     consumer
         .subscribe(&settings.topics.all())
         .context("subscribing the sink")?;
     tracing::info!(group = %settings.group_id, topics = ?settings.topics, "sink started");
+    let (batches, mut to_apply) = mpsc::channel::<Vec<InRecord>>(1);
+    let writer = tokio::spawn({
+        let consumer = consumer.clone();
+        let topics = settings.topics.clone();
+        async move {
+            while let Some(batch) = to_apply.recv().await {
+                write_batch(&pool, &topics, &consumer, &batch).await;
+            }
+        }
+    });
     tokio::pin!(shutdown);
     loop {
-        let first = tokio::select! {
+        let batch = tokio::select! {
             _ = &mut shutdown => break,
-            m = consumer.recv() => m,
+            b = collect(&consumer, &settings) => b,
         };
-        let first = match first {
-            Ok(m) => to_record(&m),
-            Err(e) => {
-                METRICS.errors.with_label_values(&["kafka_consume"]).inc();
-                tracing::warn!(error = %e, "sink consume failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let mut batch = vec![first];
-        let deadline = Instant::now() + settings.max_wait;
-        while batch.len() < settings.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(to_record(&m)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "sink consume failed");
-                    break;
-                }
-                Err(_) => break,
+        if let Some(batch) = batch {
+            if batches.send(batch).await.is_err() {
+                break;
             }
         }
-        let spans = write_spans(&batch);
-        let applied = apply_with_retry(&pool, &settings.topics, &batch).await;
-        drop(spans);
-        record_metrics(&applied);
-        let mut next: HashMap<(String, i32), i64> = HashMap::new();
-        for r in &batch {
-            let e = next
-                .entry((r.topic.clone(), r.partition))
-                .or_insert(r.offset + 1);
-            *e = (*e).max(r.offset + 1);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in next {
-            if let Err(e) = tpl.add_partition_offset(&t, p, Offset::Offset(o)) {
-                tracing::warn!(error = %e, "offset not recorded");
-            }
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            // Harmless: the batch is in PostgreSQL, and a replay is idempotent.
-            tracing::debug!(error = %e, "offset commit failed");
-        }
+    }
+    // The batch being written, and the one queued, are finished before the last commit.
+    drop(batches);
+    if let Err(e) = writer.await {
+        tracing::error!(error = %e, "the sink's writer stopped abnormally");
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final sink commit skipped");
     }
     tracing::info!("sink stopped");
     Ok(())
+}
+
+/// The next batch: whatever arrives within `max_wait` of its first record, up to
+/// `max_batch` records. `None` after a failed read (retried by the caller).
+async fn collect(consumer: &StreamConsumer, settings: &SinkSettings) -> Option<Vec<InRecord>> {
+    let first = match consumer.recv().await {
+        Ok(m) => to_record(&m),
+        Err(e) => {
+            METRICS.errors.with_label_values(&["kafka_consume"]).inc();
+            tracing::warn!(error = %e, "sink consume failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return None;
+        }
+    };
+    let mut batch = vec![first];
+    let deadline = Instant::now() + settings.max_wait;
+    while batch.len() < settings.max_batch {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(to_record(&m)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "sink consume failed");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Writes one batch (retrying until PostgreSQL takes it), then commits its offsets.
+async fn write_batch(pool: &Pool, topics: &Topics, consumer: &StreamConsumer, batch: &[InRecord]) {
+    let started = Instant::now();
+    let spans = write_spans(batch);
+    let applied = apply_with_retry(pool, topics, batch).await;
+    drop(spans);
+    METRICS
+        .write_seconds
+        .observe(started.elapsed().as_secs_f64());
+    record_metrics(&applied);
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for r in batch {
+        let e = next
+            .entry((r.topic.as_str(), r.partition))
+            .or_insert(r.offset + 1);
+        *e = (*e).max(r.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in next {
+        if let Err(e) = tpl.add_partition_offset(t, p, Offset::Offset(o)) {
+            tracing::warn!(error = %e, "offset not recorded");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        // Harmless: the batch is in PostgreSQL, and a replay is idempotent.
+        tracing::debug!(error = %e, "offset commit failed");
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -313,7 +358,7 @@ pub async fn rebuild(
         let client = pool.get().await?;
         client
             .batch_execute(
-                "TRUNCATE payments, payment_events, sink_progress, dead_letters, webhooks_received",
+                "TRUNCATE payments, payment_events, projection_waiting, sink_progress, dead_letters, webhooks_received",
             )
             .await?;
     }

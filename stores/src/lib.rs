@@ -224,9 +224,10 @@ pub fn store_of(full_key: &[u8]) -> Option<&str> {
     std::str::from_utf8(full_key.get(1..1 + len)?).ok()
 }
 
-/// Stores that describe this disk's copy and never go to the changelog.
+/// Stores that describe this disk's copy, or are derived from other stores (rebuilt
+/// by a restore), and never go to the changelog.
 fn is_local(store: &str) -> bool {
-    store == CHANGELOG_QUEUE || store == LOCAL
+    store == CHANGELOG_QUEUE || store == LOCAL || dedup::is_index(store)
 }
 
 /// The record closing changelog batch `batch`.
@@ -354,6 +355,8 @@ pub fn coalesce(
 /// publish their restored values over it.
 pub struct Restore<'a> {
     store: &'a PartitionStore,
+    /// Dedup stores, whose time indexes are rebuilt at the end.
+    dedup_stores: Vec<String>,
     held: Vec<ChangelogRecord>,
     ready: Vec<ChangelogRecord>,
     applied: usize,
@@ -369,11 +372,13 @@ pub struct Restored {
 }
 
 impl<'a> Restore<'a> {
-    /// Empties `store` and starts rebuilding it.
-    pub fn start(store: &'a PartitionStore) -> Result<Self> {
+    /// Empties `store` and starts rebuilding it; `dedup_stores` name the stores kept
+    /// with [`dedup`], whose time indexes are not in the changelog.
+    pub fn start(store: &'a PartitionStore, dedup_stores: &[&str]) -> Result<Self> {
         store.clear()?;
         Ok(Restore {
             store,
+            dedup_stores: dedup_stores.iter().map(|s| (*s).to_owned()).collect(),
             held: Vec::new(),
             ready: Vec::new(),
             applied: 0,
@@ -402,6 +407,9 @@ impl<'a> Restore<'a> {
     /// changelog up to offset `end` (exclusive).
     pub fn finish(mut self, end: i64) -> Result<Restored> {
         self.apply()?;
+        for store in &self.dedup_stores {
+            dedup::reindex(self.store, store)?;
+        }
         let mut ws = WriteSet::default();
         ws.set_changelog_end(end);
         self.store.commit(ws)?;
@@ -448,8 +456,32 @@ pub fn time_from_key(k: &[u8]) -> Option<i64> {
 pub mod dedup {
     use super::*;
 
+    const INDEX_SUFFIX: &str = ".by_time";
+
     fn index_store(store: &str) -> String {
-        format!("{store}.by_time")
+        format!("{store}{INDEX_SUFFIX}")
+    }
+
+    /// Whether `store` is the time index of a dedup store: derived from it, kept off
+    /// the changelog, rebuilt by [`reindex`] after a restore.
+    pub fn is_index(store: &str) -> bool {
+        store.ends_with(INDEX_SUFFIX)
+    }
+
+    /// Rebuilds the time index of `store` from its records (after a restore).
+    pub fn reindex(ps: &PartitionStore, store: &str) -> Result<()> {
+        let idx = index_store(store);
+        let mut ws = WriteSet::default();
+        for (k, _) in ps.scan(&idx, usize::MAX)? {
+            ws.delete(&idx, &k);
+        }
+        for (id, at) in ps.scan(store, usize::MAX)? {
+            let at_ms: i64 = decode(store, &at)?;
+            let mut k = time_key(at_ms).to_vec();
+            k.extend_from_slice(&id);
+            ws.put_raw(&idx, &k, Vec::new());
+        }
+        ps.commit(ws)
     }
 
     pub fn seen(ps: &PartitionStore, ws: &WriteSet, store: &str, id: &str) -> Result<bool> {
@@ -464,9 +496,7 @@ pub mod dedup {
         ws.mark_late(store);
         let mut k = time_key(at_ms).to_vec();
         k.extend_from_slice(id.as_bytes());
-        let index = index_store(store);
-        ws.put_raw(&index, &k, Vec::new());
-        ws.mark_late(&index);
+        ws.put_raw(&index_store(store), &k, Vec::new());
     }
 
     /// Removes up to `limit` records first seen before `cutoff_ms`. Returns how many.
@@ -576,11 +606,19 @@ mod tests {
             ws.set_next_offset(i64::from(i) + 1);
             ws.set_changelog_seq(u64::from(i) + 1);
             ws.put_raw(CHANGELOG_QUEUE, &i.to_be_bytes(), vec![2]);
+            if i == 40 {
+                // Retention: the first ten ids are forgotten, index entries included.
+                assert_eq!(dedup::prune(&live, &mut ws, "dedup", 10, 100).unwrap(), 10);
+            }
             let records = ws.changelog(u64::from(i));
             let stores: Vec<&str> = records.iter().filter_map(|(k, _)| store_of(k)).collect();
             assert!(
                 !stores.contains(&LOCAL) && !stores.contains(&CHANGELOG_QUEUE),
                 "disk-local stores stay out"
+            );
+            assert!(
+                !stores.iter().any(|s| dedup::is_index(s)),
+                "the dedup index is rebuilt by a restore, not logged"
             );
             assert!(stores.contains(&OUTBOX), "the outbox is part of the state");
             let first_late = stores.iter().position(|s| s.starts_with("dedup")).unwrap();
@@ -602,18 +640,19 @@ mod tests {
         let restored_dir = tempfile::tempdir().unwrap();
         let restored = PartitionStore::open(restored_dir.path(), "app", "t", 0).unwrap();
         restored.put_garbage_for_test();
-        let mut r = Restore::start(&restored).unwrap();
+        let mut r = Restore::start(&restored, &["dedup"]).unwrap();
         for rec in log.iter().cloned() {
             r.push(rec).unwrap();
         }
         let done = r.finish(log.len() as i64).unwrap();
         assert_eq!(done.applied, log.len() - 50, "all but the 50 markers");
         assert!(done.unfinished.is_empty());
+        // Everything but what describes the disk's copy, dedup indexes included.
         let shared = |ps: &PartitionStore| -> Vec<(Vec<u8>, Vec<u8>)> {
             ps.tree
                 .iter()
                 .filter_map(|r| r.ok())
-                .filter(|(k, _)| !store_of(k).is_some_and(is_local))
+                .filter(|(k, _)| !matches!(store_of(k), Some(LOCAL | CHANGELOG_QUEUE)))
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect()
         };
@@ -621,6 +660,7 @@ mod tests {
             shared(&live) == shared(&restored),
             "the restored store differs"
         );
+        assert_eq!(restored.scan("dedup.by_time", 100).unwrap().len(), 40);
         assert_eq!(restored.next_offset().unwrap(), Some(50));
         assert_eq!(restored.changelog_end().unwrap(), Some(log.len() as i64));
         assert!(restored.scan(CHANGELOG_QUEUE, 10).unwrap().is_empty());
@@ -642,7 +682,7 @@ mod tests {
         second.truncate(1); // the writer died after the first record
         log.extend(second);
         let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
-        let mut r = Restore::start(&ps).unwrap();
+        let mut r = Restore::start(&ps, &["dedup"]).unwrap();
         for rec in log {
             r.push(rec).unwrap();
         }
@@ -679,7 +719,7 @@ mod tests {
         let restore = |records: Vec<ChangelogRecord>| {
             let dir = tempfile::tempdir().unwrap();
             let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
-            let mut r = Restore::start(&ps).unwrap();
+            let mut r = Restore::start(&ps, &["dedup"]).unwrap();
             for rec in records {
                 r.push(rec).unwrap();
             }

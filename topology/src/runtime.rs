@@ -432,8 +432,21 @@ fn spawn_task(
                 (_, None) => false,
             };
             if behind_log || behind_group {
+                let dedup_stores: Vec<&str> = topo
+                    .stores
+                    .iter()
+                    .filter(|(_, d)| d.kind == crate::config::StoreKind::Dedup)
+                    .map(|(name, _)| name.as_str())
+                    .collect();
                 let restored = tokio::task::block_in_place(|| {
-                    restore_from_changelog(&store, settings, &changelog, partition, (low, high))
+                    restore_from_changelog(
+                        &store,
+                        settings,
+                        &changelog,
+                        partition,
+                        (low, high),
+                        &dedup_stores,
+                    )
                 })?;
                 tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
                 unfinished = restored.unfinished;
@@ -557,6 +570,7 @@ fn restore_from_changelog(
     changelog: &str,
     partition: i32,
     (low, high): (i64, i64),
+    dedup_stores: &[&str],
 ) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(&settings.brokers, &settings.kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
@@ -567,7 +581,7 @@ fn restore_from_changelog(
     let consumer: BaseConsumer = cfg
         .create()
         .context("creating the changelog restore consumer")?;
-    let mut restore = stores::Restore::start(store)?;
+    let mut restore = stores::Restore::start(store, dedup_stores)?;
     if high <= low {
         return Ok(restore.finish(high)?);
     }
@@ -779,14 +793,20 @@ impl Outbox {
             call_keys: Vec::new(),
             calls: Vec::new(),
         };
+        // Entries of one outbox record are adjacent: each key is listed once.
+        let once = |keys: &mut Vec<Vec<u8>>, key: Vec<u8>| {
+            if keys.last() != Some(&key) {
+                keys.push(key);
+            }
+        };
         for (key, entry) in task.pending()?.entries {
             match entry {
                 OutboxEntry::Provider(call) => {
-                    o.call_keys.push(key);
+                    once(&mut o.call_keys, key);
                     o.calls.push(call);
                 }
                 kafka => {
-                    o.output_keys.push(key);
+                    once(&mut o.output_keys, key);
                     o.outputs.push(kafka);
                 }
             }

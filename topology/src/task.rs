@@ -182,6 +182,7 @@ impl Task {
         now_ms: i64,
     ) -> Result<usize, ProcessError> {
         let mut ws = WriteSet::default();
+        let mut outbox = Vec::new();
         let mut applied = 0;
         let mut next = self.next_offset;
         for raw in records {
@@ -198,7 +199,7 @@ impl Task {
                 ..Step::default()
             };
             self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
-            self.stage_outbox(&mut ws, step);
+            outbox.append(&mut step.outbox);
             next = Some(offset + 1);
             applied += 1;
         }
@@ -208,6 +209,7 @@ impl Task {
         if let Some(n) = next {
             ws.set_next_offset(n);
         }
+        self.stage_outbox(&mut ws, outbox);
         self.stage_changelog(&mut ws);
         self.store.commit(ws)?;
         self.next_offset = next;
@@ -224,6 +226,7 @@ impl Task {
         )?;
         let mut fired = 0;
         let mut ws = WriteSet::default();
+        let mut outbox = Vec::new();
         for (key, payload) in due.into_iter().take(limit) {
             let node = key
                 .get(8..10)
@@ -231,8 +234,8 @@ impl Task {
             ws.delete(TIMERS, &key);
             match node.filter(|n| *n < self.graph.nodes.len()) {
                 Some(node) => {
-                    let step = self.run_timer(node, &payload, &mut ws, now_ms)?;
-                    self.stage_outbox(&mut ws, step);
+                    let mut step = self.run_timer(node, &payload, &mut ws, now_ms)?;
+                    outbox.append(&mut step.outbox);
                 }
                 None => {
                     METRICS.errors.with_label_values(&["orphan_timer"]).inc();
@@ -245,6 +248,7 @@ impl Task {
             fired += 1;
         }
         if fired > 0 {
+            self.stage_outbox(&mut ws, outbox);
             self.stage_changelog(&mut ws);
             self.store.commit(ws)?;
         }
@@ -275,11 +279,20 @@ impl Task {
         Ok(())
     }
 
-    /// Outbox entries not yet published (after a crash, or from the batch just applied).
+    /// Outbox entries not yet published (after a crash, or from the batch just applied),
+    /// in the order they were produced, each with the key of the outbox record that
+    /// holds it.
     pub fn pending(&self) -> Result<Pending, ProcessError> {
         let mut entries = Vec::new();
         for (k, v) in self.store.scan(OUTBOX, usize::MAX)? {
-            entries.push((k, stores::decode::<OutboxEntry>(OUTBOX, &v)?));
+            if k.len() == OUTBOX_BATCH_KEY_LEN {
+                for e in stores::decode::<Vec<OutboxEntry>>(OUTBOX, &v)? {
+                    entries.push((k.clone(), e));
+                }
+            } else {
+                // One entry per record, as stores written by earlier versions hold.
+                entries.push((k, stores::decode::<OutboxEntry>(OUTBOX, &v)?));
+            }
         }
         Ok(Pending { entries })
     }
@@ -381,12 +394,19 @@ impl Task {
         ws.set_changelog_seq(self.changelog_seq);
     }
 
-    fn stage_outbox(&mut self, ws: &mut WriteSet, step: Step) {
-        if step.outbox.is_empty() {
-            return;
-        }
-        for entry in step.outbox {
-            ws.put(OUTBOX, &self.outbox_seq.to_be_bytes(), &entry);
+    /// Stages a commit's outputs as (at most) two outbox records, one for its Kafka
+    /// records and one for its provider calls (which are removed at different times
+    /// under exactly-once): the outbox is changelogged, and a record per output would
+    /// double the changelog's traffic.
+    fn stage_outbox(&mut self, ws: &mut WriteSet, outbox: Vec<OutboxEntry>) {
+        let (calls, records): (Vec<OutboxEntry>, Vec<OutboxEntry>) = outbox
+            .into_iter()
+            .partition(|e| matches!(e, OutboxEntry::Provider(_)));
+        for part in [records, calls] {
+            if part.is_empty() {
+                continue;
+            }
+            ws.put(OUTBOX, &outbox_batch_key(self.outbox_seq), &part);
             self.outbox_seq += 1;
         }
         ws.set_outbox_seq(self.outbox_seq);
@@ -508,6 +528,16 @@ impl Task {
         }
         Ok(())
     }
+}
+
+/// Length of the key of an outbox record that holds a list of entries: the outbox
+/// sequence number and a `b` (records of one entry have 8-byte keys).
+const OUTBOX_BATCH_KEY_LEN: usize = 9;
+
+fn outbox_batch_key(seq: u64) -> [u8; OUTBOX_BATCH_KEY_LEN] {
+    let mut k = [b'b'; OUTBOX_BATCH_KEY_LEN];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn stage_timers(ws: &mut WriteSet, node: usize, timers: Vec<crate::processor::TimerRequest>) {

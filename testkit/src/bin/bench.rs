@@ -14,7 +14,7 @@ use futures::stream::{self, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use testkit::stack::{Stack, StackOptions, DEMO_KEY};
 
@@ -191,7 +191,25 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?
         .get(0);
-    eprintln!("bench: pipeline done in {elapsed_s:.1}s; measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
+    let changelog_records = stack.kafka.read_all(
+        &stack
+            .common
+            .topology
+            .changelog_topic(&stack.commands_topic()),
+    )?;
+    let changelog = changelog_records.len();
+    let mut by_store: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &changelog_records {
+        let store = r
+            .key
+            .as_deref()
+            .and_then(stores::store_of)
+            .unwrap_or("?")
+            .to_owned();
+        *by_store.entry(store).or_default() += 1;
+    }
+    eprintln!("bench: changelog records by store {by_store:?}");
+    eprintln!("bench: pipeline done in {elapsed_s:.1}s ({changelog} changelog records besides); measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
 
     let raw_kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
     let raw_pg = raw_pg(&pool, pg_rows as usize).await?;
@@ -245,6 +263,7 @@ fn stages() -> String {
         ("gateway_task_batch_seconds", "worker_batch"),
         ("gateway_provider_request_duration_seconds", "provider_call"),
         ("gateway_projection_lag_seconds", "projection_lag"),
+        ("gateway_projection_write_seconds", "projection_write"),
     ];
     let mut out = Vec::new();
     for family in prometheus::gather() {
