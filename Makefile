@@ -48,8 +48,10 @@ local-stack:
 	target/debug/local-stack $(ARGS)
 
 # Pipeline throughput and latency beside the machine's raw Kafka and PostgreSQL limits.
-# ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop).
+# ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop);
+# a memory run: ARGS="--rate 500 --payments 300000 --worker-process --memory-every-s 60".
 bench:
+	$(CARGO) build --release --locked -p gateway --bins
 	$(CARGO) run --release --locked -p testkit --bin bench -- $(ARGS)
 
 # Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on

@@ -211,8 +211,6 @@ impl PartitionStore {
 #[derive(Default, Debug)]
 pub struct WriteSet {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Stores whose records go last in the changelog (dedup records, the checkpoint).
-    late: BTreeSet<String>,
 }
 
 /// A changelog record: full key (store prefix + key), value or `None` for a delete.
@@ -259,35 +257,20 @@ impl WriteSet {
     }
 
     /// Orders `store`'s records after the others in [`WriteSet::changelog`].
-    pub fn mark_late(&mut self, store: &str) {
-        if !self.late.contains(store) {
-            self.late.insert(store.to_owned());
-        }
-    }
-
     /// The write set as one changelog batch (full key, value or `None` for a delete),
-    /// without the disk-local stores, closed by a commit marker carrying `batch`. Empty
-    /// when nothing but local stores changed. Within the batch: every other store
-    /// first, then the stores marked late (dedup records after the state they guard),
-    /// the checkpoint (`__meta`), and the marker last.
+    /// without the disk-local stores, in key order, closed by a commit marker carrying
+    /// `batch`. Empty when nothing but local stores changed. The order within a batch
+    /// does not matter: a restore applies a batch only once it has read its marker.
     pub fn changelog(&self, batch: u64) -> Vec<ChangelogRecord> {
-        let rank = |k: &[u8]| match store_of(k) {
-            Some(META) => 2,
-            Some(s) if self.late.contains(s) => 1,
-            _ => 0,
-        };
         let mut out: Vec<ChangelogRecord> = self
             .writes
             .iter()
             .filter(|(k, _)| !store_of(k).is_some_and(is_local))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if out.is_empty() {
-            return out;
+        if !out.is_empty() {
+            out.push(commit_marker(batch));
         }
-        // A stable sort: key order within each rank.
-        out.sort_by_key(|(k, _)| rank(k));
-        out.push(commit_marker(batch));
         out
     }
 
@@ -493,7 +476,6 @@ pub mod dedup {
 
     pub fn record(ws: &mut WriteSet, store: &str, id: &str, at_ms: i64) {
         ws.put(store, id.as_bytes(), &at_ms);
-        ws.mark_late(store);
         let mut k = time_key(at_ms).to_vec();
         k.extend_from_slice(id.as_bytes());
         ws.put_raw(&index_store(store), &k, Vec::new());
@@ -591,7 +573,7 @@ mod tests {
     }
 
     #[test]
-    fn the_changelog_replays_into_an_equal_store_and_orders_guards_last() {
+    fn the_changelog_replays_into_an_equal_store() {
         let dir = tempfile::tempdir().unwrap();
         let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
         let mut log = Vec::new();
@@ -621,18 +603,9 @@ mod tests {
                 "the dedup index is rebuilt by a restore, not logged"
             );
             assert!(stores.contains(&OUTBOX), "the outbox is part of the state");
-            let first_late = stores.iter().position(|s| s.starts_with("dedup")).unwrap();
-            assert!(stores[..first_late]
-                .iter()
-                .all(|s| *s == "payments" || *s == OUTBOX));
             assert!(
                 is_commit_marker(&records.last().unwrap().0),
                 "the marker closes the batch"
-            );
-            assert_eq!(
-                stores[stores.len() - 2],
-                META,
-                "the checkpoint comes before it"
             );
             log.extend(records);
             live.commit(ws).unwrap();

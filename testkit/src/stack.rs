@@ -303,6 +303,14 @@ impl Stack {
         }
     }
 
+    /// The worker's process id, when it runs as a child process.
+    pub fn worker_pid(&self) -> Option<u32> {
+        match &self.worker {
+            Some(Worker::Child(c)) => Some(c.id()),
+            _ => None,
+        }
+    }
+
     /// Whether the worker is still running (a failed worker is an error here).
     pub fn worker_alive(&mut self) -> anyhow::Result<bool> {
         match &mut self.worker {

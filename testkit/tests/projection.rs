@@ -104,10 +104,7 @@ async fn waiting(pool: &sinks::Pool) -> Vec<(String, i64)> {
 }
 
 fn fold(events: &[Event]) -> PaymentState {
-    events
-        .iter()
-        .fold(None, payments::evolve)
-        .unwrap()
+    events.iter().fold(None, payments::evolve).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,8 +180,13 @@ impl Dispatcher {
     }
 
     /// Makes the call in a `provider.call` span (a child of the step that decided it);
-    /// the request and the reply command carry that span's `traceparent`.
-    pub fn dispatch(&self, mut call: ProviderCall) {
+    /// the request and the reply command carry that span's `traceparent`. Waits for a
+    /// free slot first: a provider slower than the commands stalls the partitions that
+    /// call it (their backlog stays in Kafka) instead of queueing calls in memory.
+    pub async fn dispatch(&self, mut call: ProviderCall) {
+        let Ok(permit) = self.inflight.clone().acquire_owned().await else {
+            return;
+        };
         let this = self.clone();
         let span = tracing::info_span!(
             "provider.call",
@@ -198,9 +203,7 @@ impl Dispatcher {
         }
         let task_span = span.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = this.inflight.clone().acquire_owned().await else {
-                return;
-            };
+            let _permit = permit;
             let started = Instant::now();
             let outcome = this.client.call(&call).await;
             span.record("outcome", outcome.label());

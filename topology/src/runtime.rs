@@ -771,7 +771,7 @@ async fn publish_at_least_once(
     }
     observe_stage("outputs", t);
     for call in outbox.calls {
-        dispatcher.dispatch(call);
+        dispatcher.dispatch(call).await;
     }
     task.published(outbox.output_keys.into_iter().chain(outbox.call_keys))?;
     Ok(())
@@ -967,7 +967,7 @@ async fn publish_transaction(
         task.changelog_delivered(queue_keys, end, Some(removal))?;
     }
     for call in calls {
-        dispatcher.dispatch(call);
+        dispatcher.dispatch(call).await;
     }
     task.published(call_keys)?;
     Ok(())

@@ -38,6 +38,17 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// Run the worker as its own process (the `gateway` binary beside this one), so its
+    /// memory is measured apart from the broker and database stand-ins.
+    #[arg(long)]
+    worker_process: bool,
+    /// Print the resident memory of this process and of the worker every N seconds.
+    #[arg(long, default_value_t = 0)]
+    memory_every_s: u64,
+    /// Leave out the raw-limit measurements (long runs: the mock broker scans its logs
+    /// linearly, so it slows down as they grow).
+    #[arg(long)]
+    skip_raw: bool,
 }
 
 fn now_ms() -> i64 {
@@ -55,27 +66,64 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A memory figure of a process (`VmHWM`: peak, `VmRSS`: current), in MiB.
+fn memory_mb(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Peak resident memory of the largest process of the stack (this one or the worker's).
+fn peak_rss_mb(worker: Option<u32>) -> f64 {
+    let own = memory_mb("self", "VmHWM:");
+    worker.map_or(own, |pid| own.max(memory_mb(&pid.to_string(), "VmHWM:")))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let defaults = StackOptions::default();
+    let gateway_bin = match a.worker_process {
+        true => {
+            let bin = std::env::current_exe()?.with_file_name("gateway");
+            anyhow::ensure!(
+                bin.exists(),
+                "{} is missing: build it first (cargo build --release -p gateway)",
+                bin.display()
+            );
+            Some(bin)
+        }
+        false => None,
+    };
     let stack = Stack::start(StackOptions {
         partitions: a.partitions,
+        gateway_bin,
+        // The payment policy as shipped (the tests' default has short timeouts).
+        policy: testkit::stack::SHIPPED_POLICY.into(),
         ..defaults
     })
     .await?;
+    let worker_pid = stack.worker_pid();
+    if a.memory_every_s > 0 {
+        let every = Duration::from_secs(a.memory_every_s);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                let worker = worker_pid.map_or(f64::NAN, |p| memory_mb(&p.to_string(), "VmRSS:"));
+                eprintln!(
+                    "bench: memory t={}s bench_rss_mb={:.0} worker_rss_mb={worker:.0}",
+                    t.elapsed().as_secs(),
+                    memory_mb("self", "VmRSS:"),
+                );
+            }
+        });
+    }
     let api = stack.client(DEMO_KEY);
     let pool = stack.pool().await?;
 
@@ -136,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
     // A cheap count while waiting (the database holds only this run's payments and the
     // warm-up one), so the waiting adds little load; then one read of every status.
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut said = Instant::now();
     while Instant::now() < deadline {
         let n: i64 = pool
             .get()
@@ -148,6 +197,15 @@ async fn main() -> anyhow::Result<()> {
             .get(0);
         if n as usize > ids.len() {
             break;
+        }
+        if said.elapsed() > Duration::from_secs(10) {
+            said = Instant::now();
+            let open = open_statuses(&pool).await?;
+            eprintln!(
+                "bench: waiting for {} of {} payments ({open})",
+                ids.len() + 1 - n as usize,
+                ids.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -211,8 +269,13 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bench: changelog records by store {by_store:?}");
     eprintln!("bench: pipeline done in {elapsed_s:.1}s ({changelog} changelog records besides); measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
 
-    let raw_kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
-    let raw_pg = raw_pg(&pool, pg_rows as usize).await?;
+    let (raw_kafka, raw_pg) = match a.skip_raw {
+        true => (f64::NAN, f64::NAN),
+        false => (
+            raw_kafka(&stack, kafka_records, avg_size).await?,
+            raw_pg(&pool, pg_rows as usize).await?,
+        ),
+    };
     // The raw-limit throughput for the same work, in payments per second.
     let per_payment_kafka = kafka_records as f64 / ids.len().max(1) as f64;
     let per_payment_pg = pg_rows as f64 / ids.len().max(1) as f64;
@@ -227,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
         raw_kafka,
         raw_pg,
         throughput / raw_payments,
-        peak_rss_mb(),
+        peak_rss_mb(worker_pid),
     );
     eprintln!("bench: stages {}", stages());
     if std::env::var_os("BENCH_PG_STATEMENTS").is_some() {
@@ -253,6 +316,23 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     stack.shutdown().await
+}
+
+/// How many payments are in each open status.
+async fn open_statuses(pool: &sinks::Pool) -> anyhow::Result<String> {
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT status, count(*) FROM payments WHERE status IN ('NEW', 'PROCESSING') GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{}={}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// Where the time went, from the stack's own metrics (it runs in this process): mean
@@ -364,13 +444,18 @@ async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> 
     }
     consumer.assign(&tpl)?;
     let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
     tokio::task::block_in_place(|| {
-        while got < n {
+        while got < n && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 got += usize::from(m.payload().is_some());
             }
         }
     });
+    anyhow::ensure!(
+        got == n,
+        "raw consume read {got} of {n} messages in 5 minutes"
+    );
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
