@@ -17,6 +17,9 @@ use payments::{
 };
 use std::collections::BTreeMap;
 
+/// Dedup records removed per housekeeping pass (per partition, once a minute).
+const PRUNE_PER_PASS: usize = 50_000;
+
 pub const SPEC: NodeSpec = NodeSpec {
     accepts: &[RecordKind::Command],
     emits: &[RecordKind::Event, RecordKind::ProviderCall],
@@ -228,9 +231,13 @@ impl Processor for PaymentStateMachine {
         self.apply(ctx, state, &cmd)
     }
 
+    /// Runs every minute: removes dedup records past retention, up to
+    /// [`PRUNE_PER_PASS`] of them, which is more than a partition records in a minute at
+    /// the rates it sustains (two commands per payment), so the store does not outgrow
+    /// its retention.
     fn maintain(&mut self, ctx: &mut Context<'_>) -> Result<(), ProcessError> {
         let cutoff = ctx.now_ms().saturating_sub(self.retention_ms);
-        let pruned = ctx.prune(&self.dedup, cutoff, 1000)?;
+        let pruned = ctx.prune(&self.dedup, cutoff, PRUNE_PER_PASS)?;
         if pruned > 0 {
             tracing::debug!(pruned, "dedup records past retention removed");
         }
