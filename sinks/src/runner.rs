@@ -259,11 +259,13 @@ pub async fn run_sink(
     });
     tokio::pin!(shutdown);
     loop {
-        let batch = tokio::select! {
+        // Only the wait for a batch's first record gives way to the shutdown: a batch
+        // begun is finished and written, so the final commit skips nothing unwritten.
+        let first = tokio::select! {
             _ = &mut shutdown => break,
-            b = collect(&consumer, &settings) => b,
+            m = consumer.recv() => m.map(|m| to_record(&m)),
         };
-        if let Some(batch) = batch {
+        if let Some(batch) = collect(&consumer, &settings, first).await {
             if batches.send(batch).await.is_err() {
                 break;
             }
@@ -281,11 +283,15 @@ pub async fn run_sink(
     Ok(())
 }
 
-/// The next batch: whatever arrives within `max_wait` of its first record, up to
+/// The batch that starts with `first`: whatever arrives within `max_wait` of it, up to
 /// `max_batch` records. `None` after a failed read (retried by the caller).
-async fn collect(consumer: &StreamConsumer, settings: &SinkSettings) -> Option<Vec<InRecord>> {
-    let first = match consumer.recv().await {
-        Ok(m) => to_record(&m),
+async fn collect(
+    consumer: &StreamConsumer,
+    settings: &SinkSettings,
+    first: Result<InRecord, rdkafka::error::KafkaError>,
+) -> Option<Vec<InRecord>> {
+    let first = match first {
+        Ok(r) => r,
         Err(e) => {
             METRICS.errors.with_label_values(&["kafka_consume"]).inc();
             tracing::warn!(error = %e, "sink consume failed; retrying");
