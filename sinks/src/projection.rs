@@ -140,11 +140,7 @@ pub async fn apply_batch(
 
     // Two round trips of pipelined statements: the writes that depend on nothing, with
     // the reads the fold needs; then the fold's writes.
-    let ids: Vec<&str> = {
-        let mut v: Vec<&str> = events.keys().map(|(p, _)| p.as_str()).collect();
-        v.dedup();
-        v
-    };
+    let ids = payment_ids(events.keys());
     let (inserted, states, waiting, dead_letters, hooks, ()) = futures::try_join!(
         insert_events(tx, &events),
         read_states(tx, &ids),
@@ -210,6 +206,13 @@ async fn insert_events(
         .execute(&stmt, &[&pid, &seq, &kind, &at, &cause, &body, &part, &off])
         .await?;
     Ok(n as usize)
+}
+
+/// The distinct payment ids of `(payment_id, seq)` keys in key order.
+fn payment_ids<'a>(keys: impl Iterator<Item = &'a (String, u64)>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = keys.map(|(p, _)| p.as_str()).collect();
+    v.dedup();
+    v
 }
 
 /// The current state of the rows of `ids`, locked until the batch commits.
@@ -279,11 +282,7 @@ async fn fold_payments(
     states: HashMap<String, PaymentState>,
     stored: BTreeMap<(String, u64), Event>,
 ) -> Result<usize, tokio_postgres::Error> {
-    let had_waiting: Vec<&str> = {
-        let mut v: Vec<&str> = stored.keys().map(|(p, _)| p.as_str()).collect();
-        v.dedup();
-        v
-    };
+    let had_waiting = payment_ids(stored.keys());
     let mut merged: BTreeMap<(&str, u64), &Event> = events
         .iter()
         .map(|((p, s), e)| ((p.as_str(), *s), &e.event))
