@@ -368,6 +368,12 @@ mod tests {
     use crate::openapi::{document, OPERATIONS};
     use crate::{ApiConfig, ApiState};
 
+    /// Tracing caches, per call site, whether any subscriber wants it: a request served
+    /// by one test while another installs its capturing subscriber can leave a call site
+    /// marked "never" for both. Tests that serve requests share this lock; the one that
+    /// captures takes it alone.
+    static TRACING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
     fn state() -> Arc<ApiState> {
         let producer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:1")
@@ -405,6 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn operational_endpoints_are_not_on_the_merchant_port() {
+        let _tracing = TRACING.read().await;
         let routes = routes(state());
         for path in ["/metrics", "/topology"] {
             let res = warp::test::request().path(path).reply(&routes).await;
@@ -418,6 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_documented_operation_is_routed() {
+        let _tracing = TRACING.read().await;
         let routes = routes(state());
         for (method, path) in OPERATIONS {
             let concrete = path
@@ -453,6 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn merchants_are_rate_limited_with_retry_after() {
+        let _tracing = TRACING.read().await;
         let mut s = state();
         if let Some(st) = Arc::get_mut(&mut s) {
             st.cfg.rate_limit = Some(crate::RateLimit {
@@ -481,6 +490,7 @@ mod tests {
     /// level.
     #[tokio::test]
     async fn secrets_and_card_data_are_not_logged() {
+        let _tracing = TRACING.write().await;
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::layer::SubscriberExt;
         #[derive(Clone, Default)]
@@ -560,6 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn card_numbers_are_refused() {
+        let _tracing = TRACING.read().await;
         let mut s = state();
         if let Some(st) = Arc::get_mut(&mut s) {
             st.cfg.merchants = vec![crate::auth::MerchantKey::from_plain("acme", "sk").unwrap()];
@@ -603,6 +614,7 @@ mod tests {
 
     #[tokio::test]
     async fn metadata_is_bounded() {
+        let _tracing = TRACING.read().await;
         let mut s = state();
         if let Some(st) = Arc::get_mut(&mut s) {
             st.cfg.merchants = vec![crate::auth::MerchantKey::from_plain("acme", "sk").unwrap()];

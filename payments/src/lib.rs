@@ -92,8 +92,12 @@ pub fn external_text(s: &str, max_chars: usize) -> String {
 }
 
 /// Whether `s` holds something that looks like a card number (PAN): 13 to 19 digits,
-/// optionally grouped by single spaces or dashes, passing the Luhn check. The gateway
-/// deals in provider tokens and references; card data must never enter it.
+/// optionally grouped by single spaces or dashes, starting with a digit the card networks
+/// issue under (2 to 6: Mastercard, Amex, Diners, JCB, Visa, Discover, UnionPay, Maestro)
+/// and passing the Luhn check. The first-digit rule keeps identifiers built from Unix
+/// timestamps (`1…` in milliseconds, microseconds and nanoseconds), one in ten of which
+/// pass Luhn, from being taken for cards. The gateway deals in provider tokens and
+/// references; card data must never enter it.
 pub fn contains_card_number(s: &str) -> bool {
     let bytes = s.as_bytes();
     let mut i = 0;
@@ -117,7 +121,7 @@ pub fn contains_card_number(s: &str) -> bool {
                 break;
             }
         }
-        if (13..=19).contains(&digits.len()) && luhn(&digits) {
+        if (13..=19).contains(&digits.len()) && (2..=6).contains(&digits[0]) && luhn(&digits) {
             return true;
         }
         i = j.max(i + 1);
@@ -169,6 +173,10 @@ mod card_tests {
             "",
             "ref 1234 5678",
             "2024-11-26",
+            // Millisecond timestamps that pass Luhn: identifiers, not cards.
+            "1764187686001",
+            "order-1764187686001",
+            "ui-1764187686001-8",
         ] {
             assert!(!contains_card_number(fine), "{fine}");
         }

@@ -192,6 +192,20 @@ async fn create(http: reqwest::Client, api: String, key: String, amount: i64, lo
     }
 }
 
+/// `n` in base 26 with the letters a–z: the seed in an idempotency key without a digit
+/// run that the API's card-data check could take for a card number.
+fn in_letters(mut n: u64) -> String {
+    let mut out = Vec::new();
+    loop {
+        out.push(b'a' + (n % 26) as u8);
+        n /= 26;
+        if n == 0 {
+            break;
+        }
+    }
+    out.iter().rev().map(|&b| char::from(b)).collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -679,7 +693,7 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..n {
                 let due = started + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
-                let key = format!("chaos-{seed}-{i}");
+                let key = format!("chaos-{}-{i}", in_letters(seed));
                 let amount = rng.random_range(100..100_000);
                 tasks.push(tokio::spawn(create(
                     http.clone(),
