@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Time a NEW payment waits before processing starts (a cancel in this window
-    /// needs no provider call).
+    /// needs no provider call). With 0, the create itself starts processing: the
+    /// charge request goes out in the same step, with no timer in between.
     pub dispatch_delay_ms: i64,
     /// How long to wait for the answer to a charge or status call before asking for
     /// the status. Must exceed the provider client's own request timeout.
@@ -504,6 +505,10 @@ fn decide_create(
                 code: refused.code.clone(),
                 message: refused.message.clone(),
             });
+        }
+        None if policy.dispatch_delay_ms == 0 => {
+            out.emit(EventBody::ProcessingStarted);
+            out.charge(1, policy);
         }
         None => {
             out.schedule(policy.dispatch_delay_ms, TimerKind::Dispatch);

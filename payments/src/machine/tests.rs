@@ -102,9 +102,17 @@ fn allowed(from: Option<Status>, to: Option<Status>) -> bool {
     }
 }
 
+/// A policy whose creates wait for the dispatch timer.
+fn delayed() -> Policy {
+    Policy {
+        dispatch_delay_ms: 1,
+        ..Policy::default()
+    }
+}
+
 #[test]
 fn happy_path_emits_the_expected_history() {
-    let p = Policy::default();
+    let p = delayed();
     let cmds = vec![
         cmd("c1", 1, create("h")),
         cmd(
@@ -141,6 +149,50 @@ fn happy_path_emits_the_expected_history() {
 }
 
 #[test]
+fn without_a_dispatch_delay_the_create_sends_the_charge() {
+    let p = Policy::default();
+    assert_eq!(p.dispatch_delay_ms, 0);
+    match decide(None, &cmd("c1", 1, create("h")), &p) {
+        Decision::Apply { events, effects } => {
+            let kinds: Vec<_> = events.iter().map(|e| e.body.kind()).collect();
+            assert_eq!(kinds, ["created", "processing_started", "charge_requested"]);
+            assert_eq!(
+                effects,
+                [
+                    Effect::Call {
+                        op: ProviderOp::Charge,
+                        attempt: 1,
+                        key: "charge:1:3".into(),
+                    },
+                    Effect::Schedule {
+                        due_at_ms: 1 + p.reply_timeout_ms,
+                        kind: TimerKind::ProviderTimeout {
+                            attempt: 1,
+                            wait: 1
+                        },
+                    },
+                ]
+            );
+        }
+        d => panic!("expected the charge, got {d:?}"),
+    }
+    // With a delay, the create only schedules the dispatch.
+    match decide(None, &cmd("c1", 1, create("h")), &delayed()) {
+        Decision::Apply { events, effects } => {
+            assert_eq!(events.len(), 1);
+            assert_eq!(
+                effects,
+                [Effect::Schedule {
+                    due_at_ms: 2,
+                    kind: TimerKind::Dispatch
+                }]
+            );
+        }
+        d => panic!("expected the dispatch timer, got {d:?}"),
+    }
+}
+
+#[test]
 fn same_key_same_body_is_a_duplicate_and_other_body_is_rejected() {
     let p = Policy::default();
     let (_, state) = run(&[cmd("c1", 1, create("h"))], &p, true);
@@ -159,7 +211,7 @@ fn same_key_same_body_is_a_duplicate_and_other_body_is_rejected() {
 fn transient_errors_retry_then_fail_only_after_status_confirms_no_charge() {
     let p = Policy {
         max_attempts: 2,
-        ..Policy::default()
+        ..delayed()
     };
     let transient = |a| CommandBody::ProviderReply {
         op: ProviderOp::Charge,
@@ -224,7 +276,7 @@ fn transient_errors_retry_then_fail_only_after_status_confirms_no_charge() {
 
 #[test]
 fn webhook_beating_the_synchronous_reply_wins_and_the_reply_is_ignored() {
-    let p = Policy::default();
+    let p = delayed();
     let cmds = vec![
         cmd("c1", 1, create("h")),
         cmd(
@@ -267,7 +319,7 @@ fn webhook_beating_the_synchronous_reply_wins_and_the_reply_is_ignored() {
 
 #[test]
 fn cancel_while_processing_needs_the_provider() {
-    let p = Policy::default();
+    let p = delayed();
     let cmds = vec![
         cmd("c1", 1, create("h")),
         cmd(
@@ -453,6 +505,18 @@ fn build(specs: &[Spec]) -> Vec<Command> {
     out
 }
 
+/// The shipped policy (processing starts with the create) and one with a dispatch delay
+/// (processing starts on a timer, so a cancel can come first).
+fn policies() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::default()),
+        Just(Policy {
+            dispatch_delay_ms: 50,
+            ..Policy::default()
+        }),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -462,14 +526,15 @@ proptest! {
     fn invariants_hold_for_any_command_sequence(
         specs in proptest::collection::vec(spec(), 0..40),
         start_with_create in any::<bool>(),
+        p in policies(),
     ) {
         let mut specs = specs;
         if start_with_create {
             specs.insert(0, Spec::Create(true));
         }
         let cmds = build(&specs);
-        let (events, state) = run(&cmds, &Policy::default(), true);
-        let (again, state_again) = run(&cmds, &Policy::default(), true);
+        let (events, state) = run(&cmds, &p, true);
+        let (again, state_again) = run(&cmds, &p, true);
         prop_assert_eq!(&events, &again, "replay must be deterministic");
         prop_assert_eq!(&state, &state_again);
         // State is the fold of the events.
@@ -480,10 +545,13 @@ proptest! {
     /// Even with the dedup store forgotten (retention elapsed), redelivered commands never
     /// break the machine's invariants.
     #[test]
-    fn invariants_hold_without_dedup(specs in proptest::collection::vec(spec(), 0..40)) {
+    fn invariants_hold_without_dedup(
+        specs in proptest::collection::vec(spec(), 0..40),
+        p in policies(),
+    ) {
         let mut specs = specs;
         specs.insert(0, Spec::Create(true));
-        run(&build(&specs), &Policy::default(), false);
+        run(&build(&specs), &p, false);
     }
 
     /// A simulated provider that charges at most once per idempotency key, answering
@@ -493,8 +561,9 @@ proptest! {
     fn every_payment_terminates_and_is_charged_at_most_once(
         answers in proptest::collection::vec(0u8..10, 64),
         webhook_first in any::<bool>(),
+        p in policies(),
     ) {
-        let p = Policy { max_attempts: 3, ..Policy::default() };
+        let p = Policy { max_attempts: 3, ..p };
         let (state, charged) = simulate(&p, &answers, webhook_first);
         let s = state.expect("payment exists");
         prop_assert!(s.status.is_terminal(), "stuck in {:?}", s);
