@@ -157,13 +157,13 @@ impl PartitionStore {
         self.tree.apply_batch(batch).map_err(|e| self.err(e))
     }
 
-    /// Makes everything committed so far durable.
-    pub async fn flush(&self) -> Result<()> {
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+    /// Makes everything committed so far durable. Blocks the calling thread until the
+    /// log is on disk: async callers run it on a blocking thread. (sled's own
+    /// `flush_async` runs the flush on sled's I/O pool, and concurrent flushes of
+    /// several stores can fill that pool with flushes waiting for writes queued behind
+    /// them: a process-wide deadlock.)
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
 
     /// The next input offset to process, if this store has processed anything.
@@ -521,7 +521,7 @@ mod tests {
                 "nothing visible before commit"
             );
             ps.commit(ws).unwrap();
-            futures_lite_block(ps.flush()).unwrap();
+            ps.flush().unwrap();
         }
         let ps = PartitionStore::open(dir.path(), "app", "t", 3).unwrap();
         assert_eq!(ps.next_offset().unwrap(), Some(42));
@@ -747,14 +747,36 @@ mod tests {
     }
 
     /// Minimal executor for the one async call in these tests.
-    fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut f = std::pin::pin!(f);
-        loop {
-            if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                return v;
-            }
-            std::thread::yield_now();
+    /// Many partitions in one process commit and flush at the same time (as a worker's
+    /// tasks do): every flush returns. Fails by timing out if the stores deadlock.
+    #[test]
+    fn concurrent_flushes_of_many_stores_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores: Vec<PartitionStore> = (0..16)
+            .map(|p| PartitionStore::open(dir.path(), "app", "t", p).unwrap())
+            .collect();
+        let (done, finished) = std::sync::mpsc::channel();
+        for ps in stores {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    let mut ws = WriteSet::default();
+                    ws.put("payments", &i.to_be_bytes(), &vec![0u8; 300]);
+                    ws.set_next_offset(i as i64);
+                    let r = ps.commit(ws).and_then(|_| ps.flush());
+                    if r.is_err() {
+                        let _ = done.send(r);
+                        return;
+                    }
+                }
+                let _ = done.send(Ok(()));
+            });
+        }
+        for _ in 0..16 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("a store's commit-and-flush loop did not finish within 120 s (deadlock)")
+                .unwrap();
         }
     }
 }

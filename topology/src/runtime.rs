@@ -735,7 +735,10 @@ async fn publish(
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
-    task.store().flush().await?;
+    let store = task.store().clone();
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("the store flush stopped before finishing")??;
     observe_stage("flush", t);
     match output {
         Output::AtLeastOnce(producer) => publish_at_least_once(task, producer, dispatcher).await,
