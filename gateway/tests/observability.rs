@@ -265,7 +265,9 @@ async fn one_trace_per_payment(stack: &Stack, receiver: &Receiver) -> usize {
     let creates = process_spans(&trace, "create");
     assert_eq!(creates.len(), 1);
     assert!(parent_of(creates[0]).is_some_and(|p| produce.iter().any(|q| q.span_id == p.span_id)));
-    assert_eq!(creates[0].attributes["transition"], "none->NEW");
+    // No dispatch delay (the shipped policy): the create starts processing and sends the
+    // first charge itself.
+    assert_eq!(creates[0].attributes["transition"], "none->PROCESSING");
     // Two provider calls (the 503, then the pending retry), each a child of the step that
     // decided it, each answered by a reply processed as its child.
     let calls = named(&trace, "provider charge");
@@ -285,10 +287,19 @@ async fn one_trace_per_payment(stack: &Stack, receiver: &Receiver) -> usize {
     for c in &calls {
         assert!(parent_of(c).is_some_and(|p| p.name.starts_with("process ")));
     }
+    assert!(
+        calls.iter().any(|c| c.attributes["attempt"] == "1"
+            && parent_of(c).is_some_and(|p| p.span_id == creates[0].span_id)),
+        "the first charge is a child of the create's step"
+    );
     let replies = process_spans(&trace, "provider_reply");
     assert!(replies.len() >= 2);
     for r in &replies {
-        assert!(parent_of(r).is_some_and(|p| p.name == "provider charge"));
+        assert!(
+            parent_of(r).is_some_and(|p| p.name == "provider charge"),
+            "a reply's parent is its provider call; this one's is {:?}",
+            parent_of(r).map(|p| &p.name)
+        );
     }
     // The retry timer joined the payment's trace.
     assert!(!process_spans(&trace, "timer").is_empty());
