@@ -746,7 +746,6 @@ mod tests {
         }
     }
 
-    /// Minimal executor for the one async call in these tests.
     /// Many partitions in one process commit and flush at the same time (as a worker's
     /// tasks do): every flush returns. Fails by timing out if the stores deadlock.
     #[test]
