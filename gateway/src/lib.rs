@@ -153,6 +153,8 @@ pub struct WorkerOptions {
     pub state_dir: PathBuf,
     pub provider_url: String,
     pub provider_timeout: Duration,
+    /// sled's page cache per partition store.
+    pub store_cache_bytes: u64,
 }
 
 pub async fn run_worker(
@@ -167,6 +169,7 @@ pub async fn run_worker(
         &common.commands_topic()?,
     );
     settings.provider_timeout = opts.provider_timeout;
+    settings.store_cache_bytes = opts.store_cache_bytes;
     settings.kafka = common.kafka.clone();
     topology::run_worker(common.topology.clone(), settings, shutdown).await
 }

@@ -98,6 +98,10 @@ struct WorkerArgs {
     /// Per-request timeout of provider calls (keep below the topology's reply_timeout_ms).
     #[arg(long, env = "PROVIDER_TIMEOUT_MS", default_value_t = 3000)]
     provider_timeout_ms: u64,
+    /// sled's page cache per partition store, in MiB (the worker's memory grows to about
+    /// this times the partitions it owns).
+    #[arg(long, env = "STORE_CACHE_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    store_cache_mb: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,5 +284,6 @@ fn worker_opts(w: WorkerArgs) -> WorkerOptions {
         state_dir: w.state_dir,
         provider_url: w.provider_url,
         provider_timeout: Duration::from_millis(w.provider_timeout_ms),
+        store_cache_bytes: w.store_cache_mb * 1024 * 1024,
     }
 }

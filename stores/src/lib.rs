@@ -59,9 +59,25 @@ fn full_key(store: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// sled's page cache per partition unless configured otherwise (`STORE_CACHE_MB`).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl PartitionStore {
-    /// Opens (or creates) the stores of `topic`/`partition` below `root/application_id`.
+    /// Opens (or creates) the stores of `topic`/`partition` below `root/application_id`,
+    /// with the default cache.
     pub fn open(root: &Path, application_id: &str, topic: &str, partition: i32) -> Result<Self> {
+        Self::open_with_cache(root, application_id, topic, partition, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the stores of `topic`/`partition`, with at most `cache_bytes` of
+    /// sled's page cache (a bound sled applies approximately).
+    pub fn open_with_cache(
+        root: &Path,
+        application_id: &str,
+        topic: &str,
+        partition: i32,
+        cache_bytes: u64,
+    ) -> Result<Self> {
         let path = root
             .join(application_id)
             .join(format!("{topic}-{partition}"));
@@ -71,7 +87,7 @@ impl PartitionStore {
         };
         let db = sled::Config::new()
             .path(&path)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(err)?;
         let tree = db.open_tree("stores").map_err(err)?;
@@ -748,6 +764,37 @@ mod tests {
 
     /// Many partitions in one process commit and flush at the same time (as a worker's
     /// tasks do): every flush returns. Fails by timing out if the stores deadlock.
+    #[test]
+    fn a_store_larger_than_its_cache_keeps_every_value() {
+        // 20,000 values of 300 B with a 64 KiB cache: most pages are evicted and read
+        // back from disk, before and after a reopen.
+        let dir = tempfile::tempdir().unwrap();
+        let value = |i: u32| vec![(i % 251) as u8; 300];
+        {
+            let ps = PartitionStore::open_with_cache(dir.path(), "app", "t", 0, 64 * 1024).unwrap();
+            for chunk in (0..20_000u32).collect::<Vec<_>>().chunks(500) {
+                let mut ws = WriteSet::default();
+                for i in chunk {
+                    ws.put_raw("payments", &i.to_be_bytes(), value(*i));
+                }
+                ps.commit(ws).unwrap();
+            }
+            ps.flush().unwrap();
+            for i in (0..20_000u32).step_by(7) {
+                assert_eq!(
+                    ps.get_raw("payments", &i.to_be_bytes()).unwrap(),
+                    Some(value(i))
+                );
+            }
+        }
+        let ps = PartitionStore::open_with_cache(dir.path(), "app", "t", 0, 64 * 1024).unwrap();
+        assert_eq!(ps.scan("payments", usize::MAX).unwrap().len(), 20_000);
+        assert_eq!(
+            ps.get_raw("payments", &19_999u32.to_be_bytes()).unwrap(),
+            Some(value(19_999))
+        );
+    }
+
     #[test]
     fn concurrent_flushes_of_many_stores_complete() {
         let dir = tempfile::tempdir().unwrap();

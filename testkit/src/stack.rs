@@ -36,6 +36,8 @@ pub struct StackOptions {
     pub sim_listen: SocketAddr,
     /// Further `(from, to)` text replacements in `config/topology.toml`.
     pub topology_edits: Vec<(String, String)>,
+    /// sled's page cache per partition store, in MiB.
+    pub store_cache_mb: u64,
 }
 
 impl Default for StackOptions {
@@ -49,6 +51,7 @@ impl Default for StackOptions {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             topology_edits: vec![],
+            store_cache_mb: stores::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }
@@ -243,6 +246,8 @@ impl Stack {
                     .arg(&provider_url)
                     .arg("--provider-timeout-ms")
                     .arg(self.opts.provider_timeout.as_millis().to_string())
+                    .arg("--store-cache-mb")
+                    .arg(self.opts.store_cache_mb.to_string())
                     .arg("--ops-listen")
                     .arg("127.0.0.1:0")
                     .stdin(std::process::Stdio::null());
@@ -262,6 +267,7 @@ impl Stack {
                     state_dir: state,
                     provider_url,
                     provider_timeout: self.opts.provider_timeout,
+                    store_cache_bytes: self.opts.store_cache_mb * 1024 * 1024,
                 };
                 let until = wait_for(&stop);
                 let join =
@@ -281,6 +287,7 @@ impl Stack {
             state_dir: self.worker_state.clone(),
             provider_url: format!("http://{}", self.sim_addr),
             provider_timeout: self.opts.provider_timeout,
+            store_cache_bytes: self.opts.store_cache_mb * 1024 * 1024,
         };
         let until = wait_for(&stop);
         let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });

@@ -57,6 +57,8 @@ pub struct WorkerSettings {
     pub kafka: Vec<(String, String)>,
     /// Publish store changes to the changelog topics and restore from them.
     pub changelog: bool,
+    /// sled's page cache per partition store.
+    pub store_cache_bytes: u64,
 }
 
 impl WorkerSettings {
@@ -77,6 +79,7 @@ impl WorkerSettings {
             max_inflight_provider_calls: 512,
             kafka: vec![],
             changelog: true,
+            store_cache_bytes: stores::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -501,7 +504,13 @@ fn open_store(
 ) -> anyhow::Result<PartitionStore> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match PartitionStore::open(&settings.state_dir, app, topic, partition) {
+        match PartitionStore::open_with_cache(
+            &settings.state_dir,
+            app,
+            topic,
+            partition,
+            settings.store_cache_bytes,
+        ) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, topic, partition, "store busy; retrying");
