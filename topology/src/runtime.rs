@@ -704,8 +704,14 @@ async fn task_loop(
                 }
                 let now = now_ms();
                 let last = batch.last().map(|r| r.offset);
-                task.apply_inputs(batch, now)?;
-                task.fire_timers(now, 1000)?;
+                // Processing and the store commit run for milliseconds without yielding:
+                // the runtime's other tasks (the API's, the sink's when the roles share a
+                // process) move to another thread meanwhile.
+                tokio::task::block_in_place(|| -> Result<(), crate::processor::ProcessError> {
+                    task.apply_inputs(batch, now)?;
+                    task.fire_timers(now, 1000)?;
+                    Ok(())
+                })?;
                 observe_stage("apply", started);
                 publish(&mut task, output, consumer, dispatcher).await?;
                 if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
