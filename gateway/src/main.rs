@@ -98,8 +98,8 @@ struct WorkerArgs {
     /// Per-request timeout of provider calls (keep below the topology's reply_timeout_ms).
     #[arg(long, env = "PROVIDER_TIMEOUT_MS", default_value_t = 3000)]
     provider_timeout_ms: u64,
-    /// sled's page cache per partition store, in MiB (the worker's memory grows to about
-    /// this times the partitions it owns).
+    /// sled's page cache per partition store, in MiB (a worker holds about this much per
+    /// partition it owns, besides sled's bookkeeping of what the stores hold).
     #[arg(long, env = "STORE_CACHE_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     store_cache_mb: u64,
 }

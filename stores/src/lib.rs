@@ -762,8 +762,6 @@ mod tests {
         }
     }
 
-    /// Many partitions in one process commit and flush at the same time (as a worker's
-    /// tasks do): every flush returns. Fails by timing out if the stores deadlock.
     #[test]
     fn a_store_larger_than_its_cache_keeps_every_value() {
         // 20,000 values of 300 B with a 64 KiB cache: most pages are evicted and read
@@ -795,6 +793,8 @@ mod tests {
         );
     }
 
+    /// Many partitions in one process commit and flush at the same time (as a worker's
+    /// tasks do): every flush returns. Fails by timing out if the stores deadlock.
     #[test]
     fn concurrent_flushes_of_many_stores_complete() {
         let dir = tempfile::tempdir().unwrap();
