@@ -40,6 +40,12 @@ pub struct StackOptions {
     pub store_cache_mb: u64,
 }
 
+impl StackOptions {
+    fn store_cache_bytes(&self) -> u64 {
+        self.store_cache_mb * 1024 * 1024
+    }
+}
+
 impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {
@@ -267,7 +273,7 @@ impl Stack {
                     state_dir: state,
                     provider_url,
                     provider_timeout: self.opts.provider_timeout,
-                    store_cache_bytes: self.opts.store_cache_mb * 1024 * 1024,
+                    store_cache_bytes: self.opts.store_cache_bytes(),
                 };
                 let until = wait_for(&stop);
                 let join =
@@ -287,7 +293,7 @@ impl Stack {
             state_dir: self.worker_state.clone(),
             provider_url: format!("http://{}", self.sim_addr),
             provider_timeout: self.opts.provider_timeout,
-            store_cache_bytes: self.opts.store_cache_mb * 1024 * 1024,
+            store_cache_bytes: self.opts.store_cache_bytes(),
         };
         let until = wait_for(&stop);
         let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });

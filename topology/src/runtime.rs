@@ -704,13 +704,9 @@ async fn task_loop(
                 }
                 let now = now_ms();
                 let last = batch.last().map(|r| r.offset);
-                // Processing and the store commit run for milliseconds without yielding:
-                // the runtime's other tasks (the API's, the sink's when the roles share a
-                // process) move to another thread meanwhile.
-                tokio::task::block_in_place(|| -> Result<(), crate::processor::ProcessError> {
+                off_runtime(|| {
                     task.apply_inputs(batch, now)?;
-                    task.fire_timers(now, 1000)?;
-                    Ok(())
+                    task.fire_timers(now, 1000)
                 })?;
                 observe_stage("apply", started);
                 publish(&mut task, output, consumer, dispatcher).await?;
@@ -724,12 +720,12 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
-                if task.fire_timers(now_ms(), 1000)? > 0 {
+                if off_runtime(|| task.fire_timers(now_ms(), 1000))? > 0 {
                     publish(&mut task, output, consumer, dispatcher).await?;
                 }
             }
             _ = housekeeping.tick() => {
-                task.maintain(now_ms())?;
+                off_runtime(|| task.maintain(now_ms()))?;
             }
         }
     }
@@ -739,6 +735,13 @@ async fn task_loop(
     publish(&mut task, output, consumer, dispatcher).await?;
     tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
     Ok(())
+}
+
+/// Runs a task's processing and store work, which goes on for milliseconds without
+/// yielding: the runtime's other tasks (the API's and the sink's when the roles share a
+/// process) move to another thread meanwhile.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
 /// Makes the task's state durable, then delivers its queued changelog and publishes its

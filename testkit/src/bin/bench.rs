@@ -287,10 +287,7 @@ async fn main() -> anyhow::Result<()> {
             raw_pg(&pool, pg_rows as usize, &event_bodies).await?,
         ),
     };
-    // The raw-limit throughput for the same work, in payments per second: a payment's
-    // Kafka records and its rows, one after the other on the same machine (each raw
-    // measurement had the whole machine to itself, so their times add up).
-    // Per payment from the records the broker still holds: the mock cluster keeps the
+    // Records per payment from those the broker still holds: the mock cluster keeps the
     // last few MB of each partition, so a long run's early records are gone. Both topics
     // are keyed by payment.
     let retained_payments = commands
@@ -301,6 +298,9 @@ async fn main() -> anyhow::Result<()> {
         .len();
     let per_payment_kafka = kafka_records as f64 / retained_payments.max(1) as f64;
     let per_payment_pg = pg_rows as f64 / ids.len().max(1) as f64;
+    // The raw-limit throughput for the same work, in payments per second: a payment's
+    // Kafka records and its rows, one after the other on the same machine (each raw
+    // measurement had the whole machine to itself, so their times add up).
     let raw_payments = 1.0 / (per_payment_kafka / raw_kafka + per_payment_pg / raw_pg);
     println!(
         "bench: payments={} throughput={:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0} raw_kafka_msgs_per_s={:.0} raw_pg_rows_per_s={:.0} ratio_to_raw={:.2} peak_rss_mb={:.0}",
