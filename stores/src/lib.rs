@@ -43,6 +43,9 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// An entry of a store: its key (without the store's prefix) and value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// The stores of one partition.
 #[derive(Clone)]
 pub struct PartitionStore {
@@ -114,11 +117,13 @@ impl PartitionStore {
             .transpose()
     }
 
-    /// Entries of `store` with `from <= key < to`, in key order (keys without the prefix).
-    pub fn range(&self, store: &str, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    /// The first `limit` entries of `store` with `from <= key < to`, in key order (keys
+    /// without the prefix); only those are read.
+    pub fn range(&self, store: &str, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>> {
         let prefix_len = 1 + store.len();
         self.tree
             .range(full_key(store, from)..full_key(store, to))
+            .take(limit)
             .map(|r| {
                 r.map(|(k, v)| (k[prefix_len..].to_vec(), v.to_vec()))
                     .map_err(|e| self.err(e))
@@ -127,7 +132,7 @@ impl PartitionStore {
     }
 
     /// All entries of `store`, at most `limit`.
-    pub fn scan(&self, store: &str, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub fn scan(&self, store: &str, limit: usize) -> Result<Vec<Entry>> {
         let prefix = full_key(store, &[]);
         let prefix_len = prefix.len();
         self.tree
@@ -506,9 +511,9 @@ pub mod dedup {
         limit: usize,
     ) -> Result<usize> {
         let idx = index_store(store);
-        let old = ps.range(&idx, &time_key(i64::MIN), &time_key(cutoff_ms))?;
+        let old = ps.range(&idx, &time_key(i64::MIN), &time_key(cutoff_ms), limit)?;
         let mut n = 0;
-        for (k, _) in old.into_iter().take(limit) {
+        for (k, _) in old {
             ws.delete(&idx, &k);
             ws.delete(store, &k[8..]);
             n += 1;
@@ -791,6 +796,28 @@ mod tests {
             ps.get_raw("payments", &19_999u32.to_be_bytes()).unwrap(),
             Some(value(19_999))
         );
+    }
+
+    #[test]
+    fn range_returns_the_first_entries_up_to_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let mut ws = WriteSet::default();
+        for i in 0..10u8 {
+            ws.put_raw("timers", &[i], vec![i]);
+        }
+        ws.put_raw("timersx", &[3], vec![0]);
+        ps.commit(ws).unwrap();
+        let keys = |v: Vec<Entry>| v.into_iter().map(|(k, _)| k[0]).collect::<Vec<_>>();
+        assert_eq!(
+            keys(ps.range("timers", &[2], &[8], 3).unwrap()),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            keys(ps.range("timers", &[2], &[8], 100).unwrap()),
+            vec![2, 3, 4, 5, 6, 7]
+        );
+        assert!(ps.range("timers", &[2], &[8], 0).unwrap().is_empty());
     }
 
     /// Many partitions in one process commit and flush at the same time (as a worker's

@@ -720,7 +720,8 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
-                if off_runtime(|| task.fire_timers(now_ms(), 1000))? > 0 {
+                let now = now_ms();
+                if task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0 {
                     publish(&mut task, output, consumer, dispatcher).await?;
                 }
             }

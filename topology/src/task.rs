@@ -216,18 +216,27 @@ impl Task {
         Ok(applied)
     }
 
+    /// The first `limit` timers due at `now_ms`, in due order.
+    fn due_timers(&self, now_ms: i64, limit: usize) -> Result<Vec<stores::Entry>, ProcessError> {
+        let until = time_key(now_ms.saturating_add(1));
+        Ok(self
+            .store
+            .range(TIMERS, &time_key(i64::MIN), &until, limit)?)
+    }
+
+    /// Whether a timer is due at `now_ms` (one read).
+    pub fn timers_due(&self, now_ms: i64) -> Result<bool, ProcessError> {
+        Ok(!self.due_timers(now_ms, 1)?.is_empty())
+    }
+
     /// Fires timers due at `now_ms` (at most `limit`) as one sled commit. Returns how
     /// many fired.
     pub fn fire_timers(&mut self, now_ms: i64, limit: usize) -> Result<usize, ProcessError> {
-        let due = self.store.range(
-            TIMERS,
-            &time_key(i64::MIN),
-            &time_key(now_ms.saturating_add(1)),
-        )?;
+        let due = self.due_timers(now_ms, limit)?;
         let mut fired = 0;
         let mut ws = WriteSet::default();
         let mut outbox = Vec::new();
-        for (key, payload) in due.into_iter().take(limit) {
+        for (key, payload) in due {
             let node = key
                 .get(8..10)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
