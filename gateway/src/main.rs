@@ -100,7 +100,7 @@ struct WorkerArgs {
     provider_timeout_ms: u64,
     /// sled's page cache per partition store, in MiB (a worker holds about this much per
     /// partition it owns, besides sled's bookkeeping of what the stores hold).
-    #[arg(long, env = "STORE_CACHE_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, env = "STORE_CACHE_MB", default_value_t = stores::DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..=65536))]
     store_cache_mb: u64,
 }
 

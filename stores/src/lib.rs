@@ -62,8 +62,9 @@ fn full_key(store: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// sled's page cache per partition unless configured otherwise (`STORE_CACHE_MB`).
-pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// sled's page cache per partition in MiB unless configured otherwise (`STORE_CACHE_MB`).
+pub const DEFAULT_CACHE_MB: u64 = 64;
+pub const DEFAULT_CACHE_BYTES: u64 = DEFAULT_CACHE_MB * 1024 * 1024;
 
 impl PartitionStore {
     /// Opens (or creates) the stores of `topic`/`partition` below `root/application_id`,

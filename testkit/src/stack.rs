@@ -57,7 +57,7 @@ impl Default for StackOptions {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             topology_edits: vec![],
-            store_cache_mb: stores::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            store_cache_mb: stores::DEFAULT_CACHE_MB,
         }
     }
 }

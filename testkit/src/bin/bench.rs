@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     memory_every_s: u64,
     /// sled's page cache per partition store of the worker, in MiB.
-    #[arg(long, default_value_t = stores::DEFAULT_CACHE_BYTES / (1024 * 1024))]
+    #[arg(long, default_value_t = stores::DEFAULT_CACHE_MB)]
     store_cache_mb: u64,
     /// Leave out the raw-limit measurements (long runs: the mock broker scans its logs
     /// linearly, so it slows down as they grow).
