@@ -50,6 +50,9 @@ pub enum EventBody {
     },
     RetryScheduled {
         attempt: u32,
+        /// When the retry is planned, counted from the issue time of the command that
+        /// scheduled it (events replay identically). The timer waits the same delay
+        /// from when that command was processed, so behind a backlog it fires later.
         due_at_ms: i64,
         reason: String,
     },

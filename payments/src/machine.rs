@@ -7,6 +7,8 @@
 //!
 //! The machine never reads a clock: "now" is the command's `issued_at_ms`, and retry jitter
 //! is derived from the payment id, so replaying the same commands yields the same events.
+//! Waits are effects with a delay ([`Effect::Schedule`]): they start when the topology
+//! carries the decision out.
 
 use crate::command::{
     Command, CommandBody, CreatePayment, ProviderOp, ProviderOutcome, TimerKind, WebhookOutcome,
@@ -139,10 +141,11 @@ pub enum Effect {
         attempt: u32,
         key: String,
     },
-    Schedule {
-        due_at_ms: i64,
-        kind: TimerKind,
-    },
+    /// Deliver a `Timer` command of `kind` once `delay_ms` has passed. The wait
+    /// starts when the step that asked for it runs, which may be later than the
+    /// command's issue time (a backlog, a worker starting): the topology sets the due
+    /// time from its own clock.
+    Schedule { delay_ms: i64, kind: TimerKind },
 }
 
 /// A command that has no effect, and why. Not an error: duplicates and stale messages
@@ -344,10 +347,7 @@ impl<'a> Out<'a> {
     }
 
     fn schedule(&mut self, delay_ms: i64, kind: TimerKind) -> &mut Self {
-        self.effects.push(Effect::Schedule {
-            due_at_ms: self.cmd.issued_at_ms.saturating_add(delay_ms),
-            kind,
-        });
+        self.effects.push(Effect::Schedule { delay_ms, kind });
         self
     }
 

@@ -604,3 +604,80 @@ fn kafka_entry(topic: &str, record: Record, trace: Option<String>) -> OutboxEntr
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payments::command::CreatePayment;
+    use payments::{
+        Amount, Command, CommandBody, CommandId, Currency, IdempotencyKey, MerchantId, PaymentId,
+    };
+
+    const SHIPPED: &str = include_str!("../../config/topology.toml");
+    const TOPIC: &str = "payments.commands";
+
+    fn create_record(issued_at_ms: i64) -> RawRecord {
+        let merchant = MerchantId::parse("acme").expect("merchant id");
+        let key = IdempotencyKey::parse("order-1").expect("idempotency key");
+        let payment_id = PaymentId::derive(&merchant, &key);
+        let cmd = Command {
+            command_id: CommandId::parse("create-1").expect("command id"),
+            payment_id,
+            issued_at_ms,
+            body: CommandBody::Create(CreatePayment {
+                merchant_id: merchant,
+                amount: Amount::new(1_000).expect("amount"),
+                currency: Currency::parse("EUR").expect("currency"),
+                idempotency_key: key,
+                request_hash: "h".into(),
+                reference: None,
+                description: None,
+                metadata: Default::default(),
+                traceparent: None,
+                screening: None,
+            }),
+        };
+        RawRecord {
+            topic: TOPIC.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(payment_id.to_string().into_bytes()),
+            payload: Some(payments::wire::encode_command(&cmd)),
+            headers: vec![],
+            timestamp_ms: Some(issued_at_ms),
+        }
+    }
+
+    #[test]
+    fn a_wait_starts_when_its_step_runs_not_when_the_command_was_issued() {
+        let topo = crate::config::compile_str(SHIPPED).expect("shipped topology compiles");
+        let policy: payments::Policy = topo
+            .nodes
+            .iter()
+            .find(|n| n.kind == "payment_state_machine")
+            .and_then(|n| n.decl.as_ref())
+            .map(|d| crate::registry::parse_params(&d.params).expect("policy"))
+            .expect("the shipped topology has a payment state machine");
+        assert_eq!(policy.dispatch_delay_ms, 0, "the create sends the charge");
+        let timeout = policy.reply_timeout_ms;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
+        let mut task = Task::open(&topo, store, TOPIC, 0, false).expect("task");
+        // Processed 60 s after it was issued (a backlog): the charge goes out now, so its
+        // reply timeout is due a whole timeout from now, not already past.
+        let issued = 1_000_000;
+        let now = issued + 60_000;
+        assert_eq!(
+            task.apply_inputs([create_record(issued)], now).ok(),
+            Some(1)
+        );
+        assert!(!task.timers_due(now).expect("read timers"));
+        assert!(!task.timers_due(now + timeout - 1).expect("read timers"));
+        assert!(task.timers_due(now + timeout).expect("read timers"));
+        assert_eq!(
+            task.fire_timers(now + timeout, 10).ok(),
+            Some(1),
+            "the reply timeout fires once"
+        );
+    }
+}

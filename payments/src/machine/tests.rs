@@ -165,7 +165,7 @@ fn without_a_dispatch_delay_the_create_sends_the_charge() {
                         key: "charge:1:3".into(),
                     },
                     Effect::Schedule {
-                        due_at_ms: 1 + p.reply_timeout_ms,
+                        delay_ms: p.reply_timeout_ms,
                         kind: TimerKind::ProviderTimeout {
                             attempt: 1,
                             wait: 1
@@ -183,7 +183,7 @@ fn without_a_dispatch_delay_the_create_sends_the_charge() {
             assert_eq!(
                 effects,
                 [Effect::Schedule {
-                    due_at_ms: 2,
+                    delay_ms: 1,
                     kind: TimerKind::Dispatch
                 }]
             );
@@ -609,14 +609,17 @@ fn simulate(p: &Policy, answers: &[u8], webhook_first: bool) -> (Option<PaymentS
         for eff in effects {
             ids += 1;
             match eff {
-                Effect::Schedule { due_at_ms, kind } => queue.push((
-                    due_at_ms,
-                    cmd(
-                        &format!("timer-{ids}"),
+                Effect::Schedule { delay_ms, kind } => {
+                    let due_at_ms = now + delay_ms;
+                    queue.push((
                         due_at_ms,
-                        CommandBody::Timer { kind },
-                    ),
-                )),
+                        cmd(
+                            &format!("timer-{ids}"),
+                            due_at_ms,
+                            CommandBody::Timer { kind },
+                        ),
+                    ))
+                }
                 Effect::Call { op, attempt, .. } => {
                     let a = next_answer();
                     let at = now + 10 + i64::from(a) * 7;

@@ -140,15 +140,13 @@ impl PaymentStateMachine {
                                 traceparent: traceparent.clone(),
                             }))
                         }
-                        Effect::Schedule { due_at_ms, kind } => {
+                        Effect::Schedule { delay_ms, kind } => {
                             let mut id = s.payment_id.key_bytes().to_vec();
                             id.extend(stores::encode(&kind));
+                            // The wait starts now, on the clock that fires it, even
+                            // when the command was issued long before (a backlog).
                             ctx.schedule(TimerRequest {
-                                due_at_ms: counted_from_now(
-                                    due_at_ms,
-                                    cmd.issued_at_ms,
-                                    ctx.now_ms(),
-                                ),
+                                due_at_ms: ctx.now_ms().saturating_add(delay_ms),
                                 id,
                                 payload: stores::encode(&(s.payment_id, kind)),
                             });
@@ -169,15 +167,6 @@ impl PaymentStateMachine {
         }
         Ok(())
     }
-}
-
-/// The machine times a wait from the command's issue time; the wait starts when the
-/// step runs. A command processed late (a backlog, a worker starting) would otherwise
-/// set a timeout already past — a status check for a call just sent, one per payment
-/// of the backlog. So the delay counts from `now_ms` when the step runs after the
-/// command was issued.
-fn counted_from_now(due_at_ms: i64, issued_at_ms: i64, now_ms: i64) -> i64 {
-    due_at_ms.saturating_add(now_ms.saturating_sub(issued_at_ms).max(0))
 }
 
 /// Places the processing span in the payment's trace: the trace context kept in its
@@ -255,20 +244,5 @@ impl Processor for PaymentStateMachine {
             tracing::debug!(pruned, "dedup records past retention removed");
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::counted_from_now;
-
-    #[test]
-    fn a_wait_counts_from_when_the_step_runs() {
-        // Processed 3 s after it was issued: a 1.5 s timeout is due 1.5 s from now.
-        assert_eq!(counted_from_now(1_000 + 1_500, 1_000, 4_000), 5_500);
-        // Processed at once (a timer's own command): unchanged.
-        assert_eq!(counted_from_now(2_500, 1_000, 1_000), 2_500);
-        // An issue time ahead of this clock never brings the timer forward.
-        assert_eq!(counted_from_now(2_500, 1_000, 900), 2_500);
     }
 }
