@@ -244,10 +244,9 @@ pub fn store_of(full_key: &[u8]) -> Option<&str> {
     std::str::from_utf8(full_key.get(1..1 + len)?).ok()
 }
 
-/// Stores that describe this disk's copy, or are derived from other stores (rebuilt
-/// by a restore), and never go to the changelog.
+/// Stores that describe this disk's copy and never go to the changelog.
 fn is_local(store: &str) -> bool {
-    store == CHANGELOG_QUEUE || store == LOCAL || dedup::is_index(store)
+    store == CHANGELOG_QUEUE || store == LOCAL
 }
 
 /// The record closing changelog batch `batch`.
@@ -360,8 +359,6 @@ pub fn coalesce(
 /// publish their restored values over it.
 pub struct Restore<'a> {
     store: &'a PartitionStore,
-    /// Dedup stores, whose time indexes are rebuilt at the end.
-    dedup_stores: Vec<String>,
     held: Vec<ChangelogRecord>,
     ready: Vec<ChangelogRecord>,
     applied: usize,
@@ -377,13 +374,11 @@ pub struct Restored {
 }
 
 impl<'a> Restore<'a> {
-    /// Empties `store` and starts rebuilding it; `dedup_stores` name the stores kept
-    /// with [`dedup`], whose time indexes are not in the changelog.
-    pub fn start(store: &'a PartitionStore, dedup_stores: &[&str]) -> Result<Self> {
+    /// Empties `store` and starts rebuilding it.
+    pub fn start(store: &'a PartitionStore) -> Result<Self> {
         store.clear()?;
         Ok(Restore {
             store,
-            dedup_stores: dedup_stores.iter().map(|s| (*s).to_owned()).collect(),
             held: Vec::new(),
             ready: Vec::new(),
             applied: 0,
@@ -412,9 +407,6 @@ impl<'a> Restore<'a> {
     /// changelog up to offset `end` (exclusive).
     pub fn finish(mut self, end: i64) -> Result<Restored> {
         self.apply()?;
-        for store in &self.dedup_stores {
-            dedup::reindex(self.store, store)?;
-        }
         let mut ws = WriteSet::default();
         ws.set_changelog_end(end);
         self.store.commit(ws)?;
@@ -457,67 +449,93 @@ pub fn time_from_key(k: &[u8]) -> Option<i64> {
     Some((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
 }
 
-/// Dedup records with retention: `id → first-seen time`, plus a time index for pruning.
+/// Dedup records kept for a retention, in time segments (as Kafka Streams keeps its
+/// windowed stores): a record lives in the segment of the time it was recorded, its key
+/// the segment number then the id, with an empty value. A lookup reads the few live
+/// segments; retention drops whole segments from the front, in key order, with no
+/// index to keep (one key per record, and nothing to rebuild after a restore).
 pub mod dedup {
     use super::*;
 
-    const INDEX_SUFFIX: &str = ".by_time";
-
-    fn index_store(store: &str) -> String {
-        format!("{store}{INDEX_SUFFIX}")
+    /// How long records are kept, as segments of half the retention: a record is found
+    /// for at least the retention and dropped before one and a half times it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Retention {
+        segment_ms: i64,
     }
 
-    /// Whether `store` is the time index of a dedup store: derived from it, kept off
-    /// the changelog, rebuilt by [`reindex`] after a restore.
-    pub fn is_index(store: &str) -> bool {
-        store.ends_with(INDEX_SUFFIX)
-    }
+    /// Segments before the current one that are still live (with the current one, they
+    /// span at least the retention).
+    const LIVE_BEHIND: i64 = 2;
 
-    /// Rebuilds the time index of `store` from its records (after a restore).
-    pub fn reindex(ps: &PartitionStore, store: &str) -> Result<()> {
-        let idx = index_store(store);
-        let mut ws = WriteSet::default();
-        for (k, _) in ps.scan(&idx, usize::MAX)? {
-            ws.delete(&idx, &k);
+    impl Retention {
+        pub const fn new(retention_ms: i64) -> Self {
+            let half = retention_ms / 2;
+            Retention {
+                segment_ms: if half > 1 { half } else { 1 },
+            }
         }
-        for (id, at) in ps.scan(store, usize::MAX)? {
-            let at_ms: i64 = decode(store, &at)?;
-            let mut k = time_key(at_ms).to_vec();
-            k.extend_from_slice(&id);
-            ws.put_raw(&idx, &k, Vec::new());
+
+        fn segment(self, at_ms: i64) -> i64 {
+            at_ms.div_euclid(self.segment_ms)
         }
-        ps.commit(ws)
+
+        /// The live segments at `now_ms`, newest first. One segment ahead is included:
+        /// records written while the clock was ahead (a worker moved to a host whose
+        /// clock is behind) are still found.
+        fn live(self, now_ms: i64) -> impl Iterator<Item = i64> {
+            let current = self.segment(now_ms);
+            (current.saturating_sub(LIVE_BEHIND)..=current.saturating_add(1)).rev()
+        }
     }
 
-    pub fn seen(ps: &PartitionStore, ws: &WriteSet, store: &str, id: &str) -> Result<bool> {
-        if let Some(staged) = ws.staged(store, id.as_bytes()) {
-            return Ok(staged.is_some());
-        }
-        Ok(ps.get_raw(store, id.as_bytes())?.is_some())
-    }
-
-    pub fn record(ws: &mut WriteSet, store: &str, id: &str, at_ms: i64) {
-        ws.put(store, id.as_bytes(), &at_ms);
-        let mut k = time_key(at_ms).to_vec();
+    fn key(segment: i64, id: &str) -> Vec<u8> {
+        let mut k = time_key(segment).to_vec();
         k.extend_from_slice(id.as_bytes());
-        ws.put_raw(&index_store(store), &k, Vec::new());
+        k
     }
 
-    /// Removes up to `limit` records first seen before `cutoff_ms`. Returns how many.
+    /// Whether `id` was recorded within the retention (staged writes included).
+    pub fn seen(
+        ps: &PartitionStore,
+        ws: &WriteSet,
+        store: &str,
+        id: &str,
+        now_ms: i64,
+        retention: Retention,
+    ) -> Result<bool> {
+        for segment in retention.live(now_ms) {
+            let k = key(segment, id);
+            let found = match ws.staged(store, &k) {
+                Some(staged) => staged.is_some(),
+                None => ps.get_raw(store, &k)?.is_some(),
+            };
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn record(ws: &mut WriteSet, store: &str, id: &str, now_ms: i64, retention: Retention) {
+        ws.put_raw(store, &key(retention.segment(now_ms), id), Vec::new());
+    }
+
+    /// Removes up to `limit` records of the segments past retention at `now_ms`, oldest
+    /// first. Returns how many.
     pub fn prune(
         ps: &PartitionStore,
         ws: &mut WriteSet,
         store: &str,
-        cutoff_ms: i64,
+        now_ms: i64,
+        retention: Retention,
         limit: usize,
     ) -> Result<usize> {
-        let idx = index_store(store);
-        let old = ps.range(&idx, &time_key(i64::MIN), &time_key(cutoff_ms), limit)?;
-        let mut n = 0;
+        let oldest_live = retention.segment(now_ms).saturating_sub(LIVE_BEHIND);
+        let old = ps.range(store, &time_key(i64::MIN), &time_key(oldest_live), limit)?;
+        let n = old.len();
         for (k, _) in old {
-            ws.delete(&idx, &k);
-            ws.delete(store, &k[8..]);
-            n += 1;
+            ws.delete(store, &k);
         }
         Ok(n)
     }
@@ -527,6 +545,8 @@ pub mod dedup {
 mod tests {
     use super::*;
 
+    const WEEK: dedup::Retention = dedup::Retention::new(7 * 24 * 3_600_000);
+
     #[test]
     fn batch_is_atomic_and_readable_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -535,8 +555,8 @@ mod tests {
             let mut ws = WriteSet::default();
             ws.put("payments", b"p1", &"state".to_string());
             ws.set_next_offset(42);
-            dedup::record(&mut ws, "dedup", "cmd-1", 1000);
-            assert!(dedup::seen(&ps, &ws, "dedup", "cmd-1").unwrap());
+            dedup::record(&mut ws, "dedup", "cmd-1", 1000, WEEK);
+            assert!(dedup::seen(&ps, &ws, "dedup", "cmd-1", 1000, WEEK).unwrap());
             assert_eq!(
                 ps.next_offset().unwrap(),
                 None,
@@ -552,24 +572,83 @@ mod tests {
             Some("state")
         );
         let ws = WriteSet::default();
-        assert!(dedup::seen(&ps, &ws, "dedup", "cmd-1").unwrap());
-        assert!(!dedup::seen(&ps, &ws, "dedup", "cmd-2").unwrap());
+        assert!(dedup::seen(&ps, &ws, "dedup", "cmd-1", 2000, WEEK).unwrap());
+        assert!(!dedup::seen(&ps, &ws, "dedup", "cmd-2", 2000, WEEK).unwrap());
     }
 
     #[test]
-    fn dedup_prune_respects_retention() {
+    fn dedup_records_are_kept_for_their_retention_then_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let retention_ms = 1_000;
+        let r = dedup::Retention::new(retention_ms);
+        let times: Vec<i64> = (0..27).map(|i| i * 97).collect();
+        let mut ws = WriteSet::default();
+        for t in &times {
+            dedup::record(&mut ws, "dedup", &format!("at-{t}"), *t, r);
+        }
+        ps.commit(ws).unwrap();
+        let seen = |id: &str, now: i64| {
+            dedup::seen(&ps, &WriteSet::default(), "dedup", id, now, r).unwrap()
+        };
+        for t in &times {
+            let id = format!("at-{t}");
+            for now in [
+                t - 1,
+                *t,
+                t + retention_ms / 2,
+                t + retention_ms - 1,
+                t + retention_ms,
+            ] {
+                assert!(
+                    seen(&id, now),
+                    "{id} forgotten at {now}, within its retention"
+                );
+            }
+            assert!(
+                !seen(&id, t + retention_ms * 3 / 2),
+                "{id} still seen at one and a half times its retention"
+            );
+        }
+        // Pruning at `now` removes exactly the records no lookup at `now` finds.
+        let now = 2_600;
+        let expected = times
+            .iter()
+            .filter(|t| !seen(&format!("at-{t}"), now))
+            .count();
+        assert!(expected > 0 && expected < times.len());
+        let mut ws = WriteSet::default();
+        assert_eq!(
+            dedup::prune(&ps, &mut ws, "dedup", now, r, 5).unwrap(),
+            5,
+            "up to its limit"
+        );
+        ps.commit(ws).unwrap();
+        let mut ws = WriteSet::default();
+        let rest = dedup::prune(&ps, &mut ws, "dedup", now, r, 1_000).unwrap();
+        ps.commit(ws).unwrap();
+        assert_eq!(5 + rest, expected);
+        assert_eq!(
+            ps.scan("dedup", 1_000).unwrap().len(),
+            times.len() - expected
+        );
+        for t in times.iter().filter(|t| **t + retention_ms >= now) {
+            assert!(
+                seen(&format!("at-{t}"), now),
+                "at-{t} pruned within its retention"
+            );
+        }
+    }
+
+    #[test]
+    fn a_staged_dedup_record_is_seen_before_its_commit() {
         let dir = tempfile::tempdir().unwrap();
         let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
         let mut ws = WriteSet::default();
-        dedup::record(&mut ws, "dedup", "old", 100);
-        dedup::record(&mut ws, "dedup", "new", 5000);
-        ps.commit(ws).unwrap();
-        let mut ws = WriteSet::default();
-        assert_eq!(dedup::prune(&ps, &mut ws, "dedup", 1000, 10).unwrap(), 1);
-        ps.commit(ws).unwrap();
-        let ws = WriteSet::default();
-        assert!(!dedup::seen(&ps, &ws, "dedup", "old").unwrap());
-        assert!(dedup::seen(&ps, &ws, "dedup", "new").unwrap());
+        assert!(!dedup::seen(&ps, &ws, "dedup", "c", 10, WEEK).unwrap());
+        dedup::record(&mut ws, "dedup", "c", 10, WEEK);
+        assert!(dedup::seen(&ps, &ws, "dedup", "c", 10, WEEK).unwrap());
+        assert!(!dedup::seen(&ps, &WriteSet::default(), "dedup", "c", 10, WEEK).unwrap());
     }
 
     #[test]
@@ -598,10 +677,11 @@ mod tests {
     fn the_changelog_replays_into_an_equal_store() {
         let dir = tempfile::tempdir().unwrap();
         let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        const TEN_MS: dedup::Retention = dedup::Retention::new(10);
         let mut log = Vec::new();
         for i in 0..50u32 {
             let mut ws = WriteSet::default();
-            dedup::record(&mut ws, "dedup", &format!("cmd-{i}"), i64::from(i));
+            dedup::record(&mut ws, "dedup", &format!("cmd-{i}"), i64::from(i), TEN_MS);
             ws.put("payments", &(i % 7).to_be_bytes(), &i);
             if i % 5 == 0 {
                 ws.delete("payments", &((i + 3) % 7).to_be_bytes());
@@ -611,18 +691,18 @@ mod tests {
             ws.set_changelog_seq(u64::from(i) + 1);
             ws.put_raw(CHANGELOG_QUEUE, &i.to_be_bytes(), vec![2]);
             if i == 40 {
-                // Retention: the first ten ids are forgotten, index entries included.
-                assert_eq!(dedup::prune(&live, &mut ws, "dedup", 10, 100).unwrap(), 10);
+                // Retention (segments of 5 ms; at 40 ms those from 30 ms on are live):
+                // the first thirty ids are forgotten.
+                assert_eq!(
+                    dedup::prune(&live, &mut ws, "dedup", 40, TEN_MS, 100).unwrap(),
+                    30
+                );
             }
             let records = ws.changelog(u64::from(i));
             let stores: Vec<&str> = records.iter().filter_map(|(k, _)| store_of(k)).collect();
             assert!(
                 !stores.contains(&LOCAL) && !stores.contains(&CHANGELOG_QUEUE),
                 "disk-local stores stay out"
-            );
-            assert!(
-                !stores.iter().any(|s| dedup::is_index(s)),
-                "the dedup index is rebuilt by a restore, not logged"
             );
             assert!(stores.contains(&OUTBOX), "the outbox is part of the state");
             assert!(
@@ -635,14 +715,14 @@ mod tests {
         let restored_dir = tempfile::tempdir().unwrap();
         let restored = PartitionStore::open(restored_dir.path(), "app", "t", 0).unwrap();
         restored.put_garbage_for_test();
-        let mut r = Restore::start(&restored, &["dedup"]).unwrap();
+        let mut r = Restore::start(&restored).unwrap();
         for rec in log.iter().cloned() {
             r.push(rec).unwrap();
         }
         let done = r.finish(log.len() as i64).unwrap();
         assert_eq!(done.applied, log.len() - 50, "all but the 50 markers");
         assert!(done.unfinished.is_empty());
-        // Everything but what describes the disk's copy, dedup indexes included.
+        // Everything but what describes the disk's copy.
         let shared = |ps: &PartitionStore| -> Vec<(Vec<u8>, Vec<u8>)> {
             ps.tree
                 .iter()
@@ -655,7 +735,7 @@ mod tests {
             shared(&live) == shared(&restored),
             "the restored store differs"
         );
-        assert_eq!(restored.scan("dedup.by_time", 100).unwrap().len(), 40);
+        assert_eq!(restored.scan("dedup", 100).unwrap().len(), 20);
         assert_eq!(restored.next_offset().unwrap(), Some(50));
         assert_eq!(restored.changelog_end().unwrap(), Some(log.len() as i64));
         assert!(restored.scan(CHANGELOG_QUEUE, 10).unwrap().is_empty());
@@ -678,7 +758,7 @@ mod tests {
         second.retain(|(k, _)| *k == full_key("payments", b"p1"));
         log.extend(second);
         let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
-        let mut r = Restore::start(&ps, &["dedup"]).unwrap();
+        let mut r = Restore::start(&ps).unwrap();
         for rec in log {
             r.push(rec).unwrap();
         }
@@ -715,7 +795,7 @@ mod tests {
         let restore = |records: Vec<ChangelogRecord>| {
             let dir = tempfile::tempdir().unwrap();
             let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
-            let mut r = Restore::start(&ps, &["dedup"]).unwrap();
+            let mut r = Restore::start(&ps).unwrap();
             for rec in records {
                 r.push(rec).unwrap();
             }

@@ -43,7 +43,8 @@ fn default_guarantee() -> ProcessingGuarantee {
 pub struct StoreDecl {
     #[serde(rename = "type")]
     pub kind: StoreKind,
-    /// Dedup stores: how long an id is remembered.
+    /// Dedup stores: how long an id is at least remembered (at most one and a half
+    /// times that: records go by time segments of half the retention).
     #[serde(default)]
     pub retention_hours: Option<u64>,
 }
@@ -231,11 +232,16 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
                 "names starting with `__` are reserved".into(),
             );
         }
-        if s.kind == StoreKind::Dedup && s.retention_hours.is_none() {
-            err(
+        match (s.kind, s.retention_hours) {
+            (StoreKind::Dedup, None) => err(
                 &format!("store `{name}`"),
                 "a dedup store needs `retention_hours`".into(),
-            );
+            ),
+            (StoreKind::Dedup, Some(0)) => err(
+                &format!("store `{name}`"),
+                "`retention_hours` must be at least 1".into(),
+            ),
+            _ => {}
         }
     }
 

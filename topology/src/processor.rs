@@ -156,21 +156,34 @@ impl<'a> Context<'a> {
         self.ws.delete(store, key);
     }
 
-    pub fn seen(&self, dedup_store: &str, id: &str) -> Result<bool, StoreError> {
-        dedup::seen(self.store, self.ws, dedup_store, id)
+    pub fn seen(
+        &self,
+        dedup_store: &str,
+        id: &str,
+        retention: dedup::Retention,
+    ) -> Result<bool, StoreError> {
+        dedup::seen(self.store, self.ws, dedup_store, id, self.now_ms, retention)
     }
 
-    pub fn remember(&mut self, dedup_store: &str, id: &str) {
-        dedup::record(self.ws, dedup_store, id, self.now_ms);
+    pub fn remember(&mut self, dedup_store: &str, id: &str, retention: dedup::Retention) {
+        dedup::record(self.ws, dedup_store, id, self.now_ms, retention);
     }
 
+    /// Removes up to `limit` dedup records past `retention`.
     pub fn prune(
         &mut self,
         dedup_store: &str,
-        cutoff_ms: i64,
+        retention: dedup::Retention,
         limit: usize,
     ) -> Result<usize, StoreError> {
-        dedup::prune(self.store, self.ws, dedup_store, cutoff_ms, limit)
+        dedup::prune(
+            self.store,
+            self.ws,
+            dedup_store,
+            self.now_ms,
+            retention,
+            limit,
+        )
     }
 
     pub fn forward(&mut self, record: Record) {

@@ -435,21 +435,8 @@ fn spawn_task(
                 (_, None) => false,
             };
             if behind_log || behind_group {
-                let dedup_stores: Vec<&str> = topo
-                    .stores
-                    .iter()
-                    .filter(|(_, d)| d.kind == crate::config::StoreKind::Dedup)
-                    .map(|(name, _)| name.as_str())
-                    .collect();
                 let restored = tokio::task::block_in_place(|| {
-                    restore_from_changelog(
-                        &store,
-                        settings,
-                        &changelog,
-                        partition,
-                        (low, high),
-                        &dedup_stores,
-                    )
+                    restore_from_changelog(&store, settings, &changelog, partition, (low, high))
                 })?;
                 tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
                 unfinished = restored.unfinished;
@@ -579,7 +566,6 @@ fn restore_from_changelog(
     changelog: &str,
     partition: i32,
     (low, high): (i64, i64),
-    dedup_stores: &[&str],
 ) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(&settings.brokers, &settings.kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
@@ -590,7 +576,7 @@ fn restore_from_changelog(
     let consumer: BaseConsumer = cfg
         .create()
         .context("creating the changelog restore consumer")?;
-    let mut restore = stores::Restore::start(store, dedup_stores)?;
+    let mut restore = stores::Restore::start(store)?;
     if high <= low {
         return Ok(restore.finish(high)?);
     }

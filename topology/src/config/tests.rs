@@ -114,3 +114,19 @@ fn a_kafka_sink_publishes_only_the_kind_it_names() {
     let errs = compile_str(&bad).unwrap_err().to_string();
     assert!(errs.contains("sink `dead_letters`: input `decode` emits command, dead_letter but this component accepts event"), "{errs}");
 }
+
+#[test]
+fn a_dedup_store_keeps_its_records_for_at_least_an_hour() {
+    let text = SHIPPED.replace("retention_hours = 168", "retention_hours = 0");
+    let errs = compile_str(&text).unwrap_err().to_string();
+    assert!(
+        errs.contains("store `dedup`: `retention_hours` must be at least 1"),
+        "{errs}"
+    );
+    let text = SHIPPED.replace("retention_hours = 168", "");
+    let errs = compile_str(&text).unwrap_err().to_string();
+    assert!(
+        errs.contains("store `dedup`: a dedup store needs `retention_hours`"),
+        "{errs}"
+    );
+}

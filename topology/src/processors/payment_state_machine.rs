@@ -16,6 +16,7 @@ use payments::{
     Policy, TimerKind,
 };
 use std::collections::BTreeMap;
+use stores::dedup;
 
 /// Dedup records removed per housekeeping pass (per partition, once a minute).
 const PRUNE_PER_PASS: usize = 50_000;
@@ -40,7 +41,7 @@ pub struct PaymentStateMachine {
     policy: Policy,
     state: String,
     dedup: String,
-    retention_ms: i64,
+    retention: dedup::Retention,
 }
 
 fn build(
@@ -67,7 +68,9 @@ fn build(
         policy: parse_params(&decl.params)?,
         state: role("state")?,
         dedup,
-        retention_ms: i64::try_from(retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
+        retention: dedup::Retention::new(
+            i64::try_from(retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
+        ),
     }))
 }
 
@@ -205,12 +208,12 @@ impl Processor for PaymentStateMachine {
         };
         let kind = cmd.body.kind();
         METRICS.commands.with_label_values(&[kind]).inc();
-        if ctx.seen(&self.dedup, cmd.command_id.as_str())? {
+        if ctx.seen(&self.dedup, cmd.command_id.as_str(), self.retention)? {
             METRICS.duplicates.with_label_values(&[kind]).inc();
             tracing::debug!(command_id = %cmd.command_id, "duplicate command dropped");
             return Ok(());
         }
-        ctx.remember(&self.dedup, cmd.command_id.as_str());
+        ctx.remember(&self.dedup, cmd.command_id.as_str(), self.retention);
         let state: Option<PaymentState> = ctx.get(&self.state, &cmd.payment_id.key_bytes())?;
         self.apply(ctx, state, &cmd)
     }
@@ -233,13 +236,12 @@ impl Processor for PaymentStateMachine {
         self.apply(ctx, state, &cmd)
     }
 
-    /// Runs every minute: removes dedup records past retention, up to
+    /// Runs every minute: removes dedup records of the segments past retention, up to
     /// [`PRUNE_PER_PASS`] of them, which is more than a partition records in a minute at
-    /// the rates it sustains (two commands per payment), so the store does not outgrow
-    /// its retention.
+    /// the rates it sustains (two commands per payment), so a segment is gone within
+    /// minutes of expiring and the store does not outgrow one and a half retentions.
     fn maintain(&mut self, ctx: &mut Context<'_>) -> Result<(), ProcessError> {
-        let cutoff = ctx.now_ms().saturating_sub(self.retention_ms);
-        let pruned = ctx.prune(&self.dedup, cutoff, PRUNE_PER_PASS)?;
+        let pruned = ctx.prune(&self.dedup, self.retention, PRUNE_PER_PASS)?;
         if pruned > 0 {
             tracing::debug!(pruned, "dedup records past retention removed");
         }
