@@ -1,7 +1,7 @@
 //! `payment_state_machine`: applies commands to payments through [`payments::decide`].
 //!
-//! Owns two stores: `state` (payment id → [`PaymentState`]) and `dedup` (command ids
-//! already applied). The state change, the dedup record, the timers it sets and the
+//! Owns two stores: `state` (payment id → [`PaymentState`]) and `dedup` (ids of the
+//! commands applied to existing payments; a create is recorded by its payment). The state change, the dedup record, the timers it sets and the
 //! records it emits are staged in one write set, committed with the input offset.
 
 use crate::config::{CompiledNode, StoreDecl};
@@ -208,12 +208,17 @@ impl Processor for PaymentStateMachine {
         };
         let kind = cmd.body.kind();
         METRICS.commands.with_label_values(&[kind]).inc();
-        if ctx.seen(&self.dedup, cmd.command_id.as_str(), self.retention)? {
-            METRICS.duplicates.with_label_values(&[kind]).inc();
-            tracing::debug!(command_id = %cmd.command_id, "duplicate command dropped");
-            return Ok(());
+        // A create needs no dedup record: the payment it creates records it, for longer
+        // than any dedup retention, and `decide` answers another create of that payment
+        // as a duplicate (same request) or a conflicting reuse of its key.
+        if !matches!(cmd.body, CommandBody::Create(_)) {
+            if ctx.seen(&self.dedup, cmd.command_id.as_str(), self.retention)? {
+                METRICS.duplicates.with_label_values(&[kind]).inc();
+                tracing::debug!(command_id = %cmd.command_id, "duplicate command dropped");
+                return Ok(());
+            }
+            ctx.remember(&self.dedup, cmd.command_id.as_str(), self.retention);
         }
-        ctx.remember(&self.dedup, cmd.command_id.as_str(), self.retention);
         let state: Option<PaymentState> = ctx.get(&self.state, &cmd.payment_id.key_bytes())?;
         self.apply(ctx, state, &cmd)
     }
