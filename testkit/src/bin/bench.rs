@@ -10,6 +10,7 @@
 //!   pipeline moved, and batched `UNNEST` inserts of as many event rows (same table shape,
 //!   same JSON) as it wrote.
 
+use anyhow::Context;
 use clap::Parser;
 use futures::stream::{self, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -272,6 +273,13 @@ async fn main() -> anyhow::Result<()> {
         *by_store.entry(store).or_default() += 1;
     }
     eprintln!("bench: changelog records by store (as many as the broker retains) {by_store:?}");
+    let store_bytes = dir_bytes(&stack.worker_state)
+        .with_context(|| format!("measuring {}", stack.worker_state.display()))?;
+    eprintln!(
+        "bench: worker stores on disk {:.0} MB, {:.2} KB per payment",
+        store_bytes as f64 / 1e6,
+        store_bytes as f64 / 1e3 / ids.len().max(1) as f64
+    );
     eprintln!("bench: pipeline done in {elapsed_s:.1}s ({changelog} changelog records besides); measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
 
     let event_bodies: Vec<String> = events
@@ -360,6 +368,21 @@ async fn open_statuses(pool: &sinks::Pool) -> anyhow::Result<String> {
 
 /// Where the time went, from the stack's own metrics (it runs in this process): mean
 /// per observation and count of each stage's histogram.
+/// Bytes of the files below `dir`.
+fn dir_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
 fn stages() -> String {
     let wanted = [
         ("gateway_http_request_duration_seconds", "http"),
