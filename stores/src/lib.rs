@@ -470,7 +470,8 @@ pub mod dedup {
 
     impl Retention {
         pub const fn new(retention_ms: i64) -> Self {
-            let half = retention_ms / 2;
+            // Rounded up, so that two segments are never shorter than the retention.
+            let half = retention_ms / 2 + retention_ms % 2;
             Retention {
                 segment_ms: if half > 1 { half } else { 1 },
             }
@@ -636,6 +637,25 @@ mod tests {
             assert!(
                 seen(&format!("at-{t}"), now),
                 "at-{t} pruned within its retention"
+            );
+        }
+    }
+
+    #[test]
+    fn an_odd_retention_is_not_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let r = dedup::Retention::new(1_001);
+        let mut ws = WriteSet::default();
+        for t in 0..1_003 {
+            dedup::record(&mut ws, "dedup", &format!("at-{t}"), t, r);
+        }
+        ps.commit(ws).unwrap();
+        for t in 0..1_003 {
+            let id = format!("at-{t}");
+            assert!(
+                dedup::seen(&ps, &WriteSet::default(), "dedup", &id, t + 1_001, r).unwrap(),
+                "{id} forgotten at the end of its retention"
             );
         }
     }
