@@ -366,8 +366,6 @@ async fn open_statuses(pool: &sinks::Pool) -> anyhow::Result<String> {
         .join(" "))
 }
 
-/// Where the time went, from the stack's own metrics (it runs in this process): mean
-/// per observation and count of each stage's histogram.
 /// Bytes of the files below `dir`.
 fn dir_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
     let mut total = 0;
@@ -383,6 +381,8 @@ fn dir_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
+/// Where the time went, from the stack's own metrics (it runs in this process): mean
+/// per observation and count of each stage's histogram.
 fn stages() -> String {
     let wanted = [
         ("gateway_http_request_duration_seconds", "http"),

@@ -1,8 +1,9 @@
 //! `payment_state_machine`: applies commands to payments through [`payments::decide`].
 //!
 //! Owns two stores: `state` (payment id → [`PaymentState`]) and `dedup` (ids of the
-//! commands applied to existing payments; a create is recorded by its payment). The state change, the dedup record, the timers it sets and the
-//! records it emits are staged in one write set, committed with the input offset.
+//! commands applied to existing payments; a create is recorded by its payment). The
+//! state change, the dedup record, the timers it sets and the records it emits are
+//! staged in one write set, committed with the input offset.
 
 use crate::config::{CompiledNode, StoreDecl};
 use crate::metrics::METRICS;
@@ -243,8 +244,9 @@ impl Processor for PaymentStateMachine {
 
     /// Runs every minute: removes dedup records of the segments past retention, up to
     /// [`PRUNE_PER_PASS`] of them, which is more than a partition records in a minute at
-    /// the rates it sustains (two commands per payment), so a segment is gone within
-    /// minutes of expiring and the store does not outgrow one and a half retentions.
+    /// the rates it sustains (a payment's commands after its create: usually one, the
+    /// provider's reply), so a segment is gone within minutes of expiring and the store
+    /// does not outgrow one and a half retentions.
     fn maintain(&mut self, ctx: &mut Context<'_>) -> Result<(), ProcessError> {
         let pruned = ctx.prune(&self.dedup, self.retention, PRUNE_PER_PASS)?;
         if pruned > 0 {
