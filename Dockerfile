@@ -1,6 +1,9 @@
 # One image for every gateway role (`gateway api|worker|sink|all`), the provider
-# simulator and the test client (`payctl`). Multi-stage: dependencies are built in their own cached layer, the runtime
-# image is small and runs as a non-root user.
+# simulator and the test client (`payctl`). Multi-stage: dependencies are built in their
+# own cached layer, the runtime image is small and runs as a non-root user.
+#
+# `make test` replays the build stage without Docker (scripts/check_dockerfile.py): every
+# workspace member must be copied into the dependency layer below.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -15,7 +18,8 @@ COPY gateway/Cargo.toml gateway/
 COPY simulator/Cargo.toml simulator/
 COPY testkit/Cargo.toml testkit/
 COPY client/Cargo.toml client/
-RUN for c in payments stores topology sinks http gateway simulator testkit client; do \
+COPY telemetry/Cargo.toml telemetry/
+RUN for c in payments stores topology sinks http gateway simulator testkit client telemetry; do \
       mkdir -p $c/src && echo "" > $c/src/lib.rs; done \
  && echo "fn main() {}" > gateway/src/main.rs \
  && echo "fn main() {}" > simulator/src/main.rs \

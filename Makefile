@@ -6,9 +6,12 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit fuzz-short chaos build fmt local-stack bench fuzz
+.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos build fmt local-stack bench fuzz
 
-test: fmt-check clippy unit fuzz-short
+# A Python with PyYAML (Debian's, which docker-compose brings, when the first has none).
+PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import yaml' 2>/dev/null && echo $$p && break; done)
+
+test: fmt-check clippy unit docker-check fuzz-short
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -23,6 +26,13 @@ unit:
 	$(CARGO) build --workspace --bins --locked
 	set -o pipefail; $(CARGO) test --workspace --all-targets --locked -- --test-threads=$(TEST_THREADS) --nocapture 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+
+# Replays the Dockerfile's build stage without a Docker engine (its COPY and RUN steps in a
+# scratch directory, `cargo build` checked offline) and checks its runtime stage: every
+# program compose runs is in the image, every shared library comes from its packages.
+docker-check:
+	@test -n "$(PYTHON)" || { echo "docker-check: no python3 with PyYAML: apt-get install docker-compose"; exit 2; }
+	$(PYTHON) scripts/check_dockerfile.py --target-dir target
 
 # Separate processes, killed and broken while payments flow (see testkit/src/bin/chaos.rs).
 # ARGS: --payments N (10000) --rate R --seed S --guarantee at_least_once --min-kills K

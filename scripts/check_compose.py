@@ -7,7 +7,14 @@
   reads (from the `[env: NAME=]` lines of its `--help`), or RUST_LOG;
 - every host:port in service environments, healthchecks, prometheus/prometheus.yml and the
   Grafana datasources names a compose service and a port that service `expose`s;
-- every published port is bound to 127.0.0.1.
+- every published port is bound to 127.0.0.1;
+- the file is valid against the Compose specification's JSON schema (the copy Debian's
+  docker-compose ships), which Docker Compose v2 reads it by;
+- Compose v2 fields the old tool ignores: a service scaled by `deploy.replicas` publishes
+  no fixed host port, has no `container_name`, and Prometheus finds its replicas through
+  DNS service discovery (a static target reaches one replica at a time);
+- first-run behaviour: long-running services restart, a `pg_isready` healthcheck asks over
+  TCP (`-h`), `.dockerignore` keeps `target/` out of the build context.
 
 Usage: check_compose.py COMPOSE_FILE --gateway-bin PATH --sim-bin PATH --payctl-bin PATH
 Prints each problem and exits 1 if there are any; exits 2 if a tool is missing.
@@ -43,6 +50,31 @@ def as_dict(env):
     return dict(e.split("=", 1) if "=" in e else (e, "") for e in env or [])
 
 
+SCHEMAS = ["/usr/lib/python3/dist-packages/compose/config/compose_spec.json"]
+
+
+def schema_problems(doc):
+    """Validates against the Compose specification (Docker Compose v2 reads files by it)."""
+    try:
+        import jsonschema
+    except ImportError:
+        print("check_compose: jsonschema is missing: apt-get install docker-compose (brings python3-jsonschema)")
+        sys.exit(2)
+    schema_file = next((p for p in SCHEMAS if os.path.exists(p)), None)
+    if schema_file is None:
+        print(f"check_compose: no Compose schema at {SCHEMAS}: apt-get install docker-compose")
+        sys.exit(2)
+    import json
+
+    with open(schema_file) as f:
+        schema = json.load(f)
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"the Compose specification rejects {'/'.join(map(str, e.path)) or 'the file'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("compose")
@@ -64,6 +96,16 @@ def main():
     with open(a.compose) as f:
         doc = yaml.safe_load(f)
     services = doc.get("services", {})
+    problems += schema_problems(doc)
+    replicas = {n: int((s.get("deploy") or {}).get("replicas", 1)) for n, s in services.items()}
+    # One-shot services: others wait for them to complete (kafka-init).
+    completed_deps = {
+        dep
+        for s in services.values()
+        if isinstance(s.get("depends_on"), dict)
+        for dep, c in s["depends_on"].items()
+        if (c or {}).get("condition") == "service_completed_successfully"
+    }
     exposed = {name: {str(p) for p in s.get("expose", [])} for name, s in services.items()}
 
     gateway_env = env_vars_of(a.gateway_bin, [[], ["api"], ["worker"], ["sink"], ["all"]]) | {"RUST_LOG"}
@@ -105,17 +147,57 @@ def main():
         for p in s.get("ports", []):
             if not str(p).startswith("127.0.0.1:"):
                 problems.append(f"service `{name}`: port {p} must be bound to 127.0.0.1")
+        if replicas[name] > 1:
+            if s.get("ports"):
+                problems.append(f"service `{name}`: {replicas[name]} replicas cannot all publish host ports {s['ports']}")
+            if "container_name" in s:
+                problems.append(f"service `{name}`: {replicas[name]} replicas cannot share container_name")
+        one_shot = name in completed_deps
+        restart = s.get("restart", "no")
+        if not one_shot and restart not in ("always", "unless-stopped"):
+            problems.append(f"service `{name}`: restart policy `{restart}`; a long-running service needs unless-stopped")
+        hc_text = " ".join(hc) if isinstance(hc, list) else (hc or "")
+        if "pg_isready" in hc_text and not re.search(r"pg_isready\b.*\s(-h|--host)\b", hc_text):
+            problems.append(
+                f"service `{name}`: pg_isready without -h checks the socket, where the image's init server "
+                "answers before the real server is up: add -h 127.0.0.1"
+            )
 
     with open(os.path.join(root, "prometheus", "prometheus.yml")) as f:
         prom = yaml.safe_load(f)
+    discovered = set()
     for job in prom.get("scrape_configs", []):
+        where = f"prometheus job `{job['job_name']}`"
         for sc in job.get("static_configs", []):
             for t in sc.get("targets", []):
-                check_target(f"prometheus job `{job['job_name']}`", t)
+                check_target(where, t)
+                host = t.split(":")[0]
+                if replicas.get(host, 1) > 1:
+                    problems.append(
+                        f"{where}: static target `{t}` reaches one of service `{host}`'s {replicas[host]} replicas "
+                        "at a time: use dns_sd_configs (type A)"
+                    )
+        for sd in job.get("dns_sd_configs", []):
+            if sd.get("type") != "A" or "port" not in sd:
+                problems.append(f"{where}: dns_sd_configs must be type A with a port (Docker's DNS has no SRV records)")
+            for n in sd.get("names", []):
+                check_target(where, f"{n}:{sd.get('port')}")
+                discovered.add(n)
+    for name, n in replicas.items():
+        if n > 1 and services[name].get("expose") and name not in discovered:
+            problems.append(f"service `{name}` ({n} replicas) is not scraped through dns_sd_configs")
     ds_file = os.path.join(root, "grafana", "provisioning", "datasources", "datasources.yml")
     with open(ds_file) as f:
         for ds in yaml.safe_load(f).get("datasources", []):
             check_target(f"grafana datasource `{ds['name']}`", ds.get("url", ""))
+
+    ignore_file = os.path.join(root, ".dockerignore")
+    ignores = []
+    if os.path.exists(ignore_file):
+        with open(ignore_file) as f:
+            ignores = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+    if not any(p.strip("/") == "target" for p in ignores):
+        problems.append(".dockerignore must exclude target/ (a developer's build output would be sent as build context)")
 
     with open(os.path.join(root, "Dockerfile")) as f:
         for line in f:

@@ -1,5 +1,7 @@
 //! The compose check (scripts/check_compose.py) passes on docker-compose.yml and fails,
-//! naming each problem, on a deliberately broken copy.
+//! naming each problem, on a deliberately broken copy; the Dockerfile check
+//! (scripts/check_dockerfile.py, run whole by `make docker-check`) fails on a Dockerfile
+//! whose dependency layer misses a workspace member.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,7 +75,12 @@ fn a_broken_compose_file_fails_the_check() {
         .replace("ports: [\"127.0.0.1:3000:3000\"]", "ports: [\"3000:3000\"]")
         .replace(
             "depends_on: [prometheus]",
-            "depends_on: [prometheus, grafana-db]",
+            "depends_on: [prometheus, grafana-db]\n    restarts: always",
+        )
+        .replace("pg_isready -h 127.0.0.1 -U", "pg_isready -U")
+        .replace(
+            "image: postgres:15.8-bookworm\n    restart: unless-stopped\n",
+            "image: postgres:15.8-bookworm\n",
         );
     assert_ne!(broken, original);
     std::fs::write(dir.path().join("docker-compose.yml"), broken).unwrap();
@@ -85,6 +92,19 @@ fn a_broken_compose_file_fails_the_check() {
             std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
         }
     }
+    // A static target for the scaled workers; no .dockerignore in the copy.
+    let prometheus = dir.path().join("prometheus/prometheus.yml");
+    let scrape = std::fs::read_to_string(&prometheus).unwrap();
+    let static_workers = scrape.replace(
+        "    dns_sd_configs:\n      - names: [\"worker\"]\n        type: A\n        port: 9101\n",
+        "    static_configs:\n      - targets: [\"worker:9101\"]\n",
+    );
+    assert_ne!(static_workers, scrape);
+    std::fs::write(
+        &prometheus,
+        static_workers.replace("        refresh_interval: 15s\n", ""),
+    )
+    .unwrap();
     let (ok, text) = check(&dir.path().join("docker-compose.yml"));
     assert!(!ok, "the broken copy passed: {text}");
     for expected in [
@@ -93,6 +113,52 @@ fn a_broken_compose_file_fails_the_check() {
         "`provider-sim:9999` but service `provider-sim` exposes ['9090']",
         "port 3000:3000 must be bound to 127.0.0.1",
         "docker-compose config rejects the file",
+        "the Compose specification rejects services/grafana: 'restarts' does not match",
+        "service `postgres`: pg_isready without -h checks the socket",
+        "service `postgres`: restart policy `no`",
+        "static target `worker:9101` reaches one of service `worker`'s 2 replicas",
+        "service `worker` (2 replicas) is not scraped through dns_sd_configs",
+        ".dockerignore must exclude target/",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+/// The Dockerfile as it was when the dependency layer missed `telemetry` (a workspace
+/// member added later): both the structural check and the replayed build name it.
+#[test]
+fn the_dockerfile_check_names_a_member_missing_from_the_dependency_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let broken = original
+        .replace("COPY telemetry/Cargo.toml telemetry/\n", "")
+        .replace(" client telemetry; do", " client; do");
+    assert_ne!(broken, original);
+    let dockerfile = dir.path().join("Dockerfile");
+    std::fs::write(&dockerfile, broken).unwrap();
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_gateway"));
+    let out = Command::new(python())
+        .arg(repo().join("scripts/check_dockerfile.py"))
+        .arg("--dockerfile")
+        .arg(&dockerfile)
+        .arg("--context")
+        .arg(repo())
+        .arg("--bin-dir")
+        .arg(bin_dir.parent().unwrap())
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(2), "a tool is missing: {text}");
+    assert!(
+        !out.status.success(),
+        "the broken Dockerfile passed: {text}"
+    );
+    for expected in [
+        "workspace member `telemetry` is not in the dependency layer",
+        "failed to read",
+        "telemetry/Cargo.toml",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }

@@ -542,6 +542,85 @@ async fn a_killed_worker_resumes_from_its_checkpoint_without_loss_or_duplicate_e
     stack.shutdown().await.unwrap();
 }
 
+/// The workers' disk outlives the broker (`docker compose down && up` when Kafka kept no
+/// volume, or workers pointed at a new cluster): every store's checkpoint is past its
+/// partition on the fresh broker. The stores are discarded, not trusted, and every
+/// payment accepted afterwards is processed and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_outlived_its_broker_is_discarded_and_every_new_payment_processed() {
+    let disk = tempfile::tempdir().unwrap();
+    let opts = StackOptions {
+        names: Some(uuid::Uuid::new_v4().simple().to_string()),
+        worker_state: Some(disk.path().to_owned()),
+        ..StackOptions::default()
+    };
+    let endings = [0, 2, 3, 5, 6, 9];
+    let amount = |i: usize| 4000 + i as i64 * 100 + endings[i % 6];
+    let ids_of = |created: &[(String, i64, testkit::client::Reply)]| -> Vec<String> {
+        created
+            .iter()
+            .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let first = Stack::start(opts.clone()).await.unwrap();
+    let created = create_many(
+        &first.client(DEMO_KEY),
+        (0..120)
+            .map(|i| (format!("before-reset-{i}"), amount(i)))
+            .collect(),
+        16,
+    )
+    .await;
+    let pool = first.pool().await.unwrap();
+    wait_all_terminal(&pool, &ids_of(&created), Duration::from_secs(120))
+        .await
+        .unwrap();
+    first.shutdown().await.unwrap();
+
+    // The same deployment and worker disk, on a broker whose partitions start at 0.
+    let discarded_before = discarded_stores();
+    let mut second = Stack::start(opts).await.unwrap();
+    // Fewer than before: every new record lies below the old stores' checkpoints.
+    let created = create_many(
+        &second.client(DEMO_KEY),
+        (0..40)
+            .map(|i| (format!("after-reset-{i}"), amount(i)))
+            .collect(),
+        8,
+    )
+    .await;
+    let ids = ids_of(&created);
+    let pool = second.pool().await.unwrap();
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(60))
+        .await
+        .expect("every payment accepted after the broker reset is processed");
+    for ((_, amount, _), id) in created.iter().zip(&ids) {
+        assert_eq!(statuses[id], expected_status(*amount));
+    }
+    check_ledger(&second, &statuses);
+    assert!(second.worker_alive().unwrap());
+    let discarded = discarded_stores() - discarded_before;
+    assert!(
+        discarded >= second.opts.partitions as u64,
+        "{discarded} stores discarded, expected every partition's"
+    );
+    println!(
+        "e2e: broker reset under a kept worker disk: payments={} stores_discarded={discarded}",
+        ids.len()
+    );
+    second.shutdown().await.unwrap();
+}
+
+/// Stores discarded so far by the in-process workers of this test binary.
+fn discarded_stores() -> u64 {
+    let m = &topology::metrics::METRICS.stores_discarded;
+    ["ahead_of_source", "ahead_of_changelog", "other_cluster"]
+        .iter()
+        .map(|r| m.with_label_values(&[*r]).get())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();

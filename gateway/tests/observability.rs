@@ -59,12 +59,21 @@ fn start_prometheus(target: &str) -> Prometheus {
         .replace("scrape_interval: 5s", "scrape_interval: 1s")
         .replace("evaluation_interval: 5s", "evaluation_interval: 1s")
         .replace("\"api:9100\"", &format!("\"{target}\""))
-        .replace("\"worker:9101\"", &format!("\"{target}\""))
+        .replace(
+            "    dns_sd_configs:\n      - names: [\"worker\"]\n        type: A\n        port: 9101\n        refresh_interval: 15s\n",
+            &format!("    static_configs:\n      - targets: [\"{target}\"]\n"),
+        )
         .replace("\"sink:9102\"", &format!("\"{target}\""))
         .replace(
             "  - alerts.yml",
             &format!("  - {}", repo().join("prometheus/alerts.yml").display()),
         );
+    assert!(
+        ["dns_sd_configs", "api:9100", "sink:9102"]
+            .iter()
+            .all(|t| !config.contains(t)),
+        "a scrape target of prometheus/prometheus.yml was not pointed at the test's metrics: {config}"
+    );
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, config).unwrap();
     promtool(&["check", "config", file.to_str().unwrap()]);

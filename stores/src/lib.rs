@@ -28,6 +28,7 @@ const OUTBOX_SEQ: &[u8] = b"outbox_seq";
 const COMMIT_MARKER: &[u8] = b"~commit";
 const CHANGELOG_END: &[u8] = b"changelog_end";
 const CHANGELOG_SEQ: &[u8] = b"changelog_seq";
+const CLUSTER_ID: &[u8] = b"cluster_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -210,6 +211,11 @@ impl PartitionStore {
         self.get(LOCAL, CHANGELOG_END)
     }
 
+    /// The id of the Kafka cluster whose partitions this copy follows, once recorded.
+    pub fn cluster_id(&self) -> Result<Option<String>> {
+        self.get(LOCAL, CLUSTER_ID)
+    }
+
     /// The current values (or `None`) of the given full keys, as changelog records.
     pub fn current(
         &self,
@@ -303,6 +309,11 @@ impl WriteSet {
     /// Records how far this copy follows the changelog partition (disk-local).
     pub fn set_changelog_end(&mut self, end: i64) {
         self.put(LOCAL, CHANGELOG_END, &end);
+    }
+
+    /// Records which Kafka cluster this copy follows (disk-local).
+    pub fn set_cluster_id(&mut self, id: &str) {
+        self.put(LOCAL, CLUSTER_ID, &id.to_owned());
     }
 
     pub fn set_next_offset(&mut self, offset: i64) {

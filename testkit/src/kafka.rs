@@ -9,6 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -150,13 +151,40 @@ impl Kafka {
                     .set("bootstrap.servers", &self.brokers)
                     .create()?;
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-                let res = admin.create_topics([&topic], &AdminOptions::new()).await?;
-                for r in res {
-                    r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
+                // A topic just deleted (same name) is gone only after a moment.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let res = admin.create_topics([&topic], &AdminOptions::new()).await?;
+                    match res.into_iter().next() {
+                        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists)))
+                            if Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Some(Err((t, e))) => anyhow::bail!("create topic {t}: {e}"),
+                        _ => return Ok(()),
+                    }
                 }
-                Ok(())
             }
         }
+    }
+
+    /// Deletes topics from real brokers (those that exist); the mock cluster of a test
+    /// is new and has none.
+    pub async fn delete_topics(&self, names: &[&str]) -> anyhow::Result<()> {
+        if self.mock.is_some() {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        for r in admin.delete_topics(names, &AdminOptions::new()).await? {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((t, e)) => anyhow::bail!("delete topic {t}: {e}"),
+            }
+        }
+        Ok(())
     }
 
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {

@@ -38,6 +38,11 @@ pub struct StackOptions {
     pub topology_edits: Vec<(String, String)>,
     /// sled's page cache per partition store, in MiB.
     pub store_cache_mb: u64,
+    /// Names the topics and the application id (random when `None`): a second stack
+    /// with the same names and `worker_state` is the same deployment on a fresh broker.
+    pub names: Option<String>,
+    /// The worker's state directory (a fresh one inside the stack's when `None`).
+    pub worker_state: Option<PathBuf>,
 }
 
 impl StackOptions {
@@ -58,6 +63,8 @@ impl Default for StackOptions {
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             topology_edits: vec![],
             store_cache_mb: stores::DEFAULT_CACHE_MB,
+            names: None,
+            worker_state: None,
         }
     }
 }
@@ -135,12 +142,22 @@ impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
         crate::init_test_logging();
         let kafka = Kafka::start()?;
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let suffix = match &opts.names {
+            Some(n) => n.clone(),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
         let (commands, events, dlq) = (
             format!("cmd-{suffix}"),
             format!("evt-{suffix}"),
             format!("dlq-{suffix}"),
         );
+        let changelog = format!("app-{suffix}-{commands}-changelog");
+        if opts.names.is_some() {
+            // Real brokers outlive a stack: the same names start from empty topics.
+            kafka
+                .delete_topics(&[&commands, &events, &dlq, &changelog])
+                .await?;
+        }
         for t in [&commands, &events, &dlq] {
             kafka.create_topic(t, opts.partitions).await?;
         }
@@ -153,9 +170,12 @@ impl Stack {
             &opts.topology_edits,
         )?;
         let topology = Arc::new(topology::compile_str(&text)?);
-        kafka
-            .create_topic(&topology.changelog_topic(&commands), opts.partitions)
-            .await?;
+        anyhow::ensure!(
+            topology.changelog_topic(&commands) == changelog,
+            "the changelog topic is {}, not {changelog}",
+            topology.changelog_topic(&commands)
+        );
+        kafka.create_topic(&changelog, opts.partitions).await?;
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
             .tempdir()?;
@@ -211,7 +231,10 @@ impl Stack {
             database_url,
             common,
             api,
-            worker_state: state_dir.path().join("stores"),
+            worker_state: opts
+                .worker_state
+                .clone()
+                .unwrap_or_else(|| state_dir.path().join("stores")),
             ops,
             sim,
             sim_addr,

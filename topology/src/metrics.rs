@@ -28,6 +28,7 @@ pub struct Metrics {
     pub batch_seconds: Histogram,
     pub stage_seconds: HistogramVec,
     pub restore_seconds: HistogramVec,
+    pub stores_discarded: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -115,6 +116,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Time from a partition's assignment until its store is open and verified current",
             &["source"],
             vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]
+        )?,
+        stores_discarded: register_int_counter_vec!(
+            "gateway_stores_discarded_total",
+            "Partition stores found to follow another log than the broker's (a reset or replaced cluster) and rebuilt from what the broker has",
+            &["reason"]
         )?,
     })
 }

@@ -418,14 +418,38 @@ fn spawn_task(
     let started = Instant::now();
     let store = open_store(settings, &topo.application_id, topic, partition)?;
     let committed = committed_offset(&consumer, topic, partition)?;
+    let watermarks = |t: &str| {
+        tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(t, partition, Duration::from_secs(10))
+        })
+        .with_context(|| format!("reading the extent of {t}-{partition}"))
+    };
+    let changelog = topo.changelog_topic(topic);
+    let changelog_extent = match settings.changelog {
+        true => Some(watermarks(&changelog)?),
+        false => None,
+    };
+    let cluster =
+        tokio::task::block_in_place(|| consumer.client().fetch_cluster_id(Duration::from_secs(10)));
+    let follows = Follows {
+        cluster: cluster.as_deref(),
+        source_end: watermarks(topic)?.1,
+        changelog_end: changelog_extent.map(|(_, high)| high),
+    };
+    let stale = stale_store(&store, &follows)?;
+    if let Some(reason) = &stale {
+        METRICS
+            .stores_discarded
+            .with_label_values(&[reason.label()])
+            .inc();
+        tracing::warn!(topic, partition, %reason, "the local store follows another log than the broker's: discarding it and starting from what the broker has");
+        if !settings.changelog {
+            store.clear()?;
+        }
+    }
     let mut unfinished = Vec::new();
-    let source = match settings.changelog {
-        true => {
-            let changelog = topo.changelog_topic(topic);
-            let (low, high) = tokio::task::block_in_place(|| {
-                consumer.fetch_watermarks(&changelog, partition, Duration::from_secs(10))
-            })
-            .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
+    let source = match changelog_extent {
+        Some((low, high)) => {
             // Someone else wrote to the changelog since this copy last followed it (the
             // partition was elsewhere meanwhile), or this copy is new or behind the group.
             let behind_log = store.changelog_end()?.unwrap_or(0) < high;
@@ -434,7 +458,7 @@ fn spawn_task(
                 (None, Some(_)) => true,
                 (_, None) => false,
             };
-            if behind_log || behind_group {
+            if stale.is_some() || behind_log || behind_group {
                 let restored = tokio::task::block_in_place(|| {
                     restore_from_changelog(&store, settings, &changelog, partition, (low, high))
                 })?;
@@ -445,8 +469,16 @@ fn spawn_task(
                 "local"
             }
         }
-        false => "local",
+        None if stale.is_some() => "discarded",
+        None => "local",
     };
+    if let Some(id) = &cluster {
+        if store.cluster_id()?.as_ref() != Some(id) {
+            let mut ws = stores::WriteSet::default();
+            ws.set_cluster_id(id);
+            store.commit(ws)?;
+        }
+    }
     let mut task = Task::open(topo, store, topic, partition, settings.changelog)?;
     // The restored values go over whatever the previous writer left half-written.
     task.republish(unfinished)?;
@@ -479,6 +511,89 @@ fn spawn_task(
         }
     });
     Ok(TaskHandle { tx, join })
+}
+
+/// What the broker holds for a task's partition: the log its store must follow.
+struct Follows<'a> {
+    /// The cluster's id, where the broker tells it.
+    cluster: Option<&'a str>,
+    /// The source partition's end (high watermark).
+    source_end: i64,
+    /// The changelog partition's end, when changelogs are on.
+    changelog_end: Option<i64>,
+}
+
+/// Why a local store cannot belong to the broker's log.
+#[derive(Debug, PartialEq)]
+enum Stale {
+    /// The store has processed records the source partition never had.
+    AheadOfSource { checkpoint: i64, source_end: i64 },
+    /// The store followed a changelog further than the changelog reaches.
+    AheadOfChangelog { followed: i64, changelog_end: i64 },
+    /// The store was written against another cluster.
+    OtherCluster { recorded: String, broker: String },
+}
+
+impl Stale {
+    fn label(&self) -> &'static str {
+        match self {
+            Stale::AheadOfSource { .. } => "ahead_of_source",
+            Stale::AheadOfChangelog { .. } => "ahead_of_changelog",
+            Stale::OtherCluster { .. } => "other_cluster",
+        }
+    }
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stale::AheadOfSource { checkpoint, source_end } => write!(
+                f,
+                "its checkpoint {checkpoint} is past the source partition's end {source_end}"
+            ),
+            Stale::AheadOfChangelog { followed, changelog_end } => write!(
+                f,
+                "it followed the changelog to offset {followed}, past the changelog's end {changelog_end}"
+            ),
+            Stale::OtherCluster { recorded, broker } => write!(
+                f,
+                "it was written against Kafka cluster {recorded}, the broker is cluster {broker}"
+            ),
+        }
+    }
+}
+
+/// A store that is ahead of its source partition or of its changelog, or that was
+/// written against another cluster, follows a log the broker no longer has (a broker
+/// reset, a new cluster, a topic deleted and created again). Trusting its checkpoint
+/// would skip the broker's records below it, so such a store is discarded: the broker's
+/// log is the truth and the store only its cache.
+fn stale_store(store: &PartitionStore, broker: &Follows<'_>) -> anyhow::Result<Option<Stale>> {
+    if let (Some(recorded), Some(cluster)) = (store.cluster_id()?, broker.cluster) {
+        if recorded != cluster {
+            return Ok(Some(Stale::OtherCluster {
+                recorded,
+                broker: cluster.to_owned(),
+            }));
+        }
+    }
+    if let Some(checkpoint) = store.next_offset()? {
+        if checkpoint > broker.source_end {
+            return Ok(Some(Stale::AheadOfSource {
+                checkpoint,
+                source_end: broker.source_end,
+            }));
+        }
+    }
+    if let (Some(followed), Some(changelog_end)) = (store.changelog_end()?, broker.changelog_end) {
+        if followed > changelog_end {
+            return Ok(Some(Stale::AheadOfChangelog {
+                followed,
+                changelog_end,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// Opens a partition's store, waiting up to 30 s for a previous owner (another worker on
@@ -1160,5 +1275,76 @@ async fn deliver(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_following(
+        next: i64,
+        changelog_end: i64,
+        cluster: &str,
+    ) -> (tempfile::TempDir, PartitionStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = PartitionStore::open(dir.path(), "app", "cmd", 0).expect("open store");
+        let mut ws = stores::WriteSet::default();
+        ws.set_next_offset(next);
+        ws.set_changelog_end(changelog_end);
+        ws.set_cluster_id(cluster);
+        store.commit(ws).expect("commit");
+        (dir, store)
+    }
+
+    fn verdict(
+        store: &PartitionStore,
+        cluster: Option<&str>,
+        source_end: i64,
+        changelog_end: Option<i64>,
+    ) -> Option<&'static str> {
+        let follows = Follows {
+            cluster,
+            source_end,
+            changelog_end,
+        };
+        stale_store(store, &follows)
+            .expect("read store")
+            .map(|s| s.label())
+    }
+
+    #[test]
+    fn a_store_is_trusted_only_while_the_broker_holds_what_it_followed() {
+        let (_dir, store) = store_following(100, 50, "cluster-a");
+        // The same log, grown since: trusted (a restore decides the rest).
+        assert_eq!(verdict(&store, Some("cluster-a"), 100, Some(50)), None);
+        assert_eq!(verdict(&store, Some("cluster-a"), 250, Some(80)), None);
+        // A broker that does not tell its cluster id is judged by the offsets alone.
+        assert_eq!(verdict(&store, None, 100, Some(50)), None);
+        // A broker reset: the partitions start again below the store's positions.
+        assert_eq!(
+            verdict(&store, Some("cluster-a"), 40, Some(50)),
+            Some("ahead_of_source")
+        );
+        assert_eq!(
+            verdict(&store, Some("cluster-a"), 100, Some(10)),
+            Some("ahead_of_changelog")
+        );
+        assert_eq!(
+            verdict(&store, Some("cluster-a"), 100, Some(0)),
+            Some("ahead_of_changelog")
+        );
+        // Another cluster, whatever its offsets.
+        assert_eq!(
+            verdict(&store, Some("cluster-b"), 500, Some(500)),
+            Some("other_cluster")
+        );
+    }
+
+    #[test]
+    fn a_new_store_follows_any_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = PartitionStore::open(dir.path(), "app", "cmd", 0).expect("open store");
+        assert_eq!(verdict(&store, Some("cluster-a"), 0, Some(0)), None);
     }
 }
