@@ -41,6 +41,10 @@ pub struct Policy {
     pub status_poll_max_ms: i64,
     /// Unanswered status checks after which the payment is marked stuck (alarm).
     pub stuck_after_checks: u32,
+    /// The longest a provider may take to deliver a webhook, retries included (Stripe
+    /// retries for up to three days). A finished payment must stay in the partition
+    /// store at least this long, so a late webhook still meets its payment.
+    pub webhook_max_delay_ms: i64,
 }
 
 impl Default for Policy {
@@ -54,6 +58,7 @@ impl Default for Policy {
             backoff_max_ms: 10_000,
             status_poll_max_ms: 60_000,
             stuck_after_checks: 6,
+            webhook_max_delay_ms: 3 * 24 * 3_600_000,
         }
     }
 }
@@ -68,6 +73,7 @@ impl Policy {
             ("backoff_base_ms", self.backoff_base_ms),
             ("backoff_max_ms", self.backoff_max_ms),
             ("status_poll_max_ms", self.status_poll_max_ms),
+            ("webhook_max_delay_ms", self.webhook_max_delay_ms),
         ];
         for (name, v) in positive {
             if v <= 0 {
@@ -558,28 +564,19 @@ fn decide_timer(
     let Some(s) = state else {
         return unknown(cmd);
     };
+    if !timer_is_live(s, kind) {
+        return Decision::Ignore(Ignored::StaleTimer);
+    }
     let mut out = Out::new(cmd, state);
     match kind {
-        TimerKind::Dispatch if s.status == Status::New => {
+        TimerKind::Dispatch => {
             out.emit(EventBody::ProcessingStarted);
             out.charge(1, policy);
         }
-        TimerKind::Retry { attempt }
-            if s.status == Status::Processing && s.awaiting == (Awaiting::RetryAt { attempt }) =>
-        {
+        TimerKind::Retry { attempt } => {
             out.charge(attempt, policy);
         }
-        TimerKind::ProviderTimeout { attempt, wait }
-            if s.status == Status::Processing
-                && s.attempt == attempt
-                && s.wait == wait
-                && matches!(
-                    s.awaiting,
-                    Awaiting::ChargeReply { .. }
-                        | Awaiting::StatusReply { .. }
-                        | Awaiting::Webhook { .. }
-                ) =>
-        {
+        TimerKind::ProviderTimeout { .. } => {
             let reason = match s.awaiting {
                 Awaiting::Webhook { .. } => "no webhook in time",
                 Awaiting::StatusReply { .. } => "no answer to the status check in time",
@@ -587,9 +584,31 @@ fn decide_timer(
             };
             out.status_check(s, reason.into(), policy);
         }
-        _ => return Decision::Ignore(Ignored::StaleTimer),
     }
     out.done()
+}
+
+/// Whether the wait a timer guards is still on: a timer that is not live would be
+/// ignored as stale when it fires, so it can be cancelled as soon as this turns false
+/// (the wait ended with a reply, a webhook, a cancel or a terminal state).
+pub fn timer_is_live(s: &PaymentState, kind: TimerKind) -> bool {
+    match kind {
+        TimerKind::Dispatch => s.status == Status::New,
+        TimerKind::Retry { attempt } => {
+            s.status == Status::Processing && s.awaiting == (Awaiting::RetryAt { attempt })
+        }
+        TimerKind::ProviderTimeout { attempt, wait } => {
+            s.status == Status::Processing
+                && s.attempt == attempt
+                && s.wait == wait
+                && matches!(
+                    s.awaiting,
+                    Awaiting::ChargeReply { .. }
+                        | Awaiting::StatusReply { .. }
+                        | Awaiting::Webhook { .. }
+                )
+        }
+    }
 }
 
 /// Whether a late provider outcome agrees with the terminal status already reached.

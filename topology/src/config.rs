@@ -47,6 +47,81 @@ pub struct StoreDecl {
     /// times that: records go by time segments of half the retention).
     #[serde(default)]
     pub retention_hours: Option<u64>,
+    /// Key-value stores that hold payments: how long a finished payment stays after it
+    /// became terminal (default [`DEFAULT_STATE_RETENTION`]). Then a step of its
+    /// partition deletes it, which reaches the changelog as a tombstone.
+    #[serde(default)]
+    pub state_retention: Option<Span>,
+}
+
+/// The shipped retention of finished payments: longer than Kafka's default topic
+/// retention (7 days) for the commands, and than a provider's webhook retries (3 days).
+pub const DEFAULT_STATE_RETENTION: Span = Span::days(8);
+/// The retention a source topic is assumed to have when it does not say (Kafka's
+/// `log.retention.hours` default).
+pub const DEFAULT_SOURCE_RETENTION: Span = Span::days(7);
+
+/// A length of time written as a whole number and a unit: `90s`, `15m`, `36h`, `8d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Span {
+    ms: i64,
+}
+
+impl Span {
+    pub const fn days(d: i64) -> Span {
+        Span {
+            ms: d * 24 * 3_600_000,
+        }
+    }
+
+    pub const fn from_ms(ms: i64) -> Span {
+        Span { ms }
+    }
+
+    pub fn as_ms(self) -> i64 {
+        self.ms
+    }
+}
+
+impl TryFrom<String> for Span {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Span, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let unit_ms: i64 = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a duration: write a whole number and one of s, m, h, d (e.g. \"8d\")"
+                ))
+            }
+        };
+        let n: i64 = n.parse().map_err(|_| {
+            format!("`{text}` is not a duration: the number is missing or too large")
+        })?;
+        match n.checked_mul(unit_ms) {
+            Some(ms) if ms > 0 => Ok(Span { ms }),
+            Some(_) => Err(format!("`{text}`: a duration must be longer than zero")),
+            None => Err(format!("`{text}` is too long a duration")),
+        }
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, ms) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000)] {
+            if self.ms % ms == 0 {
+                return write!(f, "{}{unit}", self.ms / ms);
+            }
+        }
+        write!(f, "{}s", self.ms / 1000)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -60,6 +135,16 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct SourceDecl {
     pub topic: String,
+    /// How long the topic keeps records (its `retention.ms`; default
+    /// [`DEFAULT_SOURCE_RETENTION`]): what may still be redelivered or replayed.
+    #[serde(default)]
+    pub retention: Option<Span>,
+}
+
+impl SourceDecl {
+    pub fn retention(&self) -> Span {
+        self.retention.unwrap_or(DEFAULT_SOURCE_RETENTION)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +328,13 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
             ),
             _ => {}
         }
+        if s.kind == StoreKind::Dedup && s.state_retention.is_some() {
+            err(
+                &format!("store `{name}`"),
+                "`state_retention` is for key_value stores; a dedup store has `retention_hours`"
+                    .into(),
+            );
+        }
     }
 
     // Collect every component with its role; ids are unique across sections.
@@ -295,6 +387,9 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
             };
             for problem in (spec.check_params)(&decl.params) {
                 err(&label, format!("invalid params: {problem}"));
+            }
+            for problem in (spec.check_wiring)(decl, &file) {
+                err(&label, problem);
             }
             for role_name in spec.store_roles {
                 match decl.stores.get(*role_name) {

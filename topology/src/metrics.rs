@@ -29,6 +29,8 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     pub restore_seconds: HistogramVec,
     pub stores_discarded: IntCounterVec,
+    pub timers_cancelled: IntCounterVec,
+    pub payments_expired: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -121,6 +123,15 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "gateway_stores_discarded_total",
             "Partition stores found to follow another log than the broker's (a reset or replaced cluster) and rebuilt from what the broker has",
             &["reason"]
+        )?,
+        timers_cancelled: register_int_counter_vec!(
+            "gateway_timers_cancelled_total",
+            "Timers removed before firing because the wait they guarded was over",
+            &["kind"]
+        )?,
+        payments_expired: register_int_counter!(
+            "gateway_payments_expired_total",
+            "Finished payments removed from the partition stores after their state_retention (a changelog tombstone each)"
         )?,
     })
 }

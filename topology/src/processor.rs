@@ -110,6 +110,15 @@ pub enum ProcessError {
     },
 }
 
+/// Where a step's input record was read (none for timers and housekeeping): what a
+/// dead letter names as its source.
+#[derive(Debug, Clone)]
+pub struct InputPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// A timer set by a processor, delivered back to it by [`Processor::on_timer`].
 #[derive(Debug, Clone)]
 pub struct TimerRequest {
@@ -127,6 +136,9 @@ pub struct Context<'a> {
     pub(crate) ws: &'a mut WriteSet,
     pub(crate) out: Vec<Record>,
     pub(crate) timers: Vec<TimerRequest>,
+    /// Timers to remove: `(due_at_ms, id)` as they were scheduled.
+    pub(crate) cancels: Vec<(i64, Vec<u8>)>,
+    pub(crate) input: Option<&'a InputPosition>,
     pub(crate) now_ms: i64,
     pub(crate) processor_id: &'a str,
     /// W3C trace context of the input record (its `traceparent` header).
@@ -150,6 +162,18 @@ impl<'a> Context<'a> {
 
     pub fn put<T: Serialize>(&mut self, store: &str, key: &[u8], value: &T) {
         self.ws.put(store, key, value);
+    }
+
+    /// The stored bytes, for values with an encoding of their own (a versioned one).
+    pub fn get_raw(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.ws.staged(store, key) {
+            Some(staged) => Ok(staged.map(<[u8]>::to_vec)),
+            None => self.store.get_raw(store, key),
+        }
+    }
+
+    pub fn put_raw(&mut self, store: &str, key: &[u8], value: Vec<u8>) {
+        self.ws.put_raw(store, key, value);
     }
 
     pub fn delete(&mut self, store: &str, key: &[u8]) {
@@ -192,6 +216,36 @@ impl<'a> Context<'a> {
 
     pub fn schedule(&mut self, timer: TimerRequest) {
         self.timers.push(timer);
+    }
+
+    /// Removes a timer this processor scheduled, named by its due time and id, before
+    /// it fires (nothing happens if it already fired).
+    pub fn cancel(&mut self, due_at_ms: i64, id: Vec<u8>) {
+        self.cancels.push((due_at_ms, id));
+    }
+
+    /// A dead letter for this step's input record, with the processor's reading of it.
+    pub fn dead_letter(
+        &self,
+        reason: &str,
+        detail: String,
+        key: Option<String>,
+        payload: Option<String>,
+    ) -> DeadLetter {
+        let (topic, partition, offset) = self.input.map_or((String::new(), -1, -1), |i| {
+            (i.topic.clone(), i.partition, i.offset)
+        });
+        DeadLetter {
+            reason: reason.to_owned(),
+            detail,
+            source_topic: topic,
+            source_partition: partition,
+            source_offset: offset,
+            processor: self.processor_id.to_owned(),
+            key,
+            payload,
+            failed_at_ms: self.now_ms,
+        }
     }
 
     /// Wall-clock time of this processing step (for metadata, never for decisions that

@@ -3,7 +3,7 @@
 //! Adding a processor type: write it under `processors/<name>/`, then add one arm to
 //! [`processor_spec`] and its name to [`PROCESSOR_TYPES`]. Nothing else changes.
 
-use crate::config::{CompiledNode, StoreDecl};
+use crate::config::{CompiledNode, ComponentDecl, StoreDecl, TopologyFile};
 use crate::processor::{Processor, RecordKind};
 use crate::processors::{amount_limit, command_decoder, payment_state_machine};
 use std::collections::BTreeMap;
@@ -20,6 +20,9 @@ pub struct NodeSpec {
     pub store_roles: &'static [&'static str],
     /// Every problem with the `params` table (unknown keys, wrong types, bad values).
     pub check_params: fn(&toml::Value) -> Vec<String>,
+    /// Every problem with how the component fits the rest of the file (a rule between
+    /// its params, its stores and its sources), each a sentence naming what to change.
+    pub check_wiring: fn(&ComponentDecl, &TopologyFile) -> Vec<String>,
     /// Builds one instance for a task; `None` for sources and sinks (run by the engine).
     pub build: Option<Builder>,
 }
@@ -47,6 +50,7 @@ pub fn sink_spec(kind: &str) -> Option<NodeSpec> {
             emits: &[],
             store_roles: &[],
             check_params: check_params::<KafkaSinkParams>,
+            check_wiring: no_wiring_rules,
             build: None,
         },
         "provider" => NodeSpec {
@@ -54,6 +58,7 @@ pub fn sink_spec(kind: &str) -> Option<NodeSpec> {
             emits: &[],
             store_roles: &[],
             check_params: check_params::<NoParams>,
+            check_wiring: no_wiring_rules,
             build: None,
         },
         _ => return None,
@@ -66,6 +71,7 @@ pub fn source_spec() -> NodeSpec {
         emits: &[RecordKind::Raw],
         store_roles: &[],
         check_params: check_params::<NoParams>,
+        check_wiring: no_wiring_rules,
         build: None,
     }
 }
@@ -105,6 +111,11 @@ pub fn specialise(kind: &str, params: &toml::Value, spec: NodeSpec) -> NodeSpec 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
+
+/// For types whose params stand alone.
+pub fn no_wiring_rules(_: &ComponentDecl, _: &TopologyFile) -> Vec<String> {
+    vec![]
+}
 
 /// Parameter problems of a serde-described params type.
 pub fn check_params<P: serde::de::DeserializeOwned>(v: &toml::Value) -> Vec<String> {

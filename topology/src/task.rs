@@ -95,6 +95,8 @@ impl Graph {
 #[derive(Default)]
 struct Step {
     outbox: Vec<OutboxEntry>,
+    /// Where the input record was read; `None` for timers.
+    input: Option<crate::processor::InputPosition>,
     /// `traceparent` of the input record.
     trace_in: Option<String>,
     /// `traceparent` for the records this step publishes.
@@ -191,6 +193,11 @@ impl Task {
             }
             let offset = raw.offset;
             let mut step = Step {
+                input: Some(crate::processor::InputPosition {
+                    topic: raw.topic.clone(),
+                    partition: raw.partition,
+                    offset,
+                }),
                 trace_in: raw
                     .headers
                     .iter()
@@ -275,12 +282,16 @@ impl Task {
                     ws: &mut ws,
                     out: vec![],
                     timers: vec![],
+                    cancels: vec![],
+                    input: None,
                     now_ms,
                     processor_id: &id,
                     trace_in: None,
                     trace_out: None,
                 };
                 p.maintain(&mut ctx)?;
+                let (timers, cancels) = (ctx.timers, ctx.cancels);
+                stage_timers(&mut ws, i, timers, cancels);
             }
         }
         self.stage_changelog(&mut ws);
@@ -454,17 +465,19 @@ impl Task {
             ws,
             out: vec![],
             timers: vec![],
+            cancels: vec![],
+            input: step.input.as_ref(),
             now_ms,
             processor_id: &id,
             trace_in: step.trace_in.as_deref(),
             trace_out: None,
         };
         call(p.as_mut(), &mut ctx)?;
-        let (out, timers) = (ctx.out, ctx.timers);
+        let (out, timers, cancels) = (ctx.out, ctx.timers, ctx.cancels);
         if ctx.trace_out.is_some() {
             step.trace_out = ctx.trace_out;
         }
-        stage_timers(ws, node, timers);
+        stage_timers(ws, node, timers, cancels);
         for rec in out {
             self.route(node, rec, ws, now_ms, step)?;
         }
@@ -549,13 +562,28 @@ fn outbox_batch_key(seq: u64) -> [u8; OUTBOX_BATCH_KEY_LEN] {
     k
 }
 
-fn stage_timers(ws: &mut WriteSet, node: usize, timers: Vec<crate::processor::TimerRequest>) {
-    for t in timers {
-        let mut key = time_key(t.due_at_ms).to_vec();
-        key.extend_from_slice(&(node as u16).to_be_bytes());
-        key.extend_from_slice(&t.id);
-        ws.put_raw(TIMERS, &key, t.payload);
+/// Stages a step's timer changes: cancellations first, so a timer cancelled and set
+/// again in one step stays set.
+fn stage_timers(
+    ws: &mut WriteSet,
+    node: usize,
+    timers: Vec<crate::processor::TimerRequest>,
+    cancels: Vec<(i64, Vec<u8>)>,
+) {
+    for (due_at_ms, id) in cancels {
+        ws.delete(TIMERS, &timer_key(node, due_at_ms, &id));
     }
+    for t in timers {
+        ws.put_raw(TIMERS, &timer_key(node, t.due_at_ms, &t.id), t.payload);
+    }
+}
+
+/// Due time first, so the store lists timers in the order they fire.
+fn timer_key(node: usize, due_at_ms: i64, id: &[u8]) -> Vec<u8> {
+    let mut key = time_key(due_at_ms).to_vec();
+    key.extend_from_slice(&(node as u16).to_be_bytes());
+    key.extend_from_slice(id);
+    key
 }
 
 /// The Kafka record for `record`; `trace` (the step's trace context) goes in its

@@ -95,9 +95,10 @@ fn the_processing_guarantee_is_read_and_checked() {
 #[test]
 fn a_dead_letter_output_without_a_sink_is_an_error() {
     let text = SHIPPED.replace(
-        "inputs = [\"decode\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
+        "inputs = [\"decode\", \"payments\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
         "inputs = [\"payments\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
     );
+    assert_ne!(text, SHIPPED);
     assert_refused(
         &text,
         "processor `decode`: its dead_letter records have nowhere to go",
@@ -130,4 +131,76 @@ fn a_dedup_store_keeps_its_records_for_at_least_an_hour() {
         &text,
         "store `dedup`: a dedup store needs `retention_hours`",
     );
+}
+
+/// The shipped topology with `state_retention` of the payments store set to `value`.
+fn with_state_retention(value: &str) -> String {
+    let text = SHIPPED.replace(
+        "state_retention = \"8d\"",
+        &format!("state_retention = {value}"),
+    );
+    assert_ne!(text, SHIPPED);
+    text
+}
+
+#[test]
+fn a_finished_payment_must_outlive_what_can_still_arrive_for_it() {
+    // The commands topic keeps records for 7 days: a create could be redelivered after
+    // its payment left the store.
+    assert_refused(
+        &with_state_retention("\"7d\""),
+        "processor `payments`: store `payments` keeps a finished payment for 7d (state_retention), not longer than \
+         source `commands` keeps its records (7d, retention)",
+    );
+    // Shorter topic retention, but the provider may still send webhooks for 3 days.
+    let text = with_state_retention("\"2d\"").replace("retention = \"7d\"", "retention = \"1d\"");
+    assert_refused(
+        &text,
+        "store `payments` keeps a finished payment for 2d (state_retention), not longer than the provider may \
+         deliver a webhook (3d, webhook_max_delay_ms)",
+    );
+    // Both shortened, as the soak run does: accepted.
+    let text = with_state_retention("\"10m\"")
+        .replace("retention = \"7d\"", "retention = \"5m\"")
+        .replace(
+            "backoff_max_ms = 10000 }",
+            "backoff_max_ms = 10000, webhook_max_delay_ms = 120000 }",
+        );
+    let t = compile_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        t.stores["payments"].state_retention,
+        Some(Span::from_ms(600_000))
+    );
+}
+
+#[test]
+fn retentions_are_durations_with_a_unit() {
+    assert_refused(&with_state_retention("\"8\""), "`8` is not a duration");
+    assert_refused(&with_state_retention("\"8w\""), "`8w` is not a duration");
+    assert_refused(&with_state_retention("\"0d\""), "must be longer than zero");
+    assert_refused(
+        &with_state_retention("\"99999999999999999d\""),
+        "too long a duration",
+    );
+    let dedup = SHIPPED.replace(
+        "type = \"dedup\"\n",
+        "type = \"dedup\"\nstate_retention = \"8d\"\n",
+    );
+    assert_ne!(dedup, SHIPPED);
+    assert_refused(
+        &dedup,
+        "store `dedup`: `state_retention` is for key_value stores",
+    );
+}
+
+#[test]
+fn durations_print_in_their_largest_whole_unit() {
+    for (text, ms, shown) in [
+        ("90s", 90_000, "90s"),
+        ("15m", 900_000, "15m"),
+        ("48h", 172_800_000, "2d"),
+    ] {
+        let span = Span::try_from(text.to_owned()).expect("a duration");
+        assert_eq!((span.as_ms(), span.to_string().as_str()), (ms, shown));
+    }
 }

@@ -5,7 +5,7 @@
 
 use crate::config::{CompiledNode, StoreDecl};
 use crate::processor::{Context, ProcessError, Processor, Record, RecordKind};
-use crate::registry::{parse_params, NodeSpec};
+use crate::registry::{no_wiring_rules, parse_params, NodeSpec};
 use payments::{CommandBody, Screening};
 use std::collections::BTreeMap;
 
@@ -14,6 +14,7 @@ pub const SPEC: NodeSpec = NodeSpec {
     emits: &[RecordKind::Command],
     store_roles: &[],
     check_params,
+    check_wiring: no_wiring_rules,
     build: Some(build),
 };
 

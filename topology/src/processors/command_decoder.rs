@@ -6,7 +6,7 @@
 use crate::config::{CompiledNode, StoreDecl};
 use crate::metrics::METRICS;
 use crate::processor::{dead_letter, Context, ProcessError, Processor, Record, RecordKind};
-use crate::registry::{check_params, parse_params, NodeSpec};
+use crate::registry::{check_params, no_wiring_rules, parse_params, NodeSpec};
 use std::collections::BTreeMap;
 
 pub const SPEC: NodeSpec = NodeSpec {
@@ -14,6 +14,7 @@ pub const SPEC: NodeSpec = NodeSpec {
     emits: &[RecordKind::Command, RecordKind::DeadLetter],
     store_roles: &[],
     check_params: check_params::<Params>,
+    check_wiring: no_wiring_rules,
     build: Some(build),
 };
 

@@ -1,0 +1,145 @@
+//! How a payment is kept in the `state` store: its [`PaymentState`] and what the
+//! processor keeps beside it (its pending timers, when it expires), in a versioned
+//! encoding.
+//!
+//! bincode is positional: a value written before a field existed cannot be read by a
+//! struct that has it. So every record from version 2 on starts with [`TAG`] and a
+//! version byte, and each version keeps its own reader. Version 1 is the bare bincode
+//! of [`PaymentState`] that stores held before: its first byte is a bincode length
+//! prefix, never `0xFF`, so the two cannot be confused.
+//!
+//! Changing the record: add a version, keep the readers of the older ones (a frozen copy
+//! of a struct when its shape changes), and a test that the previous encoding still
+//! reads.
+
+use payments::machine::PaymentState;
+use payments::TimerKind;
+use serde::{Deserialize, Serialize};
+use stores::StoreError;
+
+/// First byte of a versioned record: an invalid bincode varint, so no version-1 record
+/// starts with it.
+const TAG: u8 = 0xFF;
+const CURRENT: u8 = 2;
+
+/// A payment as the processor keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPayment {
+    pub state: PaymentState,
+    /// Timers set for the payment that have neither fired nor been cancelled, as
+    /// `(due_at_ms, kind)`: the keys needed to cancel them.
+    pub timers: Vec<(i64, TimerKind)>,
+    /// When the payment leaves the store; set once it is terminal.
+    pub expires_at_ms: Option<i64>,
+}
+
+impl StoredPayment {
+    pub fn new(state: PaymentState) -> Self {
+        StoredPayment {
+            state,
+            timers: Vec::new(),
+            expires_at_ms: None,
+        }
+    }
+}
+
+/// The current encoding.
+pub fn encode(p: &StoredPayment) -> Vec<u8> {
+    let mut out = vec![TAG, CURRENT];
+    out.extend(stores::encode(p));
+    out
+}
+
+/// Reads any version this code knows. `store` names the store in errors.
+pub fn decode(store: &str, bytes: &[u8]) -> Result<StoredPayment, StoreError> {
+    match bytes {
+        [TAG, CURRENT, rest @ ..] => stores::decode(store, rest),
+        [TAG, version, ..] => Err(StoreError::Decode {
+            store: store.to_owned(),
+            reason: format!(
+                "payment record version {version} is newer than this worker knows ({CURRENT}): \
+                 run a worker of the version that wrote it"
+            ),
+        }),
+        // Version 1: the bare state, written before timers were tracked. Its timers
+        // fire and are ignored if stale, as before.
+        v1 => stores::decode::<PaymentState>(store, v1).map(StoredPayment::new),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payments::machine::Awaiting;
+    use payments::{
+        decide, evolve, Command, CommandBody, CommandId, CreatePayment, Decision, IdempotencyKey,
+        MerchantId, PaymentId, Policy,
+    };
+
+    fn a_payment() -> PaymentState {
+        let merchant = MerchantId::parse("demo").expect("merchant");
+        let key = IdempotencyKey::parse("key-1").expect("key");
+        let cmd = Command {
+            command_id: CommandId::parse("create-1").expect("command id"),
+            payment_id: PaymentId::derive(&merchant, &key),
+            issued_at_ms: 1_700_000_000_000,
+            body: CommandBody::Create(CreatePayment {
+                merchant_id: merchant,
+                amount: payments::money::Amount::new(1050).expect("amount"),
+                currency: payments::money::Currency::parse("EUR").expect("currency"),
+                idempotency_key: key,
+                request_hash: "hash".into(),
+                reference: Some("order-1".into()),
+                description: None,
+                metadata: [("k".to_owned(), "v".to_owned())].into(),
+                traceparent: None,
+                screening: None,
+            }),
+        };
+        let Decision::Apply { events, .. } = decide(None, &cmd, &Policy::default()) else {
+            panic!("a create applies");
+        };
+        events
+            .iter()
+            .fold(None, evolve)
+            .expect("a created payment")
+    }
+
+    #[test]
+    fn a_record_written_by_the_previous_format_is_read() {
+        let state = a_payment();
+        // What stores held before this encoding: the bare bincode of the state.
+        let v1 = stores::encode(&state);
+        assert_ne!(v1.first(), Some(&TAG));
+        let read = decode("payments", &v1).expect("version 1 reads");
+        assert_eq!(read, StoredPayment::new(state));
+    }
+
+    #[test]
+    fn the_current_format_round_trips() {
+        let mut p = StoredPayment::new(a_payment());
+        p.state.awaiting = Awaiting::ChargeReply { attempt: 1 };
+        p.timers = vec![(
+            42,
+            TimerKind::ProviderTimeout {
+                attempt: 1,
+                wait: 3,
+            },
+        )];
+        p.expires_at_ms = Some(7);
+        let bytes = encode(&p);
+        assert_eq!(&bytes[..2], &[TAG, CURRENT]);
+        assert_eq!(decode("payments", &bytes).expect("reads"), p);
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_with_what_to_do() {
+        let mut bytes = encode(&StoredPayment::new(a_payment()));
+        bytes[1] = CURRENT + 1;
+        let e = decode("payments", &bytes).expect_err("unknown version");
+        assert!(
+            e.to_string().contains("newer than this worker knows"),
+            "{e}"
+        );
+    }
+}
