@@ -6,7 +6,7 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos build fmt local-stack bench fuzz
+.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos soak build fmt local-stack bench fuzz
 
 # A Python with PyYAML (Debian's, which docker-compose brings, when the first has none).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import yaml' 2>/dev/null && echo $$p && break; done)
@@ -39,6 +39,12 @@ docker-check:
 chaos:
 	$(CARGO) build --workspace --bins --locked
 	target/debug/chaos $(ARGS)
+
+# Memory, disk and restore time over a long steady run with the payments' retention in
+# minutes (see testkit/src/bin/soak.rs). ARGS: --minutes 30 --rate 300 --retention 5m
+soak:
+	$(CARGO) build --release --locked -p gateway -p simulator -p testkit --bins
+	target/release/soak $(ARGS)
 
 # A short contract fuzz of the API (the full one is `make fuzz`).
 fuzz-short:

@@ -147,6 +147,17 @@ impl PartitionStore {
             .collect()
     }
 
+    /// How many keys `store` holds (a scan: for housekeeping, not the data path).
+    pub fn count(&self, store: &str) -> Result<usize> {
+        let prefix = full_key(store, &[]);
+        let mut n = 0;
+        for r in self.tree.scan_prefix(prefix) {
+            r.map_err(|e| self.err(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Applies the write set atomically: either all of it is visible, or none.
     pub fn commit(&self, ws: WriteSet) -> Result<()> {
         let mut batch = sled::Batch::default();

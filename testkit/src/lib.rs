@@ -6,6 +6,8 @@
 //!   brokers named by `KAFKA_BROKERS`; random topic names per test.
 //! - [`stack`]: the gateway's services (API, worker, sink, provider simulator) started
 //!   in-process or, for the worker, as a child process that can be killed.
+//! - [`procs`]: the gateway's services as separate OS processes, killed and restarted
+//!   by the harnesses (`make chaos`, `make soak`), and their client load.
 //! - [`client`]: a small API client and the checks tests share (terminal states,
 //!   histories, the events topic, the provider ledger).
 //!
@@ -15,6 +17,7 @@ pub mod client;
 pub mod kafka;
 pub mod otlp;
 pub mod pg;
+pub mod procs;
 pub mod stack;
 
 /// Sets up logging once for a test process (only when `TEST_LOG` is set).

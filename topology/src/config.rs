@@ -47,11 +47,26 @@ pub struct StoreDecl {
     /// times that: records go by time segments of half the retention).
     #[serde(default)]
     pub retention_hours: Option<u64>,
+    /// Dedup stores: the same as `retention_hours`, with a unit (`"30m"`, `"7d"`).
+    #[serde(default)]
+    pub retention: Option<Span>,
     /// Key-value stores that hold payments: how long a finished payment stays after it
     /// became terminal (default [`DEFAULT_STATE_RETENTION`]). Then a step of its
     /// partition deletes it, which reaches the changelog as a tombstone.
     #[serde(default)]
     pub state_retention: Option<Span>,
+}
+
+impl StoreDecl {
+    /// A dedup store's retention, however it is written.
+    pub fn dedup_retention(&self) -> Option<Span> {
+        self.retention.or_else(|| {
+            self.retention_hours
+                .and_then(|h| i64::try_from(h).ok())
+                .and_then(|h| h.checked_mul(3_600_000))
+                .map(Span::from_ms)
+        })
+    }
 }
 
 /// The shipped retention of finished payments: longer than Kafka's default topic
@@ -317,14 +332,22 @@ pub fn compile(file: TopologyFile) -> Result<CompiledTopology, ConfigErrors> {
                 "names starting with `__` are reserved".into(),
             );
         }
-        match (s.kind, s.retention_hours) {
-            (StoreKind::Dedup, None) => err(
+        match (s.kind, s.retention_hours, s.retention) {
+            (StoreKind::Dedup, None, None) => err(
                 &format!("store `{name}`"),
-                "a dedup store needs `retention_hours`".into(),
+                "a dedup store needs `retention_hours` (or `retention` with a unit)".into(),
             ),
-            (StoreKind::Dedup, Some(0)) => err(
+            (StoreKind::Dedup, Some(_), Some(_)) => err(
+                &format!("store `{name}`"),
+                "give `retention_hours` or `retention`, not both".into(),
+            ),
+            (StoreKind::Dedup, Some(0), _) => err(
                 &format!("store `{name}`"),
                 "`retention_hours` must be at least 1".into(),
+            ),
+            (StoreKind::KeyValue, Some(_), _) | (StoreKind::KeyValue, _, Some(_)) => err(
+                &format!("store `{name}`"),
+                "`retention_hours` and `retention` are for dedup stores; a key_value store has `state_retention`".into(),
             ),
             _ => {}
         }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub stores_discarded: IntCounterVec,
     pub timers_cancelled: IntCounterVec,
     pub payments_expired: IntCounter,
+    pub store_keys: IntGaugeVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -132,6 +133,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         payments_expired: register_int_counter!(
             "gateway_payments_expired_total",
             "Finished payments removed from the partition stores after their state_retention (a changelog tombstone each)"
+        )?,
+        store_keys: register_int_gauge_vec!(
+            "gateway_store_keys",
+            "Keys held per partition store (payments, dedup records, timers, outbox, changelog queue), counted once a minute",
+            &["task", "store"]
         )?,
     })
 }

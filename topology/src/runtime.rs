@@ -786,6 +786,7 @@ async fn task_loop(
     dispatcher: &Dispatcher,
     settings: &WorkerSettings,
 ) -> anyhow::Result<()> {
+    let task_label = format!("{}-{}", task.topic, task.partition);
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
     publish(&mut task, output, consumer, dispatcher).await?;
     let mut tick = tokio::time::interval(settings.punctuate_interval);
@@ -827,7 +828,18 @@ async fn task_loop(
                 }
             }
             _ = housekeeping.tick() => {
-                off_runtime(|| task.maintain(now_ms()))?;
+                let counts = off_runtime(|| {
+                    task.maintain(now_ms())?;
+                    task.key_counts().map(|c| {
+                        c.into_iter().map(|(s, n)| (s.to_owned(), n)).collect::<Vec<_>>()
+                    })
+                })?;
+                for (store, n) in counts {
+                    METRICS
+                        .store_keys
+                        .with_label_values(&[&task_label, &store])
+                        .set(n as i64);
+                }
             }
         }
     }
@@ -835,6 +847,15 @@ async fn task_loop(
     // Once more for the removal of what was just published, so the next owner does not
     // publish it again.
     publish(&mut task, output, consumer, dispatcher).await?;
+    for store in task
+        .key_counts()
+        .map(|c| c.into_iter().map(|(s, _)| s.to_owned()).collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let _ = METRICS
+            .store_keys
+            .remove_label_values(&[&task_label, &store]);
+    }
     tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
     Ok(())
 }

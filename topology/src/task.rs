@@ -113,6 +113,8 @@ pub struct Task {
     outbox_seq: u64,
     changelog_seq: u64,
     changelog_topic: Option<String>,
+    /// The declared stores and the engine's own, as [`Task::key_counts`] reports them.
+    counted: Vec<String>,
 }
 
 /// Outbox entries to delete once their transaction commits, and the changelog batch
@@ -157,7 +159,22 @@ impl Task {
             outbox_seq,
             changelog_seq,
             changelog_topic: changelog.then(|| topo.changelog_topic(topic)),
+            counted: topo
+                .stores
+                .keys()
+                .cloned()
+                .chain([TIMERS, OUTBOX, CHANGELOG_QUEUE].map(str::to_owned))
+                .collect(),
         })
+    }
+
+    /// How many keys each store of the partition holds: what its state costs, reported
+    /// once a minute (a scan of every key, so not on the data path).
+    pub fn key_counts(&self) -> Result<Vec<(&str, usize)>, ProcessError> {
+        self.counted
+            .iter()
+            .map(|s| Ok((s.as_str(), self.store.count(s)?)))
+            .collect()
     }
 
     /// Where this task's changelog goes, if it keeps one.

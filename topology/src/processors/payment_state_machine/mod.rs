@@ -121,10 +121,10 @@ fn build(
             .ok_or_else(|| anyhow::anyhow!("store role `{r}` missing"))
     };
     let (state, dedup) = (role("state")?, role("dedup")?);
-    let retention_hours = stores
+    let dedup_retention = stores
         .get(&dedup)
-        .and_then(|s| s.retention_hours)
-        .unwrap_or(168);
+        .and_then(StoreDecl::dedup_retention)
+        .ok_or_else(|| anyhow::anyhow!("dedup store `{dedup}` has no retention"))?;
     let state_retention = stores
         .get(&state)
         .and_then(|s| s.state_retention)
@@ -134,9 +134,7 @@ fn build(
         policy: parse_params(&decl.params)?,
         state,
         dedup,
-        retention: dedup::Retention::new(
-            i64::try_from(retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
-        ),
+        retention: dedup::Retention::new(dedup_retention.as_ms()),
         state_retention_ms: state_retention.as_ms(),
     }))
 }

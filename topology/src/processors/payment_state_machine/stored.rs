@@ -99,10 +99,7 @@ mod tests {
         let Decision::Apply { events, .. } = decide(None, &cmd, &Policy::default()) else {
             panic!("a create applies");
         };
-        events
-            .iter()
-            .fold(None, evolve)
-            .expect("a created payment")
+        events.iter().fold(None, evolve).expect("a created payment")
     }
 
     #[test]

@@ -1,0 +1,544 @@
+//! `make soak`: the gateway as separate OS processes (API, two workers, sink, provider
+//! simulator) against a Kafka mock cluster and a throwaway PostgreSQL, at a steady rate
+//! for a set time, with the payments' `state_retention` shortened to minutes so the
+//! steady state (as many payments expiring as arriving) is reached in the first third.
+//!
+//! Every minute it prints, for the worker processes together: resident memory, the size
+//! of their stores on disk, and the payments, dedup records and timers their stores hold
+//! (the workers' `gateway_store_keys`). At the end of the warm-up third and after the
+//! load it kills one worker and starts it on an empty disk, and measures how long its
+//! partitions take to restore from the changelog. Then it checks, like `make chaos`,
+//! that every accepted payment is terminal and none was charged twice, and prints:
+//!
+//!   soak: minutes=<m> payments=<n> rate=<r>/s rss_mb_start=.. rss_mb_end=..
+//!   rss_slope_mb_per_h=.. store_mb_start=.. store_mb_end=.. store_slope_mb_per_h=..
+//!   live_payments=.. restore_s=.. lost=0 double_charged=0
+//!
+//! where start is the end of the warm-up third and the slopes are least-squares fits
+//! over the last two thirds. It exits non-zero if a payment was lost or charged twice.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use testkit::kafka::Kafka;
+use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
+use testkit::stack::{topology_text, SHIPPED_POLICY};
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Run the gateway at a steady rate with short retention; show that memory, disk and restore time stay flat"
+)]
+struct Args {
+    /// Length of the run.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    /// Payments per second (about half of this machine's `make bench` maximum).
+    #[arg(long, default_value_t = 300.0)]
+    rate: f64,
+    /// How long a finished payment stays in the stores (the source topic's retention,
+    /// the dedup records' and the provider's longest webhook delay are set to half of it).
+    #[arg(long, default_value = "5m")]
+    retention: String,
+    /// Seconds between two samples.
+    #[arg(long, default_value_t = 60)]
+    sample_s: u64,
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Keep the processes' logs even when the run passes.
+    #[arg(long)]
+    keep_logs: bool,
+}
+
+/// One sample of the worker processes, summed.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    at_min: f64,
+    sent: usize,
+    rss_mb: f64,
+    store_mb: f64,
+    payments: f64,
+    dedup: f64,
+    timers: f64,
+    outbox: f64,
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn dir_mb(path: &Path) -> f64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(path) as f64 / (1024.0 * 1024.0)
+}
+
+/// Sums a metric's samples whose labels contain `label` (all when empty).
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| label.is_empty() || l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+async fn metrics(http: &reqwest::Client, ops: &str) -> String {
+    match http.get(format!("http://{ops}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Least-squares slope of `y` over `x`.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
+    });
+    if den == 0.0 {
+        f64::NAN
+    } else {
+        num / den
+    }
+}
+
+struct Workers {
+    procs: Vec<Proc>,
+    ops: Vec<String>,
+    dirs: Vec<PathBuf>,
+    base: Vec<String>,
+    root: PathBuf,
+    restarts: usize,
+}
+
+impl Workers {
+    fn args(&self, i: usize) -> Vec<String> {
+        let mut a = self.base.clone();
+        a.extend([
+            "--state-dir".to_owned(),
+            self.dirs[i].display().to_string(),
+            "--ops-listen".to_owned(),
+            self.ops[i].clone(),
+        ]);
+        a
+    }
+
+    async fn sample(&self, http: &reqwest::Client) -> Sample {
+        let mut s = Sample::default();
+        for (i, p) in self.procs.iter().enumerate() {
+            if let Some(c) = &p.child {
+                s.rss_mb += rss_mb(c.id());
+            }
+            s.store_mb += dir_mb(&self.dirs[i]);
+            let m = metrics(http, &self.ops[i]).await;
+            s.payments += metric_sum(&m, "gateway_store_keys", "store=\"payments\"");
+            s.dedup += metric_sum(&m, "gateway_store_keys", "store=\"dedup\"");
+            s.timers += metric_sum(&m, "gateway_store_keys", "store=\"__timers\"");
+            s.outbox += metric_sum(&m, "gateway_store_keys", "store=\"__outbox\"");
+        }
+        s
+    }
+
+    /// SIGKILLs worker `i`, starts it on an empty disk, and returns the seconds its
+    /// partitions took to restore from the changelog (summed over them) and how many.
+    async fn restore(&mut self, i: usize, http: &reqwest::Client) -> anyhow::Result<(f64, f64)> {
+        self.procs[i].kill();
+        self.restarts += 1;
+        self.dirs[i] = self.root.join(format!("worker-{i}-{}", self.restarts));
+        self.procs[i].args = self.args(i);
+        self.procs[i].start()?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let (mut last, mut stable_since) = (-1.0, Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let m = metrics(http, &self.ops[i]).await;
+            let count = metric_sum(
+                &m,
+                "gateway_store_restore_seconds_count",
+                "source=\"changelog\"",
+            );
+            if count != last {
+                (last, stable_since) = (count, Instant::now());
+            }
+            if count > 0.0 && stable_since.elapsed() > Duration::from_secs(15) {
+                let sum = metric_sum(
+                    &m,
+                    "gateway_store_restore_seconds_sum",
+                    "source=\"changelog\"",
+                );
+                return Ok((sum, count));
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "worker-{i} restored no partition within 5 minutes of starting on an empty disk"
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.minutes >= 3 && a.rate > 0.0 && a.rate.is_finite() && a.sample_s > 0 && a.partitions > 0,
+        "--minutes (at least 3), --rate, --sample-s and --partitions must be positive"
+    );
+    let retention = topology::config::Span::try_from(a.retention.clone())
+        .map_err(|e| anyhow::anyhow!("--retention: {e}"))?;
+    let half = topology::config::Span::from_ms(retention.as_ms() / 2);
+    let gateway = sibling("gateway")?;
+    let sim_bin = sibling("provider-sim")?;
+    let work = tempfile::Builder::new().prefix("soak-").tempdir()?;
+    let root = work.path().to_owned();
+
+    let kafka = Kafka::start_cluster(1)?;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (commands, events, dlq) = (
+        format!("cmd-{suffix}"),
+        format!("evt-{suffix}"),
+        format!("dlq-{suffix}"),
+    );
+    let text = topology_text(
+        &commands,
+        &events,
+        &dlq,
+        &format!("soak-{suffix}"),
+        &format!("{SHIPPED_POLICY}, webhook_max_delay_ms = {}", half.as_ms()),
+        &[
+            (
+                "state_retention = \"8d\"".to_owned(),
+                format!("state_retention = \"{retention}\""),
+            ),
+            (
+                "retention = \"7d\"".to_owned(),
+                format!("retention = \"{half}\""),
+            ),
+            (
+                "retention_hours = 168".to_owned(),
+                format!("retention = \"{half}\""),
+            ),
+        ],
+    )?;
+    let topology = topology::compile_str(&text)?;
+    let changelog = topology.changelog_topic(&commands);
+    for t in [&commands, &events, &dlq, &changelog] {
+        kafka.create_topic(t, a.partitions).await?;
+    }
+    let topology_file = root.join("topology.toml");
+    std::fs::write(&topology_file, &text)?;
+    let database_url = testkit::pg::server()?.fresh_database().await?;
+    let merchants = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
+    let (api_addr, sim_addr) = (free_addr()?, free_addr()?);
+    let common = vec![
+        "--brokers".to_owned(),
+        kafka.brokers().to_owned(),
+        "--topology".to_owned(),
+        topology_file.display().to_string(),
+        "--events-topic".to_owned(),
+        events.clone(),
+        "--dlq-topic".to_owned(),
+        dlq.clone(),
+        "--database-url".to_owned(),
+        database_url.clone(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v = common.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let proc = |name: &str, program: &Path, args: Vec<String>| Proc {
+        name: name.to_owned(),
+        program: program.to_owned(),
+        args,
+        log: root.join(format!("{name}.log")),
+        child: None,
+    };
+    let mut sim = proc(
+        "provider-sim",
+        &sim_bin,
+        [
+            "--listen",
+            &sim_addr,
+            "--webhook-url",
+            &format!("http://{api_addr}/v1/callbacks/sim"),
+            "--max-latency-ms",
+            "20",
+            "--async-rate",
+            "0.25",
+            "--decline-rate",
+            "0.1",
+            "--no-magic",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    );
+    let mut api = proc(
+        "api",
+        &gateway,
+        with(&[
+            "api",
+            "--listen",
+            &api_addr,
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--merchants",
+            &merchants.display().to_string(),
+            "--rate-limit",
+            "0",
+        ]),
+    );
+    let mut sink = proc(
+        "sink",
+        &gateway,
+        with(&[
+            "sink",
+            "--group-id",
+            "projection",
+            "--ops-listen",
+            "127.0.0.1:0",
+        ]),
+    );
+    let mut workers = Workers {
+        procs: vec![],
+        ops: vec![free_addr()?, free_addr()?],
+        dirs: vec![root.join("worker-0-0"), root.join("worker-1-0")],
+        base: with(&[
+            "worker",
+            "--provider-url",
+            &format!("http://{sim_addr}"),
+            "--store-cache-mb",
+            "16",
+        ]),
+        root: root.clone(),
+        restarts: 0,
+    };
+    for i in 0..2 {
+        let args = workers.args(i);
+        workers
+            .procs
+            .push(proc(&format!("worker-{i}"), &gateway, args));
+    }
+    sim.start()?;
+    api.start()?;
+    sink.start()?;
+    for w in &mut workers.procs {
+        w.start()?;
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let ready = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("http://{api_addr}/health/ready"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        anyhow::ensure!(
+            Instant::now() < ready,
+            "the API did not become ready; logs in {}",
+            root.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "soak: minutes={} rate={}/s retention={retention} (commands topic and dedup {half}) partitions={} logs={}",
+        a.minutes,
+        a.rate,
+        a.partitions,
+        root.display()
+    );
+
+    // Load: a steady rate for the whole run.
+    let total = (a.minutes as f64 * 60.0 * a.rate) as usize;
+    let load = Arc::new(Load::default());
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let load_task = {
+        let (load, http, api, sent) = (load.clone(), http.clone(), api_addr.clone(), sent.clone());
+        let rate = a.rate;
+        let run = in_letters(u64::from(std::process::id()));
+        tokio::spawn(async move {
+            let mut tasks = futures::stream::FuturesUnordered::new();
+            for i in 0..total {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let amount = 1_000 + (i as i64 % 50_000);
+                tasks.push(tokio::spawn(create(
+                    http.clone(),
+                    api.clone(),
+                    format!("soak-{run}-{i}"),
+                    amount,
+                    load.clone(),
+                )));
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Reap finished requests as we go, so the list stays short.
+                while tasks.len() > 4096 {
+                    use futures::StreamExt;
+                    tasks.next().await;
+                }
+            }
+            use futures::StreamExt;
+            while tasks.next().await.is_some() {}
+            started.elapsed()
+        })
+    };
+
+    // Samples, and a restore at the end of the warm-up third.
+    let mut samples: Vec<Sample> = Vec::new();
+    let warm_up = Duration::from_secs(a.minutes * 60 / 3);
+    let mut restore_warm: Option<(f64, f64)> = None;
+    let mut next = started + Duration::from_secs(a.sample_s);
+    println!("soak: minute  sent  rss_mb  store_mb  payments  dedup  timers  outbox");
+    while !load_task.is_finished() {
+        tokio::time::sleep_until(next.into()).await;
+        next += Duration::from_secs(a.sample_s);
+        for p in std::iter::once(&mut api)
+            .chain(std::iter::once(&mut sink))
+            .chain(workers.procs.iter_mut())
+        {
+            if p.exited() {
+                eprintln!("soak: {} exited on its own; restarting it", p.name);
+                p.start()?;
+            }
+        }
+        let mut s = workers.sample(&http).await;
+        s.at_min = started.elapsed().as_secs_f64() / 60.0;
+        s.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "soak: {:6.1} {:6} {:7.1} {:9.1} {:9.0} {:6.0} {:7.0} {:7.0}",
+            s.at_min, s.sent, s.rss_mb, s.store_mb, s.payments, s.dedup, s.timers, s.outbox
+        );
+        samples.push(s);
+        if restore_warm.is_none() && started.elapsed() >= warm_up {
+            let r = workers.restore(0, &http).await?;
+            println!(
+                "soak: restore after warm-up: {:.2} s over {} partitions",
+                r.0, r.1
+            );
+            restore_warm = Some(r);
+        }
+    }
+    let load_s = load_task.await?.as_secs_f64();
+    let restore_end = workers.restore(1, &http).await?;
+    println!(
+        "soak: restore at the end: {:.2} s over {} partitions",
+        restore_end.0, restore_end.1
+    );
+
+    // Drain and verify: every accepted payment terminal, none charged twice.
+    let pool = sinks::connect(&database_url, 2)?;
+    let accepted = lock(&load.accepted).clone();
+    let ids: Vec<String> = accepted.values().cloned().collect();
+    let drain = Instant::now() + Duration::from_secs(300);
+    let open = loop {
+        let open: i64 = match pool.get().await {
+            Ok(c) => c
+                .query_one(
+                    "SELECT $2::int8 - count(*) FROM payments WHERE payment_id = ANY($1) AND status IN ('COMPLETED','FAILED','CANCELED')",
+                    &[&ids, &(ids.len() as i64)],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(i64::MAX),
+            Err(_) => i64::MAX,
+        };
+        if open == 0 || Instant::now() > drain {
+            break open;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let ledger: simulator::Ledger = http
+        .get(format!("http://{sim_addr}/ledger"))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await?
+        .json()
+        .await
+        .context("reading the simulator's ledger")?;
+    let mut captures: HashMap<&str, u32> = HashMap::new();
+    for ch in &ledger.charges {
+        *captures.entry(ch.reference.as_str()).or_default() += ch.captures;
+    }
+    let double_charged = captures.values().filter(|n| **n > 1).count();
+    let refused = lock(&load.refused).len();
+
+    let steady: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at_min >= warm_up.as_secs_f64() / 60.0)
+        .collect();
+    let fit = |f: &dyn Fn(&Sample) -> f64| {
+        let pts: Vec<(f64, f64)> = steady.iter().map(|s| (s.at_min / 60.0, f(s))).collect();
+        slope(&pts)
+    };
+    let (first, last) = (
+        steady.first().copied().cloned().unwrap_or_default(),
+        samples.last().cloned().unwrap_or_default(),
+    );
+    let live = steady.iter().map(|s| s.payments).sum::<f64>() / steady.len().max(1) as f64;
+    println!(
+        "soak: detail load_s={load_s:.0} accepted={} refused={refused} restore_warm_s={:.2} restore_end_s={:.2} dedup_end={:.0} timers_end={:.0} logs={}",
+        accepted.len(),
+        restore_warm.map_or(f64::NAN, |r| r.0),
+        restore_end.0,
+        last.dedup,
+        last.timers,
+        root.display()
+    );
+    println!(
+        "soak: minutes={} payments={} rate={:.0}/s rss_mb_start={:.0} rss_mb_end={:.0} rss_slope_mb_per_h={:.1} store_mb_start={:.1} store_mb_end={:.1} store_slope_mb_per_h={:.1} live_payments={live:.0} restore_s={:.2} lost={} double_charged={double_charged}",
+        a.minutes,
+        accepted.len(),
+        accepted.len() as f64 / load_s,
+        first.rss_mb,
+        last.rss_mb,
+        fit(&|s| s.rss_mb),
+        first.store_mb,
+        last.store_mb,
+        fit(&|s| s.store_mb),
+        restore_end.0,
+        open.max(0),
+    );
+    let failed = open != 0 || double_charged > 0 || refused > 0;
+    if failed || a.keep_logs {
+        let kept = work.keep();
+        println!("soak: process logs kept in {}", kept.display());
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
