@@ -133,6 +133,20 @@ impl PartitionStore {
             .collect()
     }
 
+    /// The first `limit` entries of `store` with `from <= key`, in key order.
+    pub fn range_from(&self, store: &str, from: &[u8], limit: usize) -> Result<Vec<Entry>> {
+        let prefix = full_key(store, &[]);
+        self.tree
+            .range(full_key(store, from)..)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec()))
+                    .map_err(|e| self.err(e))
+            })
+            .collect()
+    }
+
     /// All entries of `store`, at most `limit`.
     pub fn scan(&self, store: &str, limit: usize) -> Result<Vec<Entry>> {
         let prefix = full_key(store, &[]);

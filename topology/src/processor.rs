@@ -172,6 +172,17 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// Up to `limit` committed entries of `store` from key `from` on, in key order
+    /// (for housekeeping passes; writes staged in this step are not seen).
+    pub fn scan_from(
+        &self,
+        store: &str,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<stores::Entry>, StoreError> {
+        self.store.range_from(store, from, limit)
+    }
+
     pub fn put_raw(&mut self, store: &str, key: &[u8], value: Vec<u8>) {
         self.ws.put_raw(store, key, value);
     }

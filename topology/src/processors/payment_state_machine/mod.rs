@@ -35,6 +35,8 @@ use stores::dedup;
 
 /// Dedup records removed per housekeeping pass (per partition, once a minute).
 const PRUNE_PER_PASS: usize = 50_000;
+/// Payments in the previous encoding rewritten per housekeeping pass.
+const UPGRADE_PER_PASS: usize = 1_000;
 /// First byte of an expiry timer's payload and id suffix. A machine timer's payload is
 /// the bincode of `(PaymentId, TimerKind)`, which starts with a length byte, and its id
 /// ends with the bincode of the kind (a variant index below 3).
@@ -104,6 +106,9 @@ pub struct PaymentStateMachine {
     retention: dedup::Retention,
     /// How long a finished payment stays in `state`.
     state_retention_ms: i64,
+    /// Where the next pass over payments in the previous encoding starts; `None` once a
+    /// pass found none.
+    upgrade_from: Option<Vec<u8>>,
 }
 
 fn build(
@@ -136,6 +141,7 @@ fn build(
         dedup,
         retention: dedup::Retention::new(dedup_retention.as_ms()),
         state_retention_ms: state_retention.as_ms(),
+        upgrade_from: Some(Vec::new()),
     }))
 }
 
@@ -239,6 +245,37 @@ impl PaymentStateMachine {
             serde_json::to_string(cmd).ok(),
         );
         ctx.forward(Record::DeadLetter(dl));
+    }
+
+    /// Rewrites the previous encoding's payments from key `from` on; returns where the
+    /// next pass starts, or `None` once the store holds none.
+    fn upgrade_pass(
+        &self,
+        ctx: &mut Context<'_>,
+        from: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, ProcessError> {
+        let entries = ctx.scan_from(&self.state, &from, UPGRADE_PER_PASS)?;
+        let mut upgraded = 0;
+        for (_, bytes) in &entries {
+            if stored::is_current(bytes) {
+                continue;
+            }
+            let mut p = stored::decode(&self.state, bytes)?;
+            self.settle_timers(ctx, &mut p);
+            self.save(ctx, &p);
+            upgraded += 1;
+        }
+        if upgraded > 0 {
+            tracing::info!(upgraded, "payments rewritten in the current encoding");
+        }
+        Ok(match entries.last() {
+            Some((key, _)) if entries.len() == UPGRADE_PER_PASS => {
+                let mut next = key.clone();
+                next.push(0);
+                Some(next)
+            }
+            _ => None,
+        })
     }
 
     /// Decides `cmd` against the stored payment and stages the outcome. `dirty`: the
@@ -447,10 +484,18 @@ impl Processor for PaymentStateMachine {
     /// the rates it sustains (a payment's commands after its create: usually one, the
     /// provider's reply), so a segment is gone within minutes of expiring and the store
     /// does not outgrow one and a half retentions.
+    ///
+    /// Until one pass over the store found none, it also rewrites payments kept in the
+    /// previous encoding (which tracked no timers and no expiry) in the current one, up
+    /// to [`UPGRADE_PER_PASS`] a minute, giving each finished one its expiry: so a store
+    /// from before retention existed is bounded too.
     fn maintain(&mut self, ctx: &mut Context<'_>) -> Result<(), ProcessError> {
         let pruned = ctx.prune(&self.dedup, self.retention, PRUNE_PER_PASS)?;
         if pruned > 0 {
             tracing::debug!(pruned, "dedup records past retention removed");
+        }
+        if let Some(from) = self.upgrade_from.take() {
+            self.upgrade_from = self.upgrade_pass(ctx, from)?;
         }
         Ok(())
     }

@@ -50,6 +50,11 @@ pub fn encode(p: &StoredPayment) -> Vec<u8> {
     out
 }
 
+/// Whether `bytes` are in the current encoding (others are read, and rewritten).
+pub fn is_current(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[TAG, CURRENT])
+}
+
 /// Reads any version this code knows. `store` names the store in errors.
 pub fn decode(store: &str, bytes: &[u8]) -> Result<StoredPayment, StoreError> {
     match bytes {

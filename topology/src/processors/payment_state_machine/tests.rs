@@ -338,3 +338,41 @@ fn nothing_that_arrives_after_a_payment_expired_acts_on_it() {
         );
     }
 }
+
+#[test]
+fn payments_kept_in_the_previous_encoding_are_rewritten_and_expire() {
+    let mut p = Partition::completed();
+    // What a store from before retention holds: the bare state, no expiry timer.
+    let state = p.stored().expect("the payment").state;
+    let mut ws = stores::WriteSet::default();
+    ws.put_raw(
+        "payments",
+        &p.payment_id.key_bytes(),
+        stores::encode(&state),
+    );
+    for (k, _) in p.task.store().scan(TIMERS, usize::MAX).expect("timers") {
+        ws.delete(TIMERS, &k);
+    }
+    p.task.store().commit(ws).expect("commit");
+    assert_eq!(p.timers(), 0);
+    let bytes = |p: &Partition| {
+        p.task
+            .store()
+            .get_raw("payments", &p.payment_id.key_bytes())
+            .expect("read")
+            .expect("the payment")
+    };
+    assert!(!stored::is_current(&bytes(&p)));
+
+    let now = T0 + DAY;
+    p.task.maintain(now).expect("housekeeping");
+    assert!(stored::is_current(&bytes(&p)), "not rewritten");
+    assert_eq!(
+        p.stored().and_then(|s| s.expires_at_ms),
+        Some(now + RETENTION)
+    );
+    assert_eq!(p.timers(), 1);
+    let (fired, _) = p.fire(now + RETENTION);
+    assert_eq!(fired, 1);
+    assert!(p.stored().is_none(), "the upgraded payment did not expire");
+}
