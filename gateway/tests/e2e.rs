@@ -621,6 +621,153 @@ fn discarded_stores() -> u64 {
         .sum()
 }
 
+/// Concurrent creates with one key and different bodies: exactly one body is ever
+/// acknowledged (same body: the same 202; another: 422), and the payment created and
+/// charged is that body's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_with_one_key_get_one_answer() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        let key = format!("race-{round}");
+        // Two requests per body, ten bodies, all at once.
+        let replies = futures::future::join_all((0..20).map(|i| {
+            let (api, key) = (api.clone(), key.clone());
+            async move {
+                let amount = 5000 + (i / 2) as i64 * 100;
+                (amount, api.create(&key, amount, "EUR").await.unwrap())
+            }
+        }))
+        .await;
+        let acknowledged: std::collections::BTreeSet<i64> = replies
+            .iter()
+            .filter(|(_, r)| r.status == 202)
+            .map(|(amount, r)| {
+                assert_eq!(
+                    r.body["amount"], *amount,
+                    "a 202 for a body it did not take"
+                );
+                *amount
+            })
+            .collect();
+        assert_eq!(
+            acknowledged.len(),
+            1,
+            "bodies acknowledged: {acknowledged:?}"
+        );
+        for (amount, r) in &replies {
+            if !acknowledged.contains(amount) {
+                assert_eq!(
+                    (r.status, r.code()),
+                    (422, "idempotency_key_reused"),
+                    "{:?}",
+                    r.body
+                );
+            }
+        }
+        let amount = *acknowledged.iter().next().unwrap();
+        let id = replies
+            .iter()
+            .find(|(_, r)| r.status == 202)
+            .map(|(_, r)| r.body["id"].as_str().unwrap().to_owned())
+            .unwrap();
+        let statuses = wait_all_terminal(&pool, std::slice::from_ref(&id), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let got = api.get(&id).await.unwrap();
+        assert_eq!(
+            got.body["amount"], amount,
+            "created with another body than acknowledged"
+        );
+        assert_eq!(statuses[&id], expected_status(amount));
+        ids.push(id);
+    }
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_ledger(&stack, &statuses);
+    stack.shutdown().await.unwrap();
+}
+
+/// Right after a 202, the payment and its history read back at once (on the instance
+/// that accepted it), and it can be canceled before the projection has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_created_payment_is_readable_at_once() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let other = stack.client(OTHER_KEY);
+    for i in 0..20 {
+        let created = api.create(&format!("ryw-{i}"), 4200, "EUR").await.unwrap();
+        assert_eq!(created.status, 202);
+        let id = created.body["id"].as_str().unwrap();
+        let got = api.get(id).await.unwrap();
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        assert_eq!(got.body["id"], id);
+        assert_eq!(got.body["amount"], 4200);
+        assert!(
+            ["NEW", "PROCESSING", "COMPLETED"].contains(&got.body["status"].as_str().unwrap()),
+            "{:?}",
+            got.body
+        );
+        assert!(got.body["version"].as_i64().unwrap() >= 1);
+        assert_eq!(got.headers["x-content-type-options"], "nosniff");
+        let events = api.events(id).await.unwrap();
+        assert_eq!(events.status, 200, "{:?}", events.body);
+        assert_eq!(
+            events.body["events"][0]["type"], "created",
+            "{:?}",
+            events.body
+        );
+        assert_eq!(events.body["events"][0]["seq"], 1);
+        // Another merchant still sees nothing.
+        assert_eq!(other.get(id).await.unwrap().status, 404);
+    }
+    let created = api.create("ryw-cancel", 4200, "EUR").await.unwrap();
+    let id = created.body["id"].as_str().unwrap();
+    let canceled = api.cancel(id).await.unwrap();
+    assert!(
+        [202, 409].contains(&canceled.status),
+        "a cancel right after the create: {} {:?}",
+        canceled.status,
+        canceled.body
+    );
+    stack.shutdown().await.unwrap();
+}
+
+/// A cursor the API could not have returned (its time outside what the projection
+/// holds) is the client's error: 400 in the JSON shape, never a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_cursor_is_a_client_error() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let pid = "pay_00000000000000000000000000000000";
+    for us in [
+        i64::MAX.to_string(),
+        i64::MIN.to_string(),
+        "-1".into(),
+        "253402300800000000".into(),
+    ] {
+        let cursor = b64.encode(format!("{us}:{pid}"));
+        let r = api.list(&format!("cursor={cursor}")).await.unwrap();
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_request"),
+            "cursor time {us}: {:?}",
+            r.body
+        );
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    // The largest time a cursor may hold is still a valid (empty) page.
+    let cursor = b64.encode(format!("253402300799999999:{pid}"));
+    let r = api.list(&format!("cursor={cursor}")).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    stack.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();

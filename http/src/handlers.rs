@@ -3,6 +3,7 @@
 
 use crate::auth;
 use crate::error::ApiError;
+use crate::recent::{Accepted, Claim, RecentCreates};
 use crate::ApiState;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
@@ -345,15 +346,16 @@ pub async fn create_payment(
             Err(conflict())
         };
     }
-    let recent = state
-        .recent
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(merchant.as_str(), key.as_str())
-        .cloned();
-    match recent {
-        Some(h) if h != valid.hash => return Err(conflict()),
-        _ => {}
+    // Not projected yet: the key is claimed here before anything is published, so of
+    // concurrent requests with one key exactly one body is ever acknowledged.
+    let claim = recent(&state).claim(
+        merchant.as_str(),
+        key.as_str(),
+        &valid.hash,
+        &id.to_string(),
+    );
+    if claim == Claim::OtherRequest {
+        return Err(conflict());
     }
     let cmd = Command {
         command_id: command_id(&format!("create:{id}"))?,
@@ -372,12 +374,11 @@ pub async fn create_payment(
             screening: None,
         }),
     };
-    publish(&state, &cmd).await?;
-    state
-        .recent
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(merchant.as_str(), key.as_str(), &valid.hash);
+    if let Err(e) = publish(&state, &cmd).await {
+        recent(&state).release(merchant.as_str(), key.as_str());
+        return Err(e);
+    }
+    recent(&state).published(merchant.as_str(), key.as_str(), accepted(&cmd, &valid));
     tracing::info!(payment_id = %id, merchant = %merchant, "payment accepted");
     let mut res = json(StatusCode::ACCEPTED, &body);
     if let Ok(loc) = format!("/v1/payments/{id}").parse() {
@@ -386,14 +387,83 @@ pub async fn create_payment(
     Ok(res)
 }
 
-fn command_id(s: &str) -> Result<CommandId> {
-    CommandId::parse(s).map_err(|e| ApiError::invalid(e.to_string()))
+fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
+    state.recent.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A projection read for one payment of the caller: unavailable store → 503, none → 404.
-fn found<T>(read: anyhow::Result<Option<T>>) -> Result<T> {
-    read.map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)
+/// What a create published here reads back as until the projection has it: the payment
+/// as `NEW` with its `created` event, both as the worker's first step will make them
+/// (the domain's own `decide`, whose first event of a create is `created`).
+fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
+    let created_at = iso_ms(cmd.issued_at_ms);
+    let payment = sinks::query::PaymentView {
+        id: cmd.payment_id.to_string(),
+        status: Status::New.as_str().to_owned(),
+        amount: v.amount.minor_units(),
+        currency: v.currency.as_str().to_owned(),
+        reference: v.reference.clone(),
+        description: v.description.clone(),
+        metadata: serde_json::to_value(&v.metadata).unwrap_or_default(),
+        provider_reference: None,
+        failure_code: None,
+        failure_message: None,
+        cancel_requested: false,
+        stuck: false,
+        attempts: 0,
+        version: 1,
+        created_at: created_at.clone(),
+        updated_at: created_at,
+        idempotency_key: String::new(),
+        request_hash: String::new(),
+        created_at_us: cmd.issued_at_ms.saturating_mul(1000),
+    };
+    let events = match payments::decide(None, cmd, &payments::Policy::default()) {
+        payments::Decision::Apply { events, .. } => events
+            .into_iter()
+            .take(1)
+            .filter(|e| e.body.kind() == "created")
+            .filter_map(|e| {
+                serde_json::to_value(sinks::query::EventView {
+                    seq: e.seq as i64,
+                    kind: e.body.kind().to_owned(),
+                    occurred_at: iso_ms(e.occurred_at_ms),
+                    data: serde_json::to_value(&e.body).ok()?,
+                })
+                .ok()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Accepted {
+        payment: serde_json::to_value(payment).unwrap_or_default(),
+        events,
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms, as the projection formats times.
+fn iso_ms(ms: i64) -> String {
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
+fn command_id(s: &str) -> Result<CommandId> {
+    CommandId::parse(s).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 fn parse_id(id: &str) -> Result<PaymentId> {
@@ -408,12 +478,18 @@ pub async fn get_payment(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let p =
-        found(sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string()).await)?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::to_value(p).unwrap_or_default(),
-    ))
+    let projected = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let body = match projected {
+        Some(p) => serde_json::to_value(p).unwrap_or_default(),
+        // Accepted here and not projected yet: read your writes.
+        None => recent(&state)
+            .accepted(merchant.as_str(), &id.to_string())
+            .map(|a| a.payment.clone())
+            .ok_or_else(ApiError::not_found)?,
+    };
+    Ok(json(StatusCode::OK, &body))
 }
 
 pub async fn payment_events(
@@ -423,8 +499,16 @@ pub async fn payment_events(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let events =
-        found(sinks::query::events(&state.pool, merchant.as_str(), &id.to_string()).await)?;
+    let projected = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let events = match projected {
+        Some(events) => serde_json::to_value(events).unwrap_or_default(),
+        None => recent(&state)
+            .accepted(merchant.as_str(), &id.to_string())
+            .map(|a| serde_json::Value::from(a.events.clone()))
+            .ok_or_else(ApiError::not_found)?,
+    };
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "id": id.to_string(), "events": events }),
@@ -503,11 +587,21 @@ pub async fn list_payments(
     ))
 }
 
+/// The latest creation time a cursor can name: 9999-12-31, in µs since 1970 (PostgreSQL's
+/// timestamps reach further, its intervals of microseconds do not).
+const CURSOR_MAX_US: i64 = 253_402_300_799_999_999;
+
+/// A cursor this API returned: the creation time (µs, from 1970 to 9999) and id of the
+/// last payment of a page. Anything else is the client's error, refused before the
+/// database sees it.
 fn decode_cursor(c: &str) -> Option<(i64, String)> {
     let raw = String::from_utf8(B64URL.decode(c).ok()?).ok()?;
     let (us, id) = raw.split_once(':')?;
     let id = PaymentId::parse(id).ok()?;
-    Some((us.parse().ok()?, id.to_string()))
+    let us: i64 = us.parse().ok()?;
+    (0..=CURSOR_MAX_US)
+        .contains(&us)
+        .then(|| (us, id.to_string()))
 }
 
 pub async fn cancel_payment(
@@ -518,13 +612,25 @@ pub async fn cancel_payment(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let p =
-        found(sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string()).await)?;
-    if Status::parse(&p.status).is_some_and(Status::is_terminal) {
+    let projected = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let status = match projected {
+        Some(p) => p.status,
+        // Accepted here and not projected yet: it is NEW, and can be canceled.
+        None if recent(&state)
+            .accepted(merchant.as_str(), &id.to_string())
+            .is_some() =>
+        {
+            Status::New.as_str().to_owned()
+        }
+        None => return Err(ApiError::not_found()),
+    };
+    if Status::parse(&status).is_some_and(Status::is_terminal) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_terminal",
-            format!("payment is {}; it can no longer be canceled", p.status),
+            format!("payment is {status}; it can no longer be canceled"),
         ));
     }
     let suffix = match idempotency_key {
@@ -555,7 +661,7 @@ pub async fn cancel_payment(
     publish(&state, &cmd).await?;
     Ok(json(
         StatusCode::ACCEPTED,
-        &serde_json::json!({ "id": id.to_string(), "status": p.status, "cancel_requested": true }),
+        &serde_json::json!({ "id": id.to_string(), "status": status, "cancel_requested": true }),
     ))
 }
 

@@ -4,6 +4,8 @@
 //! - [`routes`]: every route, the shared `recover`, request metrics.
 //! - [`handlers`]: what each route does — validate, authenticate, publish a command or
 //!   read the projection.
+//! - [`recent`]: creates this instance accepted and the projection may not hold yet:
+//!   one answer per Idempotency-Key, and reads of a payment just accepted.
 //! - [`auth`]: merchant API keys (hashed, constant-time).
 //! - [`error`]: the one JSON error shape and its stable codes.
 //! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
@@ -15,10 +17,12 @@ pub mod auth;
 pub mod error;
 pub mod handlers;
 pub mod openapi;
+pub mod recent;
 pub mod routes;
 
 use auth::MerchantKey;
 use rdkafka::producer::FutureProducer;
+use recent::RecentCreates;
 use sinks::Pool;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,39 +90,11 @@ impl ApiConfig {
     }
 }
 
-/// Recently accepted creates, `(merchant, key) → request hash`, so a conflicting reuse
-/// of a key is refused with 422 even before the first create reaches the projection.
-#[derive(Default)]
-pub struct RecentKeys {
-    map: HashMap<(String, String), String>,
-    order: std::collections::VecDeque<(String, String)>,
-}
-
-impl RecentKeys {
-    const CAPACITY: usize = 100_000;
-
-    pub fn get(&self, merchant: &str, key: &str) -> Option<&String> {
-        self.map.get(&(merchant.to_owned(), key.to_owned()))
-    }
-
-    pub fn insert(&mut self, merchant: &str, key: &str, hash: &str) {
-        let k = (merchant.to_owned(), key.to_owned());
-        if self.map.insert(k.clone(), hash.to_owned()).is_none() {
-            self.order.push_back(k);
-            while self.order.len() > Self::CAPACITY {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
-            }
-        }
-    }
-}
-
 pub struct ApiState {
     pub cfg: ApiConfig,
     pub producer: FutureProducer,
     pub pool: Pool,
-    pub recent: Mutex<RecentKeys>,
+    pub recent: Mutex<RecentCreates>,
     pub buckets: Buckets,
 }
 
@@ -128,7 +104,7 @@ impl ApiState {
             cfg,
             producer,
             pool,
-            recent: Mutex::new(RecentKeys::default()),
+            recent: Mutex::new(RecentCreates::default()),
             buckets: Buckets::default(),
         })
     }

@@ -302,7 +302,18 @@ pub fn routes(
         .unify()
         .or(openapi)
         .unify();
-    method_guard().and(all).recover(recover).unify()
+    method_guard()
+        .and(all)
+        .recover(recover)
+        .unify()
+        .map(|mut res: Response| {
+            // Every answer: JSON or an error, never content to sniff.
+            res.headers_mut().insert(
+                "x-content-type-options",
+                warp::http::HeaderValue::from_static("nosniff"),
+            );
+            res
+        })
 }
 
 async fn recover(r: Rejection) -> Result<Response, Infallible> {

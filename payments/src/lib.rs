@@ -56,6 +56,22 @@ impl Status {
         }
     }
 
+    /// The one transition rule: a payment begins `NEW`; `NEW → PROCESSING → COMPLETED |
+    /// FAILED`, `NEW → CANCELED`, `PROCESSING → CANCELED`; a terminal state is never left.
+    /// Staying in a state is allowed (events that change something else). The state
+    /// machine emits nothing else, and every checker of histories uses this.
+    pub fn transition_allowed(from: Option<Status>, to: Status) -> bool {
+        use Status::*;
+        match (from, to) {
+            (None, New) => true,
+            (None, _) => false,
+            (Some(a), b) if a == b => true,
+            (Some(New), Processing | Canceled) => true,
+            (Some(Processing), Completed | Failed | Canceled) => true,
+            _ => false,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Status> {
         Some(match s {
             "NEW" => Status::New,

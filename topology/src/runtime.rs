@@ -460,7 +460,13 @@ fn spawn_task(
             };
             if stale.is_some() || behind_log || behind_group {
                 let restored = tokio::task::block_in_place(|| {
-                    restore_from_changelog(&store, settings, &changelog, partition, (low, high))
+                    restore_from_changelog(
+                        &store,
+                        (&settings.brokers, &settings.kafka),
+                        &changelog,
+                        partition,
+                        (low, high),
+                    )
                 })?;
                 tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
                 unfinished = restored.unfinished;
@@ -677,12 +683,12 @@ fn changelog_value(v: &Option<Vec<u8>>) -> Option<Vec<u8>> {
 /// Returns the keys of an unfinished batch at the end, left out.
 fn restore_from_changelog(
     store: &PartitionStore,
-    settings: &WorkerSettings,
+    (brokers, kafka): (&str, &[(String, String)]),
     changelog: &str,
     partition: i32,
     (low, high): (i64, i64),
 ) -> anyhow::Result<stores::Restored> {
-    let mut cfg = client_config(&settings.brokers, &settings.kafka);
+    let mut cfg = client_config(brokers, kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -732,6 +738,25 @@ fn restore_from_changelog(
             return Ok(restore.finish(high)?);
         }
     }
+}
+
+/// Rebuilds `store` from partition `partition` of `changelog` exactly as a worker does
+/// when it takes the partition over without a current local copy: for tools that
+/// measure restores without disturbing a running worker (`make soak`).
+pub fn restore_partition(
+    store: &PartitionStore,
+    brokers: &str,
+    kafka: &[(String, String)],
+    changelog: &str,
+    partition: i32,
+) -> anyhow::Result<stores::Restored> {
+    let consumer: BaseConsumer = client_config(brokers, kafka)
+        .create()
+        .context("creating a consumer to read the changelog's extent")?;
+    let extent = consumer
+        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+        .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
+    restore_from_changelog(store, (brokers, kafka), changelog, partition, extent)
 }
 
 /// Fails fast, with what to do, when a source's changelog topic is missing or has fewer

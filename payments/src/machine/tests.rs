@@ -93,15 +93,37 @@ fn run(cmds: &[Command], policy: &Policy, dedup: bool) -> (Vec<Event>, Option<Pa
     (events, state)
 }
 
+/// The domain's one transition rule; `None → None` (a rejected create) stays allowed.
 fn allowed(from: Option<Status>, to: Option<Status>) -> bool {
-    use Status::*;
-    match (from, to) {
-        (a, b) if a == b => true,
-        (None, Some(New)) => true,
-        (Some(New), Some(Processing | Canceled)) => true,
-        (Some(Processing), Some(Completed | Failed | Canceled)) => true,
-        _ => false,
+    match to {
+        None => from.is_none(),
+        Some(to) => Status::transition_allowed(from, to),
     }
+}
+
+#[test]
+fn the_transition_rule_is_the_documented_one() {
+    use Status::*;
+    let all = [New, Processing, Completed, Failed, Canceled];
+    let mut allowed = Vec::new();
+    for from in std::iter::once(None).chain(all.map(Some)) {
+        for to in all {
+            if Status::transition_allowed(from, to) && from != Some(to) {
+                allowed.push((from, to));
+            }
+        }
+    }
+    assert_eq!(
+        allowed,
+        vec![
+            (None, New),
+            (Some(New), Processing),
+            (Some(New), Canceled),
+            (Some(Processing), Completed),
+            (Some(Processing), Failed),
+            (Some(Processing), Canceled),
+        ]
+    );
 }
 
 /// A policy whose creates wait for the dispatch timer.

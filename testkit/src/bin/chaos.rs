@@ -217,19 +217,6 @@ async fn inject(
     Ok(())
 }
 
-/// Whether a payment may move from `from` to `to`.
-fn legal(from: Option<Status>, to: Status) -> bool {
-    match (from, to) {
-        (None, Status::New) => true,
-        (None, _) => false,
-        (Some(a), b) if a == b => true,
-        (Some(a), _) if a.is_terminal() => false,
-        (Some(Status::New), _) => true,
-        (Some(Status::Processing), b) => b != Status::New,
-        _ => false,
-    }
-}
-
 #[derive(Default, Debug)]
 struct Verdict {
     terminal: usize,
@@ -313,7 +300,7 @@ async fn verify(
                 .map(|s: &payments::machine::PaymentState| s.status);
             state = evolve(state, e);
             if let Some(s) = &state {
-                if !legal(from, s.status) {
+                if !Status::transition_allowed(from, s.status) {
                     v.illegal += 1;
                 }
             }

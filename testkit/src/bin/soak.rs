@@ -6,16 +6,25 @@
 //! Every minute it prints, for the worker processes together: resident memory, the size
 //! of their stores on disk, and the payments, dedup records and timers their stores hold
 //! (the workers' `gateway_store_keys`). At the end of the warm-up third and after the
-//! load it kills one worker and starts it on an empty disk, and measures how long its
-//! partitions take to restore from the changelog. Then it checks, like `make chaos`,
-//! that every accepted payment is terminal and none was charged twice, and prints:
+//! load it restores every partition's store from the changelog into a scratch directory
+//! with the worker's own restore (so the running workers are not disturbed) and times
+//! it; after the load it also kills one worker, starts it on an empty disk and reads how
+//! long its partitions took to restore. Then it checks, like `make chaos`, that every
+//! accepted payment is terminal and none was charged twice, and prints:
 //!
 //!   soak: minutes=<m> payments=<n> rate=<r>/s rss_mb_start=.. rss_mb_end=..
 //!   rss_slope_mb_per_h=.. store_mb_start=.. store_mb_end=.. store_slope_mb_per_h=..
 //!   live_payments=.. restore_s=.. lost=0 double_charged=0
 //!
-//! where start is the end of the warm-up third and the slopes are least-squares fits
-//! over the last two thirds. It exits non-zero if a payment was lost or charged twice.
+//! where start is the end of the warm-up third, the slopes are least-squares fits over
+//! the last two thirds and `restore_s` is the scratch restore after the load (the one
+//! after warm-up is on the detail line, beside the killed worker's). It exits non-zero
+//! if a payment was lost or charged twice.
+//!
+//! The mock cluster keeps only the last 5 MB of each partition and does not compact: the
+//! defaults (12 partitions, 400 payments/s, a 3-minute retention) keep a partition's
+//! window of the changelog longer than the retention, so a restore holds every payment
+//! still kept.
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -36,17 +45,20 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     minutes: u64,
     /// Payments per second (about half of this machine's `make bench` maximum).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 400.0)]
     rate: f64,
     /// How long a finished payment stays in the stores (the source topic's retention,
     /// the dedup records' and the provider's longest webhook delay are set to half of it).
-    #[arg(long, default_value = "5m")]
+    #[arg(long, default_value = "3m")]
     retention: String,
     /// Seconds between two samples.
     #[arg(long, default_value_t = 60)]
     sample_s: u64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 12)]
     partitions: i32,
+    /// sled's page cache per partition store of the workers, in MiB.
+    #[arg(long, default_value_t = 8)]
+    store_cache_mb: u64,
     /// Keep the processes' logs even when the run passes.
     #[arg(long)]
     keep_logs: bool,
@@ -112,6 +124,30 @@ async fn metrics(http: &reqwest::Client, ops: &str) -> String {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
+}
+
+/// Restores every partition's store from the changelog into `dir` with the worker's own
+/// restore, one partition after another, as a worker on an empty disk would; returns the
+/// seconds it took and the records applied.
+async fn restore_probe(
+    brokers: String,
+    app: String,
+    changelog: String,
+    partitions: i32,
+    dir: PathBuf,
+) -> anyhow::Result<(f64, usize)> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut applied = 0;
+        for p in 0..partitions {
+            let store = stores::PartitionStore::open_with_cache(&dir, &app, "probe", p, 8 << 20)?;
+            applied +=
+                topology::runtime::restore_partition(&store, &brokers, &[], &changelog, p)?.applied;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((started.elapsed().as_secs_f64(), applied))
+    })
+    .await?
 }
 
 /// Least-squares slope of `y` over `x`.
@@ -253,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);
+    let app = topology.application_id.clone();
     for t in [&commands, &events, &dlq, &changelog] {
         kafka.create_topic(t, a.partitions).await?;
     }
@@ -340,7 +377,7 @@ async fn main() -> anyhow::Result<()> {
             "--provider-url",
             &format!("http://{sim_addr}"),
             "--store-cache-mb",
-            "16",
+            &a.store_cache_mb.to_string(),
         ]),
         root: root.clone(),
         restarts: 0,
@@ -420,7 +457,7 @@ async fn main() -> anyhow::Result<()> {
     // Samples, and a restore at the end of the warm-up third.
     let mut samples: Vec<Sample> = Vec::new();
     let warm_up = Duration::from_secs(a.minutes * 60 / 3);
-    let mut restore_warm: Option<(f64, f64)> = None;
+    let mut restore_warm: Option<(f64, usize)> = None;
     let mut next = started + Duration::from_secs(a.sample_s);
     println!("soak: minute  sent  rss_mb  store_mb  payments  dedup  timers  outbox");
     while !load_task.is_finished() {
@@ -444,19 +481,38 @@ async fn main() -> anyhow::Result<()> {
         );
         samples.push(s);
         if restore_warm.is_none() && started.elapsed() >= warm_up {
-            let r = workers.restore(0, &http).await?;
+            let r = restore_probe(
+                kafka.brokers().to_owned(),
+                app.clone(),
+                changelog.clone(),
+                a.partitions,
+                root.join("probe-warm"),
+            )
+            .await?;
             println!(
-                "soak: restore after warm-up: {:.2} s over {} partitions",
+                "soak: restore of every partition after warm-up: {:.2} s, {} records",
                 r.0, r.1
             );
             restore_warm = Some(r);
         }
     }
     let load_s = load_task.await?.as_secs_f64();
-    let restore_end = workers.restore(1, &http).await?;
+    let restore_end = restore_probe(
+        kafka.brokers().to_owned(),
+        app.clone(),
+        changelog.clone(),
+        a.partitions,
+        root.join("probe-end"),
+    )
+    .await?;
     println!(
-        "soak: restore at the end: {:.2} s over {} partitions",
+        "soak: restore of every partition at the end: {:.2} s, {} records",
         restore_end.0, restore_end.1
+    );
+    let killed = workers.restore(1, &http).await?;
+    println!(
+        "soak: worker-1 killed and started on an empty disk: its {} partitions restored in {:.2} s",
+        killed.1, killed.0
     );
 
     // Drain and verify: every accepted payment terminal, none charged twice.
@@ -510,10 +566,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let live = steady.iter().map(|s| s.payments).sum::<f64>() / steady.len().max(1) as f64;
     println!(
-        "soak: detail load_s={load_s:.0} accepted={} refused={refused} restore_warm_s={:.2} restore_end_s={:.2} dedup_end={:.0} timers_end={:.0} logs={}",
+        "soak: detail load_s={load_s:.0} accepted={} refused={refused} restore_warm_s={:.2} restore_warm_records={} restore_end_records={} killed_worker_restore_s={:.2} dedup_end={:.0} timers_end={:.0} logs={}",
         accepted.len(),
         restore_warm.map_or(f64::NAN, |r| r.0),
-        restore_end.0,
+        restore_warm.map_or(0, |r| r.1),
+        restore_end.1,
+        killed.0,
         last.dedup,
         last.timers,
         root.display()

@@ -388,6 +388,19 @@ impl PaymentStateMachine {
                 span.record("decision", "reject");
                 METRICS.rejected.with_label_values(&[r.code]).inc();
                 tracing::warn!(payment_id = %cmd.payment_id, command = kind, command_id = %cmd.command_id, code = r.code, message = %r.message, "command rejected");
+                if let CommandBody::Create(_) = cmd.body {
+                    // A create the API answered 202 that will not be carried out (a
+                    // conflicting reuse of its key across API instances): on record,
+                    // where an operator and the merchant's support can find it.
+                    METRICS.dlq_messages.with_label_values(&[r.code]).inc();
+                    let dl = ctx.dead_letter(
+                        r.code,
+                        r.message.clone(),
+                        Some(cmd.payment_id.to_string()),
+                        serde_json::to_string(cmd).ok(),
+                    );
+                    ctx.forward(Record::DeadLetter(dl));
+                }
             }
         }
         Ok(())
