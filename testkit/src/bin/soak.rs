@@ -5,11 +5,11 @@
 //!
 //! Every minute it prints, for the worker processes together: resident memory, the size
 //! of their stores on disk, and the payments, dedup records and timers their stores hold
-//! (the workers' `gateway_store_keys`). At the end of the warm-up third and after the
-//! load it restores every partition's store from the changelog into a scratch directory
-//! with the worker's own restore (so the running workers are not disturbed) and times
-//! it; after the load it also kills one worker, starts it on an empty disk and reads how
-//! long its partitions took to restore. Then it checks, like `make chaos`, that every
+//! (the workers' `gateway_store_keys`). At the end of the warm-up third and in the
+//! load's last minutes it restores a partition's store from the changelog into a scratch
+//! directory with the worker's own restore (so the running workers keep their stores)
+//! and times it, under the same load both times; after the load it also kills one
+//! worker, starts it on an empty disk and reads how long its partitions took to restore. Then it checks, like `make chaos`, that every
 //! accepted payment is terminal and none was charged twice, and prints:
 //!
 //!   soak: minutes=<m> payments=<n> rate=<r>/s rss_mb_start=.. rss_mb_end=..
@@ -17,8 +17,8 @@
 //!   live_payments=.. restore_s=.. lost=0 double_charged=0
 //!
 //! where start is the end of the warm-up third, the slopes are least-squares fits over
-//! the last two thirds and `restore_s` is the scratch restore after the load (the one
-//! after warm-up is on the detail line, beside the killed worker's). It exits non-zero
+//! the last two thirds and `restore_s` is the scratch restore at the end of the load (the
+//! one after warm-up is on the detail line, beside the killed worker's). It exits non-zero
 //! if a payment was lost or charged twice.
 //!
 //! The mock cluster keeps only the last 5 MB of each partition and does not compact: the
@@ -56,6 +56,9 @@ struct Args {
     sample_s: u64,
     #[arg(long, default_value_t = 12)]
     partitions: i32,
+    /// Partitions whose stores the restore probes rebuild (from partition 0 on).
+    #[arg(long, default_value_t = 1)]
+    probe_partitions: i32,
     /// sled's page cache per partition store of the workers, in MiB.
     #[arg(long, default_value_t = 8)]
     store_cache_mb: u64,
@@ -126,9 +129,9 @@ async fn metrics(http: &reqwest::Client, ops: &str) -> String {
     }
 }
 
-/// Restores every partition's store from the changelog into `dir` with the worker's own
-/// restore, one partition after another, as a worker on an empty disk would; returns the
-/// seconds it took and the records applied.
+/// Restores the stores of the first `partitions` partitions from the changelog into
+/// `dir` with the worker's own restore, one after another, as a worker on an empty disk
+/// would; returns the seconds it took and the records applied.
 async fn restore_probe(
     brokers: String,
     app: String,
@@ -248,8 +251,13 @@ impl Workers {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(
-        a.minutes >= 3 && a.rate > 0.0 && a.rate.is_finite() && a.sample_s > 0 && a.partitions > 0,
-        "--minutes (at least 3), --rate, --sample-s and --partitions must be positive"
+        a.minutes >= 3
+            && a.rate > 0.0
+            && a.rate.is_finite()
+            && a.sample_s > 0
+            && a.partitions > 0
+            && (1..=a.partitions).contains(&a.probe_partitions),
+        "--minutes (at least 3), --rate, --sample-s and --partitions must be positive, --probe-partitions from 1 to --partitions"
     );
     let retention = topology::config::Span::try_from(a.retention.clone())
         .map_err(|e| anyhow::anyhow!("--retention: {e}"))?;
@@ -458,6 +466,8 @@ async fn main() -> anyhow::Result<()> {
     let mut samples: Vec<Sample> = Vec::new();
     let warm_up = Duration::from_secs(a.minutes * 60 / 3);
     let mut restore_warm: Option<(f64, usize)> = None;
+    let mut restore_end: Option<(f64, usize)> = None;
+    let run = Duration::from_secs(a.minutes * 60);
     let mut next = started + Duration::from_secs(a.sample_s);
     println!("soak: minute  sent  rss_mb  store_mb  payments  dedup  timers  outbox");
     while !load_task.is_finished() {
@@ -480,35 +490,36 @@ async fn main() -> anyhow::Result<()> {
             s.at_min, s.sent, s.rss_mb, s.store_mb, s.payments, s.dedup, s.timers, s.outbox
         );
         samples.push(s);
-        if restore_warm.is_none() && started.elapsed() >= warm_up {
+        // The same restore, under the same load, after warm-up and in the load's last
+        // minutes: comparable figures.
+        let probe_due = if restore_warm.is_none() {
+            started.elapsed() >= warm_up
+        } else {
+            restore_end.is_none()
+                && started.elapsed() >= warm_up * 2
+                && started.elapsed() + Duration::from_secs(150) >= run
+        };
+        if probe_due {
             let r = restore_probe(
                 kafka.brokers().to_owned(),
                 app.clone(),
                 changelog.clone(),
-                a.partitions,
-                root.join("probe-warm"),
+                a.probe_partitions,
+                root.join(format!("probe-{}", samples.len())),
             )
             .await?;
             println!(
-                "soak: restore of every partition after warm-up: {:.2} s, {} records",
-                r.0, r.1
+                "soak: restore of {} partition(s) under load: {:.2} s, {} records",
+                a.probe_partitions, r.0, r.1
             );
-            restore_warm = Some(r);
+            match restore_warm {
+                None => restore_warm = Some(r),
+                Some(_) => restore_end = Some(r),
+            }
         }
     }
     let load_s = load_task.await?.as_secs_f64();
-    let restore_end = restore_probe(
-        kafka.brokers().to_owned(),
-        app.clone(),
-        changelog.clone(),
-        a.partitions,
-        root.join("probe-end"),
-    )
-    .await?;
-    println!(
-        "soak: restore of every partition at the end: {:.2} s, {} records",
-        restore_end.0, restore_end.1
-    );
+    let restore_end = restore_end.unwrap_or((f64::NAN, 0));
     let killed = workers.restore(1, &http).await?;
     println!(
         "soak: worker-1 killed and started on an empty disk: its {} partitions restored in {:.2} s",
