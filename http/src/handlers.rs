@@ -435,8 +435,8 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
         _ => Vec::new(),
     };
     Accepted {
-        payment: serde_json::to_value(payment).unwrap_or_default(),
-        events,
+        payment: serde_json::to_string(&payment).unwrap_or_default().into(),
+        events: serde_json::Value::from(events).to_string().into(),
     }
 }
 
@@ -486,7 +486,7 @@ pub async fn get_payment(
         // Accepted here and not projected yet: read your writes.
         None => recent(&state)
             .accepted(merchant.as_str(), &id.to_string())
-            .map(|a| a.payment.clone())
+            .and_then(|a| serde_json::from_str(&a.payment).ok())
             .ok_or_else(ApiError::not_found)?,
     };
     Ok(json(StatusCode::OK, &body))
@@ -506,7 +506,7 @@ pub async fn payment_events(
         Some(events) => serde_json::to_value(events).unwrap_or_default(),
         None => recent(&state)
             .accepted(merchant.as_str(), &id.to_string())
-            .map(|a| serde_json::Value::from(a.events.clone()))
+            .and_then(|a| serde_json::from_str(&a.events).ok())
             .ok_or_else(ApiError::not_found)?,
     };
     Ok(json(
