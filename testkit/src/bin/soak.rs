@@ -473,6 +473,10 @@ async fn main() -> anyhow::Result<()> {
     while !load_task.is_finished() {
         tokio::time::sleep_until(next.into()).await;
         next += Duration::from_secs(a.sample_s);
+        if load_task.is_finished() {
+            // The steady state is the load's: a sample after it would bend the fits.
+            break;
+        }
         for p in std::iter::once(&mut api)
             .chain(std::iter::once(&mut sink))
             .chain(workers.procs.iter_mut())
