@@ -180,14 +180,9 @@ pub async fn run_sink(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let pool = sinks::connect(common.database_url()?, 4)?;
-    let settings = sinks::runner::SinkSettings {
-        brokers: common.brokers.clone(),
-        group_id: group_id.to_owned(),
-        topics: common.sink_topics()?,
-        max_batch: 1000,
-        max_wait: Duration::from_millis(20),
-        kafka: common.kafka.clone(),
-    };
+    let mut settings =
+        sinks::runner::SinkSettings::new(&common.brokers, group_id, common.sink_topics()?);
+    settings.kafka = common.kafka.clone();
     sinks::runner::run_sink(pool, settings, shutdown).await
 }
 

@@ -96,7 +96,7 @@ struct WorkerArgs {
     #[arg(long, env = "PROVIDER_URL", default_value = "http://127.0.0.1:9090")]
     provider_url: String,
     /// Per-request timeout of provider calls (keep below the topology's reply_timeout_ms).
-    #[arg(long, env = "PROVIDER_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(long, env = "PROVIDER_TIMEOUT_MS", default_value_t = topology::runtime::DEFAULT_PROVIDER_TIMEOUT_MS)]
     provider_timeout_ms: u64,
     /// sled's page cache per partition store, in MiB (a worker holds about this much per
     /// partition it owns, besides sled's bookkeeping of what the stores hold).

@@ -6,8 +6,9 @@ use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
-use testkit::client::{assert_gap_free, projected_events, topic_events, wait_all_terminal, Api};
+use testkit::client::{projected_events, topic_events, wait_all_terminal, Api};
 use testkit::stack::{Stack, StackOptions, DEMO_KEY, OTHER_KEY, WEBHOOK_SECRET};
+use testkit::verify::assert_gap_free;
 
 const TERMINAL: &[&str] = &["COMPLETED", "FAILED", "CANCELED"];
 
@@ -41,23 +42,9 @@ async fn create_many(
 /// The provider ledger agrees with the projection: at most one capture per payment, and
 /// exactly the COMPLETED payments were captured.
 fn check_ledger(stack: &Stack, statuses: &HashMap<String, String>) {
-    let ledger = stack.sim.ledger();
-    let by_ref: HashMap<&str, &simulator::Charge> = ledger
-        .charges
-        .iter()
-        .map(|c| (c.reference.as_str(), c))
-        .collect();
-    for c in &ledger.charges {
-        assert!(c.captures <= 1, "charged twice: {c:?}");
-    }
-    for (id, status) in statuses {
-        let captured = by_ref.get(id.as_str()).map_or(0, |c| c.captures);
-        assert_eq!(
-            captured == 1,
-            status == "COMPLETED",
-            "payment {id} is {status} but the provider captured {captured} times"
-        );
-    }
+    testkit::verify::ledger(&stack.sim.ledger(), statuses)
+        .ensure_clean()
+        .unwrap();
 }
 
 /// The projection's history equals the events topic, gap-free; returns (events, records on the topic).
@@ -1185,10 +1172,11 @@ async fn workers_on_fresh_disks_restore_their_stores_from_the_changelog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_amount_limit_configured_in_the_topology_fails_payments_over_it() {
     let opts = StackOptions {
-        topology_edits: vec![(
-            "params = { max_minor_units = 100000000 }".into(),
-            "params = { max_minor_units = 100000000, per_currency = { JPY = 5000 } }".into(),
-        )],
+        edit_topology: Some(|t| {
+            let limits = testkit::stack::component(&mut t.processors, "limits").unwrap();
+            let jpy: toml::Table = toml::from_str("JPY = 5000").unwrap();
+            testkit::stack::set_param(limits, "per_currency", toml::Value::Table(jpy)).unwrap();
+        }),
         ..StackOptions::default()
     };
     let stack = Stack::start(opts).await.unwrap();

@@ -2,22 +2,28 @@
 //!
 //! Layout:
 //! - [`routes`]: every route, the shared `recover`, request metrics.
-//! - [`handlers`]: what each route does — validate, authenticate, publish a command or
-//!   read the projection.
+//! - [`payments`], [`callbacks`], [`health`]: what each route does, one file per
+//!   resource — validate, authenticate, publish a command or read the projection.
+//! - [`commands`]: `publish`, the API's only write path.
+//! - [`request`]: what the handlers share (the merchant, JSON bodies, identifiers).
 //! - [`recent`]: creates this instance accepted and the projection may not hold yet:
 //!   one answer per Idempotency-Key, and reads of a payment just accepted.
 //! - [`auth`]: merchant API keys (hashed, constant-time).
-//! - [`error`]: the one JSON error shape and its stable codes.
+//! - [`error`]: the one JSON error shape and the catalogue of its codes.
 //! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
 //!
 //! The API **never changes payment state**: writes become commands on Kafka, reads come
 //! from the PostgreSQL projection.
 
 pub mod auth;
+pub mod callbacks;
+pub mod commands;
 pub mod error;
-pub mod handlers;
+pub mod health;
 pub mod openapi;
+pub mod payments;
 pub mod recent;
+pub mod request;
 pub mod routes;
 
 use auth::MerchantKey;

@@ -1,6 +1,7 @@
 //! The OpenAPI 3 description of the API, served at `GET /openapi.json`. A test checks it
 //! against the router: every documented operation exists, and every route is documented.
 
+use crate::error::ErrorCode;
 use serde_json::{json, Value};
 
 /// Every operation of the API: (method, path template).
@@ -20,10 +21,19 @@ fn error_response(description: &str) -> Value {
     json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
 }
 
-fn errors(codes: &[(&str, &str)]) -> serde_json::Map<String, Value> {
-    codes
-        .iter()
-        .map(|(status, d)| (status.to_string(), error_response(d)))
+/// The error responses of an operation, one per status, each describing its codes from
+/// the catalogue.
+fn errors(codes: &[ErrorCode]) -> serde_json::Map<String, Value> {
+    let mut by_status: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    for c in codes {
+        by_status
+            .entry(c.status().as_u16())
+            .or_default()
+            .push(format!("{} (`{}`)", c.doc(), c.as_str()));
+    }
+    by_status
+        .into_iter()
+        .map(|(status, d)| (status.to_string(), error_response(&d.join("; "))))
         .collect()
 }
 
@@ -38,17 +48,13 @@ fn json_body(schema: &str, description: &str) -> Value {
 
 pub fn document() -> Value {
     let id_param = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^pay_[0-9a-f]{32}$" } });
-    let auth_errors = [
-        ("401", "missing or unknown API key (`unauthorized`)"),
-        (
-            "503",
-            "a dependency is unavailable (`unavailable`); retry after `Retry-After`",
-        ),
-        (
-            "429",
-            "over the merchant's rate limit (`rate_limited`); retry after `Retry-After`",
-        ),
-    ];
+    use ErrorCode::*;
+    // Every authenticated operation can answer these.
+    let auth = [Unauthorized, Unavailable, RateLimited];
+    let and_auth = |codes: &[ErrorCode]| -> Vec<ErrorCode> {
+        codes.iter().chain(auth.iter()).copied().collect()
+    };
+    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -64,14 +70,11 @@ pub fn document() -> Value {
                     "summary": "Accept a payment (processed asynchronously)",
                     "parameters": [{ "name": "Idempotency-Key", "in": "header", "required": true, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
                     "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreatePayment" } } } },
-                    "responses": with(errors(&[
-                        ("400", "invalid body or Idempotency-Key (`invalid_json`, `invalid_request`, `missing_idempotency_key`, `invalid_idempotency_key`, `card_data_rejected`)"),
-                        ("408", "the body did not arrive within 10 s (`request_timeout`)"),
-                        ("413", "body over 16 KiB (`payload_too_large`)"),
-                        ("415", "not JSON (`unsupported_media_type`)"),
-                        ("422", "the Idempotency-Key was used with another body (`idempotency_key_reused`)"),
-                        auth_errors[0], auth_errors[1], auth_errors[2],
-                    ]), ("202", json_body("Accepted", "accepted; the same key and body replay this answer"))),
+                    "responses": with(errors(&and_auth(&[
+                        InvalidJson, InvalidRequest, MissingIdempotencyKey, InvalidIdempotencyKey,
+                        CardDataRejected, RequestTimeout, PayloadTooLarge, UnsupportedMediaType,
+                        IdempotencyKeyReused,
+                    ])), ("202", json_body("Accepted", "accepted; the same key and body replay this answer"))),
                 },
                 "get": {
                     "operationId": "listPayments",
@@ -83,26 +86,23 @@ pub fn document() -> Value {
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
                         { "name": "cursor", "in": "query", "description": "opaque: the `next_cursor` of a previous page", "schema": { "type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$" } }
                     ],
-                    "responses": with(errors(&[("400", "invalid filter or cursor (`invalid_request`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("PaymentList", "a page"))),
+                    "responses": with(errors(&and_auth(&[InvalidRequest])), ("200", json_body("PaymentList", "a page"))),
                 }
             },
             "/v1/payments/{id}": { "get": {
                 "operationId": "getPayment", "summary": "A payment's current state", "parameters": [id_param.clone()],
-                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("Payment", "the payment"))),
+                "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("Payment", "the payment"))),
             }},
             "/v1/payments/{id}/events": { "get": {
                 "operationId": "getPaymentEvents", "summary": "A payment's history, in order", "parameters": [id_param.clone()],
-                "responses": with(errors(&[("404", "no such payment for this merchant (`payment_not_found`)"), auth_errors[0], auth_errors[1], auth_errors[2]]), ("200", json_body("History", "the events"))),
+                "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("History", "the events"))),
             }},
             "/v1/payments/{id}/cancel": { "post": {
                 "operationId": "cancelPayment", "summary": "Ask to cancel a payment (NEW: at once; PROCESSING: when the provider confirms)",
                 "parameters": [id_param, { "name": "Idempotency-Key", "in": "header", "required": false, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
-                "responses": with(errors(&[
-                    ("400", "invalid Idempotency-Key (`invalid_idempotency_key`)"),
-                    ("404", "no such payment for this merchant (`payment_not_found`)"),
-                    ("409", "the payment is already terminal (`already_terminal`)"),
-                    auth_errors[0], auth_errors[1], auth_errors[2],
-                ]), ("202", json_body("CancelAccepted", "cancel requested"))),
+                "responses": with(errors(&and_auth(&[
+                    InvalidIdempotencyKey, PaymentNotFound, AlreadyTerminal,
+                ])), ("202", json_body("CancelAccepted", "cancel requested"))),
             }},
             "/v1/callbacks/{provider}": { "post": {
                 "operationId": "providerWebhook", "summary": "Signed provider webhook (Standard Webhooks)", "security": [],
@@ -114,16 +114,12 @@ pub fn document() -> Value {
                 ],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
                 "responses": with(errors(&[
-                    ("400", "malformed webhook (`invalid_webhook`)"),
-                    ("401", "bad, missing, stale or future signature (`invalid_signature`)"),
-                    ("404", "unknown provider (`unknown_provider`)"),
-                    ("408", "the body did not arrive within 10 s (`request_timeout`)"),
-                    ("413", "body over 64 KiB (`payload_too_large`)"),
-                    ("503", "could not be queued; the provider should resend (`unavailable`)"),
+                    InvalidWebhook, InvalidSignature, UnknownProvider, RequestTimeout, PayloadTooLarge,
+                    Unavailable,
                 ]), ("204", json!({ "description": "accepted (or an event type that needs no action)" }))),
             }},
             "/health/live": { "get": { "operationId": "live", "security": [], "responses": { "200": { "description": "the process runs" } } } },
-            "/health/ready": { "get": { "operationId": "ready", "security": [], "responses": with(errors(&[("503", "PostgreSQL or Kafka unreachable (`unavailable`)")]), ("200", json!({ "description": "ready" }))) } },
+            "/health/ready": { "get": { "operationId": "ready", "security": [], "responses": with(errors(&[Unavailable]), ("200", json!({ "description": "ready" }))) } },
             "/openapi.json": { "get": { "operationId": "openapi", "security": [], "responses": { "200": { "description": "this document", "content": { "application/json": { "schema": { "type": "object" } } } } } } }
         },
         "components": {
@@ -131,7 +127,7 @@ pub fn document() -> Value {
             "schemas": {
                 "Status": { "type": "string", "enum": ["NEW", "PROCESSING", "COMPLETED", "FAILED", "CANCELED"] },
                 "Currency": { "type": "string", "description": "active ISO 4217 code", "enum": payments::Currency::codes() },
-                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } } } },
                 "CreatePayment": {
                     "type": "object", "additionalProperties": false, "required": ["amount", "currency"],
                     "properties": {

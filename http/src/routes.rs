@@ -1,16 +1,16 @@
 //! Every route of the API, request metrics by route template, and the shared `recover`
 //! that gives warp's own rejections the one error shape.
 
-use crate::error::ApiError;
-use crate::handlers::{self, WebhookHeaders};
+use crate::callbacks::{self, WebhookHeaders};
+use crate::error::{ApiError, ErrorCode};
 use crate::ApiState;
+use crate::{health, payments, request};
 use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 use tracing::Instrument;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -48,7 +48,7 @@ async fn timed(
     route: &'static str,
     method: &'static str,
     traceparent: Option<String>,
-    f: impl Future<Output = handlers::Result<Response>>,
+    f: impl Future<Output = request::Result<Response>>,
 ) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!(
@@ -103,8 +103,7 @@ where
     use futures::StreamExt;
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("the request body exceeds {max} bytes"),
         )
     };
@@ -120,8 +119,7 @@ where
             .await
             .map_err(|_| {
                 ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
+                    ErrorCode::RequestTimeout,
                     format!(
                         "the request body did not arrive within {} s",
                         BODY_TIMEOUT.as_secs()
@@ -201,16 +199,16 @@ pub fn routes(
                 "/v1/payments",
                 "POST",
                 tp,
-                handlers::create_payment(s, a, k, ct, b),
+                payments::create_payment(s, a, k, ct, b),
             )
         });
     let list = warp::path!("v1" / "payments")
         .and(warp::get())
         .and(st.clone())
-        .and(warp::query::<handlers::ListQuery>())
+        .and(warp::query::<payments::ListQuery>())
         .and(auth)
         .and(traceparent())
-        .then(|s, q, a, tp| timed("/v1/payments", "GET", tp, handlers::list_payments(s, q, a)));
+        .then(|s, q, a, tp| timed("/v1/payments", "GET", tp, payments::list_payments(s, q, a)));
     let get = warp::path!("v1" / "payments" / String)
         .and(warp::get())
         .and(st.clone())
@@ -221,7 +219,7 @@ pub fn routes(
                 "/v1/payments/{id}",
                 "GET",
                 tp,
-                handlers::get_payment(s, id, a),
+                payments::get_payment(s, id, a),
             )
         });
     let events = warp::path!("v1" / "payments" / String / "events")
@@ -234,7 +232,7 @@ pub fn routes(
                 "/v1/payments/{id}/events",
                 "GET",
                 tp,
-                handlers::payment_events(s, id, a),
+                payments::payment_events(s, id, a),
             )
         });
     let cancel = warp::path!("v1" / "payments" / String / "cancel")
@@ -248,7 +246,7 @@ pub fn routes(
                 "/v1/payments/{id}/cancel",
                 "POST",
                 tp,
-                handlers::cancel_payment(s, id, a, k),
+                payments::cancel_payment(s, id, a, k),
             )
         });
     let callback = warp::path!("v1" / "callbacks" / String)
@@ -269,7 +267,7 @@ pub fn routes(
                 "/v1/callbacks/{provider}",
                 "POST",
                 tp,
-                handlers::callback(s, p, h, b),
+                callbacks::callback(s, p, h, b),
             )
         });
     let live = warp::path!("health" / "live").and(warp::get()).then(|| {
@@ -280,7 +278,7 @@ pub fn routes(
     let ready = warp::path!("health" / "ready")
         .and(warp::get())
         .and(st.clone())
-        .then(|s| timed("/health/ready", "GET", None, handlers::ready(s)));
+        .then(|s| timed("/health/ready", "GET", None, health::ready(s)));
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| warp::reply::json(&crate::openapi::document()).into_response());
@@ -319,8 +317,7 @@ pub fn routes(
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
     if let Some(w) = r.find::<WrongMethod>() {
         let mut res = ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             format!("this route serves {}", w.allow),
         )
         .into_response();
@@ -334,38 +331,25 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
         return Ok(res);
     }
     let e = if r.is_not_found() {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route; see /openapi.json",
-        )
+        ApiError::new(ErrorCode::NotFound, "no such route; see /openapi.json")
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is too large",
-        )
+        ApiError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
     } else if r.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length header",
-        )
+        ApiError::new(ErrorCode::LengthRequired, "send a Content-Length header")
     } else if let Some(q) = r.find::<warp::reject::InvalidQuery>() {
         ApiError::invalid(format!("query string: {q}"))
     } else if let Some(h) = r.find::<warp::reject::InvalidHeader>() {
         ApiError::invalid(format!("{h}"))
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "this route does not take that method",
         )
     } else {
         tracing::debug!(rejection = ?r, "unhandled rejection");
         ApiError::invalid("the request could not be understood")
     };
-    let status = e.status.as_u16().to_string();
+    let status = e.status().as_u16().to_string();
     METRICS
         .requests
         .with_label_values(&["unmatched", "any", &status])

@@ -17,13 +17,6 @@ pub struct Event {
     pub body: EventBody,
 }
 
-impl Event {
-    /// Globally unique, deterministic id: `<payment_id>:<seq>`.
-    pub fn event_id(&self) -> String {
-        format!("{}:{}", self.payment_id, self.seq)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {

@@ -7,6 +7,7 @@
 //! - [`event`]: what happened to a payment; every event carries `(payment_id, seq)`.
 //! - [`machine`]: the state machine, `decide(state, command) -> Decision`, and `evolve`.
 //! - [`wire`]: the JSON encoding used on Kafka topics (versioned envelopes).
+//! - [`retry`]: the delays of exponential back-off.
 //! - [`webhook`]: Standard Webhooks signatures (sign and verify), shared by the provider
 //!   simulator and the callback endpoint.
 //!
@@ -18,6 +19,7 @@ pub mod event;
 pub mod ids;
 pub mod machine;
 pub mod money;
+pub mod retry;
 pub mod webhook;
 pub mod wire;
 

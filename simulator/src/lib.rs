@@ -14,6 +14,7 @@
 //! outcomes are delivered as Standard-Webhooks-signed webhooks, optionally duplicated and
 //! delayed out of order.
 
+use payments::retry::Backoff;
 use payments::webhook;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -508,7 +509,7 @@ impl Simulator {
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         for _ in 0..if duplicate { 2 } else { 1 } {
             // Retries with back-off until the receiver answers 2xx, like real providers.
-            let mut delay = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             for _ in 0..8 {
                 let ts = now_secs();
                 let res = self
@@ -529,8 +530,7 @@ impl Simulator {
                     Ok(r) => tracing::debug!(status = %r.status(), "webhook refused; retrying"),
                     Err(e) => tracing::debug!(error = %e, "webhook delivery failed; retrying"),
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -15,6 +15,7 @@ use payments::machine::PaymentState;
 use payments::wire::{self, DeadLetter};
 use payments::{CommandBody, Event};
 use std::collections::{BTreeMap, HashMap};
+use telemetry::now_ms;
 
 /// Which topic carries what.
 #[derive(Debug, Clone)]
@@ -545,11 +546,4 @@ async fn save_progress(
         .await?;
     tx.execute(&stmt, &[&topic, &part, &next]).await?;
     Ok(())
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

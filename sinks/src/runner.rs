@@ -7,9 +7,10 @@
 //! batch harmlessly. A PostgreSQL outage stalls the sink (retries with back-off); it
 //! loses nothing.
 
-use crate::projection::{apply_batch, now_ms, Applied, InRecord, Topics};
+use crate::projection::{apply_batch, Applied, InRecord, Topics};
 use crate::Pool;
 use anyhow::Context as _;
+use payments::retry::Backoff;
 use prometheus::{
     register_histogram, register_int_counter, register_int_counter_vec, Histogram, IntCounter,
     IntCounterVec,
@@ -22,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+use telemetry::now_ms;
 use tokio::sync::mpsc;
 
 struct SinkMetrics {
@@ -70,9 +72,26 @@ pub struct SinkSettings {
     pub brokers: String,
     pub group_id: String,
     pub topics: Topics,
+    /// Records written to PostgreSQL in one transaction, at most.
     pub max_batch: usize,
+    /// How long a batch waits to fill once it has a record.
     pub max_wait: Duration,
+    /// Extra librdkafka properties.
     pub kafka: Vec<(String, String)>,
+}
+
+impl SinkSettings {
+    /// The settings of a sink of group `group_id`, with the defaults.
+    pub fn new(brokers: &str, group_id: &str, topics: Topics) -> Self {
+        SinkSettings {
+            brokers: brokers.to_owned(),
+            group_id: group_id.to_owned(),
+            topics,
+            max_batch: 1000,
+            max_wait: Duration::from_millis(20),
+            kafka: vec![],
+        }
+    }
 }
 
 fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> ClientConfig {
@@ -136,16 +155,16 @@ fn write_spans(batch: &[InRecord]) -> Vec<tracing::Span> {
 /// refuses for its data (not for an outage) is applied record by record, and the record
 /// it refuses is set aside as a dead letter: one bad record must not stop the sink.
 async fn apply_with_retry(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> Applied {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match apply_once(pool, topics, batch).await {
             Ok(a) => return a,
             Err(e) if is_data_error(&e) => return apply_one_by_one(pool, topics, batch).await,
             Err(e) => {
                 METRICS.errors.with_label_values(&["postgres"]).inc();
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projection batch failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -164,7 +183,7 @@ async fn apply_one_by_one(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> A
     let mut total = Applied::default();
     for r in batch {
         let one = std::slice::from_ref(r);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match apply_once(pool, topics, one).await {
                 Ok(a) => {
@@ -187,8 +206,7 @@ async fn apply_one_by_one(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> A
                 Err(e) => {
                     METRICS.errors.with_label_values(&["postgres"]).inc();
                     tracing::warn!(error = %format!("{e:#}"), "projection record failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

@@ -146,6 +146,13 @@ pub fn init(cfg: &Config) -> Result<(), TelemetryError> {
 }
 
 /// Exports what is queued, waiting at most for the exporter's timeout.
+/// Milliseconds since the Unix epoch by the wall clock (0 for a clock set before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 pub fn flush() {
     if let Some(p) = PROVIDER.get() {
         let _ = p.force_flush();

@@ -223,25 +223,3 @@ pub fn topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<(History, usiz
     }
     Ok((out, records))
 }
-
-/// Checks that each payment's seqs are exactly 1..=n and that its history moves only as
-/// the domain's one transition rule allows. Returns the number of payments.
-pub fn assert_gap_free(events: &History) -> anyhow::Result<usize> {
-    let mut last: HashMap<&str, (i64, Option<payments::machine::PaymentState>)> = HashMap::new();
-    for ((pid, seq), e) in events {
-        let (prev, state) = last.remove(pid.as_str()).unwrap_or((0, None));
-        anyhow::ensure!(*seq == prev + 1, "payment {pid}: seq {seq} follows {prev}");
-        let event: payments::Event = serde_json::from_value(e.clone())
-            .with_context(|| format!("payment {pid}: event {seq} is not an event"))?;
-        let from = state.as_ref().map(|s| s.status);
-        let state = payments::evolve(state, &event);
-        if let Some(to) = state.as_ref().map(|s| s.status) {
-            anyhow::ensure!(
-                payments::Status::transition_allowed(from, to),
-                "payment {pid}: event {seq} moves it from {from:?} to {to}, which the transition rule forbids"
-            );
-        }
-        last.insert(pid, (*seq, state));
-    }
-    Ok(last.len())
-}

@@ -8,8 +8,12 @@
 //!   in-process or, for the worker, as a child process that can be killed.
 //! - [`procs`]: the gateway's services as separate OS processes, killed and restarted
 //!   by the harnesses (`make chaos`, `make soak`), and their client load.
-//! - [`client`]: a small API client and the checks tests share (terminal states,
-//!   histories, the events topic, the provider ledger).
+//! - [`client`]: a small API client and what tests read back (terminal states,
+//!   histories, the events topic).
+//! - [`otlp`]: an OTLP/HTTP trace receiver that keeps the spans it is sent, and can
+//!   play a collector that is down.
+//! - [`verify`]: the verdicts every harness states the same way (the provider's ledger
+//!   against the projection, a history replayed through the domain).
 //!
 //! Tests are quiet unless `TEST_LOG` is set (then `RUST_LOG` filters).
 
@@ -19,6 +23,7 @@ pub mod otlp;
 pub mod pg;
 pub mod procs;
 pub mod stack;
+pub mod verify;
 
 /// Sets up logging once for a test process (only when `TEST_LOG` is set).
 pub fn init_test_logging() {

@@ -5,6 +5,7 @@
 
 use crate::stack::DEMO_KEY;
 use anyhow::Context as _;
+use payments::retry::Backoff;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -98,7 +99,7 @@ pub struct Load {
 /// through API restarts and broker outages, for up to two minutes.
 pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let res = http
             .post(format!("http://{api}/v1/payments"))
@@ -129,8 +130,7 @@ pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64
             return;
         }
         load.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+use topology::config::{ComponentDecl, TopologyFile};
 
 const TOPOLOGY: &str = include_str!("../../config/topology.toml");
 /// The payment policy as shipped in `config/topology.toml` (for a stack people use).
@@ -34,8 +35,8 @@ pub struct StackOptions {
     pub policy: String,
     pub api_listen: SocketAddr,
     pub sim_listen: SocketAddr,
-    /// Further `(from, to)` text replacements in `config/topology.toml`.
-    pub topology_edits: Vec<(String, String)>,
+    /// Changes the topology after the stack's names and policy are set.
+    pub edit_topology: Option<fn(&mut TopologyFile)>,
     /// sled's page cache per partition store, in MiB.
     pub store_cache_mb: u64,
     /// Names the topics and the application id (random when `None`): a second stack
@@ -61,7 +62,7 @@ impl Default for StackOptions {
             policy: "reply_timeout_ms = 1500, webhook_timeout_ms = 4000, max_attempts = 3, backoff_base_ms = 50, backoff_max_ms = 400, status_poll_max_ms = 3000".into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            topology_edits: vec![],
+            edit_topology: None,
             store_cache_mb: stores::DEFAULT_CACHE_MB,
             names: None,
             worker_state: None,
@@ -98,37 +99,64 @@ pub struct Stack {
     sink: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// `config/topology.toml` with its topics, application id and payment policy replaced,
-/// then `edits` (`(from, to)` text replacements) applied.
-pub fn topology_text(
+/// `config/topology.toml`, parsed, with its topics, application id and payment policy
+/// (`key = value` pairs, comma-separated, as [`SHIPPED_POLICY`]) set. Tests change the
+/// fields of the result (a typed file), never its text.
+pub fn shipped_topology(
     commands: &str,
     events: &str,
     dlq: &str,
     application_id: &str,
     policy: &str,
-    edits: &[(String, String)],
-) -> anyhow::Result<String> {
+) -> anyhow::Result<TopologyFile> {
+    let mut file: TopologyFile =
+        toml::from_str(TOPOLOGY).context("config/topology.toml does not parse")?;
+    let shipped = file.processors.get("payments").map(|p| p.params.clone());
     anyhow::ensure!(
-        TOPOLOGY.contains(SHIPPED_POLICY),
-        "config/topology.toml no longer holds the payment policy the test kit replaces: update SHIPPED_POLICY"
+        shipped == Some(policy_params(SHIPPED_POLICY)?),
+        "the payment policy of config/topology.toml is no longer SHIPPED_POLICY: update it"
     );
-    let mut text = TOPOLOGY
-        .replace("\"payments.commands\"", &format!("\"{commands}\""))
-        .replace("\"payments.events\"", &format!("\"{events}\""))
-        .replace("\"payments.dlq\"", &format!("\"{dlq}\""))
-        .replace(
-            "application_id = \"payment-gateway\"",
-            &format!("application_id = \"{application_id}\""),
-        )
-        .replace(SHIPPED_POLICY, policy);
-    for (from, to) in edits {
-        anyhow::ensure!(
-            text.contains(from.as_str()),
-            "topology edit: {from:?} is not in config/topology.toml"
-        );
-        text = text.replace(from.as_str(), to);
+    file.application_id = application_id.to_owned();
+    component(&mut file.processors, "payments")?.params = policy_params(policy)?;
+    file.sources
+        .get_mut("commands")
+        .context("config/topology.toml has no source `commands`")?
+        .topic = commands.to_owned();
+    for (sink, topic) in [("events", events), ("dead_letters", dlq)] {
+        set_param(component(&mut file.sinks, sink)?, "topic", topic.into())?;
     }
-    Ok(text)
+    Ok(file)
+}
+
+/// The file as the worker reads it.
+pub fn topology_text(file: &TopologyFile) -> anyhow::Result<String> {
+    toml::to_string(file).context("writing the topology as TOML")
+}
+
+/// A processor or sink of the file, by id.
+pub fn component<'a>(
+    section: &'a mut std::collections::BTreeMap<String, ComponentDecl>,
+    id: &str,
+) -> anyhow::Result<&'a mut ComponentDecl> {
+    section
+        .get_mut(id)
+        .with_context(|| format!("config/topology.toml has no component `{id}`"))
+}
+
+/// Sets one key of a component's `params` table.
+pub fn set_param(c: &mut ComponentDecl, key: &str, value: toml::Value) -> anyhow::Result<()> {
+    c.params
+        .as_table_mut()
+        .context("params is not a table")?
+        .insert(key.to_owned(), value);
+    Ok(())
+}
+
+/// `policy` (`key = value, …`) as a params table.
+fn policy_params(policy: &str) -> anyhow::Result<toml::Value> {
+    let wrapped: toml::Table = toml::from_str(&format!("p = {{ {policy} }}"))
+        .with_context(|| format!("the payment policy {policy:?} is not TOML key = value pairs"))?;
+    wrapped.get("p").cloned().context("no policy")
 }
 
 fn wait_for(tx: &broadcast::Sender<()>) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -161,14 +189,17 @@ impl Stack {
         for t in [&commands, &events, &dlq] {
             kafka.create_topic(t, opts.partitions).await?;
         }
-        let text = topology_text(
+        let mut file = shipped_topology(
             &commands,
             &events,
             &dlq,
             &format!("app-{suffix}"),
             &opts.policy,
-            &opts.topology_edits,
         )?;
+        if let Some(edit) = opts.edit_topology {
+            edit(&mut file);
+        }
+        let text = topology_text(&file)?;
         let topology = Arc::new(topology::compile_str(&text)?);
         anyhow::ensure!(
             topology.changelog_topic(&commands) == changelog,

@@ -3,11 +3,15 @@
 //! Layout:
 //! - [`config`]: `config/topology.toml` → a validated [`config::CompiledTopology`]
 //!   (all errors reported at once, each naming its component).
-//! - [`registry`]: the single place a processor or sink type is registered.
-//! - [`processor`]: the processor API (records, context, the `Processor` trait).
+//! - [`registry`]: the single place a processor or sink type is registered (a table).
+//! - [`processor`]: the processor API (records, context, the `Processor` trait) and
+//!   what a processor type tells the compiler ([`processor::spec`]); processor types
+//!   see only this.
+//! - [`span`]: lengths of time as the topology file writes them.
 //! - [`processors`]: the built-in processor types, one module each.
 //! - [`task`]: one partition's graph instance, its stores, its outbox and checkpoint.
-//! - [`runtime`]: the worker — consumer group, one task per partition, publishing.
+//! - [`runtime`]: the worker — the consumer loop, the tasks, restores, the record
+//!   collector and the exactly-once producer, one file each.
 //! - [`provider`]: the provider client and the dispatcher that turns answers into commands.
 //! - [`metrics`]: the worker's Prometheus metrics.
 //!
@@ -21,6 +25,7 @@ pub mod processors;
 pub mod provider;
 pub mod registry;
 pub mod runtime;
+pub mod span;
 pub mod task;
 
 pub use config::{compile_str, CompiledTopology, ConfigErrors};

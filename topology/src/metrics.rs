@@ -110,7 +110,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         stage_seconds: register_histogram_vec!(
             "gateway_task_stage_seconds",
-            "Time a task's batch spends in each stage: apply (processors and sled commits), flush (sled fsync), changelog (delivery), outputs (events and dead letters), transaction (exactly_once: changelog, outputs and offsets)",
+            "Time a task's batch spends in each stage: apply (processors and sled commits), flush (sled fsync), changelog (shipping it), outputs (events and dead letters), transaction (exactly_once: changelog, outputs and offsets)",
             &["stage"],
             vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
         )?,

@@ -9,12 +9,14 @@
 
 use crate::metrics::METRICS;
 use crate::processor::ProviderCall;
+use payments::retry::Backoff;
 use payments::{Command, CommandBody, CommandId, ProviderOp, ProviderOutcome};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use telemetry::now_ms;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -236,7 +238,7 @@ impl Dispatcher {
         };
         let payload = payments::wire::encode_command(&cmd);
         let key = call.payment_id.to_string();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         for attempt in 1..=8 {
             let mut headers = OwnedHeaders::new().insert(Header {
                 key: "content-type",
@@ -257,18 +259,10 @@ impl Dispatcher {
                 Err((e, _)) => {
                     METRICS.errors.with_label_values(&["reply_publish"]).inc();
                     tracing::warn!(payment_id = %call.payment_id, attempt, error = %e, "publishing provider reply failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
         tracing::error!(payment_id = %call.payment_id, "provider reply not published; the provider timeout will ask for the status");
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -1,130 +1,135 @@
-//! The one place where component types are registered.
+//! The one place where component types are registered: one line per type.
 //!
-//! Adding a processor type: write it under `processors/<name>/`, then add one arm to
-//! [`processor_spec`] and its name to [`PROCESSOR_TYPES`]. Nothing else changes.
+//! Adding a processor type: write it as `processors/<name>.rs` (or a folder for a large
+//! one) exporting its [`NodeSpec`], then add one line to [`PROCESSORS`]. Nothing else
+//! changes. A sink is run by the engine itself: a sink type is a line in [`SINKS`] and
+//! the [`SinkRuntime`] it configures, which the task's graph runs.
 
-use crate::config::{CompiledNode, ComponentDecl, StoreDecl, TopologyFile};
-use crate::processor::{Processor, RecordKind};
+use crate::processor::{BuildContext, NodeSpec, RecordKind};
 use crate::processors::{amount_limit, command_decoder, payment_state_machine};
-use std::collections::BTreeMap;
 
-/// Builds one processor instance for a task from its compiled node and the declared stores.
-pub type Builder =
-    fn(&CompiledNode, &BTreeMap<String, StoreDecl>) -> anyhow::Result<Box<dyn Processor>>;
+/// Every processor type: its name in `config/topology.toml` and its spec.
+pub const PROCESSORS: &[(&str, NodeSpec)] = &[
+    ("amount_limit", amount_limit::SPEC),
+    ("command_decoder", command_decoder::SPEC),
+    ("payment_state_machine", payment_state_machine::SPEC),
+];
 
-/// What the compiler needs to know about a component type.
-#[derive(Debug, Clone, Copy)]
-pub struct NodeSpec {
-    pub accepts: &'static [RecordKind],
-    pub emits: &'static [RecordKind],
-    pub store_roles: &'static [&'static str],
-    /// Every problem with the `params` table (unknown keys, wrong types, bad values).
-    pub check_params: fn(&toml::Value) -> Vec<String>,
-    /// Every problem with how the component fits the rest of the file (a rule between
-    /// its params, its stores and its sources), each a sentence naming what to change.
-    pub check_wiring: fn(&ComponentDecl, &TopologyFile) -> Vec<String>,
-    /// Builds one instance for a task; `None` for sources and sinks (run by the engine).
-    pub build: Option<Builder>,
-}
-
-pub const PROCESSOR_TYPES: &[&str] = &["amount_limit", "command_decoder", "payment_state_machine"];
-pub const SINK_TYPES: &[&str] = &["kafka", "provider"];
-
-pub fn processor_spec(kind: &str) -> Option<NodeSpec> {
-    Some(match kind {
-        "command_decoder" => command_decoder::SPEC,
-        "amount_limit" => amount_limit::SPEC,
-        "payment_state_machine" => payment_state_machine::SPEC,
-        _ => return None,
-    })
-}
-
-pub fn sink_spec(kind: &str) -> Option<NodeSpec> {
-    Some(match kind {
-        "kafka" => NodeSpec {
+/// Every sink type: its name and its spec.
+pub const SINKS: &[(&str, SinkSpec)] = &[
+    (
+        "kafka",
+        SinkSpec {
             accepts: &[
                 RecordKind::Event,
                 RecordKind::Command,
                 RecordKind::DeadLetter,
             ],
-            emits: &[],
-            store_roles: &[],
-            check_params: check_params::<KafkaSinkParams>,
-            check_wiring: no_wiring_rules,
-            build: None,
+            configure: configure_kafka_sink,
         },
-        "provider" => NodeSpec {
+    ),
+    (
+        "provider",
+        SinkSpec {
             accepts: &[RecordKind::ProviderCall],
-            emits: &[],
-            store_roles: &[],
-            check_params: check_params::<NoParams>,
-            check_wiring: no_wiring_rules,
-            build: None,
+            configure: configure_provider_sink,
         },
-        _ => return None,
-    })
+    ),
+];
+
+pub fn processor(kind: &str) -> Option<NodeSpec> {
+    PROCESSORS.iter().find(|(k, _)| *k == kind).map(|(_, s)| *s)
 }
 
-pub fn source_spec() -> NodeSpec {
-    NodeSpec {
-        accepts: &[],
-        emits: &[RecordKind::Raw],
-        store_roles: &[],
-        check_params: check_params::<NoParams>,
-        check_wiring: no_wiring_rules,
-        build: None,
+pub fn sink(kind: &str) -> Option<SinkSpec> {
+    SINKS.iter().find(|(k, _)| *k == kind).map(|(_, s)| *s)
+}
+
+/// The names of the processor types, for the compiler's "known types".
+pub fn processor_names() -> Vec<&'static str> {
+    PROCESSORS.iter().map(|(k, _)| *k).collect()
+}
+
+/// The names of the sink types.
+pub fn sink_names() -> Vec<&'static str> {
+    SINKS.iter().map(|(k, _)| *k).collect()
+}
+
+/// What the compiler needs to know about a sink type.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkSpec {
+    /// Every kind the type can accept; a configured sink may narrow it.
+    pub accepts: &'static [RecordKind],
+    pub configure: fn(&BuildContext<'_>) -> Result<ConfiguredSink, Vec<String>>,
+}
+
+/// A sink as configured: what it accepts and how the engine runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredSink {
+    pub accepts: &'static [RecordKind],
+    pub runtime: SinkRuntime,
+}
+
+/// What a task does with a record that reaches a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkRuntime {
+    /// Publish it to this topic (through the outbox).
+    Kafka { topic: String },
+    /// Call the provider with it (through the outbox).
+    Provider,
+}
+
+impl SinkRuntime {
+    /// The topic it publishes to, if it publishes to one.
+    pub fn topic(&self) -> Option<String> {
+        match self {
+            SinkRuntime::Kafka { topic } => Some(topic.clone()),
+            SinkRuntime::Provider => None,
+        }
     }
 }
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KafkaSinkParams {
-    pub topic: String,
+struct KafkaSinkParams {
+    topic: String,
     /// The one kind of record this sink publishes.
-    pub records: PublishedKind,
+    records: PublishedKind,
 }
 
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PublishedKind {
+enum PublishedKind {
     Event,
     Command,
     DeadLetter,
 }
 
-/// Narrows a component's spec by its params: a `kafka` sink accepts only the record
-/// kind named by `records`, so a topic never receives records of another kind.
-pub fn specialise(kind: &str, params: &toml::Value, spec: NodeSpec) -> NodeSpec {
-    match (kind, parse_params::<KafkaSinkParams>(params)) {
-        ("kafka", Ok(p)) => NodeSpec {
-            accepts: match p.records {
-                PublishedKind::Event => &[RecordKind::Event],
-                PublishedKind::Command => &[RecordKind::Command],
-                PublishedKind::DeadLetter => &[RecordKind::DeadLetter],
-            },
-            ..spec
-        },
-        _ => spec,
+/// A `kafka` sink accepts only the record kind named by `records`, so a topic never
+/// receives records of another kind.
+fn configure_kafka_sink(ctx: &BuildContext<'_>) -> Result<ConfiguredSink, Vec<String>> {
+    let p: KafkaSinkParams = ctx.params()?;
+    if p.topic.is_empty() {
+        return Err(vec!["invalid params: topic must not be empty".to_owned()]);
     }
+    Ok(ConfiguredSink {
+        accepts: match p.records {
+            PublishedKind::Event => &[RecordKind::Event],
+            PublishedKind::Command => &[RecordKind::Command],
+            PublishedKind::DeadLetter => &[RecordKind::DeadLetter],
+        },
+        runtime: SinkRuntime::Kafka { topic: p.topic },
+    })
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NoParams {}
+struct NoParams {}
 
-/// For types whose params stand alone.
-pub fn no_wiring_rules(_: &ComponentDecl, _: &TopologyFile) -> Vec<String> {
-    vec![]
-}
-
-/// Parameter problems of a serde-described params type.
-pub fn check_params<P: serde::de::DeserializeOwned>(v: &toml::Value) -> Vec<String> {
-    match parse_params::<P>(v) {
-        Ok(_) => vec![],
-        Err(e) => vec![e.to_string()],
-    }
-}
-
-pub fn parse_params<P: serde::de::DeserializeOwned>(v: &toml::Value) -> Result<P, toml::de::Error> {
-    v.clone().try_into()
+fn configure_provider_sink(ctx: &BuildContext<'_>) -> Result<ConfiguredSink, Vec<String>> {
+    let NoParams {} = ctx.params()?;
+    Ok(ConfiguredSink {
+        accepts: &[RecordKind::ProviderCall],
+        runtime: SinkRuntime::Provider,
+    })
 }

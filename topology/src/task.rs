@@ -4,16 +4,17 @@
 //! writes of those before it), then commits **one** sled batch that holds the state
 //! changes, dedup records, timers, the outputs (in an outbox), the next input offset
 //! and, when changelogs are on, the batch's changelog records (queued). Then it flushes
-//! sled, delivers the queued changelog, publishes the outbox, deletes what was
+//! sled, ships the queued changelog, publishes the outbox, deletes what was
 //! published, and only then stores the Kafka offset. A crash anywhere replays from the
 //! last durable checkpoint; outputs are deterministic and idempotent, so the replay
 //! emits the same `(payment_id, seq)` events.
 
-use crate::config::{CompiledTopology, Role};
+use crate::config::{CompiledTopology, NodeRuntimeSpec, Role};
 use crate::metrics::METRICS;
 use crate::processor::{
     Context, ProcessError, Processor, ProviderCall, RawRecord, Record, RecordKind,
 };
+use crate::registry::SinkRuntime;
 use serde::{Deserialize, Serialize};
 use stores::{
     time_key, ChangelogRecord, PartitionStore, WriteSet, CHANGELOG_QUEUE, OUTBOX, TIMERS,
@@ -51,37 +52,25 @@ pub struct Graph {
 }
 
 impl Graph {
-    pub fn build(topo: &CompiledTopology) -> anyhow::Result<Graph> {
+    pub fn build(topo: &CompiledTopology) -> Graph {
         let mut nodes = Vec::with_capacity(topo.nodes.len());
         for n in &topo.nodes {
-            let runtime = match (n.role, n.kind.as_str()) {
-                (Role::Source, _) => NodeRuntime::Source,
-                (Role::Sink, "kafka") => NodeRuntime::KafkaSink {
-                    topic: n
-                        .topic
-                        .clone()
-                        .ok_or_else(|| anyhow::anyhow!("sink `{}` has no topic", n.id))?,
+            let runtime = match &n.runtime {
+                NodeRuntimeSpec::Source => NodeRuntime::Source,
+                NodeRuntimeSpec::Processor(supplier) => NodeRuntime::Processor(supplier.0.get()),
+                NodeRuntimeSpec::Sink(SinkRuntime::Kafka { topic }) => NodeRuntime::KafkaSink {
+                    topic: topic.clone(),
                 },
-                (Role::Sink, "provider") => NodeRuntime::ProviderSink,
-                (Role::Sink, other) => {
-                    anyhow::bail!("sink `{}`: no runtime for type `{other}`", n.id)
-                }
-                (Role::Processor, _) => {
-                    let build = n
-                        .spec
-                        .build
-                        .ok_or_else(|| anyhow::anyhow!("processor `{}` has no builder", n.id))?;
-                    NodeRuntime::Processor(build(n, &topo.stores)?)
-                }
+                NodeRuntimeSpec::Sink(SinkRuntime::Provider) => NodeRuntime::ProviderSink,
             };
             nodes.push(GraphNode {
                 id: n.id.clone(),
                 runtime,
-                accepts: n.spec.accepts,
+                accepts: n.accepts,
                 downstream: n.downstream.clone(),
             });
         }
-        Ok(Graph { nodes })
+        Graph { nodes }
     }
 
     fn source_for(&self, topo: &CompiledTopology, topic: &str) -> Option<usize> {
@@ -124,7 +113,7 @@ pub struct Removal {
     pub records: Vec<ChangelogRecord>,
 }
 
-/// A changelog batch waiting for delivery: its queue key and its records.
+/// A changelog batch waiting to be shipped: its queue key and its records.
 pub type QueuedChangelog = (Vec<u8>, Vec<ChangelogRecord>);
 
 /// Keys of the outbox entries staged for publishing.
@@ -142,7 +131,7 @@ impl Task {
         partition: i32,
         changelog: bool,
     ) -> anyhow::Result<Task> {
-        let graph = Graph::build(topo)?;
+        let graph = Graph::build(topo);
         let source = graph
             .source_for(topo, topic)
             .ok_or_else(|| anyhow::anyhow!("topic `{topic}` is not a source of this topology"))?;
@@ -222,7 +211,7 @@ impl Task {
                     .and_then(|(_, v)| String::from_utf8(v.clone()).ok()),
                 ..Step::default()
             };
-            self.deliver(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
+            self.forward(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
             outbox.append(&mut step.outbox);
             next = Some(offset + 1);
             applied += 1;
@@ -351,7 +340,7 @@ impl Task {
         Ok(())
     }
 
-    /// Changelog batches committed but not yet delivered, in commit order.
+    /// Changelog batches committed but not yet shipped, in commit order.
     pub fn pending_changelog(&self) -> Result<Vec<QueuedChangelog>, ProcessError> {
         let mut batches = Vec::new();
         for (k, v) in self.store.scan(CHANGELOG_QUEUE, usize::MAX)? {
@@ -360,9 +349,9 @@ impl Task {
         Ok(batches)
     }
 
-    /// Forgets delivered changelog batches; `end` is the changelog offset after the last
-    /// record delivered; `removal`, delivered with them, is applied too.
-    pub fn changelog_delivered(
+    /// Forgets shipped changelog batches; `end` is the changelog offset after the last
+    /// record shipped; `removal`, shipped with them, is applied too.
+    pub fn changelog_shipped(
         &self,
         keys: impl IntoIterator<Item = Vec<u8>>,
         end: Option<i64>,
@@ -387,7 +376,7 @@ impl Task {
             ws.delete(OUTBOX, k);
         }
         let records = match (&self.changelog_topic, ws.is_empty()) {
-            (Some(_), false) => ws.changelog(self.changelog_seq),
+            (Some(_), false) => ws.changelog(),
             _ => Vec::new(),
         };
         if !records.is_empty() {
@@ -404,7 +393,7 @@ impl Task {
             return Ok(());
         }
         let mut records = self.store.current(full_keys)?;
-        records.push(stores::commit_marker(self.changelog_seq));
+        records.push(stores::commit_marker());
         let mut ws = WriteSet::default();
         self.queue_changelog(&mut ws, records);
         self.store.commit(ws)?;
@@ -412,14 +401,14 @@ impl Task {
     }
 
     /// Queues the write set's changelog batch in the same atomic commit. The batch is
-    /// delivered before any output of the write set is published, so every output ever
+    /// shipped before any output of the write set is published, so every output ever
     /// published comes from a state a restore can reach, and a restored outbox publishes
     /// whatever the previous owner had not.
     fn stage_changelog(&mut self, ws: &mut WriteSet) {
         if self.changelog_topic.is_none() {
             return;
         }
-        let records = ws.changelog(self.changelog_seq);
+        let records = ws.changelog();
         if !records.is_empty() {
             self.queue_changelog(ws, records);
         }
@@ -473,8 +462,8 @@ impl Task {
         step: &mut Step,
         call: impl FnOnce(&mut dyn Processor, &mut Context<'_>) -> Result<(), ProcessError>,
     ) -> Result<(), ProcessError> {
-        let id = self.graph.nodes[node].id.clone();
-        let NodeRuntime::Processor(p) = &mut self.graph.nodes[node].runtime else {
+        let GraphNode { id, runtime, .. } = &mut self.graph.nodes[node];
+        let NodeRuntime::Processor(p) = runtime else {
             return Ok(());
         };
         let mut ctx = Context {
@@ -485,7 +474,7 @@ impl Task {
             cancels: vec![],
             input: step.input.as_ref(),
             now_ms,
-            processor_id: &id,
+            processor_id: id,
             trace_in: step.trace_in.as_deref(),
             trace_out: None,
         };
@@ -501,7 +490,7 @@ impl Task {
         Ok(())
     }
 
-    fn deliver(
+    fn forward(
         &mut self,
         node: usize,
         record: Record,
@@ -562,7 +551,7 @@ impl Task {
                 record.clone()
             };
             if let Some(r) = r {
-                self.deliver(d, r, ws, now_ms, step)?;
+                self.forward(d, r, ws, now_ms, step)?;
             }
         }
         Ok(())
@@ -653,35 +642,13 @@ fn kafka_entry(topic: &str, record: Record, trace: Option<String>) -> OutboxEntr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use payments::command::CreatePayment;
-    use payments::{
-        Amount, Command, CommandBody, CommandId, Currency, IdempotencyKey, MerchantId, PaymentId,
-    };
 
     const SHIPPED: &str = include_str!("../../config/topology.toml");
     const TOPIC: &str = "payments.commands";
 
     fn create_record(issued_at_ms: i64) -> RawRecord {
-        let merchant = MerchantId::parse("acme").expect("merchant id");
-        let key = IdempotencyKey::parse("order-1").expect("idempotency key");
-        let payment_id = PaymentId::derive(&merchant, &key);
-        let cmd = Command {
-            command_id: CommandId::parse("create-1").expect("command id"),
-            payment_id,
-            issued_at_ms,
-            body: CommandBody::Create(CreatePayment {
-                merchant_id: merchant,
-                amount: Amount::new(1_000).expect("amount"),
-                currency: Currency::parse("EUR").expect("currency"),
-                idempotency_key: key,
-                request_hash: "h".into(),
-                reference: None,
-                description: None,
-                metadata: Default::default(),
-                traceparent: None,
-                screening: None,
-            }),
-        };
+        let cmd = crate::processor::testing::create_command("order-1", 1_000, "EUR", issued_at_ms);
+        let payment_id = cmd.payment_id;
         RawRecord {
             topic: TOPIC.into(),
             partition: 0,
@@ -696,12 +663,12 @@ mod tests {
     #[test]
     fn a_wait_starts_when_its_step_runs_not_when_the_command_was_issued() {
         let topo = crate::config::compile_str(SHIPPED).expect("shipped topology compiles");
-        let policy: payments::Policy = topo
-            .nodes
-            .iter()
-            .find(|n| n.kind == "payment_state_machine")
-            .and_then(|n| n.decl.as_ref())
-            .map(|d| crate::registry::parse_params(&d.params).expect("policy"))
+        let file: crate::config::TopologyFile = toml::from_str(SHIPPED).expect("shipped file");
+        let policy: payments::Policy = file
+            .processors
+            .values()
+            .find(|p| p.kind == "payment_state_machine")
+            .map(|p| crate::processor::parse_params(&p.params).expect("policy"))
             .expect("the shipped topology has a payment state machine");
         assert_eq!(policy.dispatch_delay_ms, 0, "the create sends the charge");
         let timeout = policy.reply_timeout_ms;

@@ -17,7 +17,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use telemetry::now_ms;
 use testkit::stack::{Stack, StackOptions, DEMO_KEY};
 
 /// mimalloc: the pipeline allocates many short-lived buffers on several threads, where
@@ -54,13 +55,6 @@ struct Args {
     /// linearly, so it slows down as they grow).
     #[arg(long)]
     skip_raw: bool,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

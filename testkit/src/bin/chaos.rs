@@ -20,7 +20,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use payments::{evolve, Status};
+use payments::Status;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::{Fault, Kafka};
 use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
-use testkit::stack::{topology_text, SHIPPED_POLICY};
+use testkit::stack::{shipped_topology, topology_text, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -251,19 +251,13 @@ async fn verify(
         }
     }
     // The provider's ledger: one capture at most, and only for completed payments.
-    let mut captures: HashMap<&str, u32> = HashMap::new();
-    for ch in &ledger.charges {
-        *captures.entry(ch.reference.as_str()).or_default() += ch.captures;
-    }
-    for (id, n) in &captures {
-        if *n > 1 {
-            v.double_charged += 1;
-        }
-        let completed = projected.get(*id).is_some_and(|(s, _)| s == "COMPLETED");
-        if *n >= 1 && !completed {
-            v.charged_not_completed += 1;
-        }
-    }
+    let statuses: HashMap<String, String> = projected
+        .iter()
+        .map(|(id, (s, _))| (id.clone(), s.clone()))
+        .collect();
+    let judged = testkit::verify::ledger(ledger, &statuses);
+    v.double_charged = judged.double_charged.len();
+    v.charged_not_completed = judged.charged_not_completed.len();
     // The events topic, replayed: identical duplicates only, gap-free, legal, and equal
     // to the projection.
     let truncated = kafka.truncated_partitions(events_topic)?;
@@ -289,22 +283,12 @@ async fn verify(
             .push((r.get(1), r.get(2)));
     }
     for (pid, events) in &by_payment {
-        let mut state = None;
-        let mut gap = false;
-        for (i, e) in events.iter().enumerate() {
-            if e.seq != i as u64 + 1 {
-                gap = true;
-            }
-            let from = state
-                .as_ref()
-                .map(|s: &payments::machine::PaymentState| s.status);
-            state = evolve(state, e);
-            if let Some(s) = &state {
-                if !Status::transition_allowed(from, s.status) {
-                    v.illegal += 1;
-                }
-            }
-        }
+        let testkit::verify::Replayed {
+            state,
+            gap,
+            illegal,
+        } = testkit::verify::replay(events);
+        v.illegal += illegal;
         if gap {
             v.gaps += 1;
             if v.gaps <= 3 {
@@ -372,7 +356,7 @@ async fn main() -> anyhow::Result<()> {
         format!("evt-{suffix}"),
         format!("dlq-{suffix}"),
     );
-    let text = topology_text(
+    let mut file = shipped_topology(
         &commands,
         &events,
         &dlq,
@@ -381,11 +365,16 @@ async fn main() -> anyhow::Result<()> {
         // timeouts than the command queue's latency under a backlog turn every timeout
         // into another status check, and the checks into more backlog.
         SHIPPED_POLICY,
-        &[(
-            "processing_guarantee = \"at_least_once\"".to_owned(),
-            format!("processing_guarantee = \"{}\"", a.guarantee),
-        )],
     )?;
+    file.processing_guarantee = toml::Value::String(a.guarantee.clone())
+        .try_into()
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--guarantee {}: use at_least_once or exactly_once",
+                a.guarantee
+            )
+        })?;
+    let text = topology_text(&file)?;
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);
     let topics = vec![

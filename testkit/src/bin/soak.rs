@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::Kafka;
 use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
-use testkit::stack::{topology_text, SHIPPED_POLICY};
+use testkit::stack::{shipped_topology, topology_text, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,9 +51,13 @@ struct Args {
     /// the dedup records' and the provider's longest webhook delay are set to half of it).
     #[arg(long, default_value = "3m")]
     retention: String,
-    /// Seconds between two samples.
+    /// Seconds between two printed samples (and reads of the workers' metrics).
     #[arg(long, default_value_t = 60)]
     sample_s: u64,
+    /// Seconds between two readings of the workers' resident memory and disk: a printed
+    /// sample shows their mean since the one before, and the slopes are fitted to them.
+    #[arg(long, default_value_t = 5)]
+    usage_every_s: u64,
     #[arg(long, default_value_t = 12)]
     partitions: i32,
     /// Partitions whose stores the restore probes rebuild (from partition 0 on).
@@ -65,6 +69,16 @@ struct Args {
     /// Keep the processes' logs even when the run passes.
     #[arg(long)]
     keep_logs: bool,
+}
+
+/// One reading of the worker processes' memory and disk, summed.
+#[derive(Debug, Clone)]
+struct Usage {
+    at_min: f64,
+    rss_mb: f64,
+    store_mb: f64,
+    /// Not within a restore probe's disturbance.
+    settled: bool,
 }
 
 /// One sample of the worker processes, summed.
@@ -194,13 +208,22 @@ impl Workers {
         a
     }
 
-    async fn sample(&self, http: &reqwest::Client) -> Sample {
-        let mut s = Sample::default();
+    /// The workers' resident memory and the size of their stores on disk, in MB.
+    fn usage(&self) -> (f64, f64) {
+        let mut u = (0.0, 0.0);
         for (i, p) in self.procs.iter().enumerate() {
             if let Some(c) = &p.child {
-                s.rss_mb += rss_mb(c.id());
+                u.0 += rss_mb(c.id());
             }
-            s.store_mb += dir_mb(&self.dirs[i]);
+            u.1 += dir_mb(&self.dirs[i]);
+        }
+        u
+    }
+
+    /// The stores' contents, from the workers' metrics.
+    async fn sample(&self, http: &reqwest::Client) -> Sample {
+        let mut s = Sample::default();
+        for i in 0..self.procs.len() {
             let m = metrics(http, &self.ops[i]).await;
             s.payments += metric_sum(&m, "gateway_store_keys", "store=\"payments\"");
             s.dedup += metric_sum(&m, "gateway_store_keys", "store=\"dedup\"");
@@ -255,9 +278,10 @@ async fn main() -> anyhow::Result<()> {
             && a.rate > 0.0
             && a.rate.is_finite()
             && a.sample_s > 0
+            && (1..=a.sample_s).contains(&a.usage_every_s)
             && a.partitions > 0
             && (1..=a.partitions).contains(&a.probe_partitions),
-        "--minutes (at least 3), --rate, --sample-s and --partitions must be positive, --probe-partitions from 1 to --partitions"
+        "--minutes (at least 3), --rate, --sample-s and --partitions must be positive, --usage-every-s from 1 to --sample-s, --probe-partitions from 1 to --partitions"
     );
     let retention = topology::config::Span::try_from(a.retention.clone())
         .map_err(|e| anyhow::anyhow!("--retention: {e}"))?;
@@ -274,27 +298,27 @@ async fn main() -> anyhow::Result<()> {
         format!("evt-{suffix}"),
         format!("dlq-{suffix}"),
     );
-    let text = topology_text(
+    let mut file = shipped_topology(
         &commands,
         &events,
         &dlq,
         &format!("soak-{suffix}"),
         &format!("{SHIPPED_POLICY}, webhook_max_delay_ms = {}", half.as_ms()),
-        &[
-            (
-                "state_retention = \"8d\"".to_owned(),
-                format!("state_retention = \"{retention}\""),
-            ),
-            (
-                "retention = \"7d\"".to_owned(),
-                format!("retention = \"{half}\""),
-            ),
-            (
-                "retention_hours = 168".to_owned(),
-                format!("retention = \"{half}\""),
-            ),
-        ],
     )?;
+    file.stores
+        .get_mut("payments")
+        .context("the shipped topology has no store `payments`")?
+        .state_retention = Some(retention);
+    let dedup = file
+        .stores
+        .get_mut("dedup")
+        .context("the shipped topology has no store `dedup`")?;
+    (dedup.retention_hours, dedup.retention) = (None, Some(half));
+    file.sources
+        .get_mut("commands")
+        .context("the shipped topology has no source `commands`")?
+        .retention = Some(half);
+    let text = topology_text(&file)?;
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);
     let app = topology.application_id.clone();
@@ -462,17 +486,26 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    // Samples, and a restore at the end of the warm-up third.
+    // Readings of memory and disk every few seconds; a printed sample, with the stores'
+    // contents, every minute; a restore at the end of the warm-up third and one in the
+    // load's last minutes. A probe takes CPU from the workers and the broker; the
+    // readings it disturbs (while it runs and for a minute after) are left out of the
+    // fits.
     let mut samples: Vec<Sample> = Vec::new();
+    let mut usage: Vec<Usage> = Vec::new();
+    let mut settled_from_min = 0.0;
     let warm_up = Duration::from_secs(a.minutes * 60 / 3);
     let mut restore_warm: Option<(f64, usize)> = None;
     let mut restore_end: Option<(f64, usize)> = None;
     let run = Duration::from_secs(a.minutes * 60);
-    let mut next = started + Duration::from_secs(a.sample_s);
+    let every = Duration::from_secs(a.usage_every_s);
+    let mut next_reading = started + every;
+    let mut next_row = started + Duration::from_secs(a.sample_s);
+    let mut row_from = 0;
     println!("soak: minute  sent  rss_mb  store_mb  payments  dedup  timers  outbox");
     while !load_task.is_finished() {
-        tokio::time::sleep_until(next.into()).await;
-        next += Duration::from_secs(a.sample_s);
+        tokio::time::sleep_until(next_reading.into()).await;
+        next_reading += every;
         if load_task.is_finished() {
             // The steady state is the load's: a sample after it would bend the fits.
             break;
@@ -486,8 +519,24 @@ async fn main() -> anyhow::Result<()> {
                 p.start()?;
             }
         }
+        let (rss_mb, store_mb) = workers.usage();
+        let at_min = started.elapsed().as_secs_f64() / 60.0;
+        usage.push(Usage {
+            at_min,
+            rss_mb,
+            store_mb,
+            settled: at_min >= settled_from_min,
+        });
+        if Instant::now() < next_row {
+            continue;
+        }
+        next_row += Duration::from_secs(a.sample_s);
         let mut s = workers.sample(&http).await;
-        s.at_min = started.elapsed().as_secs_f64() / 60.0;
+        let row = &usage[row_from..];
+        row_from = usage.len();
+        s.rss_mb = row.iter().map(|u| u.rss_mb).sum::<f64>() / row.len() as f64;
+        s.store_mb = row.iter().map(|u| u.store_mb).sum::<f64>() / row.len() as f64;
+        s.at_min = at_min;
         s.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
         println!(
             "soak: {:6.1} {:6} {:7.1} {:9.1} {:9.0} {:6.0} {:7.0} {:7.0}",
@@ -520,6 +569,8 @@ async fn main() -> anyhow::Result<()> {
                 None => restore_warm = Some(r),
                 Some(_) => restore_end = Some(r),
             }
+            settled_from_min = started.elapsed().as_secs_f64() / 60.0 + 1.0;
+            next_reading = Instant::now() + every;
         }
     }
     let load_s = load_task.await?.as_secs_f64();
@@ -560,19 +611,23 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await
         .context("reading the simulator's ledger")?;
-    let mut captures: HashMap<&str, u32> = HashMap::new();
-    for ch in &ledger.charges {
-        *captures.entry(ch.reference.as_str()).or_default() += ch.captures;
-    }
-    let double_charged = captures.values().filter(|n| **n > 1).count();
+    // Statuses are not read here (the drain above waited for terminal ones): only the
+    // double captures are judged.
+    let double_charged = testkit::verify::ledger(&ledger, &HashMap::new())
+        .double_charged
+        .len();
     let refused = lock(&load.refused).len();
 
     let steady: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.at_min >= warm_up.as_secs_f64() / 60.0)
         .collect();
-    let fit = |f: &dyn Fn(&Sample) -> f64| {
-        let pts: Vec<(f64, f64)> = steady.iter().map(|s| (s.at_min / 60.0, f(s))).collect();
+    let fit = |f: &dyn Fn(&Usage) -> f64| {
+        let pts: Vec<(f64, f64)> = usage
+            .iter()
+            .filter(|u| u.settled && u.at_min >= warm_up.as_secs_f64() / 60.0)
+            .map(|u| (u.at_min / 60.0, f(u)))
+            .collect();
         slope(&pts)
     };
     let (first, last) = (
@@ -598,10 +653,10 @@ async fn main() -> anyhow::Result<()> {
         accepted.len() as f64 / load_s,
         first.rss_mb,
         last.rss_mb,
-        fit(&|s| s.rss_mb),
+        fit(&|u| u.rss_mb),
         first.store_mb,
         last.store_mb,
-        fit(&|s| s.store_mb),
+        fit(&|u| u.store_mb),
         restore_end.0,
         open.max(0),
     );

@@ -114,9 +114,9 @@ fn syntax_errors_are_reported_with_position() {
 fn a_kafka_sink_publishes_only_the_kind_it_names() {
     let t = compile_str(SHIPPED).unwrap();
     let dlq = t.nodes.iter().find(|n| n.id == "dead_letters").unwrap();
-    assert_eq!(dlq.spec.accepts, &[RecordKind::DeadLetter]);
+    assert_eq!(dlq.accepts, &[RecordKind::DeadLetter]);
     let events = t.nodes.iter().find(|n| n.id == "events").unwrap();
-    assert_eq!(events.spec.accepts, &[RecordKind::Event]);
+    assert_eq!(events.accepts, &[RecordKind::Event]);
     // A sink that names a kind its input never emits is an error.
     let bad = SHIPPED.replace("records = \"dead_letter\"", "records = \"event\"");
     assert_refused(&bad, "sink `dead_letters`: input `decode` emits command, dead_letter but this component accepts event");

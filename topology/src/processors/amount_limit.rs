@@ -3,19 +3,18 @@
 //! A create over the limit is not dropped — the API already accepted it — but marked as
 //! refused, so the payment is created and fails visibly with `amount_limit_exceeded`.
 
-use crate::config::{CompiledNode, StoreDecl};
-use crate::processor::{Context, ProcessError, Processor, Record, RecordKind};
-use crate::registry::{no_wiring_rules, parse_params, NodeSpec};
+use crate::processor::{
+    BuildContext, Configured, Context, NodeSpec, ProcessError, Processor, Record, RecordKind,
+};
 use payments::{CommandBody, Screening};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const SPEC: NodeSpec = NodeSpec {
     accepts: &[RecordKind::Command],
     emits: &[RecordKind::Command],
     store_roles: &[],
-    check_params,
-    check_wiring: no_wiring_rules,
-    build: Some(build),
+    configure,
 };
 
 #[derive(Debug, serde::Deserialize)]
@@ -28,44 +27,37 @@ struct Params {
     per_currency: BTreeMap<String, i64>,
 }
 
-fn check_params(v: &toml::Value) -> Vec<String> {
-    match parse_params::<Params>(v) {
-        Err(e) => vec![e.to_string()],
-        Ok(p) => {
-            let mut problems = Vec::new();
-            if p.max_minor_units <= 0 {
-                problems.push("max_minor_units must be > 0".to_owned());
-            }
-            for (c, v) in &p.per_currency {
-                if payments::Currency::parse(c).is_err() {
-                    problems.push(format!("per_currency: `{c}` is not an ISO 4217 code"));
-                }
-                if *v <= 0 {
-                    problems.push(format!("per_currency.{c} must be > 0"));
-                }
-            }
-            problems
+fn configure(ctx: &BuildContext<'_>) -> Result<Configured, Vec<String>> {
+    let p: Params = ctx.params()?;
+    let mut problems = Vec::new();
+    if p.max_minor_units <= 0 {
+        problems.push("invalid params: max_minor_units must be > 0".to_owned());
+    }
+    for (c, v) in &p.per_currency {
+        if payments::Currency::parse(c).is_err() {
+            problems.push(format!(
+                "invalid params: per_currency: `{c}` is not an ISO 4217 code"
+            ));
+        }
+        if *v <= 0 {
+            problems.push(format!("invalid params: per_currency.{c} must be > 0"));
         }
     }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (id, params) = (ctx.id.to_owned(), Arc::new(p));
+    Ok(Configured::new(move || -> Box<dyn Processor> {
+        Box::new(AmountLimit {
+            id: id.clone(),
+            params: params.clone(),
+        })
+    }))
 }
 
 struct AmountLimit {
     id: String,
-    params: Params,
-}
-
-fn build(
-    node: &CompiledNode,
-    _: &BTreeMap<String, StoreDecl>,
-) -> anyhow::Result<Box<dyn Processor>> {
-    let decl = node
-        .decl
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("amount_limit needs params"))?;
-    Ok(Box::new(AmountLimit {
-        id: node.id.clone(),
-        params: parse_params(&decl.params)?,
-    }))
+    params: Arc<Params>,
 }
 
 impl Processor for AmountLimit {
@@ -97,5 +89,69 @@ impl Processor for AmountLimit {
         }
         ctx.forward(Record::Command(cmd));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::testing;
+    use payments::Command;
+
+    fn create(amount: i64, currency: &str) -> Record {
+        Record::Command(testing::create_command("k-1", amount, currency, 0))
+    }
+
+    fn screening(out: &[Record]) -> Option<String> {
+        match out {
+            [Record::Command(Command {
+                body: CommandBody::Create(c),
+                ..
+            })] => c.screening.as_ref().map(|s| s.code.clone()),
+            other => panic!("expected the create forwarded, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_create_over_its_currency_limit_is_marked_and_still_forwarded() {
+        let node = testing::configure(&SPEC, "max_minor_units = 1000\nper_currency = { JPY = 50 }")
+            .expect("valid params");
+        let mut p = node.0.get();
+        assert_eq!(
+            screening(&testing::process(p.as_mut(), create(1000, "EUR"))),
+            None
+        );
+        assert_eq!(
+            screening(&testing::process(p.as_mut(), create(1001, "EUR"))).as_deref(),
+            Some("amount_limit_exceeded")
+        );
+        assert_eq!(
+            screening(&testing::process(p.as_mut(), create(51, "JPY"))).as_deref(),
+            Some("amount_limit_exceeded")
+        );
+    }
+
+    #[test]
+    fn every_bad_param_is_named() {
+        let problems = match testing::configure(
+            &SPEC,
+            "max_minor_units = 0\nper_currency = { XXQ = 5, USD = -1 }",
+        ) {
+            Ok(_) => panic!("configured with bad params"),
+            Err(p) => p.join("\n"),
+        };
+        assert!(
+            problems.contains("max_minor_units must be > 0"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("`XXQ` is not an ISO 4217 code"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("per_currency.USD must be > 0"),
+            "{problems}"
+        );
+        assert!(testing::configure(&SPEC, "max_minor_units = 5\nextra = 1").is_err());
     }
 }

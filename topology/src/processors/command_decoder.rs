@@ -3,19 +3,17 @@
 //! Anything it cannot decode becomes a [`DeadLetter`] with the reason; it never fails the
 //! task, so a poison message cannot stop a partition.
 
-use crate::config::{CompiledNode, StoreDecl};
 use crate::metrics::METRICS;
-use crate::processor::{dead_letter, Context, ProcessError, Processor, Record, RecordKind};
-use crate::registry::{check_params, no_wiring_rules, parse_params, NodeSpec};
-use std::collections::BTreeMap;
+use crate::processor::{
+    dead_letter, BuildContext, Configured, Context, NodeSpec, ProcessError, Processor, Record,
+    RecordKind,
+};
 
 pub const SPEC: NodeSpec = NodeSpec {
     accepts: &[RecordKind::Raw],
     emits: &[RecordKind::Command, RecordKind::DeadLetter],
     store_roles: &[],
-    check_params: check_params::<Params>,
-    check_wiring: no_wiring_rules,
-    build: Some(build),
+    configure,
 };
 
 #[derive(Debug, serde::Deserialize)]
@@ -30,26 +28,20 @@ fn default_max() -> usize {
     64 * 1024
 }
 
+fn configure(ctx: &BuildContext<'_>) -> Result<Configured, Vec<String>> {
+    let Params { max_payload_bytes } = ctx.params()?;
+    let id = ctx.id.to_owned();
+    Ok(Configured::new(move || -> Box<dyn Processor> {
+        Box::new(CommandDecoder {
+            id: id.clone(),
+            max_payload_bytes,
+        })
+    }))
+}
+
 struct CommandDecoder {
     id: String,
     max_payload_bytes: usize,
-}
-
-fn build(
-    node: &CompiledNode,
-    _: &BTreeMap<String, StoreDecl>,
-) -> anyhow::Result<Box<dyn Processor>> {
-    let params: Params = parse_params(
-        &node
-            .decl
-            .as_ref()
-            .map(|d| d.params.clone())
-            .unwrap_or(toml::Value::Table(Default::default())),
-    )?;
-    Ok(Box::new(CommandDecoder {
-        id: node.id.clone(),
-        max_payload_bytes: params.max_payload_bytes,
-    }))
 }
 
 impl Processor for CommandDecoder {
@@ -82,5 +74,45 @@ impl Processor for CommandDecoder {
         };
         ctx.forward(out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::{testing, RawRecord};
+
+    fn raw(payload: &[u8]) -> Record {
+        Record::Raw(RawRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"k".to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: vec![],
+            timestamp_ms: None,
+        })
+    }
+
+    fn reason(out: &[Record]) -> String {
+        match out {
+            [Record::DeadLetter(d)] => d.reason.clone(),
+            other => panic!("expected one dead letter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn poison_and_oversized_inputs_become_dead_letters() {
+        let node = testing::configure(&SPEC, "max_payload_bytes = 16").expect("valid params");
+        let mut p = node.0.get();
+        assert_eq!(
+            reason(&testing::process(p.as_mut(), raw(b"not json"))),
+            "undecodable"
+        );
+        assert_eq!(
+            reason(&testing::process(p.as_mut(), raw(&[b'x'; 17]))),
+            "oversized"
+        );
+        assert!(testing::configure(&SPEC, "max_payload_bytes = -1").is_err());
     }
 }

@@ -16,20 +16,16 @@
 
 mod stored;
 
-use crate::config::{
-    CompiledNode, ComponentDecl, StoreDecl, TopologyFile, DEFAULT_STATE_RETENTION,
-};
 use crate::metrics::METRICS;
 use crate::processor::{
-    Context, ProcessError, Processor, ProviderCall, Record, RecordKind, TimerRequest,
+    BuildContext, Configured, Context, NodeSpec, ProcessError, Processor, ProviderCall, Record,
+    RecordKind, Span, TimerRequest,
 };
-use crate::registry::{parse_params, NodeSpec};
 use payments::machine::{timer_is_live, PaymentState};
 use payments::{
     decide, evolve, Command, CommandBody, CommandId, Decision, Effect, EventBody, PaymentId,
     Policy, TimerKind,
 };
-use std::collections::BTreeMap;
 pub use stored::StoredPayment;
 use stores::dedup;
 
@@ -50,52 +46,62 @@ pub const SPEC: NodeSpec = NodeSpec {
         RecordKind::DeadLetter,
     ],
     store_roles: &["state", "dedup"],
-    check_params,
-    check_wiring,
-    build: Some(build),
+    configure,
 };
 
-fn check_params(v: &toml::Value) -> Vec<String> {
-    match parse_params::<Policy>(v) {
-        Err(e) => vec![e.to_string()],
-        Ok(p) => p.problems(),
-    }
-}
-
-/// A finished payment must outlive everything that can still arrive for it: every
-/// record of the source topics (a create redelivered from them), and the provider's
-/// latest webhook.
-fn check_wiring(decl: &ComponentDecl, file: &TopologyFile) -> Vec<String> {
-    let (Ok(policy), Some(store_name)) = (
-        parse_params::<Policy>(&decl.params),
-        decl.stores.get("state"),
-    ) else {
-        return vec![]; // reported by the params and store checks
-    };
-    let Some(store) = file.stores.get(store_name) else {
-        return vec![];
-    };
-    let retention = store.state_retention.unwrap_or(DEFAULT_STATE_RETENTION);
-    let mut problems = Vec::new();
-    for (id, source) in &file.sources {
-        if retention <= source.retention() {
+/// The policy, the stores and their retentions. A finished payment must outlive
+/// everything that can still arrive for it: every record of the source topics (a create
+/// redelivered from them), and the provider's latest webhook.
+fn configure(ctx: &BuildContext<'_>) -> Result<Configured, Vec<String>> {
+    let policy: Policy = ctx.params()?;
+    let mut problems: Vec<String> = policy
+        .problems()
+        .into_iter()
+        .map(|p| format!("invalid params: {p}"))
+        .collect();
+    let (state, dedup) = (ctx.store("state")?, ctx.store("dedup")?);
+    let retention = state.state_retention;
+    for (id, source_retention) in &ctx.sources {
+        if retention <= *source_retention {
             problems.push(format!(
-                "store `{store_name}` keeps a finished payment for {retention} (state_retention), not longer than \
-                 source `{id}` keeps its records ({}, retention): a create redelivered from it could arrive after \
+                "store `{}` keeps a finished payment for {retention} (state_retention), not longer than \
+                 source `{id}` keeps its records ({source_retention}, retention): a create redelivered from it could arrive after \
                  its payment left the store. Raise state_retention or lower the topic's retention",
-                source.retention()
+                state.name
             ));
         }
     }
     if retention.as_ms() <= policy.webhook_max_delay_ms {
         problems.push(format!(
-            "store `{store_name}` keeps a finished payment for {retention} (state_retention), not longer than the \
+            "store `{}` keeps a finished payment for {retention} (state_retention), not longer than the \
              provider may deliver a webhook ({}, webhook_max_delay_ms): a late webhook would no longer meet its \
              payment. Raise state_retention",
-            crate::config::Span::from_ms(policy.webhook_max_delay_ms)
+            state.name,
+            Span::from_ms(policy.webhook_max_delay_ms)
         ));
     }
-    problems
+    let Some(dedup_retention) = dedup.retention else {
+        // A dedup store without a retention is reported by the compiler.
+        return Err(problems);
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (id, state_store, dedup_store) =
+        (ctx.id.to_owned(), state.name.clone(), dedup.name.clone());
+    let retention = dedup::Retention::new(dedup_retention.as_ms());
+    let state_retention_ms = state.state_retention.as_ms();
+    Ok(Configured::new(move || -> Box<dyn Processor> {
+        Box::new(PaymentStateMachine {
+            id: id.clone(),
+            policy: policy.clone(),
+            state: state_store.clone(),
+            dedup: dedup_store.clone(),
+            retention,
+            state_retention_ms,
+            upgrade_from: Some(Vec::new()),
+        })
+    }))
 }
 
 pub struct PaymentStateMachine {
@@ -109,40 +115,6 @@ pub struct PaymentStateMachine {
     /// Where the next pass over payments in the previous encoding starts; `None` once a
     /// pass found none.
     upgrade_from: Option<Vec<u8>>,
-}
-
-fn build(
-    node: &CompiledNode,
-    stores: &BTreeMap<String, StoreDecl>,
-) -> anyhow::Result<Box<dyn Processor>> {
-    let decl = node
-        .decl
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("payment_state_machine needs a declaration"))?;
-    let role = |r: &str| {
-        decl.stores
-            .get(r)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("store role `{r}` missing"))
-    };
-    let (state, dedup) = (role("state")?, role("dedup")?);
-    let dedup_retention = stores
-        .get(&dedup)
-        .and_then(StoreDecl::dedup_retention)
-        .ok_or_else(|| anyhow::anyhow!("dedup store `{dedup}` has no retention"))?;
-    let state_retention = stores
-        .get(&state)
-        .and_then(|s| s.state_retention)
-        .unwrap_or(DEFAULT_STATE_RETENTION);
-    Ok(Box::new(PaymentStateMachine {
-        id: node.id.clone(),
-        policy: parse_params(&decl.params)?,
-        state,
-        dedup,
-        retention: dedup::Retention::new(dedup_retention.as_ms()),
-        state_retention_ms: state_retention.as_ms(),
-        upgrade_from: Some(Vec::new()),
-    }))
 }
 
 /// The timer id of a machine timer: the payment, then the kind.
@@ -236,7 +208,7 @@ impl PaymentStateMachine {
             "create issued at {} ms is older than the state retention ({}): the payment it names may have left \
              the store, so it is not applied; a new request needs a new idempotency key",
             cmd.issued_at_ms,
-            crate::config::Span::from_ms(self.state_retention_ms)
+            Span::from_ms(self.state_retention_ms)
         );
         let dl = ctx.dead_letter(
             "expired",

@@ -1,29 +1,28 @@
-//! Route handlers. Each returns a response or an [`ApiError`]; none changes state except
-//! by publishing a command.
+//! `/v1/payments`: create, list, read, read the history of, and cancel a payment.
+//! Writes are commands ([`crate::commands::publish`]); reads come from the projection,
+//! or, for a create this instance just accepted, from [`crate::recent`].
 
-use crate::auth;
-use crate::error::ApiError;
+use crate::commands::publish;
+use crate::error::{ApiError, ErrorCode};
 use crate::recent::{Accepted, Claim, RecentCreates};
+use crate::request::{
+    check_json_content_type, command_id, json, merchant, now_ms, parse_body, parse_id,
+    reject_card_data, Result,
+};
 use crate::ApiState;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use bytes::Bytes;
 use payments::{
-    Amount, Command, CommandBody, CommandId, CreatePayment, Currency, IdempotencyKey, MerchantId,
-    PaymentId, Status, WebhookOutcome,
+    Amount, Command, CommandBody, CreatePayment, Currency, IdempotencyKey, MerchantId, PaymentId,
+    Status,
 };
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tracing::Instrument;
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::Reply;
-
-pub type Result<T> = std::result::Result<T, ApiError>;
 
 const MAX_REFERENCE: usize = 128;
 const MAX_DESCRIPTION: usize = 512;
@@ -31,88 +30,6 @@ const MAX_DESCRIPTION: usize = 512;
 pub const MAX_METADATA_KEYS: usize = 20;
 pub const MAX_METADATA_KEY: usize = 40;
 pub const MAX_METADATA_VALUE: usize = 200;
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The authenticated merchant, within its rate limit.
-pub fn merchant(state: &ApiState, authorization: Option<&str>) -> Result<MerchantId> {
-    let merchant = auth::authenticate(&state.cfg.merchants, authorization)
-        .ok_or_else(ApiError::unauthorized)?;
-    if let Some(limit) = state.cfg.rate_limit {
-        state
-            .buckets
-            .take(merchant.as_str(), limit)
-            .map_err(|secs| ApiError {
-                retry_after: Some(secs),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "too many requests for this merchant; retry after Retry-After seconds",
-                )
-            })?;
-    }
-    Ok(merchant)
-}
-
-fn json(status: StatusCode, body: &serde_json::Value) -> Response {
-    warp::reply::with_status(warp::reply::json(body), status).into_response()
-}
-
-/// Parses a JSON body, turning serde's message into a clear 400.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    if body.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "the request body is empty; send a JSON object",
-        ));
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| (e.path().to_string(), e.into_inner()))
-        .and_then(|v| de.end().map(|()| v).map_err(|e| (String::new(), e)));
-    parsed.map_err(|(path, e)| {
-        let code = if e.is_syntax() || e.is_eof() {
-            "invalid_json"
-        } else {
-            "invalid_request"
-        };
-        let at = if path == "." || path.is_empty() {
-            String::new()
-        } else {
-            format!(" (at `{path}`)")
-        };
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            code,
-            format!("request body{at}: {e}"),
-        )
-    })
-}
-
-fn check_json_content_type(content_type: Option<&str>) -> Result<()> {
-    match content_type {
-        None => Ok(()),
-        Some(ct)
-            if ct
-                .split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) =>
-        {
-            Ok(())
-        }
-        Some(ct) => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("content-type {ct:?} is not supported; send application/json"),
-        )),
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,18 +84,6 @@ fn validate_metadata(m: BTreeMap<String, String>) -> Result<BTreeMap<String, Str
         reject_card_data(&format!("metadata.{k}"), Some(v))?;
     }
     Ok(m)
-}
-
-/// Card data must never enter the gateway (nor its logs, topics or database).
-fn reject_card_data(field: &str, value: Option<&str>) -> Result<()> {
-    if value.is_some_and(payments::contains_card_number) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "card_data_rejected",
-            format!("{field} looks like a card number; send your provider's token or reference, never card data"),
-        ));
-    }
-    Ok(())
 }
 
 fn validate_create(req: CreateRequest) -> Result<ValidCreate> {
@@ -239,59 +144,6 @@ fn created_body(id: &PaymentId, v: &ValidCreate) -> serde_json::Value {
     })
 }
 
-/// Publishes a command in a `produce` span (a child of the request's span) whose
-/// context travels in the record's `traceparent` header.
-async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
-    let span = tracing::info_span!(
-        "kafka.produce",
-        otel.name = %format_args!("{} publish", state.cfg.commands_topic),
-        otel.kind = "producer",
-        messaging.system = "kafka",
-        messaging.destination.name = %state.cfg.commands_topic,
-        payment_id = %cmd.payment_id,
-        command = cmd.body.kind(),
-        trace_id = tracing::field::Empty,
-    );
-    let traceparent = telemetry::adopt(&span, telemetry::current().as_deref(), &[]);
-    let payload = payments::wire::encode_command(cmd);
-    let key = cmd.payment_id.to_string();
-    let mut headers = OwnedHeaders::new().insert(Header {
-        key: "content-type",
-        value: Some(payments::wire::COMMAND_CONTENT_TYPE),
-    });
-    if let Some(tp) = &traceparent {
-        headers = headers.insert(Header {
-            key: "traceparent",
-            value: Some(tp.as_str()),
-        });
-    }
-    let record = FutureRecord::to(&state.cfg.commands_topic)
-        .key(&key)
-        .payload(&payload)
-        .headers(headers);
-    match tokio::time::timeout(
-        state.cfg.publish_timeout,
-        state.producer.send(record, state.cfg.publish_timeout),
-    )
-    .instrument(span)
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => {
-            tracing::warn!(payment_id = %cmd.payment_id, error = %e, "command not published");
-            Err(ApiError::unavailable(
-                "the payment could not be queued; retry with the same Idempotency-Key",
-            ))
-        }
-        Err(_) => {
-            tracing::warn!(payment_id = %cmd.payment_id, "command publish timed out");
-            Err(ApiError::unavailable(
-                "the payment could not be queued in time; retry with the same Idempotency-Key",
-            ))
-        }
-    }
-}
-
 pub async fn create_payment(
     state: Arc<ApiState>,
     authorization: Option<String>,
@@ -303,27 +155,20 @@ pub async fn create_payment(
     let body = body?;
     let key = idempotency_key.ok_or_else(|| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "missing_idempotency_key",
+            ErrorCode::MissingIdempotencyKey,
             "the Idempotency-Key header is required",
         )
     })?;
     reject_card_data("Idempotency-Key", Some(&key))?;
-    let key = IdempotencyKey::parse(&key).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            e.to_string(),
-        )
-    })?;
+    let key = IdempotencyKey::parse(&key)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidIdempotencyKey, e.to_string()))?;
     check_json_content_type(content_type.as_deref())?;
     let valid = validate_create(parse_body(&body)?)?;
     let id = PaymentId::derive(&merchant, &key);
     let body = created_body(&id, &valid);
     let conflict = || {
         ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was already used with a different request",
         )
     };
@@ -462,13 +307,22 @@ fn iso_ms(ms: i64) -> String {
     )
 }
 
-fn command_id(s: &str) -> Result<CommandId> {
-    CommandId::parse(s).map_err(|e| ApiError::invalid(e.to_string()))
-}
-
-fn parse_id(id: &str) -> Result<PaymentId> {
-    // A malformed id cannot name a payment: same answer as a missing one.
-    PaymentId::parse(id).map_err(|_| ApiError::not_found())
+/// The projection's answer or, for a create accepted here and not projected yet, what
+/// it reads back as (read your writes); 404 when neither knows the payment.
+fn projected_or_accepted<T: serde::Serialize>(
+    state: &ApiState,
+    merchant: &MerchantId,
+    id: &PaymentId,
+    projected: Option<T>,
+    part: fn(&Accepted) -> &str,
+) -> Result<serde_json::Value> {
+    match projected {
+        Some(p) => Ok(serde_json::to_value(p).unwrap_or_default()),
+        None => recent(state)
+            .accepted(merchant.as_str(), &id.to_string())
+            .and_then(|a| serde_json::from_str(part(a)).ok())
+            .ok_or_else(ApiError::not_found),
+    }
 }
 
 pub async fn get_payment(
@@ -481,14 +335,7 @@ pub async fn get_payment(
     let projected = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let body = match projected {
-        Some(p) => serde_json::to_value(p).unwrap_or_default(),
-        // Accepted here and not projected yet: read your writes.
-        None => recent(&state)
-            .accepted(merchant.as_str(), &id.to_string())
-            .and_then(|a| serde_json::from_str(&a.payment).ok())
-            .ok_or_else(ApiError::not_found)?,
-    };
+    let body = projected_or_accepted(&state, &merchant, &id, projected, |a| &*a.payment)?;
     Ok(json(StatusCode::OK, &body))
 }
 
@@ -502,13 +349,7 @@ pub async fn payment_events(
     let projected = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let events = match projected {
-        Some(events) => serde_json::to_value(events).unwrap_or_default(),
-        None => recent(&state)
-            .accepted(merchant.as_str(), &id.to_string())
-            .and_then(|a| serde_json::from_str(&a.events).ok())
-            .ok_or_else(ApiError::not_found)?,
-    };
+    let events = projected_or_accepted(&state, &merchant, &id, projected, |a| &*a.events)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "id": id.to_string(), "events": events }),
@@ -628,20 +469,13 @@ pub async fn cancel_payment(
     };
     if Status::parse(&status).is_some_and(Status::is_terminal) {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_terminal",
+            ErrorCode::AlreadyTerminal,
             format!("payment is {status}; it can no longer be canceled"),
         ));
     }
     let suffix = match idempotency_key {
         Some(k) => IdempotencyKey::parse(&k)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_idempotency_key",
-                    e.to_string(),
-                )
-            })?
+            .map_err(|e| ApiError::new(ErrorCode::InvalidIdempotencyKey, e.to_string()))?
             .to_string(),
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
@@ -663,137 +497,4 @@ pub async fn cancel_payment(
         StatusCode::ACCEPTED,
         &serde_json::json!({ "id": id.to_string(), "status": status, "cancel_requested": true }),
     ))
-}
-
-/// Provider-supplied text, bounded and without control characters, before it enters
-/// an event.
-fn clean(s: Option<String>, max: usize) -> Option<String> {
-    s.map(|s| payments::external_text(&s, max))
-}
-
-#[derive(Debug, Deserialize)]
-struct WebhookBody {
-    #[serde(rename = "type")]
-    kind: String,
-    data: WebhookData,
-}
-
-#[derive(Debug, Deserialize)]
-struct WebhookData {
-    reference: String,
-    #[serde(default)]
-    charge_id: Option<String>,
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-}
-
-pub struct WebhookHeaders {
-    pub id: Option<String>,
-    pub timestamp: Option<String>,
-    pub signature: Option<String>,
-}
-
-/// `POST /v1/callbacks/{provider}`: verifies the signature on the raw body, then turns
-/// the webhook into a command. Deduplicated by `webhook-id` (the command id).
-pub async fn callback(
-    state: Arc<ApiState>,
-    provider: String,
-    h: WebhookHeaders,
-    body: Result<Bytes>,
-) -> Result<Response> {
-    let body = body?;
-    let secrets = state.cfg.webhook_secrets.get(&provider).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_provider",
-            format!("no provider named {provider:?}"),
-        )
-    })?;
-    let now = now_ms() / 1000;
-    payments::webhook::verify(
-        secrets,
-        h.id.as_deref(),
-        h.timestamp.as_deref(),
-        h.signature.as_deref(),
-        &body,
-        now,
-    )
-    .map_err(|e| {
-        tracing::warn!(%provider, error = %e, "webhook refused");
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string())
-    })?;
-    let webhook_id = h.id.unwrap_or_default();
-    if webhook_id.len() > 100 || !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_webhook",
-            "webhook-id must be at most 100 printable characters",
-        ));
-    }
-    let parsed: WebhookBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_webhook",
-            format!("webhook body: {e}"),
-        )
-    })?;
-    let payment_id = PaymentId::parse(&parsed.data.reference).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_webhook",
-            "data.reference is not a payment id",
-        )
-    })?;
-    let outcome = match parsed.kind.as_str() {
-        "charge.succeeded" => WebhookOutcome::Succeeded {
-            provider_ref: clean(parsed.data.charge_id, 128).unwrap_or_default(),
-        },
-        "charge.failed" => WebhookOutcome::Failed {
-            code: clean(parsed.data.code, 64).unwrap_or_else(|| "declined".into()),
-            message: clean(parsed.data.message, 512).unwrap_or_default(),
-        },
-        "charge.canceled" => WebhookOutcome::Canceled,
-        other => {
-            // Acknowledge event types we do not act on, so the provider stops resending.
-            tracing::info!(%provider, kind = other, "webhook type ignored");
-            return Ok(warp::http::StatusCode::NO_CONTENT.into_response());
-        }
-    };
-    let cmd = Command {
-        command_id: command_id(&format!("webhook:{provider}:{webhook_id}"))?,
-        payment_id,
-        issued_at_ms: now_ms(),
-        body: CommandBody::Webhook {
-            webhook_id,
-            outcome,
-        },
-    };
-    publish(&state, &cmd).await?;
-    Ok(warp::http::StatusCode::NO_CONTENT.into_response())
-}
-
-pub async fn ready(state: Arc<ApiState>) -> Result<Response> {
-    sinks::query::ping(&state.pool)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("PostgreSQL: {e}")))?;
-    let producer = state.producer.clone();
-    let topic = state.cfg.commands_topic.clone();
-    let kafka = tokio::task::spawn_blocking(move || {
-        use rdkafka::producer::Producer;
-        producer
-            .client()
-            .fetch_metadata(Some(&topic), std::time::Duration::from_secs(2))
-            .map(|_| ())
-    })
-    .await;
-    match kafka {
-        Ok(Ok(())) => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({ "status": "ready" }),
-        )),
-        Ok(Err(e)) => Err(ApiError::unavailable(format!("Kafka: {e}"))),
-        Err(e) => Err(ApiError::unavailable(format!("Kafka check failed: {e}"))),
-    }
 }

@@ -1,4 +1,13 @@
-//! The processor API: records, the context a processor sees, and the `Processor` trait.
+//! The processor API: records, the context a processor sees, the `Processor` trait, and
+//! ([`spec`]) what a processor type tells the compiler and how it is built. A processor
+//! type sees only this module (and the domain); never the compiler.
+
+pub mod spec;
+
+pub use spec::{
+    parse_params, BuildContext, Configured, NodeSpec, ProcessorSupplier, Span, StoreBinding,
+    StoreKind,
+};
 
 pub use payments::wire::DeadLetter;
 use payments::{Command, Event, PaymentId, ProviderOp};
@@ -187,6 +196,7 @@ impl<'a> Context<'a> {
         self.ws.put_raw(store, key, value);
     }
 
+    /// Deletes a key (a tombstone on the changelog).
     pub fn delete(&mut self, store: &str, key: &[u8]) {
         self.ws.delete(store, key);
     }
@@ -265,10 +275,6 @@ impl<'a> Context<'a> {
         self.now_ms
     }
 
-    pub fn processor_id(&self) -> &str {
-        self.processor_id
-    }
-
     /// The `traceparent` the input record arrived with (none for timers).
     pub fn incoming_trace(&self) -> Option<&str> {
         self.trace_in
@@ -294,5 +300,77 @@ pub trait Processor: Send + Sync {
     /// Periodic housekeeping (for example pruning dedup records past their retention).
     fn maintain(&mut self, _ctx: &mut Context<'_>) -> Result<(), ProcessError> {
         Ok(())
+    }
+}
+
+/// Runs processors alone, against a throwaway store: for the unit tests beside each
+/// processor type.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Configures a processor type's node with `params` (TOML) and no stores.
+    pub fn configure(spec: &NodeSpec, params: &str) -> Result<Configured, Vec<String>> {
+        let params: toml::Value = toml::from_str(params).expect("params are TOML");
+        (spec.configure)(&BuildContext {
+            id: "under_test",
+            params: &params,
+            stores: BTreeMap::new(),
+            sources: vec![],
+        })
+    }
+
+    /// A create of `amount` minor units of `currency`, for merchant `acme` and
+    /// Idempotency-Key `key`.
+    pub fn create_command(key: &str, amount: i64, currency: &str, issued_at_ms: i64) -> Command {
+        use payments::{
+            Amount, CommandBody, CommandId, CreatePayment, Currency, IdempotencyKey, MerchantId,
+        };
+        let merchant = MerchantId::parse("acme").expect("merchant id");
+        let key = IdempotencyKey::parse(key).expect("idempotency key");
+        Command {
+            command_id: CommandId::parse("create-1").expect("command id"),
+            payment_id: PaymentId::derive(&merchant, &key),
+            issued_at_ms,
+            body: CommandBody::Create(CreatePayment {
+                merchant_id: merchant,
+                amount: Amount::new(amount).expect("amount"),
+                currency: Currency::parse(currency).expect("currency"),
+                idempotency_key: key,
+                request_hash: "h".into(),
+                reference: None,
+                description: None,
+                metadata: Default::default(),
+                traceparent: None,
+                screening: None,
+            }),
+        }
+    }
+
+    /// What one call of `process` forwarded.
+    pub fn process(p: &mut dyn Processor, record: Record) -> Vec<Record> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = PartitionStore::open(dir.path(), "app", "t", 0).expect("store");
+        let mut ws = WriteSet::default();
+        let input = InputPosition {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+        };
+        let mut ctx = Context {
+            store: &store,
+            ws: &mut ws,
+            out: vec![],
+            timers: vec![],
+            cancels: vec![],
+            input: Some(&input),
+            now_ms: 1_000,
+            processor_id: "under_test",
+            trace_in: None,
+            trace_out: None,
+        };
+        p.process(&mut ctx, record).expect("process");
+        ctx.out
     }
 }

@@ -1,0 +1,264 @@
+//! The record collector: how a task's queued changelog and outbox reach Kafka under
+//! `at_least_once` (the changelog shipped first, then the outbox produced until
+//! acknowledged, then provider calls dispatched). `exactly_once` goes through [`super::eos`].
+
+use super::eos::publish_transaction;
+use super::tasks::observe_stage;
+use super::thread::WorkerConsumer;
+use crate::metrics::METRICS;
+use crate::provider::Dispatcher;
+use crate::task::{OutboxEntry, Task};
+use anyhow::Context as _;
+use futures::future::join_all;
+use payments::retry::Backoff;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// How a task's outputs, changelog and input offsets reach Kafka.
+pub(super) enum Output {
+    /// The changelog first, then the outputs; the input offset is stored for the
+    /// consumer's auto-commit once both are acknowledged.
+    AtLeastOnce(FutureProducer),
+    /// One Kafka transaction per publish: changelog, outputs, their removal from the
+    /// outbox and the input offset commit together or not at all. The producer's
+    /// transactional id is the partition's, so whoever takes the partition over fences
+    /// the previous owner.
+    ExactlyOnce(FutureProducer),
+}
+
+/// Makes the task's state durable, then ships its queued changelog and publishes its
+/// outbox as the processing guarantee says; provider calls go out last.
+pub(super) async fn publish(
+    task: &mut Task,
+    output: &Output,
+    consumer: &WorkerConsumer,
+    dispatcher: &Dispatcher,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let store = task.store().clone();
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("the store flush stopped before finishing")??;
+    observe_stage("flush", t);
+    match output {
+        Output::AtLeastOnce(producer) => publish_at_least_once(task, producer, dispatcher).await,
+        Output::ExactlyOnce(producer) => {
+            publish_transaction(task, producer, consumer, dispatcher).await
+        }
+    }
+}
+
+/// The changelog, then the Kafka records of the outbox (retried until acknowledged; a
+/// broker outage stalls this partition, it loses nothing), then provider calls.
+async fn publish_at_least_once(
+    task: &mut Task,
+    producer: &FutureProducer,
+    dispatcher: &Dispatcher,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    ship_changelog(task, producer).await?;
+    observe_stage("changelog", t);
+    let t = Instant::now();
+    let outbox = Outbox::of(task)?;
+    let sends = outbox.outputs.into_iter().filter_map(|entry| match entry {
+        OutboxEntry::Kafka {
+            topic,
+            key,
+            payload,
+            headers,
+        } => Some(produce_outbox_record(
+            producer, topic, key, payload, headers,
+        )),
+        OutboxEntry::Provider(_) => None,
+    });
+    for r in join_all(sends).await {
+        r?;
+    }
+    observe_stage("outputs", t);
+    for call in outbox.calls {
+        dispatcher.dispatch(call).await;
+    }
+    task.published(outbox.output_keys.into_iter().chain(outbox.call_keys))?;
+    Ok(())
+}
+
+/// A task's pending outbox: Kafka records and provider calls, each with their keys.
+pub(super) struct Outbox {
+    pub(super) output_keys: Vec<Vec<u8>>,
+    pub(super) outputs: Vec<OutboxEntry>,
+    pub(super) call_keys: Vec<Vec<u8>>,
+    pub(super) calls: Vec<crate::processor::ProviderCall>,
+}
+
+impl Outbox {
+    pub(super) fn of(task: &Task) -> anyhow::Result<Outbox> {
+        let mut o = Outbox {
+            output_keys: Vec::new(),
+            outputs: Vec::new(),
+            call_keys: Vec::new(),
+            calls: Vec::new(),
+        };
+        // Entries of one outbox record are adjacent: each key is listed once.
+        let once = |keys: &mut Vec<Vec<u8>>, key: Vec<u8>| {
+            if keys.last() != Some(&key) {
+                keys.push(key);
+            }
+        };
+        for (key, entry) in task.pending()?.entries {
+            match entry {
+                OutboxEntry::Provider(call) => {
+                    once(&mut o.call_keys, key);
+                    o.calls.push(call);
+                }
+                kafka => {
+                    once(&mut o.output_keys, key);
+                    o.outputs.push(kafka);
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Ships the task's queued changelog batches, merged into one (the last write of each
+/// key wins; see [`stores::coalesce`]), to its partition of the changelog topic, before
+/// anything they account for is published: a restore then never lands behind an output
+/// already seen. The producer is idempotent and gapless, so
+/// what the topic holds is always a prefix of what was sent.
+async fn ship_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Result<()> {
+    let Some(topic) = task.changelog_topic() else {
+        return Ok(());
+    };
+    let batches = task.pending_changelog()?;
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<Vec<u8>> = batches.iter().map(|(k, _)| k.clone()).collect();
+    let records = stores::coalesce(batches.into_iter().map(|(_, r)| r));
+    let sends = records.into_iter().map(|(k, v)| {
+        ship_record(
+            producer,
+            topic,
+            task.partition,
+            k,
+            stores::changelog::to_topic(&v),
+        )
+    });
+    let mut end = None;
+    for r in join_all(sends).await {
+        end = end.max(Some(r? + 1));
+    }
+    task.changelog_shipped(keys, end, None)?;
+    Ok(())
+}
+
+/// A changelog record for the task's partition (`None`: a tombstone).
+pub(super) fn changelog_record<'a>(
+    topic: &'a str,
+    partition: i32,
+    key: &'a [u8],
+    value: &'a Option<Vec<u8>>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let record = FutureRecord::to(topic).partition(partition).key(key);
+    match value {
+        Some(v) => record.payload(v),
+        None => record,
+    }
+}
+
+pub(super) fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(headers.len());
+    for (k, v) in headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_slice()),
+        });
+    }
+    h
+}
+
+/// Sends one changelog record; returns its offset. A failure is not retried here: a
+/// retried record would land after later ones and a restore would apply an older value
+/// last. The task fails instead, and its restart ships the whole queue again, in
+/// order.
+async fn ship_record(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) -> anyhow::Result<i64> {
+    producer
+        .send(
+            changelog_record(topic, partition, &key, &value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|d| d.offset)
+        .map_err(|(e, _)| {
+            METRICS.errors.with_label_values(&["changelog_produce"]).inc();
+            anyhow::anyhow!("publishing to the changelog {topic}-{partition} failed: {e}; the task restarts and ships its queued changelog again")
+        })
+}
+
+async fn produce_outbox_record(
+    producer: &FutureProducer,
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    mut headers: Vec<(String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    // A traced record is published in a `produce` span; its consumer continues from it.
+    let span = headers
+        .iter_mut()
+        .find(|(k, _)| k == "traceparent")
+        .and_then(|(_, tp)| {
+            let parent = String::from_utf8(tp.clone()).ok()?;
+            let span = tracing::info_span!(
+                "kafka.produce",
+                otel.name = %format_args!("{topic} publish"),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.destination.name = %topic,
+                trace_id = tracing::field::Empty,
+            );
+            *tp = telemetry::adopt(&span, Some(&parent), &[])?.into_bytes();
+            Some(span)
+        })
+        .unwrap_or_else(tracing::Span::none);
+    produce_until_acked(producer, &topic, key, payload, headers)
+        .instrument(span)
+        .await
+}
+
+async fn produce_until_acked(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let mut record = FutureRecord::to(topic)
+            .payload(&payload)
+            .headers(owned_headers(&headers));
+        if let Some(k) = &key {
+            record = record.key(k);
+        }
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => return Ok(()),
+            Err((e, _)) => {
+                METRICS.errors.with_label_values(&["kafka_produce"]).inc();
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    anyhow::bail!("the Kafka producer stopped ({code:?}: {reason}); the worker restarts and publishes its outbox again");
+                }
+                tracing::warn!(%topic, error = %e, "publishing failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}

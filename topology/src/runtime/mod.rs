@@ -1,0 +1,124 @@
+//! The worker: consumes the source topics in a consumer group and runs one [`Task`] per
+//! assigned partition, each on its own tokio task.
+//!
+//! A task starts when its partition is assigned: it restores its store from the
+//! changelog first if the local copy is missing, behind the group or behind the
+//! changelog's latest writes, then publishes what its outbox still holds.
+//!
+//! `at_least_once`: auto-commit is on but auto offset *store* is off; a task stores an
+//! offset only after the records up to it are durable in its sled store, their changelog
+//! is shipped and their outputs are published (rust-rdkafka's at-least-once pattern).
+//! `exactly_once`: auto-commit is off; each publish is one transaction of a per-partition
+//! transactional producer holding the changelog, the outputs and the input offset. Either
+//! way the sled checkpoint is ahead of or equal to the committed offset, and records
+//! below it are skipped.
+//!
+//! Crash-only: a task that fails (its store broke) stops the worker with the error; the
+//! supervisor restarts the process, which resumes from the durable checkpoints.
+//!
+//! The worker is split the way Kafka Streams splits its stream thread:
+//!
+//! - [`thread`]: the consumer loop and the group's rebalances (`StreamThread`);
+//! - [`tasks`]: starting, running and stopping a partition's task (`TaskManager`);
+//! - [`restore`]: whether a local store can be trusted, and its rebuild from the
+//!   changelog (`StoreChangelogReader`);
+//! - [`collector`]: how a task's changelog and outbox reach Kafka (`RecordCollector`);
+//! - [`eos`]: the per-partition transactional producer of `exactly_once`
+//!   (`StreamsProducer`).
+//!
+//! Words: a task *ships* its queued changelog (sends it once, in order; a failure fails
+//! the task), *produces* an outbox record (retried until the broker acknowledges it) and
+//! *dispatches* a provider call.
+
+mod collector;
+mod eos;
+mod restore;
+mod tasks;
+mod thread;
+
+pub use restore::restore_partition;
+pub use thread::{run_worker, PREFETCH_KBYTES};
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub brokers: String,
+    pub state_dir: PathBuf,
+    pub provider_url: String,
+    pub provider_timeout: Duration,
+    /// Topic the provider replies are published to (the commands topic).
+    pub commands_topic: String,
+    pub punctuate_interval: Duration,
+    pub max_batch: usize,
+    pub max_inflight_provider_calls: usize,
+    /// Extra librdkafka properties, applied to every client.
+    pub kafka: Vec<(String, String)>,
+    /// Publish store changes to the changelog topics and restore from them.
+    pub changelog: bool,
+    /// sled's page cache per partition store.
+    pub store_cache_bytes: u64,
+}
+
+/// Per-request timeout of provider calls unless configured (`PROVIDER_TIMEOUT_MS`).
+pub const DEFAULT_PROVIDER_TIMEOUT_MS: u64 = 3000;
+
+impl WorkerSettings {
+    pub fn new(
+        brokers: &str,
+        state_dir: PathBuf,
+        provider_url: &str,
+        commands_topic: &str,
+    ) -> Self {
+        WorkerSettings {
+            brokers: brokers.to_owned(),
+            state_dir,
+            provider_url: provider_url.to_owned(),
+            provider_timeout: Duration::from_millis(DEFAULT_PROVIDER_TIMEOUT_MS),
+            commands_topic: commands_topic.to_owned(),
+            punctuate_interval: Duration::from_millis(20),
+            max_batch: 500,
+            max_inflight_provider_calls: 512,
+            kafka: vec![],
+            changelog: true,
+            store_cache_bytes: stores::DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer(brokers: &str, extra: &[(String, String)]) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(brokers, &[]);
+    c.set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c.create().context("creating the Kafka producer")
+}
+
+/// The worker's producer: idempotent and gapless (a failure that would leave a hole in a
+/// partition stops it instead), and it never gives up on a record by time — a broker
+/// outage stalls publishing rather than failing it. What a changelog partition holds is
+/// therefore always a prefix of what its task sent.
+pub(super) fn worker_producer(settings: &WorkerSettings) -> anyhow::Result<FutureProducer> {
+    let mut extra = vec![
+        ("enable.gapless.guarantee".to_owned(), "true".to_owned()),
+        ("message.timeout.ms".to_owned(), "0".to_owned()),
+    ];
+    extra.extend(settings.kafka.iter().cloned());
+    producer(&settings.brokers, &extra)
+}

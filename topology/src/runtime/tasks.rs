@@ -1,0 +1,278 @@
+//! The task manager: starts a partition's task (its store opened, judged and restored
+//! if need be), runs its loop (batches of records, timers, housekeeping) and stops it.
+
+use super::collector::{publish, Output};
+use super::eos::transactional_producer;
+use super::restore::{
+    committed_offset, ensure_store_is_current, open_store, restore_from_changelog, stale_store,
+    Follows,
+};
+use super::thread::{lock, Tasks, WorkerConsumer};
+use super::WorkerSettings;
+use crate::config::{CompiledTopology, ProcessingGuarantee};
+use crate::metrics::METRICS;
+use crate::processor::RawRecord;
+use crate::provider::Dispatcher;
+use crate::task::Task;
+use anyhow::Context as _;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::FutureProducer;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use telemetry::now_ms;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub(super) struct TaskHandle {
+    pub(super) tx: mpsc::Sender<RawRecord>,
+    pub(super) join: JoinHandle<()>,
+}
+
+/// Starts the tasks of the worker's partitions.
+pub(super) struct Spawner {
+    pub(super) topo: Arc<CompiledTopology>,
+    pub(super) settings: WorkerSettings,
+    pub(super) tasks: Tasks,
+    pub(super) consumer: Arc<WorkerConsumer>,
+    pub(super) producer: FutureProducer,
+    pub(super) dispatcher: Dispatcher,
+    pub(super) fail: mpsc::UnboundedSender<anyhow::Error>,
+}
+
+impl Spawner {
+    /// The input channel of the partition's task, started first if it is not running.
+    pub(super) fn task(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> anyhow::Result<mpsc::Sender<RawRecord>> {
+        let key = (topic.to_owned(), partition);
+        if let Some(h) = lock(&self.tasks).get(&key) {
+            return Ok(h.tx.clone());
+        }
+        let handle = spawn_task(
+            &self.topo,
+            &self.settings,
+            topic,
+            partition,
+            self.consumer.clone(),
+            self.producer.clone(),
+            self.dispatcher.clone(),
+            self.fail.clone(),
+        )?;
+        let tx = handle.tx.clone();
+        lock(&self.tasks).insert(key, handle);
+        Ok(tx)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_task(
+    topo: &CompiledTopology,
+    settings: &WorkerSettings,
+    topic: &str,
+    partition: i32,
+    consumer: Arc<WorkerConsumer>,
+    producer: FutureProducer,
+    dispatcher: Dispatcher,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+) -> anyhow::Result<TaskHandle> {
+    let started = Instant::now();
+    let store = open_store(settings, &topo.application_id, topic, partition)?;
+    let committed = committed_offset(&consumer, topic, partition)?;
+    let watermarks = |t: &str| {
+        tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(t, partition, Duration::from_secs(10))
+        })
+        .with_context(|| format!("reading the extent of {t}-{partition}"))
+    };
+    let changelog = topo.changelog_topic(topic);
+    let changelog_extent = match settings.changelog {
+        true => Some(watermarks(&changelog)?),
+        false => None,
+    };
+    let cluster =
+        tokio::task::block_in_place(|| consumer.client().fetch_cluster_id(Duration::from_secs(10)));
+    let follows = Follows {
+        cluster: cluster.as_deref(),
+        source_end: watermarks(topic)?.1,
+        changelog_end: changelog_extent.map(|(_, high)| high),
+    };
+    let stale = stale_store(&store, &follows)?;
+    if let Some(reason) = &stale {
+        METRICS
+            .stores_discarded
+            .with_label_values(&[reason.label()])
+            .inc();
+        tracing::warn!(topic, partition, %reason, "the local store follows another log than the broker's: discarding it and starting from what the broker has");
+        if !settings.changelog {
+            store.clear()?;
+        }
+    }
+    let mut unfinished = Vec::new();
+    let source = match changelog_extent {
+        Some((low, high)) => {
+            // Someone else wrote to the changelog since this copy last followed it (the
+            // partition was elsewhere meanwhile), or this copy is new or behind the group.
+            let behind_log = store.changelog_end()?.unwrap_or(0) < high;
+            let behind_group = match (store.next_offset()?, committed) {
+                (Some(l), Some(c)) => l < c,
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+            if stale.is_some() || behind_log || behind_group {
+                let restored = tokio::task::block_in_place(|| {
+                    restore_from_changelog(
+                        &store,
+                        (&settings.brokers, &settings.kafka),
+                        &changelog,
+                        partition,
+                        (low, high),
+                    )
+                })?;
+                tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
+                unfinished = restored.unfinished;
+                "changelog"
+            } else {
+                "local"
+            }
+        }
+        None if stale.is_some() => "discarded",
+        None => "local",
+    };
+    if let Some(id) = &cluster {
+        if store.cluster_id()?.as_ref() != Some(id) {
+            let mut ws = stores::WriteSet::default();
+            ws.set_cluster_id(id);
+            store.commit(ws)?;
+        }
+    }
+    let mut task = Task::open(topo, store, topic, partition, settings.changelog)?;
+    // The restored values go over whatever the previous writer left half-written.
+    task.republish(unfinished)?;
+    ensure_store_is_current(topic, partition, task.next_offset(), committed)?;
+    let restore = started.elapsed();
+    METRICS
+        .restore_seconds
+        .with_label_values(&[source])
+        .observe(restore.as_secs_f64());
+    tracing::info!(topic, partition, checkpoint = ?task.next_offset(), source, restore_ms = restore.as_millis() as u64, "task started");
+    let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+    let settings = settings.clone();
+    let guarantee = topo.processing_guarantee;
+    let app = topo.application_id.clone();
+    let join = tokio::spawn(async move {
+        let label = format!("{}-{}", task.topic, task.partition);
+        let run = async {
+            let output = match guarantee {
+                ProcessingGuarantee::AtLeastOnce => Output::AtLeastOnce(producer),
+                ProcessingGuarantee::ExactlyOnce => Output::ExactlyOnce(
+                    transactional_producer(&settings, &app, &task.topic, task.partition).await?,
+                ),
+            };
+            task_loop(task, rx, &consumer, &output, &dispatcher, &settings).await
+        };
+        if let Err(e) = run.await {
+            METRICS.errors.with_label_values(&["task_failed"]).inc();
+            tracing::error!(task = %label, error = %format!("{e:#}"), "task failed");
+            let _ = fail.send(e.context(format!("task {label} failed")));
+        }
+    });
+    Ok(TaskHandle { tx, join })
+}
+
+async fn task_loop(
+    mut task: Task,
+    mut rx: mpsc::Receiver<RawRecord>,
+    consumer: &WorkerConsumer,
+    output: &Output,
+    dispatcher: &Dispatcher,
+    settings: &WorkerSettings,
+) -> anyhow::Result<()> {
+    let task_label = format!("{}-{}", task.topic, task.partition);
+    // Whatever a crash (or the previous owner) left in the outbox goes out first.
+    publish(&mut task, output, consumer, dispatcher).await?;
+    let mut tick = tokio::time::interval(settings.punctuate_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            first = rx.recv() => {
+                let Some(first) = first else { break };
+                let started = Instant::now();
+                let mut batch = vec![first];
+                while batch.len() < settings.max_batch {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let now = now_ms();
+                let last = batch.last().map(|r| r.offset);
+                off_runtime(|| {
+                    task.apply_inputs(batch, now)?;
+                    task.fire_timers(now, 1000)
+                })?;
+                observe_stage("apply", started);
+                publish(&mut task, output, consumer, dispatcher).await?;
+                if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
+                    // Stores `offset + 1` for the next commit; fails harmlessly if the
+                    // partition was revoked meanwhile.
+                    if let Err(e) = consumer.store_offset(&task.topic, task.partition, offset) {
+                        tracing::debug!(error = %e, "offset not stored");
+                    }
+                }
+                METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                if task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0 {
+                    publish(&mut task, output, consumer, dispatcher).await?;
+                }
+            }
+            _ = housekeeping.tick() => {
+                let counts = off_runtime(|| {
+                    task.maintain(now_ms())?;
+                    task.key_counts().map(|c| {
+                        c.into_iter().map(|(s, n)| (s.to_owned(), n)).collect::<Vec<_>>()
+                    })
+                })?;
+                for (store, n) in counts {
+                    METRICS
+                        .store_keys
+                        .with_label_values(&[&task_label, &store])
+                        .set(n as i64);
+                }
+            }
+        }
+    }
+    publish(&mut task, output, consumer, dispatcher).await?;
+    // Once more for the removal of what was just published, so the next owner does not
+    // publish it again.
+    publish(&mut task, output, consumer, dispatcher).await?;
+    for store in task
+        .key_counts()
+        .map(|c| c.into_iter().map(|(s, _)| s.to_owned()).collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let _ = METRICS
+            .store_keys
+            .remove_label_values(&[&task_label, &store]);
+    }
+    tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
+    Ok(())
+}
+
+/// Runs a task's processing and store work, which goes on for milliseconds without
+/// yielding: the runtime's other tasks (the API's and the sink's when the roles share a
+/// process) move to another thread meanwhile.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+pub(super) fn observe_stage(stage: &str, since: Instant) {
+    METRICS
+        .stage_seconds
+        .with_label_values(&[stage])
+        .observe(since.elapsed().as_secs_f64());
+}
