@@ -41,7 +41,7 @@ chaos:
 	target/debug/chaos $(ARGS)
 
 # Memory, disk and restore time over a long steady run with the payments' retention in
-# minutes (see testkit/src/bin/soak.rs). ARGS: --minutes 30 --rate 300 --retention 5m
+# minutes (see testkit/src/bin/soak.rs). ARGS, e.g.: --minutes 90 --rate 300 --retention 5m
 soak:
 	$(CARGO) build --release --locked -p gateway -p simulator -p testkit --bins
 	target/release/soak $(ARGS)

@@ -8,10 +8,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// mimalloc: the pipeline allocates many short-lived buffers on several threads, where
-/// glibc's allocator spends a measurable share of the CPU.
+/// mimalloc (2.x, see the workspace's Cargo.toml): the pipeline allocates many
+/// short-lived buffers on several threads, where glibc's allocator spends a measurable
+/// share of the CPU. (Feature `system-alloc` keeps the system's, for heap profilers that
+/// intercept malloc.)
+/// Counted (`gateway_heap_live_bytes`), to tell the process's own growth from the
+/// allocator's.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: telemetry::heap::Counting<mimalloc::MiMalloc> =
+    telemetry::heap::Counting(mimalloc::MiMalloc);
+#[cfg(feature = "system-alloc")]
+#[global_allocator]
+static ALLOCATOR: telemetry::heap::Counting<std::alloc::System> =
+    telemetry::heap::Counting(std::alloc::System);
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", about = "Asynchronous payment gateway")]
@@ -150,6 +160,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    telemetry::heap::counting();
     let cli = Cli::parse();
     let role = match &cli.command {
         Cmd::Api(_) => "api",

@@ -147,6 +147,18 @@ where
     Ok((local, handle))
 }
 
+/// Heap held by the process's Rust code, read at each scrape.
+static HEAP_LIVE: std::sync::LazyLock<prometheus::IntGauge> = std::sync::LazyLock::new(|| {
+    let g = prometheus::IntGauge::new(
+        "gateway_heap_live_bytes",
+        "Heap bytes the process's Rust code holds (allocated and not freed; librdkafka's own allocations are not counted)",
+    )
+    .expect("a valid metric");
+    // Registered once; a second registration of the same name only fails.
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+});
+
 /// Operational endpoints of every role, on their own port, apart from the merchant API:
 /// `/metrics`, `/health/live` and, when the process knows its topology, `/topology`.
 pub async fn serve_ops(
@@ -156,6 +168,9 @@ pub async fn serve_ops(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     use warp::{Filter, Reply};
     let metrics = warp::path!("metrics").and(warp::get()).map(|| {
+        if let Some(bytes) = telemetry::heap::live_bytes() {
+            HEAP_LIVE.set(bytes as i64);
+        }
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&prometheus::gather())
             .unwrap_or_default();

@@ -11,6 +11,8 @@
 //! place a span takes a remote parent, gets links and records its `trace_id` field, which
 //! is how log lines inside the span carry the trace id.
 
+pub mod heap;
+
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };

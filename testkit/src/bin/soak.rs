@@ -3,9 +3,10 @@
 //! for a set time, with the payments' `state_retention` shortened to minutes so the
 //! steady state (as many payments expiring as arriving) is reached in the first third.
 //!
-//! Every minute it prints, for the worker processes together: resident memory, the size
-//! of their stores on disk, and the payments, dedup records and timers their stores hold
-//! (the workers' `gateway_store_keys`). At the end of the warm-up third and in the
+//! Every 5 s it reads the worker processes' resident memory and the size of their stores
+//! on disk; every minute it prints, for the workers together, the mean of those readings
+//! over the minute and the payments, dedup records and timers their stores hold (the
+//! workers' `gateway_store_keys`). At the end of the warm-up third and in the
 //! load's last minutes it restores a partition's store from the changelog into a scratch
 //! directory with the worker's own restore (so the running workers keep their stores)
 //! and times it, under the same load both times; after the load it also kills one
@@ -16,10 +17,12 @@
 //!   rss_slope_mb_per_h=.. store_mb_start=.. store_mb_end=.. store_slope_mb_per_h=..
 //!   live_payments=.. restore_s=.. lost=0 double_charged=0
 //!
-//! where start is the end of the warm-up third, the slopes are least-squares fits over
-//! the last two thirds and `restore_s` is the scratch restore at the end of the load (the
-//! one after warm-up is on the detail line, beside the killed worker's). It exits non-zero
-//! if a payment was lost or charged twice.
+//! where start and end are the first and last minutes of the last two thirds, the slopes
+//! are least-squares fits to the 5-second readings of those two thirds, leaving out the
+//! readings a restore probe disturbs (while it runs and for a minute after), and
+//! `restore_s` is the scratch restore at the end of the load (the one after warm-up is on
+//! the detail line, beside the killed worker's). It exits non-zero if a payment was lost
+//! or charged twice.
 //!
 //! The mock cluster keeps only the last 5 MB of each partition and does not compact: at
 //! the defaults (12 partitions, 400 payments/s, a 3-minute retention) that is about 90 s
@@ -88,6 +91,8 @@ struct Sample {
     sent: usize,
     rss_mb: f64,
     store_mb: f64,
+    /// What the workers' own code holds on the heap (`gateway_heap_live_bytes`).
+    heap_mb: f64,
     payments: f64,
     dedup: f64,
     timers: f64,
@@ -225,6 +230,7 @@ impl Workers {
         let mut s = Sample::default();
         for i in 0..self.procs.len() {
             let m = metrics(http, &self.ops[i]).await;
+            s.heap_mb += metric_sum(&m, "gateway_heap_live_bytes", "") / (1024.0 * 1024.0);
             s.payments += metric_sum(&m, "gateway_store_keys", "store=\"payments\"");
             s.dedup += metric_sum(&m, "gateway_store_keys", "store=\"dedup\"");
             s.timers += metric_sum(&m, "gateway_store_keys", "store=\"__timers\"");
@@ -502,7 +508,7 @@ async fn main() -> anyhow::Result<()> {
     let mut next_reading = started + every;
     let mut next_row = started + Duration::from_secs(a.sample_s);
     let mut row_from = 0;
-    println!("soak: minute  sent  rss_mb  store_mb  payments  dedup  timers  outbox");
+    println!("soak: minute  sent  rss_mb  heap_mb  store_mb  payments  dedup  timers  outbox");
     while !load_task.is_finished() {
         tokio::time::sleep_until(next_reading.into()).await;
         next_reading += every;
@@ -539,8 +545,16 @@ async fn main() -> anyhow::Result<()> {
         s.at_min = at_min;
         s.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
         println!(
-            "soak: {:6.1} {:6} {:7.1} {:9.1} {:9.0} {:6.0} {:7.0} {:7.0}",
-            s.at_min, s.sent, s.rss_mb, s.store_mb, s.payments, s.dedup, s.timers, s.outbox
+            "soak: {:6.1} {:6} {:7.1} {:8.1} {:9.1} {:9.0} {:6.0} {:7.0} {:7.0}",
+            s.at_min,
+            s.sent,
+            s.rss_mb,
+            s.heap_mb,
+            s.store_mb,
+            s.payments,
+            s.dedup,
+            s.timers,
+            s.outbox
         );
         samples.push(s);
         // The same restore, under the same load, after warm-up and in the load's last
@@ -635,9 +649,17 @@ async fn main() -> anyhow::Result<()> {
         samples.last().cloned().unwrap_or_default(),
     );
     let live = steady.iter().map(|s| s.payments).sum::<f64>() / steady.len().max(1) as f64;
+    let heap_slope = slope(
+        &steady
+            .iter()
+            .map(|s| (s.at_min / 60.0, s.heap_mb))
+            .collect::<Vec<_>>(),
+    );
     println!(
-        "soak: detail load_s={load_s:.0} accepted={} refused={refused} restore_warm_s={:.2} restore_warm_records={} restore_end_records={} killed_worker_restore_s={:.2} dedup_end={:.0} timers_end={:.0} logs={}",
+        "soak: detail load_s={load_s:.0} accepted={} refused={refused} heap_mb_start={:.1} heap_mb_end={:.1} heap_slope_mb_per_h={heap_slope:.1} restore_warm_s={:.2} restore_warm_records={} restore_end_records={} killed_worker_restore_s={:.2} dedup_end={:.0} timers_end={:.0} logs={}",
         accepted.len(),
+        first.heap_mb,
+        last.heap_mb,
         restore_warm.map_or(f64::NAN, |r| r.0),
         restore_warm.map_or(0, |r| r.1),
         restore_end.1,
