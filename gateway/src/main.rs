@@ -8,17 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// mimalloc (2.x, see the workspace's Cargo.toml): the pipeline allocates many
-/// short-lived buffers on several threads, where glibc's allocator spends a measurable
-/// share of the CPU. (Feature `system-alloc` keeps the system's, for heap profilers that
-/// intercept malloc.)
-/// Counted (`gateway_heap_live_bytes`), to tell the process's own growth from the
-/// allocator's.
-#[cfg(not(feature = "system-alloc"))]
+/// jemalloc (see the workspace's Cargo.toml): for librdkafka's allocations too, freed
+/// pages returned to the system by its background threads. Counted
+/// (`gateway_heap_live_bytes`), to tell the process's own growth from the allocator's.
+/// (Without feature `jemalloc`, the system's: for heap profilers that intercept malloc.)
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static ALLOCATOR: telemetry::heap::Counting<mimalloc::MiMalloc> =
-    telemetry::heap::Counting(mimalloc::MiMalloc);
-#[cfg(feature = "system-alloc")]
+static ALLOCATOR: telemetry::heap::Counting<tikv_jemallocator::Jemalloc> =
+    telemetry::heap::Counting(tikv_jemallocator::Jemalloc);
+#[cfg(not(feature = "jemalloc"))]
 #[global_allocator]
 static ALLOCATOR: telemetry::heap::Counting<std::alloc::System> =
     telemetry::heap::Counting(std::alloc::System);

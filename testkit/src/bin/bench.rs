@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use telemetry::now_ms;
 use testkit::stack::{Stack, StackOptions, DEMO_KEY};
 
-/// mimalloc: the pipeline allocates many short-lived buffers on several threads, where
-/// glibc's allocator spends a measurable share of the CPU.
+/// The gateway's allocator (jemalloc), so the in-process stack measures as deployed.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(
