@@ -5,11 +5,10 @@
 use super::stored;
 use crate::processor::RawRecord;
 use crate::task::{OutboxEntry, Task};
-use payments::command::CreatePayment;
 use payments::wire::DeadLetter;
 use payments::{
-    Amount, Command, CommandBody, CommandId, Currency, IdempotencyKey, MerchantId, PaymentId,
-    ProviderOp, ProviderOutcome, WebhookOutcome,
+    Command, CommandBody, CommandId, IdempotencyKey, MerchantId, PaymentId, ProviderOp,
+    ProviderOutcome, WebhookOutcome,
 };
 use stores::{PartitionStore, TIMERS};
 
@@ -56,19 +55,9 @@ impl Partition {
         }
     }
 
+    /// The create of this partition's payment (merchant `acme`, key `order-1`).
     fn create_body(&self) -> CommandBody {
-        CommandBody::Create(CreatePayment {
-            merchant_id: self.merchant.clone(),
-            amount: Amount::new(1_000).expect("amount"),
-            currency: Currency::parse("EUR").expect("currency"),
-            idempotency_key: IdempotencyKey::parse("order-1").expect("key"),
-            request_hash: "h".into(),
-            reference: None,
-            description: None,
-            metadata: Default::default(),
-            traceparent: None,
-            screening: None,
-        })
+        crate::processor::testing::create_command("order-1", 1_000, "EUR", 0).body
     }
 
     /// Applies one command at `now` and returns what it published.
