@@ -139,6 +139,12 @@ fn check_stores(file: &TopologyFile) -> Vec<ConfigError> {
     errors
 }
 
+/// A component's type as its role's table registers it.
+enum Spec {
+    Processor(crate::processor::NodeSpec),
+    Sink(registry::SinkSpec),
+}
+
 /// Every component as a node (edges not yet drawn); ids are unique across sections.
 fn declare_nodes(file: &TopologyFile) -> (Vec<Draft>, Vec<ConfigError>) {
     let mut errors = Vec::new();
@@ -178,23 +184,26 @@ fn declare_nodes(file: &TopologyFile) -> (Vec<Draft>, Vec<ConfigError>) {
                 continue;
             }
             let mut err = |m: String| errors.push(problem(&label, m));
-            let (store_roles, known) = match role {
-                Role::Processor => (
-                    registry::processor(&decl.kind).map(|s| s.store_roles),
-                    registry::processor_names(),
-                ),
-                _ => (
-                    registry::sink(&decl.kind).map(|_| &[][..]),
-                    registry::sink_names(),
-                ),
+            // The type, looked up once in its role's table.
+            let spec = match role {
+                Role::Processor => registry::processor(&decl.kind).map(Spec::Processor),
+                _ => registry::sink(&decl.kind).map(Spec::Sink),
             };
-            let Some(store_roles) = store_roles else {
+            let Some(spec) = spec else {
+                let known = match role {
+                    Role::Processor => registry::processor_names(),
+                    _ => registry::sink_names(),
+                };
                 err(format!(
                     "unknown type `{}`; known types: {}",
                     decl.kind,
                     known.join(", ")
                 ));
                 continue;
+            };
+            let store_roles = match &spec {
+                Spec::Processor(p) => p.store_roles,
+                Spec::Sink(_) => &[],
             };
             let ctx = BuildContext {
                 id,
@@ -214,23 +223,18 @@ fn declare_nodes(file: &TopologyFile) -> (Vec<Draft>, Vec<ConfigError>) {
                 runtime: None,
                 downstream: vec![],
             };
-            let configured = match (
-                role,
-                registry::processor(&decl.kind),
-                registry::sink(&decl.kind),
-            ) {
-                (Role::Processor, Some(spec), _) => {
+            let configured = match spec {
+                Spec::Processor(spec) => {
                     (draft.accepts, draft.emits) = (spec.accepts, spec.emits);
                     (spec.configure)(&ctx).map(NodeRuntimeSpec::Processor)
                 }
-                (_, _, Some(spec)) => {
+                Spec::Sink(spec) => {
                     draft.accepts = spec.accepts;
                     (spec.configure)(&ctx).map(|c| {
                         (draft.accepts, draft.topic) = (c.accepts, c.runtime.topic());
                         NodeRuntimeSpec::Sink(c.runtime)
                     })
                 }
-                _ => continue,
             };
             match configured {
                 Ok(runtime) => draft.runtime = Some(runtime),
