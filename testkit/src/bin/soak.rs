@@ -9,7 +9,8 @@
 //! workers' `gateway_store_keys`). At the end of the warm-up third and in the
 //! load's last minutes it restores a partition's store from the changelog into a scratch
 //! directory with the worker's own restore (so the running workers keep their stores)
-//! and times it, under the same load both times; after the load it also kills one
+//! and times it, under the same load both times (the median of `--probe-repeats`
+//! restores: on the mock broker one restore under load scatters by a factor of two); after the load it also kills one
 //! worker, starts it on an empty disk and reads how long its partitions took to restore. Then it checks, like `make chaos`, that every
 //! accepted payment is terminal and none was charged twice, and prints:
 //!
@@ -66,6 +67,10 @@ struct Args {
     /// Partitions whose stores the restore probes rebuild (from partition 0 on).
     #[arg(long, default_value_t = 1)]
     probe_partitions: i32,
+    /// Restores per probe, one after another: the probe's figure is their median (the
+    /// mock broker serves a fetch at a time, so one restore under load scatters by 2x).
+    #[arg(long, default_value_t = 3)]
+    probe_repeats: usize,
     /// sled's page cache per partition store of the workers, in MiB.
     #[arg(long, default_value_t = 8)]
     store_cache_mb: u64,
@@ -567,18 +572,24 @@ async fn main() -> anyhow::Result<()> {
                 && started.elapsed() + Duration::from_secs(150) >= run
         };
         if probe_due {
-            let r = restore_probe(
-                kafka.brokers().to_owned(),
-                app.clone(),
-                changelog.clone(),
-                a.probe_partitions,
-                root.join(format!("probe-{}", samples.len())),
-            )
-            .await?;
-            println!(
-                "soak: restore of {} partition(s) under load: {:.2} s, {} records",
-                a.probe_partitions, r.0, r.1
-            );
+            let mut runs = Vec::new();
+            for n in 0..a.probe_repeats.max(1) {
+                let r = restore_probe(
+                    kafka.brokers().to_owned(),
+                    app.clone(),
+                    changelog.clone(),
+                    a.probe_partitions,
+                    root.join(format!("probe-{}-{n}", samples.len())),
+                )
+                .await?;
+                println!(
+                    "soak: restore of {} partition(s) under load: {:.2} s, {} records",
+                    a.probe_partitions, r.0, r.1
+                );
+                runs.push(r);
+            }
+            runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let r = runs[runs.len() / 2];
             match restore_warm {
                 None => restore_warm = Some(r),
                 Some(_) => restore_end = Some(r),

@@ -190,15 +190,23 @@ pub(super) fn restore_from_changelog(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(changelog, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut next_report = started + Duration::from_secs(10);
     let mut read = 0;
     loop {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "restoring {changelog}-{partition} took longer than 10 minutes ({read} records so far)"
+            "restoring {changelog}-{partition} took longer than 10 minutes ({read} records of {low}..{high} so far)"
         );
-        let done = match consumer.poll(Duration::from_millis(500)) {
-            None => false,
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(10);
+            tracing::info!(%changelog, partition, read, low, high, elapsed_s = started.elapsed().as_secs(), "still restoring");
+        }
+        let done = match consumer.poll(Duration::from_millis(200)) {
+            // Nothing fetched: the consumer's position says whether the extent is read
+            // (a transaction marker at its end is never delivered as a record).
+            None => position(&consumer, changelog, partition).is_some_and(|p| p >= high),
             Some(Ok(m)) => {
                 if let (Some(k), true) = (m.key(), m.offset() < high) {
                     let v = stores::changelog::from_topic(m.payload()).with_context(|| {
@@ -211,7 +219,7 @@ pub(super) fn restore_from_changelog(
             }
             Some(Err(KafkaError::PartitionEOF(_))) => true,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, %changelog, partition, "changelog read failed; retrying");
+                tracing::warn!(error = %e, %changelog, partition, read, low, high, "changelog read failed; retrying");
                 false
             }
         };
@@ -219,6 +227,17 @@ pub(super) fn restore_from_changelog(
             return Ok(restore.finish(high)?);
         }
     }
+}
+
+/// The offset the consumer fetches next in `topic`-`partition`, once it has one.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+    consumer
+        .position()
+        .ok()?
+        .find_partition(topic, partition)?
+        .offset()
+        .to_raw()
+        .filter(|o| *o >= 0)
 }
 
 /// Rebuilds `store` from partition `partition` of `changelog` exactly as a worker does
