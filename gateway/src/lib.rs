@@ -43,6 +43,23 @@ impl Common {
         )
     }
 
+    /// A worker's settings for this deployment (its brokers, client properties and
+    /// commands topic), the engine's defaults for the rest: callers set what they change.
+    pub fn worker_settings(
+        &self,
+        state_dir: PathBuf,
+        provider_url: &str,
+    ) -> anyhow::Result<topology::WorkerSettings> {
+        let mut settings = topology::WorkerSettings::new(
+            &self.brokers,
+            state_dir,
+            provider_url,
+            &self.commands_topic()?,
+        );
+        settings.kafka = self.kafka.clone();
+        Ok(settings)
+    }
+
     pub fn sink_topics(&self) -> anyhow::Result<sinks::projection::Topics> {
         Ok(sinks::projection::Topics {
             events: self.events_topic.clone(),
@@ -119,6 +136,11 @@ pub struct ApiOptions {
     pub max_body_bytes: u64,
     /// Requests per second per merchant (burst: twice that); 0 disables the limit.
     pub rate_limit_per_second: f64,
+    /// Creates are refused while the workers' backlog would take longer than this to
+    /// process; zero admits every create.
+    pub admission_max_backlog: Duration,
+    /// A backlog of at most this many records is never refused.
+    pub admission_min_backlog: u64,
 }
 
 /// Starts the API; returns its address and a handle that ends after `shutdown`.
@@ -143,34 +165,30 @@ pub async fn start_api(
         per_second: opts.rate_limit_per_second,
         burst: opts.rate_limit_per_second * 2.0,
     });
-    let state = ApiState::new(cfg, producer, pool);
+    if !opts.admission_max_backlog.is_zero() {
+        let mut a = gateway_http::admission::AdmissionConfig::new(
+            &common.brokers,
+            &common.topology.application_id,
+            &common.commands_topic()?,
+        );
+        a.kafka = common.kafka.clone();
+        a.max_backlog = opts.admission_max_backlog;
+        a.min_backlog_records = opts.admission_min_backlog;
+        cfg.admission = Some(a);
+    }
+    let state = ApiState::new(cfg, producer, pool)?;
     let (addr, handle) = gateway_http::serve(state, opts.listen, shutdown).await?;
     tracing::info!(%addr, "API listening");
     Ok((addr, handle))
 }
 
-pub struct WorkerOptions {
-    pub state_dir: PathBuf,
-    pub provider_url: String,
-    pub provider_timeout: Duration,
-    /// sled's page cache per partition store.
-    pub store_cache_bytes: u64,
-}
-
+/// Runs the topology worker with `settings` (see [`Common::worker_settings`]) until
+/// `shutdown`.
 pub async fn run_worker(
     common: &Common,
-    opts: WorkerOptions,
+    settings: topology::WorkerSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut settings = topology::WorkerSettings::new(
-        &common.brokers,
-        opts.state_dir,
-        &opts.provider_url,
-        &common.commands_topic()?,
-    );
-    settings.provider_timeout = opts.provider_timeout;
-    settings.store_cache_bytes = opts.store_cache_bytes;
-    settings.kafka = common.kafka.clone();
     topology::run_worker(common.topology.clone(), settings, shutdown).await
 }
 

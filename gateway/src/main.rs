@@ -2,7 +2,7 @@
 //! `gateway` library for what each runs.
 
 use clap::{Parser, Subcommand};
-use gateway::{ApiOptions, Common, WorkerOptions};
+use gateway::{ApiOptions, Common};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,6 +94,13 @@ struct ApiArgs {
     /// Requests per second per merchant (burst: twice that); 0 disables the limit.
     #[arg(long, env = "API_RATE_LIMIT", default_value_t = 5000.0)]
     rate_limit: f64,
+    /// Creates are refused (503 `overloaded`, nothing queued) while the workers' backlog
+    /// would take longer than this to process; 0 admits every create.
+    #[arg(long, env = "ADMISSION_MAX_BACKLOG_MS", default_value_t = 2000)]
+    admission_max_backlog_ms: u64,
+    /// A backlog of at most this many commands is never refused.
+    #[arg(long, env = "ADMISSION_MIN_BACKLOG", default_value_t = 1000)]
+    admission_min_backlog: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,8 +218,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Worker { worker, ops_listen } => {
             let ops = ops_server(ops_listen, Some(&common)).await?;
-            let res =
-                gateway::run_worker(&common, worker_opts(worker), gateway::shutdown_signal()).await;
+            let settings = worker_settings(&common, worker)?;
+            let res = gateway::run_worker(&common, settings, gateway::shutdown_signal()).await;
             ops.abort();
             res
         }
@@ -232,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ops = ops_server(api.ops_listen, Some(&common)).await?;
             let opts = api_opts(api)?;
+            let settings = worker_settings(&common, worker)?;
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
                 let mut rx = tx.subscribe();
@@ -247,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             // The first role to fail stops the others.
             let res = tokio::try_join!(
-                gateway::run_worker(&common, worker_opts(worker), wait(&tx)),
+                gateway::run_worker(&common, settings, wait(&tx)),
                 gateway::run_sink(&common, &group_id, wait(&tx)),
             );
             let _ = tx.send(());
@@ -285,14 +293,14 @@ fn api_opts(a: ApiArgs) -> anyhow::Result<ApiOptions> {
         webhook_secrets,
         max_body_bytes: a.max_body_bytes,
         rate_limit_per_second: a.rate_limit,
+        admission_max_backlog: Duration::from_millis(a.admission_max_backlog_ms),
+        admission_min_backlog: a.admission_min_backlog,
     })
 }
 
-fn worker_opts(w: WorkerArgs) -> WorkerOptions {
-    WorkerOptions {
-        state_dir: w.state_dir,
-        provider_url: w.provider_url,
-        provider_timeout: Duration::from_millis(w.provider_timeout_ms),
-        store_cache_bytes: w.store_cache_mb * 1024 * 1024,
-    }
+fn worker_settings(common: &Common, w: WorkerArgs) -> anyhow::Result<topology::WorkerSettings> {
+    let mut settings = common.worker_settings(w.state_dir, &w.provider_url)?;
+    settings.provider_timeout = Duration::from_millis(w.provider_timeout_ms);
+    settings.store_cache_bytes = w.store_cache_mb * 1024 * 1024;
+    Ok(settings)
 }

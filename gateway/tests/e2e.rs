@@ -529,6 +529,128 @@ async fn a_killed_worker_resumes_from_its_checkpoint_without_loss_or_duplicate_e
     stack.shutdown().await.unwrap();
 }
 
+/// Overload: with the worker stopped the backlog grows past its bound, and creates are
+/// refused at once (503 `overloaded`, `Retry-After`, nothing queued) while cancels and
+/// webhooks are still queued. Once the worker is back, each refused create retried with
+/// its key is accepted, and every payment is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_the_backlog_bound_creates_are_refused_and_safe_to_retry() {
+    let opts = StackOptions {
+        admission_min_backlog: 20,
+        ..StackOptions::default()
+    };
+    let mut stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    stack.stop_worker().await.unwrap();
+    let early = api.create("early", 1000, "EUR").await.unwrap();
+    assert_eq!(early.status, 202, "{}", early.body);
+    let early_id = early.body["id"].as_str().unwrap().to_owned();
+
+    // Creates pile up in the commands topic until admission control sees the backlog
+    // (read four times a second) and refuses.
+    let mut accepted = vec![early_id.clone()];
+    let mut refused = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "no create refused with the worker stopped"
+        );
+        let key = format!("pile-{i}");
+        let r = api.create(&key, 1000, "EUR").await.unwrap();
+        match r.status {
+            202 => accepted.push(r.body["id"].as_str().unwrap().to_owned()),
+            503 => {
+                assert_eq!(r.code(), "overloaded", "{}", r.body);
+                let retry: u32 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=10).contains(&retry), "Retry-After {retry}");
+                refused = Some(key);
+                break;
+            }
+            s => panic!("create answered {s}: {}", r.body),
+        }
+        if i >= 25 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let refused = refused.unwrap();
+    let refused_id = payments::PaymentId::derive(
+        &payments::MerchantId::parse("demo").unwrap(),
+        &payments::IdempotencyKey::parse(&refused).unwrap(),
+    )
+    .to_string();
+    // A refused create is refused again, fast, and never queued.
+    let again = api.create(&refused, 1000, "EUR").await.unwrap();
+    assert_eq!(
+        (again.status, again.code()),
+        (503, "overloaded"),
+        "{}",
+        again.body
+    );
+    // Cancels and webhooks are never refused.
+    let cancel = api.cancel(&early_id).await.unwrap();
+    assert_eq!(cancel.status, 202, "{}", cancel.body);
+    let hook = serde_json::json!({"type": "charge.succeeded", "data": {"reference": "pay_00000000000000000000000000000001", "charge_id": "ch_1"}});
+    let r = api
+        .send(signed_webhook(&api, "msg_overload", &hook))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    let metrics = reqwest::get(format!("http://{}/metrics", stack.ops))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_admission_refused_total ")
+                && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)),
+        "refusals are not counted: {metrics}"
+    );
+    let queued = stack.kafka.read_all(&stack.commands_topic()).unwrap();
+    assert!(
+        queued
+            .iter()
+            .all(|r| r.key.as_deref() != Some(refused_id.as_bytes())),
+        "a refused create reached the commands topic"
+    );
+
+    // The worker is back: the backlog drains and the refused create, retried with its
+    // key, is accepted.
+    stack.start_worker().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let retried = loop {
+        let r = api.create(&refused, 1000, "EUR").await.unwrap();
+        if r.status == 202 {
+            break r;
+        }
+        assert_eq!((r.status, r.code()), (503, "overloaded"), "{}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "the create is still refused after the backlog drained"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(retried.body["id"], refused_id.as_str());
+    accepted.push(refused_id);
+    let statuses = wait_all_terminal(
+        &stack.pool().await.unwrap(),
+        &accepted,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    check_ledger(&stack, &statuses);
+    println!(
+        "e2e: admission: accepted={} refused_after={} then accepted on retry",
+        accepted.len(),
+        accepted.len() - 1
+    );
+    stack.shutdown().await.unwrap();
+}
+
 /// The workers' disk outlives the broker (`docker compose down && up` when Kafka kept no
 /// volume, or workers pointed at a new cluster): every store's checkpoint is past its
 /// partition on the fresh broker. The stores are discarded, not trusted, and every
@@ -1227,7 +1349,7 @@ async fn partitions_move_between_two_workers_without_loss() {
             .collect()
     };
     let mut created = create_many(&api, batch(0), 16).await;
-    let second = stack.spawn_extra_worker(); // joins: partitions are split
+    let second = stack.spawn_extra_worker().expect("second worker"); // joins: partitions are split
     created.extend(create_many(&api, batch(150), 16).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(second.is_running(), "the second worker stopped");

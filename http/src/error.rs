@@ -66,6 +66,7 @@ catalogue! {
     IdempotencyKeyReused = (UNPROCESSABLE_ENTITY, "idempotency_key_reused", "the Idempotency-Key was used with another request"),
     RateLimited = (TOO_MANY_REQUESTS, "rate_limited", "over the merchant's rate limit; retry after `Retry-After`"),
     Unavailable = (SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; retry after `Retry-After` (with the same Idempotency-Key)"),
+    Overloaded = (SERVICE_UNAVAILABLE, "overloaded", "the workers' backlog is over its bound and nothing was queued; retry after `Retry-After` with the same Idempotency-Key"),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +120,17 @@ impl ApiError {
         ApiError {
             retry_after: Some(1),
             ..Self::new(ErrorCode::Unavailable, message)
+        }
+    }
+
+    /// A create refused by admission control: nothing was claimed or queued.
+    pub fn overloaded(retry_after_s: u32) -> Self {
+        ApiError {
+            retry_after: Some(retry_after_s),
+            ..Self::new(
+                ErrorCode::Overloaded,
+                "the gateway is processing more payments than it can take now and queued nothing; retry after Retry-After with the same Idempotency-Key",
+            )
         }
     }
 

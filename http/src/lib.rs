@@ -5,6 +5,7 @@
 //! - [`payments`], [`callbacks`], [`health`]: what each route does, one file per
 //!   resource — validate, authenticate, publish a command or read the projection.
 //! - [`commands`]: `publish`, the API's only write path.
+//! - [`admission`]: creates refused at once while the workers' backlog is over a bound.
 //! - [`request`]: what the handlers share (the merchant, JSON bodies, identifiers).
 //! - [`recent`]: creates this instance accepted and the projection may not hold yet:
 //!   one answer per Idempotency-Key, and reads of a payment just accepted.
@@ -15,6 +16,7 @@
 //! The API **never changes payment state**: writes become commands on Kafka, reads come
 //! from the PostgreSQL projection.
 
+pub mod admission;
 pub mod auth;
 pub mod callbacks;
 pub mod commands;
@@ -47,6 +49,8 @@ pub struct ApiConfig {
     pub publish_timeout: Duration,
     /// Requests per merchant; `None` disables the limit.
     pub rate_limit: Option<RateLimit>,
+    /// Refuse creates while the workers' backlog is over a bound; `None` admits all.
+    pub admission: Option<admission::AdmissionConfig>,
 }
 
 /// A token bucket per merchant: `per_second` sustained, up to `burst` at once.
@@ -92,6 +96,7 @@ impl ApiConfig {
                 per_second: 5000.0,
                 burst: 10_000.0,
             }),
+            admission: None,
         }
     }
 }
@@ -102,17 +107,24 @@ pub struct ApiState {
     pub pool: Pool,
     pub recent: Mutex<RecentCreates>,
     pub buckets: Buckets,
+    pub admission: Arc<admission::Admission>,
 }
 
 impl ApiState {
-    pub fn new(cfg: ApiConfig, producer: FutureProducer, pool: Pool) -> Arc<Self> {
-        Arc::new(ApiState {
+    /// The API's state; with `cfg.admission`, it starts reading the workers' backlog.
+    pub fn new(cfg: ApiConfig, producer: FutureProducer, pool: Pool) -> anyhow::Result<Arc<Self>> {
+        let admission = match &cfg.admission {
+            Some(a) => admission::Admission::start(a.clone())?,
+            None => admission::Admission::open(),
+        };
+        Ok(Arc::new(ApiState {
             cfg,
             producer,
             pool,
             recent: Mutex::new(RecentCreates::default()),
             buckets: Buckets::default(),
-        })
+            admission,
+        }))
     }
 }
 
@@ -125,8 +137,9 @@ pub async fn serve(
     spawn_server(routes::routes(state), addr, shutdown).await
 }
 
-/// Binds `addr` (port 0 picks a free one) and serves `filter` until `shutdown`.
-async fn spawn_server<F>(
+/// Binds `addr` (port 0 picks a free one) and serves `filter` on a task until
+/// `shutdown`; returns the bound address at once.
+pub async fn spawn_server<F>(
     filter: F,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -73,7 +73,7 @@ pub fn document() -> Value {
                     "responses": with(errors(&and_auth(&[
                         InvalidJson, InvalidRequest, MissingIdempotencyKey, InvalidIdempotencyKey,
                         CardDataRejected, RequestTimeout, PayloadTooLarge, UnsupportedMediaType,
-                        IdempotencyKeyReused,
+                        IdempotencyKeyReused, Overloaded,
                     ])), ("202", json_body("Accepted", "accepted; the same key and body replay this answer"))),
                 },
                 "get": {

@@ -191,6 +191,11 @@ pub async fn create_payment(
             Err(conflict())
         };
     }
+    // Over the backlog bound: refused before the key is claimed or anything is queued,
+    // so a retry with the same key is a first attempt.
+    if let Err(retry_after) = state.admission.admit() {
+        return Err(ApiError::overloaded(retry_after));
+    }
     // Not projected yet: the key is claimed here before anything is published, so of
     // concurrent requests with one key exactly one body is ever acknowledged.
     let claim = recent(&state).claim(

@@ -378,7 +378,7 @@ mod tests {
         let mut cfg = ApiConfig::new("commands");
         cfg.webhook_secrets
             .insert("sim".into(), vec![b"secret".to_vec()]);
-        ApiState::new(cfg, producer, pool)
+        ApiState::new(cfg, producer, pool).expect("API state")
     }
 
     #[test]

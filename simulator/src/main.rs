@@ -1,8 +1,9 @@
 //! `provider-sim`: runs the provider simulator. Every knob is a flag or an environment
 //! variable (`SIM_*`).
 
+use anyhow::Context as _;
 use clap::Parser;
-use simulator::{serve, SimConfig, Simulator};
+use simulator::{SimConfig, Simulator};
 use std::net::SocketAddr;
 
 #[derive(Debug, Parser)]
@@ -80,11 +81,16 @@ async fn main() -> anyhow::Result<()> {
     if !problems.is_empty() {
         anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
     }
-    let (addr, handle) = serve(Simulator::new(cfg), a.listen, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
-    tracing::info!(%addr, "provider simulator listening");
-    handle.await?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "provider simulator listening");
+    warp::serve(Simulator::new(cfg).routes())
+        .incoming(listener)
+        .graceful(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .run()
+        .await;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use crate::kafka::Kafka;
 use crate::pg;
 use anyhow::Context as _;
-use gateway::{ApiOptions, Common, WorkerOptions};
+use gateway::{ApiOptions, Common};
 use gateway_http::auth::MerchantKey;
 use simulator::{SimConfig, Simulator};
 use std::collections::HashMap;
@@ -44,6 +44,10 @@ pub struct StackOptions {
     pub names: Option<String>,
     /// The worker's state directory (a fresh one inside the stack's when `None`).
     pub worker_state: Option<PathBuf>,
+    /// The API's admission control (as shipped: 2 s of backlog, never below 1,000
+    /// records; a zero bound admits every create).
+    pub admission_max_backlog: Duration,
+    pub admission_min_backlog: u64,
 }
 
 impl StackOptions {
@@ -66,6 +70,8 @@ impl Default for StackOptions {
             store_cache_mb: stores::DEFAULT_CACHE_MB,
             names: None,
             worker_state: None,
+            admission_max_backlog: Duration::from_secs(2),
+            admission_min_backlog: 1_000,
         }
     }
 }
@@ -237,6 +243,8 @@ impl Stack {
             webhook_secrets: secrets,
             max_body_bytes: 16 * 1024,
             rate_limit_per_second: 5000.0,
+            admission_max_backlog: opts.admission_max_backlog,
+            admission_min_backlog: opts.admission_min_backlog,
         };
         let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
         let (ops, _ops_join) = gateway_http::serve_ops(
@@ -250,7 +258,7 @@ impl Stack {
         sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
         let sim = Simulator::new(sim_cfg);
         let (sim_addr, _sim_join) =
-            simulator::serve(sim.clone(), opts.sim_listen, wait_for(&shutdown)).await?;
+            gateway_http::spawn_server(sim.routes(), opts.sim_listen, wait_for(&shutdown)).await?;
         let sink = {
             let common = common.clone();
             let stop = wait_for(&shutdown);
@@ -323,15 +331,12 @@ impl Stack {
             None => {
                 let (stop, _) = broadcast::channel(1);
                 let common = self.common.clone();
-                let opts = WorkerOptions {
-                    state_dir: state,
-                    provider_url,
-                    provider_timeout: self.opts.provider_timeout,
-                    store_cache_bytes: self.opts.store_cache_bytes(),
-                };
+                let settings = self.worker_settings(state, &provider_url)?;
                 let until = wait_for(&stop);
                 let join =
-                    tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
+                    tokio::spawn(
+                        async move { gateway::run_worker(&common, settings, until).await },
+                    );
                 Worker::InProcess { stop, join }
             }
         });
@@ -340,18 +345,28 @@ impl Stack {
 
     /// Another in-process worker in the same consumer group, on the same state directory
     /// (partitions, and their stores, move between the two on rebalances).
-    pub fn spawn_extra_worker(&self) -> ExtraWorker {
+    pub fn spawn_extra_worker(&self) -> anyhow::Result<ExtraWorker> {
         let (stop, _) = broadcast::channel(1);
         let common = self.common.clone();
-        let opts = WorkerOptions {
-            state_dir: self.worker_state.clone(),
-            provider_url: format!("http://{}", self.sim_addr),
-            provider_timeout: self.opts.provider_timeout,
-            store_cache_bytes: self.opts.store_cache_bytes(),
-        };
+        let settings = self.worker_settings(
+            self.worker_state.clone(),
+            &format!("http://{}", self.sim_addr),
+        )?;
         let until = wait_for(&stop);
-        let join = tokio::spawn(async move { gateway::run_worker(&common, opts, until).await });
-        ExtraWorker { stop, join }
+        let join = tokio::spawn(async move { gateway::run_worker(&common, settings, until).await });
+        Ok(ExtraWorker { stop, join })
+    }
+
+    /// The settings of an in-process worker of this stack.
+    fn worker_settings(
+        &self,
+        state_dir: PathBuf,
+        provider_url: &str,
+    ) -> anyhow::Result<topology::WorkerSettings> {
+        let mut settings = self.common.worker_settings(state_dir, provider_url)?;
+        settings.provider_timeout = self.opts.provider_timeout;
+        settings.store_cache_bytes = self.opts.store_cache_bytes();
+        Ok(settings)
     }
 
     /// Stops the worker: gracefully in-process, or with SIGKILL for a child process.

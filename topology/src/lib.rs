@@ -9,7 +9,8 @@
 //!   see only this.
 //! - [`span`]: lengths of time as the topology file writes them.
 //! - [`processors`]: the built-in processor types, one module each.
-//! - [`task`]: one partition's graph instance, its stores, its outbox and checkpoint.
+//! - [`task`]: one partition's batch commit and checkpoint, its graph instance (the
+//!   routing of records between nodes, `task/graph.rs`) and its outbox (`task/outbox.rs`).
 //! - [`runtime`]: the worker — the consumer loop, the tasks, restores, the record
 //!   collector and the exactly-once producer, one file each.
 //! - [`provider`]: the provider client and the dispatcher that turns answers into commands.

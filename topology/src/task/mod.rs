@@ -9,88 +9,20 @@
 //! last durable checkpoint; outputs are deterministic and idempotent, so the replay
 //! emits the same `(payment_id, seq)` events.
 
-use crate::config::{CompiledTopology, NodeRuntimeSpec, Role};
+mod graph;
+mod outbox;
+
+pub use graph::Graph;
+pub use outbox::OutboxEntry;
+
+use crate::config::CompiledTopology;
 use crate::metrics::METRICS;
-use crate::processor::{
-    Context, ProcessError, Processor, ProviderCall, RawRecord, Record, RecordKind,
-};
-use crate::registry::SinkRuntime;
-use serde::{Deserialize, Serialize};
+use crate::processor::{ProcessError, RawRecord, Record};
+use graph::Step;
+use outbox::{outbox_batch_key, OUTBOX_BATCH_KEY_LEN};
 use stores::{
     time_key, ChangelogRecord, PartitionStore, WriteSet, CHANGELOG_QUEUE, OUTBOX, TIMERS,
 };
-
-/// A record the task must publish once its batch is durable.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum OutboxEntry {
-    Kafka {
-        topic: String,
-        key: Option<Vec<u8>>,
-        payload: Vec<u8>,
-        headers: Vec<(String, Vec<u8>)>,
-    },
-    Provider(ProviderCall),
-}
-
-enum NodeRuntime {
-    Source,
-    Processor(Box<dyn Processor>),
-    KafkaSink { topic: String },
-    ProviderSink,
-}
-
-struct GraphNode {
-    id: String,
-    runtime: NodeRuntime,
-    accepts: &'static [RecordKind],
-    downstream: Vec<usize>,
-}
-
-/// The processor graph instantiated for one task.
-pub struct Graph {
-    nodes: Vec<GraphNode>,
-}
-
-impl Graph {
-    pub fn build(topo: &CompiledTopology) -> Graph {
-        let mut nodes = Vec::with_capacity(topo.nodes.len());
-        for n in &topo.nodes {
-            let runtime = match &n.runtime {
-                NodeRuntimeSpec::Source => NodeRuntime::Source,
-                NodeRuntimeSpec::Processor(supplier) => NodeRuntime::Processor(supplier.0.get()),
-                NodeRuntimeSpec::Sink(SinkRuntime::Kafka { topic }) => NodeRuntime::KafkaSink {
-                    topic: topic.clone(),
-                },
-                NodeRuntimeSpec::Sink(SinkRuntime::Provider) => NodeRuntime::ProviderSink,
-            };
-            nodes.push(GraphNode {
-                id: n.id.clone(),
-                runtime,
-                accepts: n.accepts,
-                downstream: n.downstream.clone(),
-            });
-        }
-        Graph { nodes }
-    }
-
-    fn source_for(&self, topo: &CompiledTopology, topic: &str) -> Option<usize> {
-        topo.nodes
-            .iter()
-            .position(|n| n.role == Role::Source && n.topic.as_deref() == Some(topic))
-    }
-}
-
-/// Everything one step (an input record or a timer) produced.
-#[derive(Default)]
-struct Step {
-    outbox: Vec<OutboxEntry>,
-    /// Where the input record was read; `None` for timers.
-    input: Option<crate::processor::InputPosition>,
-    /// `traceparent` of the input record.
-    trace_in: Option<String>,
-    /// `traceparent` for the records this step publishes.
-    trace_out: Option<String>,
-}
 
 pub struct Task {
     pub topic: String,
@@ -211,7 +143,14 @@ impl Task {
                     .and_then(|(_, v)| String::from_utf8(v.clone()).ok()),
                 ..Step::default()
             };
-            self.forward(self.source, Record::Raw(raw), &mut ws, now_ms, &mut step)?;
+            self.graph.forward(
+                &self.store,
+                self.source,
+                Record::Raw(raw),
+                &mut ws,
+                now_ms,
+                &mut step,
+            )?;
             outbox.append(&mut step.outbox);
             next = Some(offset + 1);
             applied += 1;
@@ -254,9 +193,11 @@ impl Task {
                 .get(8..10)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
             ws.delete(TIMERS, &key);
-            match node.filter(|n| *n < self.graph.nodes.len()) {
+            match node.filter(|n| *n < self.graph.len()) {
                 Some(node) => {
-                    let mut step = self.run_timer(node, &payload, &mut ws, now_ms)?;
+                    let mut step =
+                        self.graph
+                            .run_timer(&self.store, node, &payload, &mut ws, now_ms)?;
                     outbox.append(&mut step.outbox);
                 }
                 None => {
@@ -280,26 +221,7 @@ impl Task {
     /// Lets every processor do its housekeeping, committed as one batch.
     pub fn maintain(&mut self, now_ms: i64) -> Result<(), ProcessError> {
         let mut ws = WriteSet::default();
-        for i in 0..self.graph.nodes.len() {
-            let id = self.graph.nodes[i].id.clone();
-            if let NodeRuntime::Processor(p) = &mut self.graph.nodes[i].runtime {
-                let mut ctx = Context {
-                    store: &self.store,
-                    ws: &mut ws,
-                    out: vec![],
-                    timers: vec![],
-                    cancels: vec![],
-                    input: None,
-                    now_ms,
-                    processor_id: &id,
-                    trace_in: None,
-                    trace_out: None,
-                };
-                p.maintain(&mut ctx)?;
-                let (timers, cancels) = (ctx.timers, ctx.cancels);
-                stage_timers(&mut ws, i, timers, cancels);
-            }
-        }
+        self.graph.maintain(&self.store, &mut ws, now_ms)?;
         self.stage_changelog(&mut ws);
         self.store.commit(ws)?;
         Ok(())
@@ -437,213 +359,27 @@ impl Task {
         }
         ws.set_outbox_seq(self.outbox_seq);
     }
-
-    fn run_timer(
-        &mut self,
-        node: usize,
-        payload: &[u8],
-        ws: &mut WriteSet,
-        now_ms: i64,
-    ) -> Result<Step, ProcessError> {
-        let mut step = Step::default();
-        self.run_processor(node, ws, now_ms, &mut step, |p, ctx| {
-            p.on_timer(ctx, payload)
-        })?;
-        Ok(step)
-    }
-
-    /// Runs one processor call with a fresh context, then stages its timers and routes
-    /// its outputs downstream.
-    fn run_processor(
-        &mut self,
-        node: usize,
-        ws: &mut WriteSet,
-        now_ms: i64,
-        step: &mut Step,
-        call: impl FnOnce(&mut dyn Processor, &mut Context<'_>) -> Result<(), ProcessError>,
-    ) -> Result<(), ProcessError> {
-        let GraphNode { id, runtime, .. } = &mut self.graph.nodes[node];
-        let NodeRuntime::Processor(p) = runtime else {
-            return Ok(());
-        };
-        let mut ctx = Context {
-            store: &self.store,
-            ws,
-            out: vec![],
-            timers: vec![],
-            cancels: vec![],
-            input: step.input.as_ref(),
-            now_ms,
-            processor_id: id,
-            trace_in: step.trace_in.as_deref(),
-            trace_out: None,
-        };
-        call(p.as_mut(), &mut ctx)?;
-        let (out, timers, cancels) = (ctx.out, ctx.timers, ctx.cancels);
-        if ctx.trace_out.is_some() {
-            step.trace_out = ctx.trace_out;
-        }
-        stage_timers(ws, node, timers, cancels);
-        for rec in out {
-            self.route(node, rec, ws, now_ms, step)?;
-        }
-        Ok(())
-    }
-
-    fn forward(
-        &mut self,
-        node: usize,
-        record: Record,
-        ws: &mut WriteSet,
-        now_ms: i64,
-        step: &mut Step,
-    ) -> Result<(), ProcessError> {
-        match &mut self.graph.nodes[node].runtime {
-            NodeRuntime::Source => self.route(node, record, ws, now_ms, step),
-            NodeRuntime::KafkaSink { topic } => {
-                let trace = step.trace_out.clone();
-                step.outbox.push(kafka_entry(topic, record, trace));
-                Ok(())
-            }
-            NodeRuntime::ProviderSink => {
-                if let Record::ProviderCall(call) = record {
-                    step.outbox.push(OutboxEntry::Provider(call));
-                }
-                Ok(())
-            }
-            NodeRuntime::Processor(_) => {
-                self.run_processor(node, ws, now_ms, step, |p, ctx| p.process(ctx, record))
-            }
-        }
-    }
-
-    fn route(
-        &mut self,
-        from: usize,
-        record: Record,
-        ws: &mut WriteSet,
-        now_ms: i64,
-        step: &mut Step,
-    ) -> Result<(), ProcessError> {
-        let kind = record.kind();
-        let targets: Vec<usize> = self.graph.nodes[from]
-            .downstream
-            .iter()
-            .copied()
-            .filter(|d| self.graph.nodes[*d].accepts.contains(&kind))
-            .collect();
-        if targets.is_empty() {
-            // The compiler rejects such topologies; this guards against a processor
-            // emitting a kind it did not declare.
-            METRICS.errors.with_label_values(&["unrouted_record"]).inc();
-            tracing::error!(node = %self.graph.nodes[from].id, kind = kind.as_str(), "record has no downstream that accepts it");
-            return Err(ProcessError::UnexpectedRecord {
-                processor: self.graph.nodes[from].id.clone(),
-                kind: kind.as_str(),
-            });
-        }
-        let last = targets.len() - 1;
-        let mut record = Some(record);
-        for (i, d) in targets.into_iter().enumerate() {
-            let r = if i == last {
-                record.take()
-            } else {
-                record.clone()
-            };
-            if let Some(r) = r {
-                self.forward(d, r, ws, now_ms, step)?;
-            }
-        }
-        Ok(())
-    }
 }
 
-/// Length of the key of an outbox record that holds a list of entries: the outbox
-/// sequence number and a `b` (records of one entry have 8-byte keys).
-const OUTBOX_BATCH_KEY_LEN: usize = 9;
+/// Tasks of the shipped topology, for tests of processors inside a task.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Task;
+    use stores::PartitionStore;
 
-fn outbox_batch_key(seq: u64) -> [u8; OUTBOX_BATCH_KEY_LEN] {
-    let mut k = [b'b'; OUTBOX_BATCH_KEY_LEN];
-    k[..8].copy_from_slice(&seq.to_be_bytes());
-    k
-}
+    pub(crate) const SHIPPED: &str = include_str!("../../../config/topology.toml");
 
-/// Stages a step's timer changes: cancellations first, so a timer cancelled and set
-/// again in one step stays set.
-fn stage_timers(
-    ws: &mut WriteSet,
-    node: usize,
-    timers: Vec<crate::processor::TimerRequest>,
-    cancels: Vec<(i64, Vec<u8>)>,
-) {
-    for (due_at_ms, id) in cancels {
-        ws.delete(TIMERS, &timer_key(node, due_at_ms, &id));
-    }
-    for t in timers {
-        ws.put_raw(TIMERS, &timer_key(node, t.due_at_ms, &t.id), t.payload);
-    }
-}
-
-/// Due time first, so the store lists timers in the order they fire.
-fn timer_key(node: usize, due_at_ms: i64, id: &[u8]) -> Vec<u8> {
-    let mut key = time_key(due_at_ms).to_vec();
-    key.extend_from_slice(&(node as u16).to_be_bytes());
-    key.extend_from_slice(id);
-    key
-}
-
-/// The Kafka record for `record`; `trace` (the step's trace context) goes in its
-/// `traceparent` header unless the record names its own.
-fn kafka_entry(topic: &str, record: Record, trace: Option<String>) -> OutboxEntry {
-    let (key, payload, content_type, own_trace) = match record {
-        Record::Event(e) => (
-            Some(e.payment_id.to_string().into_bytes()),
-            payments::wire::encode_event(&e),
-            payments::wire::EVENT_CONTENT_TYPE,
-            None,
-        ),
-        Record::Command(c) => (
-            Some(c.payment_id.to_string().into_bytes()),
-            payments::wire::encode_command(&c),
-            payments::wire::COMMAND_CONTENT_TYPE,
-            None,
-        ),
-        Record::DeadLetter(d) => (
-            d.key.clone().map(String::into_bytes),
-            serde_json::to_vec(&d).unwrap_or_default(),
-            payments::wire::DEAD_LETTER_CONTENT_TYPE,
-            None,
-        ),
-        Record::Raw(r) => (
-            r.key,
-            r.payload.unwrap_or_default(),
-            "application/octet-stream",
-            None::<String>,
-        ),
-        Record::ProviderCall(c) => (
-            Some(c.payment_id.to_string().into_bytes()),
-            serde_json::to_vec(&c).unwrap_or_default(),
-            "application/vnd.gateway.provider-call.v1+json",
-            c.traceparent.clone(),
-        ),
-    };
-    let mut headers = vec![("content-type".to_owned(), content_type.as_bytes().to_vec())];
-    if let Some(tp) = own_trace.or(trace) {
-        headers.push(("traceparent".to_owned(), tp.into_bytes()));
-    }
-    OutboxEntry::Kafka {
-        topic: topic.to_owned(),
-        key,
-        payload,
-        headers,
+    /// A task of `config/topology.toml` for partition 0 of `topic`, over `store`.
+    pub(crate) fn shipped(store: PartitionStore, topic: &str, changelog: bool) -> Task {
+        let topo = crate::config::compile_str(SHIPPED).expect("shipped topology compiles");
+        Task::open(&topo, store, topic, 0, changelog).expect("task")
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::SHIPPED;
     use super::*;
-
-    const SHIPPED: &str = include_str!("../../config/topology.toml");
     const TOPIC: &str = "payments.commands";
 
     fn create_record(issued_at_ms: i64) -> RawRecord {
@@ -662,7 +398,6 @@ mod tests {
 
     #[test]
     fn a_wait_starts_when_its_step_runs_not_when_the_command_was_issued() {
-        let topo = crate::config::compile_str(SHIPPED).expect("shipped topology compiles");
         let file: crate::config::TopologyFile = toml::from_str(SHIPPED).expect("shipped file");
         let policy: payments::Policy = file
             .processors
@@ -674,7 +409,7 @@ mod tests {
         let timeout = policy.reply_timeout_ms;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
-        let mut task = Task::open(&topo, store, TOPIC, 0, false).expect("task");
+        let mut task = testing::shipped(store, TOPIC, false);
         // Processed 60 s after it was issued (a backlog): the charge goes out now, so its
         // reply timeout is due a whole timeout from now, not already past.
         let issued = 1_000_000;

@@ -4,7 +4,7 @@
 
 use super::stored;
 use crate::processor::RawRecord;
-use crate::task::{OutboxEntry, Task};
+use crate::task::{testing, OutboxEntry, Task};
 use payments::wire::DeadLetter;
 use payments::{
     Command, CommandBody, CommandId, IdempotencyKey, MerchantId, PaymentId, ProviderOp,
@@ -12,7 +12,6 @@ use payments::{
 };
 use stores::{PartitionStore, TIMERS};
 
-const SHIPPED: &str = include_str!("../../../../config/topology.toml");
 const TOPIC: &str = "payments.commands";
 const T0: i64 = 1_800_000_000_000;
 const DAY: i64 = 86_400_000;
@@ -40,10 +39,9 @@ struct Partition {
 
 impl Partition {
     fn new() -> Self {
-        let topo = crate::config::compile_str(SHIPPED).expect("shipped topology compiles");
         let dir = tempfile::tempdir().expect("temp dir");
         let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
-        let task = Task::open(&topo, store, TOPIC, 0, true).expect("task");
+        let task = testing::shipped(store, TOPIC, true);
         let merchant = MerchantId::parse("acme").expect("merchant id");
         let key = IdempotencyKey::parse("order-1").expect("key");
         Partition {

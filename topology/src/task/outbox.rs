@@ -1,0 +1,74 @@
+//! The task's outbox: what a committed batch must publish (Kafka records and provider
+//! calls), kept in the store until it is published, as at most two records per batch.
+
+use crate::processor::{ProviderCall, Record};
+use serde::{Deserialize, Serialize};
+
+/// A record the task must publish once its batch is durable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OutboxEntry {
+    Kafka {
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+    },
+    Provider(ProviderCall),
+}
+
+/// Length of the key of an outbox record that holds a list of entries: the outbox
+/// sequence number and a `b` (records of one entry have 8-byte keys).
+pub(super) const OUTBOX_BATCH_KEY_LEN: usize = 9;
+
+pub(super) fn outbox_batch_key(seq: u64) -> [u8; OUTBOX_BATCH_KEY_LEN] {
+    let mut k = [b'b'; OUTBOX_BATCH_KEY_LEN];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The Kafka record for `record`; `trace` (the step's trace context) goes in its
+/// `traceparent` header unless the record names its own.
+pub(super) fn kafka_entry(topic: &str, record: Record, trace: Option<String>) -> OutboxEntry {
+    let (key, payload, content_type, own_trace) = match record {
+        Record::Event(e) => (
+            Some(e.payment_id.to_string().into_bytes()),
+            payments::wire::encode_event(&e),
+            payments::wire::EVENT_CONTENT_TYPE,
+            None,
+        ),
+        Record::Command(c) => (
+            Some(c.payment_id.to_string().into_bytes()),
+            payments::wire::encode_command(&c),
+            payments::wire::COMMAND_CONTENT_TYPE,
+            None,
+        ),
+        Record::DeadLetter(d) => (
+            d.key.clone().map(String::into_bytes),
+            serde_json::to_vec(&d).unwrap_or_default(),
+            payments::wire::DEAD_LETTER_CONTENT_TYPE,
+            None,
+        ),
+        Record::Raw(r) => (
+            r.key,
+            r.payload.unwrap_or_default(),
+            "application/octet-stream",
+            None::<String>,
+        ),
+        Record::ProviderCall(c) => (
+            Some(c.payment_id.to_string().into_bytes()),
+            serde_json::to_vec(&c).unwrap_or_default(),
+            "application/vnd.gateway.provider-call.v1+json",
+            c.traceparent.clone(),
+        ),
+    };
+    let mut headers = vec![("content-type".to_owned(), content_type.as_bytes().to_vec())];
+    if let Some(tp) = own_trace.or(trace) {
+        headers.push(("traceparent".to_owned(), tp.into_bytes()));
+    }
+    OutboxEntry::Kafka {
+        topic: topic.to_owned(),
+        key,
+        payload,
+        headers,
+    }
+}
