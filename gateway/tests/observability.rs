@@ -508,6 +508,15 @@ async fn every_panel_returns_data_and_every_rule_evaluates() {
     );
     assert!(empty.is_empty(), "panels without data: {empty:#?}");
     assert_eq!(valid, all.len(), "rules not healthy: {rules}");
-    assert_eq!(all.len(), 7);
+    let shipped = std::fs::read_to_string(repo().join("prometheus/alerts.yml")).unwrap();
+    let declared = shipped
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- alert:"))
+        .count();
+    assert_eq!(
+        all.len(),
+        declared,
+        "Prometheus loaded a different number of rules than alerts.yml declares"
+    );
     stack.shutdown().await.unwrap();
 }

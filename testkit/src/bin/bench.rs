@@ -291,9 +291,8 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
                 let mut r = api.create(&key, amount, "EUR").await;
                 // Refused by admission control: retried after `Retry-After` with the
                 // same key, as a client does (not in the overload run, which counts them).
-                while retry_refused {
-                    let Ok(refused) = &r else { break };
-                    if refused.status != 503 {
+                while let Ok(refused) = &r {
+                    if !retry_refused || refused.status != 503 {
                         break;
                     }
                     let after = refused
