@@ -2,15 +2,16 @@
 //! once (`503 overloaded` with `Retry-After`) and nothing is queued, instead of waiting in
 //! Kafka behind work the workers cannot do in time.
 //!
-//! The backlog is what the workers have not processed of the commands topic: over its
-//! partitions, the high watermark minus the worker group's committed offset (the number
-//! Kafka's consumer-group tools call lag), read from the broker every `every` on a
-//! thread of its own. The rate at which the committed offsets advanced over the last
-//! seconds turns it into time: the backlog is over the bound when it would take the
-//! workers longer than `max_backlog` to process, and it holds more than
-//! `min_backlog_records` (smaller backlogs are the trail of the workers' offset commits
-//! and the pause of a rebalance, not overload). Workers that process nothing while
-//! records wait make the backlog endless, and creates are refused until they resume.
+//! The backlog is what the workers have not processed of the commands topic: for each
+//! partition, the records after the worker group's committed offset (the number Kafka's
+//! consumer-group tools call lag), read from the broker every `every` on a thread of its
+//! own. Creates are refused while more than `min_backlog_records` of those records have
+//! waited longer than `max_backlog`: in each partition, those between the committed
+//! offset and where the partition ended `max_backlog` ago (from the readings of the last
+//! seconds). A few old records are the trail of the workers' offset commits or a
+//! partition's pause in a rebalance, not overload; many old ones are. Counting records
+//! that have waited does not mistake a burst after a quiet spell for a stall, as a
+//! processing rate would, and workers that process nothing make every record old.
 //!
 //! Only creates are refused. A cancel only shortens work, and a provider's webhook
 //! reports money that has already moved (refusing it costs a provider retry and the
@@ -21,7 +22,7 @@
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -35,17 +36,17 @@ pub struct AdmissionConfig {
     pub group_id: String,
     /// The topic the workers consume (the commands topic).
     pub topic: String,
-    /// Creates are refused while the backlog would take the workers longer than this.
+    /// Creates are refused while more than `min_backlog_records` records the workers have
+    /// not processed have waited longer than this.
     pub max_backlog: Duration,
-    /// A backlog of at most this many records is never refused.
     pub min_backlog_records: u64,
     /// How often the backlog is read.
     pub every: Duration,
 }
 
 impl AdmissionConfig {
-    /// The defaults: refuse beyond 2 s of backlog, and never below 1,000 records; read
-    /// four times a second.
+    /// The defaults: refuse while more than 1,000 records have waited over 2 s; read four
+    /// times a second.
     pub fn new(brokers: &str, group_id: &str, topic: &str) -> Self {
         AdmissionConfig {
             brokers: brokers.to_owned(),
@@ -63,16 +64,19 @@ impl AdmissionConfig {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
     pub backlog_records: u64,
-    /// How long the workers would take to process the backlog at their recent rate
-    /// (infinite when they processed nothing while records waited).
+    /// Of those, how many have waited longer than the bound.
+    pub old_records: u64,
+    /// How long the oldest record the workers have not processed has waited (the
+    /// largest over the partitions).
     pub backlog_s: f64,
-    /// `Some(seconds)` while creates are refused: when to retry.
+    /// `Some(seconds)` while creates are refused: the longest `Retry-After` to answer.
     pub refuse: Option<u32>,
 }
 
 impl Verdict {
     const ADMIT: Verdict = Verdict {
         backlog_records: 0,
+        old_records: 0,
         backlog_s: 0.0,
         refuse: None,
     };
@@ -98,7 +102,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("a valid metric"),
         backlog_seconds: prometheus::Gauge::new(
             "gateway_admission_backlog_seconds",
-            "How long the workers would take to process the backlog at their recent rate (+Inf when they process nothing)",
+            "How long the oldest record of the commands topic the workers have not processed has waited (the largest over the partitions)",
         )
         .expect("a valid metric"),
         refused: prometheus::IntCounter::new(
@@ -147,13 +151,17 @@ impl Admission {
         Ok(admission)
     }
 
-    /// `Err(retry_after_s)` while the backlog is over the bound.
+    /// `Err(retry_after_s)` while the backlog is over the bound. The seconds are spread
+    /// between 1 and the verdict's, so refused clients do not all come back at once.
     pub fn admit(&self) -> Result<(), u32> {
         match self.current().refuse {
             None => Ok(()),
-            Some(s) => {
+            Some(most) => {
                 METRICS.refused.inc();
-                Err(s)
+                let spread = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                Err(1 + spread % most.max(1))
             }
         }
     }
@@ -196,6 +204,7 @@ fn monitor(consumer: &BaseConsumer, cfg: &AdmissionConfig, admission: &Weak<Admi
         if verdict.refuse.is_some() != admission.current().refuse.is_some() {
             tracing::warn!(
                 backlog_records = verdict.backlog_records,
+                old_records = verdict.old_records,
                 backlog_s = verdict.backlog_s,
                 refusing = verdict.refuse.is_some(),
                 "admission control changes"
@@ -207,13 +216,9 @@ fn monitor(consumer: &BaseConsumer, cfg: &AdmissionConfig, admission: &Weak<Admi
     }
 }
 
-/// One reading: the sum of the group's committed offsets (its progress) and the records
-/// after them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Reading {
-    committed: i64,
-    backlog: u64,
-}
+/// One reading: per partition, its end (high watermark) and the group's position in it
+/// (committed offset).
+type Reading = BTreeMap<i32, (i64, i64)>;
 
 fn read(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> anyhow::Result<Reading> {
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -229,10 +234,7 @@ fn read(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> anyhow::Resu
         tpl.add_partition(topic, *p);
     }
     let committed = consumer.committed_offsets(tpl, timeout)?;
-    let mut reading = Reading {
-        committed: 0,
-        backlog: 0,
-    };
+    let mut reading = Reading::new();
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
         // A partition the group never committed is read from its start.
@@ -242,23 +244,21 @@ fn read(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> anyhow::Resu
             .filter(|o| *o >= 0)
             .unwrap_or(low)
             .max(low);
-        reading.committed += position;
-        reading.backlog += u64::try_from(high - position).unwrap_or(0);
+        reading.insert(p, (high, position));
     }
     Ok(reading)
 }
 
-/// The readings of the last few seconds, and the verdict they give.
+/// The readings of the last seconds, and the verdict they give.
 struct Window {
     readings: VecDeque<(Instant, Reading)>,
     max_backlog: Duration,
     min_backlog_records: u64,
 }
 
-/// How far back the processing rate is measured.
-const RATE_OVER: Duration = Duration::from_secs(5);
-/// The shortest span a rate is measured over (below it, nothing is refused).
-const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
+/// How much longer than the bound readings are kept: an age over the bound is told by
+/// a reading older than it.
+const KEEP_BEYOND_BOUND: Duration = Duration::from_secs(2);
 /// The longest `Retry-After` answered.
 const RETRY_AFTER_MAX_S: u32 = 10;
 
@@ -272,38 +272,70 @@ impl Window {
     }
 
     fn push(&mut self, at: Instant, reading: Reading) -> Verdict {
-        self.readings.push_back((at, reading));
+        let keep = self.max_backlog + KEEP_BEYOND_BOUND;
         while self
             .readings
-            .get(1)
-            .is_some_and(|(t, _)| at.duration_since(*t) >= RATE_OVER)
+            .front()
+            .is_some_and(|(t, _)| at.duration_since(*t) > keep)
         {
             self.readings.pop_front();
         }
-        let backlog = reading.backlog;
-        let Some((first_at, first)) = self.readings.front() else {
-            return Verdict::ADMIT;
-        };
-        let span = at.duration_since(*first_at);
-        if backlog <= self.min_backlog_records || span < RATE_MIN_SPAN {
-            return Verdict {
-                backlog_records: backlog,
-                backlog_s: 0.0,
-                refuse: None,
-            };
-        }
-        let rate = (reading.committed - first.committed).max(0) as f64 / span.as_secs_f64();
-        let backlog_s = if rate > 0.0 {
-            backlog as f64 / rate
-        } else {
-            f64::INFINITY
-        };
-        let over = backlog_s - self.max_backlog.as_secs_f64();
+        let backlog: u64 = reading
+            .values()
+            .map(|(high, committed)| u64::try_from(high - committed).unwrap_or(0))
+            .sum();
+        let age = reading
+            .iter()
+            .map(|(p, (high, committed))| self.age(at, *p, *high, *committed))
+            .fold(Duration::ZERO, Duration::max);
+        // Where each partition ended `max_backlog` ago: what the group has not processed
+        // below that has waited longer. No reading that old yet: nothing is known to be.
+        let then = at.checked_sub(self.max_backlog).and_then(|cutoff| {
+            self.readings
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= cutoff)
+                .map(|(_, r)| r)
+        });
+        let old_records: u64 = then.map_or(0, |then| {
+            reading
+                .iter()
+                .map(|(p, (_, committed))| {
+                    then.get(p)
+                        .map_or(0, |(high, _)| u64::try_from(high - committed).unwrap_or(0))
+                })
+                .sum()
+        });
+        self.readings.push_back((at, reading));
+        let over = age.saturating_sub(self.max_backlog);
         Verdict {
             backlog_records: backlog,
-            backlog_s,
-            refuse: (over > 0.0).then(|| (over.ceil() as u32).clamp(1, RETRY_AFTER_MAX_S)),
+            old_records,
+            backlog_s: age.as_secs_f64(),
+            refuse: (old_records > self.min_backlog_records).then(|| {
+                u32::try_from(over.as_secs() + 1)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, RETRY_AFTER_MAX_S)
+            }),
         }
+    }
+
+    /// How long the oldest record after `committed` in partition `p` has waited: since
+    /// the newest earlier reading whose end was at or before `committed` (every record
+    /// the group has not processed arrived after it). Without one, at least since the
+    /// oldest reading kept.
+    fn age(&self, at: Instant, p: i32, high: i64, committed: i64) -> Duration {
+        if committed >= high {
+            return Duration::ZERO;
+        }
+        let since = self
+            .readings
+            .iter()
+            .rev()
+            .find(|(_, r)| r.get(&p).is_some_and(|(h, _)| *h <= committed))
+            .or(self.readings.front())
+            .map_or(at, |(t, _)| *t);
+        at.duration_since(since)
     }
 }
 
@@ -311,87 +343,124 @@ impl Window {
 mod tests {
     use super::*;
 
-    fn at(t0: Instant, ms: u64) -> Instant {
-        t0 + Duration::from_millis(ms)
+    const BOUND: Duration = Duration::from_secs(2);
+
+    /// One partition at `high`, the group at `committed`.
+    fn one(high: i64, committed: i64) -> Reading {
+        Reading::from([(0, (high, committed))])
     }
 
-    fn reading(committed: i64, backlog: u64) -> Reading {
-        Reading { committed, backlog }
-    }
-
-    #[test]
-    fn a_backlog_the_workers_clear_in_time_is_admitted() {
-        let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        // 1,000 records/s processed, 1,500 waiting: 1.5 s of work.
-        assert_eq!(w.push(t0, reading(0, 1_500)).refuse, None);
-        let v = w.push(at(t0, 1_000), reading(1_000, 1_500));
-        assert_eq!(v.refuse, None);
-        assert!((v.backlog_s - 1.5).abs() < 1e-9, "{v:?}");
-    }
-
-    #[test]
-    fn a_backlog_over_the_bound_is_refused_with_when_to_retry() {
-        let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        w.push(t0, reading(0, 4_000));
-        // 1,000 records/s, 5,500 waiting: 5.5 s, 3.5 s over the bound.
-        let v = w.push(at(t0, 1_000), reading(1_000, 5_500));
-        assert_eq!(v.refuse, Some(4));
-        // Far over: the retry is capped.
-        let v = w.push(at(t0, 2_000), reading(2_000, 60_000));
-        assert_eq!(v.refuse, Some(RETRY_AFTER_MAX_S));
-        // Drained below the bound: admitted again.
-        let v = w.push(at(t0, 3_000), reading(3_000, 1_000));
-        assert_eq!(v.refuse, None);
-    }
-
-    #[test]
-    fn workers_that_process_nothing_make_any_real_backlog_refused() {
-        let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        w.push(t0, reading(500, 50));
-        let v = w.push(at(t0, 1_500), reading(500, 101));
-        assert_eq!(v.backlog_s, f64::INFINITY);
-        assert_eq!(v.refuse, Some(RETRY_AFTER_MAX_S));
-        // A small backlog is never refused, whatever the rate.
-        let v = w.push(at(t0, 2_000), reading(500, 100));
-        assert_eq!(v.refuse, None);
-    }
-
-    #[test]
-    fn nothing_is_refused_before_a_rate_is_measured() {
-        let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        assert_eq!(w.push(t0, reading(0, 1_000_000)).refuse, None);
-        assert_eq!(w.push(at(t0, 900), reading(0, 1_000_000)).refuse, None);
-        assert!(w
-            .push(at(t0, 1_000), reading(0, 1_000_000))
-            .refuse
-            .is_some());
-    }
-
-    #[test]
-    fn the_rate_is_that_of_the_last_seconds() {
-        let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        // Fast for a while, then stopped: after the window has passed, the rate is zero.
-        for s in 0..5 {
-            w.push(at(t0, s * 1_000), reading(s as i64 * 10_000, 500));
+    /// Feeds a reading every 250 ms from `t0`; returns the last verdict.
+    fn feed(w: &mut Window, t0: Instant, readings: &[Reading]) -> Verdict {
+        let mut last = Verdict::ADMIT;
+        for (i, r) in readings.iter().enumerate() {
+            last = w.push(t0 + Duration::from_millis(250 * i as u64), r.clone());
         }
-        let mut last = None;
-        for s in 5..12 {
-            last = Some(w.push(at(t0, s * 1_000), reading(40_000, 500)));
-        }
-        assert_eq!(last.map(|v| v.backlog_s), Some(f64::INFINITY));
+        last
     }
 
     #[test]
-    fn a_group_moved_backwards_counts_as_no_progress() {
+    fn a_burst_after_a_quiet_spell_is_not_a_stall() {
+        let mut w = Window::new(BOUND, 100);
+        // Ten quiet seconds, everything processed; then 1,500 records at once.
+        let mut readings: Vec<Reading> = (0..40).map(|_| one(1_000, 1_000)).collect();
+        readings.push(one(2_500, 1_000));
+        let v = feed(&mut w, Instant::now(), &readings);
+        assert_eq!(v.backlog_records, 1_500);
+        assert!(v.backlog_s <= 0.25 + 1e-9, "{v:?}");
+        assert_eq!(v.refuse, None);
+    }
+
+    #[test]
+    fn workers_that_fall_behind_by_more_than_the_bound_are_refused() {
+        let mut w = Window::new(BOUND, 100);
+        // 1,000 records/s arrive; the group is 3 s behind them.
+        let readings: Vec<Reading> = (0..30)
+            .map(|i| one(1_000 + 250 * i, (250 * i - 2_000).max(0)))
+            .collect();
+        let v = feed(&mut w, Instant::now(), &readings);
+        assert!((v.backlog_s - 3.0).abs() < 0.26, "{v:?}");
+        assert_eq!(v.old_records, 1_000);
+        assert_eq!(v.refuse, Some(2));
+        // Caught up to 1.5 s behind: admitted again.
+        let t = Instant::now() + Duration::from_millis(250 * 30);
+        let v = w.push(t, one(1_000 + 250 * 30, 250 * 30 - 500));
+        assert!(v.backlog_s < 2.0, "{v:?}");
+        assert_eq!(v.refuse, None);
+    }
+
+    #[test]
+    fn stopped_workers_are_refused_once_enough_records_are_older_than_the_bound() {
+        let mut w = Window::new(BOUND, 50);
         let t0 = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 100);
-        w.push(t0, reading(10_000, 200));
-        let v = w.push(at(t0, 1_000), reading(0, 10_200));
-        assert_eq!(v.backlog_s, f64::INFINITY);
+        // Caught up at 500, then records arrive and nothing is processed.
+        let mut readings = vec![one(500, 500)];
+        readings.extend((1..=8).map(|i| one(500 + 100 * i, 500)));
+        // 2 s after the last caught-up reading: at the bound, not over it.
+        assert_eq!(feed(&mut w, t0, &readings).refuse, None);
+        let v = w.push(t0 + Duration::from_millis(2_250), one(1_400, 500));
+        assert!((v.backlog_s - 2.25).abs() < 1e-9, "{v:?}");
+        assert_eq!(v.old_records, 100);
+        assert_eq!(v.refuse, Some(1));
+        // Long stopped: the age is at least as old as the readings kept.
+        let mut last = v;
+        for i in 10..40 {
+            last = w.push(
+                t0 + Duration::from_millis(250 * i),
+                one(500 + 100 * i as i64, 500),
+            );
+        }
+        assert!(last.backlog_s >= BOUND.as_secs_f64(), "{last:?}");
+        assert!(last.refuse.is_some());
+    }
+
+    #[test]
+    fn a_few_old_records_are_not_overload() {
+        let mut w = Window::new(BOUND, 100);
+        // A hundred records left behind (a commit not yet made), however old.
+        let readings: Vec<Reading> = (0..40).map(|_| one(600, 500)).collect();
+        let v = feed(&mut w, Instant::now(), &readings);
+        assert!(v.backlog_s > BOUND.as_secs_f64(), "{v:?}");
+        assert_eq!(v.old_records, 100);
+        assert_eq!(v.refuse, None);
+        // Thousands of fresh records beside them are not old.
+        let v = w.push(Instant::now() + Duration::from_secs(10), one(5_600, 500));
+        assert_eq!((v.backlog_records, v.old_records), (5_100, 100));
+        assert_eq!(v.refuse, None);
+    }
+
+    #[test]
+    fn one_stuck_partition_is_enough() {
+        let mut w = Window::new(BOUND, 100);
+        // Partition 0 keeps up; partition 1 stops at 100 while its records keep coming.
+        let readings: Vec<Reading> = (0..20)
+            .map(|i| Reading::from([(0, (100 * i, 100 * i)), (1, (100 + 50 * i, 100))]))
+            .collect();
+        let v = feed(&mut w, Instant::now(), &readings);
+        assert_eq!(v.backlog_records, 950);
+        assert!(v.refuse.is_some(), "{v:?}");
+    }
+
+    #[test]
+    fn nothing_is_refused_from_a_first_reading() {
+        let mut w = Window::new(BOUND, 100);
+        let v = w.push(Instant::now(), one(1_000_000, 0));
+        assert_eq!(v.refuse, None);
+    }
+
+    #[test]
+    fn retries_are_spread_up_to_the_verdict() {
+        let a = Admission::open();
+        assert_eq!(a.admit(), Ok(()));
+        a.set(Verdict {
+            backlog_records: 5_000,
+            old_records: 5_000,
+            backlog_s: 9.0,
+            refuse: Some(7),
+        });
+        for _ in 0..50 {
+            let after = a.admit().expect_err("refused");
+            assert!((1..=7).contains(&after), "{after}");
+        }
     }
 }
