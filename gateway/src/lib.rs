@@ -139,8 +139,10 @@ pub struct ApiOptions {
     /// Creates are refused while the workers' backlog would take longer than this to
     /// process; zero admits every create.
     pub admission_max_backlog: Duration,
-    /// A backlog of at most this many records is never refused.
+    /// ... and more than this many records have waited that long.
     pub admission_min_backlog: u64,
+    /// Creates this instance handles at once; one more is refused. 0: no limit.
+    pub max_creates_in_flight: usize,
 }
 
 /// Starts the API; returns its address and a handle that ends after `shutdown`.
@@ -165,6 +167,7 @@ pub async fn start_api(
         per_second: opts.rate_limit_per_second,
         burst: opts.rate_limit_per_second * 2.0,
     });
+    cfg.max_creates_in_flight = opts.max_creates_in_flight;
     if !opts.admission_max_backlog.is_zero() {
         let mut a = gateway_http::admission::AdmissionConfig::new(
             &common.brokers,

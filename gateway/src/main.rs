@@ -98,9 +98,13 @@ struct ApiArgs {
     /// would take longer than this to process; 0 admits every create.
     #[arg(long, env = "ADMISSION_MAX_BACKLOG_MS", default_value_t = 2000)]
     admission_max_backlog_ms: u64,
-    /// A backlog of at most this many commands is never refused.
+    /// ... and more than this many commands have waited that long.
     #[arg(long, env = "ADMISSION_MIN_BACKLOG", default_value_t = 1000)]
     admission_min_backlog: u64,
+    /// Creates this API instance handles at once; one more is refused at once (503
+    /// `overloaded`). 0: no limit.
+    #[arg(long, env = "API_MAX_CREATES_IN_FLIGHT", default_value_t = 256)]
+    max_creates_in_flight: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -295,6 +299,7 @@ fn api_opts(a: ApiArgs) -> anyhow::Result<ApiOptions> {
         rate_limit_per_second: a.rate_limit,
         admission_max_backlog: Duration::from_millis(a.admission_max_backlog_ms),
         admission_min_backlog: a.admission_min_backlog,
+        max_creates_in_flight: a.max_creates_in_flight,
     })
 }
 

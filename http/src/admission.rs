@@ -13,6 +13,10 @@
 //! that have waited does not mistake a burst after a quiet spell for a stall, as a
 //! processing rate would, and workers that process nothing make every record old.
 //!
+//! A second, local bound covers an API instance that is itself the bottleneck (its
+//! processes share cores with others, or it has more clients than it can serve): at most
+//! `max_creates_in_flight` creates are handled at once, and one more is refused at once.
+//!
 //! Only creates are refused. A cancel only shortens work, and a provider's webhook
 //! reports money that has already moved (refusing it costs a provider retry and the
 //! payment's latency): both are always queued. Reads never touch the pipeline. When the
@@ -90,7 +94,7 @@ pub struct Admission {
 struct Metrics {
     backlog_records: prometheus::IntGauge,
     backlog_seconds: prometheus::Gauge,
-    refused: prometheus::IntCounter,
+    refused: prometheus::IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -105,9 +109,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "How long the oldest record of the commands topic the workers have not processed has waited (the largest over the partitions)",
         )
         .expect("a valid metric"),
-        refused: prometheus::IntCounter::new(
-            "gateway_admission_refused_total",
-            "Creates refused by admission control (503 overloaded; nothing queued)",
+        refused: prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "gateway_admission_refused_total",
+                "Creates refused by admission control (503 overloaded; nothing queued), by bound: the workers' backlog or the creates in flight in this API",
+            ),
+            &["bound"],
         )
         .expect("a valid metric"),
     };
@@ -148,6 +155,9 @@ impl Admission {
             .name("admission".into())
             .spawn(move || monitor(&consumer, &cfg, &weak))?;
         LazyLock::force(&METRICS);
+        for bound in ["backlog", "in_flight"] {
+            METRICS.refused.with_label_values(&[bound]);
+        }
         Ok(admission)
     }
 
@@ -157,13 +167,19 @@ impl Admission {
         match self.current().refuse {
             None => Ok(()),
             Some(most) => {
-                METRICS.refused.inc();
+                METRICS.refused.with_label_values(&["backlog"]).inc();
                 let spread = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos());
                 Err(1 + spread % most.max(1))
             }
         }
+    }
+
+    /// Counts a create refused because this API had as many creates in flight as it
+    /// takes.
+    pub fn refused_in_flight() {
+        METRICS.refused.with_label_values(&["in_flight"]).inc();
     }
 
     pub fn current(&self) -> Verdict {

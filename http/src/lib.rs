@@ -51,6 +51,9 @@ pub struct ApiConfig {
     pub rate_limit: Option<RateLimit>,
     /// Refuse creates while the workers' backlog is over a bound; `None` admits all.
     pub admission: Option<admission::AdmissionConfig>,
+    /// Creates handled at once by this instance; one more is refused (503 overloaded).
+    /// 0: no limit.
+    pub max_creates_in_flight: usize,
 }
 
 /// A token bucket per merchant: `per_second` sustained, up to `burst` at once.
@@ -97,6 +100,7 @@ impl ApiConfig {
                 burst: 10_000.0,
             }),
             admission: None,
+            max_creates_in_flight: 0,
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct ApiState {
     pub recent: Mutex<RecentCreates>,
     pub buckets: Buckets,
     pub admission: Arc<admission::Admission>,
+    /// Permits for creates in flight (`ApiConfig::max_creates_in_flight`).
+    pub creates_in_flight: Option<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -117,7 +123,10 @@ impl ApiState {
             Some(a) => admission::Admission::start(a.clone())?,
             None => admission::Admission::open(),
         };
+        let creates_in_flight = (cfg.max_creates_in_flight > 0)
+            .then(|| tokio::sync::Semaphore::new(cfg.max_creates_in_flight));
         Ok(Arc::new(ApiState {
+            creates_in_flight,
             cfg,
             producer,
             pool,

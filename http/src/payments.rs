@@ -152,6 +152,18 @@ pub async fn create_payment(
     body: Result<Bytes>,
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
+    // Admission first, before any work: an overloaded API answers refusals cheaply.
+    // Nothing has been claimed or queued, so a retry with the same key is a first attempt.
+    let _in_flight = match &state.creates_in_flight {
+        Some(permits) => Some(permits.try_acquire().map_err(|_| {
+            crate::admission::Admission::refused_in_flight();
+            ApiError::overloaded(1)
+        })?),
+        None => None,
+    };
+    if let Err(retry_after) = state.admission.admit() {
+        return Err(ApiError::overloaded(retry_after));
+    }
     let body = body?;
     let key = idempotency_key.ok_or_else(|| {
         ApiError::new(
@@ -190,11 +202,6 @@ pub async fn create_payment(
         } else {
             Err(conflict())
         };
-    }
-    // Over the backlog bound: refused before the key is claimed or anything is queued,
-    // so a retry with the same key is a first attempt.
-    if let Err(retry_after) = state.admission.admit() {
-        return Err(ApiError::overloaded(retry_after));
     }
     // Not projected yet: the key is claimed here before anything is published, so of
     // concurrent requests with one key exactly one body is ever acknowledged.

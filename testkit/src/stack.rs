@@ -48,6 +48,8 @@ pub struct StackOptions {
     /// records; a zero bound admits every create).
     pub admission_max_backlog: Duration,
     pub admission_min_backlog: u64,
+    /// Creates the API handles at once (as shipped: 256).
+    pub max_creates_in_flight: usize,
 }
 
 impl StackOptions {
@@ -72,6 +74,7 @@ impl Default for StackOptions {
             worker_state: None,
             admission_max_backlog: Duration::from_secs(2),
             admission_min_backlog: 1_000,
+            max_creates_in_flight: 256,
         }
     }
 }
@@ -245,6 +248,7 @@ impl Stack {
             rate_limit_per_second: 5000.0,
             admission_max_backlog: opts.admission_max_backlog,
             admission_min_backlog: opts.admission_min_backlog,
+            max_creates_in_flight: opts.max_creates_in_flight,
         };
         let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
         let (ops, _ops_join) = gateway_http::serve_ops(

@@ -65,6 +65,9 @@ struct Args {
     /// linearly, so it slows down as they grow).
     #[arg(long)]
     skip_raw: bool,
+    /// Creates the API handles at once (`API_MAX_CREATES_IN_FLIGHT`; shipped: 256).
+    #[arg(long, default_value_t = 256)]
+    max_creates_in_flight: usize,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -235,6 +238,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         // The payment policy as shipped (the tests' default has short timeouts).
         policy: testkit::stack::SHIPPED_POLICY.into(),
         store_cache_mb: a.store_cache_mb,
+        max_creates_in_flight: a.max_creates_in_flight,
         ..defaults
     })
     .await?;
