@@ -136,8 +136,8 @@ pub struct ApiOptions {
     pub max_body_bytes: u64,
     /// Requests per second per merchant (burst: twice that); 0 disables the limit.
     pub rate_limit_per_second: f64,
-    /// Creates are refused while the workers' backlog would take longer than this to
-    /// process; zero admits every create.
+    /// Creates are refused while more than `admission_min_backlog` records the workers
+    /// have not processed have waited longer than this; zero admits every create.
     pub admission_max_backlog: Duration,
     /// ... and more than this many records have waited that long.
     pub admission_min_backlog: u64,

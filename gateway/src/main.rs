@@ -94,8 +94,9 @@ struct ApiArgs {
     /// Requests per second per merchant (burst: twice that); 0 disables the limit.
     #[arg(long, env = "API_RATE_LIMIT", default_value_t = 5000.0)]
     rate_limit: f64,
-    /// Creates are refused (503 `overloaded`, nothing queued) while the workers' backlog
-    /// would take longer than this to process; 0 admits every create.
+    /// Creates are refused (503 `overloaded`, nothing queued) while more than
+    /// ADMISSION_MIN_BACKLOG commands the workers have not processed have waited longer
+    /// than this; 0 admits every create.
     #[arg(long, env = "ADMISSION_MAX_BACKLOG_MS", default_value_t = 2000)]
     admission_max_backlog_ms: u64,
     /// ... and more than this many commands have waited that long.

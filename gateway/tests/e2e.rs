@@ -603,10 +603,9 @@ async fn over_the_backlog_bound_creates_are_refused_and_safe_to_retry() {
         .await
         .unwrap();
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("gateway_admission_refused_total ")
-                && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)),
+        metrics.lines().any(|l| l
+            .starts_with("gateway_admission_refused_total{bound=\"backlog\"} ")
+            && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)),
         "refusals are not counted: {metrics}"
     );
     let queued = stack.kafka.read_all(&stack.commands_topic()).unwrap();

@@ -44,8 +44,8 @@ pub struct StackOptions {
     pub names: Option<String>,
     /// The worker's state directory (a fresh one inside the stack's when `None`).
     pub worker_state: Option<PathBuf>,
-    /// The API's admission control (as shipped: 2 s of backlog, never below 1,000
-    /// records; a zero bound admits every create).
+    /// The API's admission control (as shipped: refuse while more than 1,000 records
+    /// have waited over 2 s; a zero bound admits every create).
     pub admission_max_backlog: Duration,
     pub admission_min_backlog: u64,
     /// Creates the API handles at once (as shipped: 256).
