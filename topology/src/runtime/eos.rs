@@ -1,7 +1,15 @@
 //! Exactly-once: one transactional producer per partition's task (its transactional id
-//! the partition's, so a new owner fences the old), and one Kafka transaction per
-//! publish holding the changelog, the outbox's records, their removal from the outbox
-//! and the input offset.
+//! the partition's, so a new owner fences the old before it restores), and one Kafka
+//! transaction per publish holding the changelog, the outbox's records, their removal
+//! from the outbox and the input offset.
+//!
+//! A transaction sends its parts in an order that is safe even for a reader that sees
+//! records of transactions that never committed (a broker that does not enforce
+//! `read_committed`, a reader configured `read_uncommitted`): first the changelog, the
+//! outbox entries included; then, once it is acknowledged, the outbox's records; then,
+//! once they are acknowledged, the changelog of their removal beside the input offset.
+//! Whatever prefix of it such a reader restores from holds every output the prefix does
+//! not, so a restore publishes them; nothing it has seen is ever lost.
 
 use super::collector::{changelog_record, owned_headers, Outbox};
 use super::tasks::observe_stage;
@@ -9,23 +17,26 @@ use super::thread::WorkerConsumer;
 use super::{producer, WorkerSettings};
 use crate::metrics::METRICS;
 use crate::provider::Dispatcher;
-use crate::task::{OutboxEntry, Task};
+use crate::task::{OutboxEntry, Removal, Task};
 use futures::future::join_all;
 use payments::retry::Backoff;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
+use stores::ChangelogRecord;
 
-/// A transactional producer for one partition's task, its earlier incarnations fenced.
-pub(super) async fn transactional_producer(
+/// A transactional producer for one partition's task, its earlier incarnations fenced:
+/// their open transaction is aborted, so a restore that follows reads every committed
+/// record at once and nothing they write afterwards can commit. Blocks (call it from a
+/// thread that may block).
+pub(super) fn transactional_producer(
     settings: &WorkerSettings,
     app: &str,
     topic: &str,
     partition: i32,
 ) -> anyhow::Result<FutureProducer> {
-    use rdkafka::producer::Producer;
     let mut extra = vec![
         (
             "transactional.id".to_owned(),
@@ -35,13 +46,13 @@ pub(super) async fn transactional_producer(
     ];
     extra.extend(settings.kafka.iter().cloned());
     let producer = producer(&settings.brokers, &extra)?;
-    txn_call(&producer, "starting the transactional producer", |p| {
-        p.init_transactions(Duration::from_secs(60))
-    })
-    .await
-    .map_err(|e| match e {
-        TxnError::Retry(e) | TxnError::Fatal(e) => e.context(format!("{topic}-{partition}")),
-    })?;
+    tokio::task::block_in_place(|| producer.init_transactions(Duration::from_secs(60))).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "starting the transactional producer of {topic}-{partition} (which fences its previous owner) failed: {e}"
+            )
+        },
+    )?;
     Ok(producer)
 }
 
@@ -78,36 +89,73 @@ fn txn_error(what: &str, e: KafkaError) -> TxnError {
     }
 }
 
-/// One transaction: the queued changelog, the outbox's Kafka records, the changelog of
-/// their removal from the outbox, and the input offset. Retried (after an abort) until
-/// it commits; a fenced producer fails the task. Provider calls go out after the commit.
+/// What one transaction sends, in the order it sends it.
+pub(super) struct Plan {
+    /// The queued changelog batches merged into one, the outbox entries they add
+    /// included.
+    pub(super) changelog: Vec<ChangelogRecord>,
+    /// The outbox's Kafka records.
+    pub(super) outputs: Vec<OutboxEntry>,
+    /// The changelog batch that removes those records from the outbox.
+    pub(super) removal: Vec<ChangelogRecord>,
+}
+
+/// What a publish under exactly-once does: its transaction's plan, and what to apply
+/// once the transaction has committed.
+pub(super) struct Publish {
+    pub(super) plan: Plan,
+    queue_keys: Vec<Vec<u8>>,
+    removal: Removal,
+    call_keys: Vec<Vec<u8>>,
+    calls: Vec<crate::processor::ProviderCall>,
+}
+
+impl Publish {
+    pub(super) fn of(task: &mut Task) -> anyhow::Result<Publish> {
+        let queued = task.pending_changelog()?;
+        let Outbox {
+            output_keys,
+            outputs,
+            call_keys,
+            calls,
+        } = Outbox::of(task)?;
+        let removal = task.removal(&output_keys);
+        let queue_keys = queued.iter().map(|(k, _)| k.clone()).collect();
+        Ok(Publish {
+            plan: Plan {
+                changelog: stores::coalesce(queued.into_iter().map(|(_, r)| r)),
+                removal: removal.records.clone(),
+                outputs,
+            },
+            queue_keys,
+            removal,
+            call_keys,
+            calls,
+        })
+    }
+}
+
+/// One transaction (see the module's documentation for its order), retried after an
+/// abort until it commits; a fenced producer fails the task. Provider calls go out after
+/// the commit.
 pub(super) async fn publish_transaction(
     task: &mut Task,
     producer: &FutureProducer,
     consumer: &WorkerConsumer,
     dispatcher: &Dispatcher,
 ) -> anyhow::Result<()> {
-    use rdkafka::producer::Producer;
-    let queued = task.pending_changelog()?;
-    let Outbox {
-        output_keys,
-        outputs,
+    let Publish {
+        plan,
+        queue_keys,
+        removal,
         call_keys,
         calls,
-    } = Outbox::of(task)?;
-    if !queued.is_empty() || !outputs.is_empty() {
-        let removal = task.removal(&output_keys);
-        let queue_keys: Vec<Vec<u8>> = queued.iter().map(|(k, _)| k.clone()).collect();
-        let changelog = stores::coalesce(
-            queued
-                .into_iter()
-                .map(|(_, r)| r)
-                .chain([removal.records.clone()]),
-        );
+    } = Publish::of(task)?;
+    if !queue_keys.is_empty() || !plan.outputs.is_empty() {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let t = Instant::now();
         let end = loop {
-            match transaction(task, producer, consumer, &changelog, &outputs).await {
+            match transaction(task, producer, consumer, &plan).await {
                 Ok(end) => break end,
                 Err(TxnError::Fatal(e)) => return Err(e),
                 Err(TxnError::Retry(e)) => {
@@ -133,29 +181,34 @@ pub(super) async fn publish_transaction(
     Ok(())
 }
 
-/// Runs one transaction; returns the changelog offset after its last record.
-async fn transaction(
+/// Sends changelog records to the task's changelog partition and waits for them;
+/// returns the offset of the last one.
+async fn send_changelog(
     task: &Task,
     producer: &FutureProducer,
-    consumer: &WorkerConsumer,
-    changelog: &[stores::ChangelogRecord],
-    outputs: &[OutboxEntry],
+    records: &[ChangelogRecord],
 ) -> Result<Option<i64>, TxnError> {
-    use rdkafka::producer::Producer;
-    txn_call(producer, "beginning a transaction", |p| {
-        p.begin_transaction()
-    })
-    .await?;
-    let topic = task.changelog_topic();
-    let changelog_sends = changelog.iter().filter_map(|(k, v)| {
-        let topic = topic?;
+    let Some(topic) = task.changelog_topic() else {
+        return Ok(None);
+    };
+    let sends = records.iter().map(|(k, v)| {
         let value = stores::changelog::to_topic(v);
-        Some(async move {
+        async move {
             let record = changelog_record(topic, task.partition, k, &value);
             producer.send(record, Duration::from_secs(30)).await
-        })
+        }
     });
-    let output_sends = outputs.iter().filter_map(|entry| match entry {
+    let mut last = None;
+    for r in join_all(sends).await {
+        let d = r.map_err(|(e, _)| txn_error("publishing the changelog", e))?;
+        last = last.max(Some(d.offset));
+    }
+    Ok(last)
+}
+
+/// Sends the outbox's Kafka records and waits for them.
+async fn send_outputs(producer: &FutureProducer, outputs: &[OutboxEntry]) -> Result<(), TxnError> {
+    let sends = outputs.iter().filter_map(|entry| match entry {
         OutboxEntry::Kafka {
             topic,
             key,
@@ -172,35 +225,146 @@ async fn transaction(
         }),
         OutboxEntry::Provider(_) => None,
     });
-    let (changelog_results, output_results) =
-        futures::future::join(join_all(changelog_sends), join_all(output_sends)).await;
-    let mut last = None;
-    for r in changelog_results {
-        let d = r.map_err(|(e, _)| txn_error("publishing the changelog", e))?;
-        last = last.max(Some(d.offset));
-    }
-    for r in output_results {
+    for r in join_all(sends).await {
         r.map_err(|(e, _)| txn_error("publishing outputs", e))?;
     }
-    if let Some(next) = task.next_offset() {
-        let mut offsets = TopicPartitionList::new();
-        offsets
-            .add_partition_offset(&task.topic, task.partition, Offset::Offset(next))
-            .map_err(|e| TxnError::Fatal(e.into()))?;
-        let group = consumer.group_metadata().ok_or_else(|| {
-            TxnError::Retry(anyhow::anyhow!("the consumer has no group metadata yet"))
-        })?;
-        txn_call(
-            producer,
-            "adding the input offset to the transaction",
-            move |p| p.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30)),
-        )
-        .await?;
-    }
+    Ok(())
+}
+
+/// Adds the task's next input offset to the transaction.
+async fn send_offset(
+    task: &Task,
+    producer: &FutureProducer,
+    consumer: &WorkerConsumer,
+) -> Result<(), TxnError> {
+    let Some(next) = task.next_offset() else {
+        return Ok(());
+    };
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(&task.topic, task.partition, Offset::Offset(next))
+        .map_err(|e| TxnError::Fatal(e.into()))?;
+    let group = consumer.group_metadata().ok_or_else(|| {
+        TxnError::Retry(anyhow::anyhow!("the consumer has no group metadata yet"))
+    })?;
+    txn_call(
+        producer,
+        "adding the input offset to the transaction",
+        move |p| p.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30)),
+    )
+    .await
+}
+
+/// Runs one transaction; returns the changelog offset after its last record.
+async fn transaction(
+    task: &Task,
+    producer: &FutureProducer,
+    consumer: &WorkerConsumer,
+    plan: &Plan,
+) -> Result<Option<i64>, TxnError> {
+    txn_call(producer, "beginning a transaction", |p| {
+        p.begin_transaction()
+    })
+    .await?;
+    let changelog = send_changelog(task, producer, &plan.changelog).await?;
+    send_outputs(producer, &plan.outputs).await?;
+    let (removal, offset) = futures::future::join(
+        send_changelog(task, producer, &plan.removal),
+        send_offset(task, producer, consumer),
+    )
+    .await;
+    let last = changelog.max(removal?);
+    offset?;
     txn_call(producer, "committing the transaction", |p| {
         p.commit_transaction(Duration::from_secs(30))
     })
     .await?;
     // The commit marker takes the offset after the transaction's last record.
     Ok(last.map(|o| o + 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Publish;
+    use crate::processor::RawRecord;
+    use crate::task::testing::shipped;
+    use crate::task::OutboxEntry;
+    use stores::{ChangelogRecord, PartitionStore, Restore};
+
+    const TOPIC: &str = "payments.commands";
+
+    fn create_record() -> RawRecord {
+        let cmd = crate::processor::testing::create_command("order-1", 1_000, "EUR", 1_000_000);
+        RawRecord {
+            topic: TOPIC.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(cmd.payment_id.to_string().into_bytes()),
+            payload: Some(payments::wire::encode_command(&cmd)),
+            headers: vec![],
+            timestamp_ms: Some(1_000_000),
+        }
+    }
+
+    /// The Kafka records a store restored from `changelog` would publish.
+    fn restored_outputs(changelog: &[ChangelogRecord]) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
+        let mut restore = Restore::start(&store).expect("restore");
+        for r in changelog {
+            restore.push(r.clone()).expect("push");
+        }
+        restore.finish(0).expect("finish");
+        let task = shipped(store, TOPIC, true);
+        let pending = task.pending().expect("outbox");
+        pending
+            .entries
+            .iter()
+            .filter_map(|(_, e)| record(e))
+            .collect()
+    }
+
+    /// A Kafka record of the outbox as its topic and payload.
+    fn record(entry: &OutboxEntry) -> Option<String> {
+        match entry {
+            OutboxEntry::Kafka { topic, payload, .. } => {
+                Some(format!("{topic} {}", String::from_utf8_lossy(payload)))
+            }
+            OutboxEntry::Provider(_) => None,
+        }
+    }
+
+    /// A reader that sees records of a transaction that never committed (a broker that
+    /// does not enforce `read_committed`) restores from a prefix of what it sent. The
+    /// changelog sent before the outputs holds them all, and the one sent after removes
+    /// them: whatever prefix a new owner restores from publishes every output the prefix
+    /// lacks, and none of those it has once the removal is there.
+    #[test]
+    fn a_restore_from_any_prefix_of_a_transaction_publishes_the_outputs_the_prefix_lacks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
+        let mut task = shipped(store, TOPIC, true);
+        assert_eq!(
+            task.apply_inputs([create_record()], 1_000_000).ok(),
+            Some(1)
+        );
+        let publish = Publish::of(&mut task).expect("plan");
+        let plan = &publish.plan;
+        let outputs: Vec<String> = plan.outputs.iter().filter_map(record).collect();
+        assert!(!outputs.is_empty(), "a create publishes its events");
+        // Cut after the changelog, or anywhere among the outputs.
+        assert_eq!(restored_outputs(&plan.changelog), outputs);
+        // Cut after the removal: every output was acknowledged before it was sent.
+        let whole: Vec<ChangelogRecord> = plan
+            .changelog
+            .iter()
+            .chain(&plan.removal)
+            .cloned()
+            .collect();
+        assert_eq!(restored_outputs(&whole), Vec::<String>::new());
+        // Cut inside the changelog (its commit marker not there): nothing of the batch
+        // is applied, so the input is processed again and publishes them anew.
+        let cut = &plan.changelog[..plan.changelog.len() - 1];
+        assert_eq!(restored_outputs(cut), Vec::<String>::new());
+    }
 }

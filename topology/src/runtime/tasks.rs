@@ -79,6 +79,18 @@ fn spawn_task(
 ) -> anyhow::Result<TaskHandle> {
     let started = Instant::now();
     let store = open_store(settings, &topo.application_id, topic, partition)?;
+    // Under exactly-once the previous owner is fenced before anything is read: its open
+    // transaction is aborted, so the committed offset and the changelog read below are
+    // final, and nothing it still sends can commit.
+    let output = match topo.processing_guarantee {
+        ProcessingGuarantee::AtLeastOnce => Output::AtLeastOnce(producer),
+        ProcessingGuarantee::ExactlyOnce => Output::ExactlyOnce(transactional_producer(
+            settings,
+            &topo.application_id,
+            topic,
+            partition,
+        )?),
+    };
     let committed = committed_offset(&consumer, topic, partition)?;
     let watermarks = |t: &str| {
         tokio::task::block_in_place(|| {
@@ -159,19 +171,9 @@ fn spawn_task(
     tracing::info!(topic, partition, checkpoint = ?task.next_offset(), source, restore_ms = restore.as_millis() as u64, "task started");
     let (tx, rx) = mpsc::channel(settings.max_batch * 4);
     let settings = settings.clone();
-    let guarantee = topo.processing_guarantee;
-    let app = topo.application_id.clone();
     let join = tokio::spawn(async move {
         let label = format!("{}-{}", task.topic, task.partition);
-        let run = async {
-            let output = match guarantee {
-                ProcessingGuarantee::AtLeastOnce => Output::AtLeastOnce(producer),
-                ProcessingGuarantee::ExactlyOnce => Output::ExactlyOnce(
-                    transactional_producer(&settings, &app, &task.topic, task.partition).await?,
-                ),
-            };
-            task_loop(task, rx, &consumer, &output, &dispatcher, &settings).await
-        };
+        let run = task_loop(task, rx, &consumer, &output, &dispatcher, &settings);
         if let Err(e) = run.await {
             METRICS.errors.with_label_values(&["task_failed"]).inc();
             tracing::error!(task = %label, error = %format!("{e:#}"), "task failed");
