@@ -50,6 +50,10 @@ enum Cmd {
         idempotency_key: Option<String>,
         #[arg(long)]
         reference: Option<String>,
+        /// How many times a create refused for overload (503, 429) is sent again, with
+        /// the same Idempotency-Key, after the `Retry-After` the API asks for.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
     },
     /// Show a payment.
     Get { id: String },
@@ -109,14 +113,28 @@ struct Api {
 
 impl Api {
     async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+        let (status, body, _) = self.send(req).await?;
+        Ok((status, body))
+    }
+
+    /// The answer's status, body and `Retry-After` (seconds), if it has one.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(u16, Value, Option<u64>)> {
         let res = req
             .bearer_auth(&self.key)
             .send()
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         let status = res.status().as_u16();
+        let retry_after = res
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         let body = res.json().await.unwrap_or(Value::Null);
-        Ok((status, body))
+        Ok((status, body, retry_after))
     }
 
     async fn create(
@@ -125,9 +143,9 @@ impl Api {
         amount: i64,
         currency: &str,
         reference: Option<&str>,
-    ) -> anyhow::Result<(u16, Value)> {
+    ) -> anyhow::Result<(u16, Value, Option<u64>)> {
         let body = json!({ "amount": amount, "currency": currency, "reference": reference });
-        self.call(
+        self.send(
             self.http
                 .post(format!("{}/v1/payments", self.base))
                 .header("Idempotency-Key", key)
@@ -144,13 +162,18 @@ impl Api {
 
 fn ok(status: u16, body: &Value) -> anyhow::Result<()> {
     if status >= 400 {
-        bail!(
-            "{status} {}: {}",
-            body["error"]["code"].as_str().unwrap_or("error"),
-            body["error"]["message"].as_str().unwrap_or("")
-        );
+        bail!("{}", error_text(status, body));
     }
     Ok(())
+}
+
+/// An error answer as `<status> <code>: <message>`.
+fn error_text(status: u16, body: &Value) -> String {
+    format!(
+        "{status} {}: {}",
+        body["error"]["code"].as_str().unwrap_or("error"),
+        body["error"]["message"].as_str().unwrap_or("")
+    )
 }
 
 fn terminal(status: &str) -> bool {
@@ -188,11 +211,35 @@ async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
             currency,
             idempotency_key,
             reference,
+            retries,
         } => {
             let key = idempotency_key.unwrap_or_else(|| format!("payctl-{}", letters_id()));
-            let (s, b) = api
-                .create(&key, amount, &currency, reference.as_deref())
-                .await?;
+            let mut attempt = 0;
+            let (s, b) = loop {
+                let (s, b, retry_after) = api
+                    .create(&key, amount, &currency, reference.as_deref())
+                    .await
+                    .with_context(|| {
+                        format!("the create may have been accepted: send it again with --idempotency-key {key}")
+                    })?;
+                match retry_after {
+                    Some(wait) if matches!(s, 429 | 503) && attempt < retries => {
+                        attempt += 1;
+                        eprintln!(
+                            "refused ({s} {}); retrying in {wait} s with the same Idempotency-Key {key} ({attempt} of {retries})",
+                            b["error"]["code"].as_str().unwrap_or("error")
+                        );
+                        tokio::time::sleep(Duration::from_secs(wait.clamp(1, 60))).await;
+                    }
+                    _ => break (s, b),
+                }
+            };
+            if matches!(s, 429 | 503) {
+                bail!(
+                    "{}; nothing was queued: send it again later with --idempotency-key {key}",
+                    error_text(s, &b)
+                );
+            }
             ok(s, &b)?;
             println!("{}", serde_json::to_string_pretty(&b)?);
         }
@@ -324,8 +371,8 @@ async fn load(
                     let _ = std::io::stderr().flush();
                 }
                 match r {
-                    Ok((202, b)) => (b["id"].as_str().map(str::to_owned), at, ms, 202),
-                    Ok((s, _)) => (None, at, ms, s),
+                    Ok((202, b, _)) => (b["id"].as_str().map(str::to_owned), at, ms, 202),
+                    Ok((s, _, _)) => (None, at, ms, s),
                     Err(_) => (None, at, ms, 0),
                 }
             }

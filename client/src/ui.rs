@@ -63,12 +63,18 @@ pub async fn serve(
                 match req.send().await {
                     Ok(res) => {
                         let status = res.status();
+                        let retry_after = res.headers().get(warp::http::header::RETRY_AFTER).cloned();
                         let body = res.bytes().await.unwrap_or_default();
-                        warp::reply::with_status(
+                        let mut reply = warp::reply::with_status(
                             warp::reply::with_header(body.to_vec(), "content-type", "application/json"),
                             status,
                         )
-                        .into_response()
+                        .into_response();
+                        // A refusal's Retry-After reaches the page as the API sent it.
+                        if let Some(v) = retry_after {
+                            reply.headers_mut().insert(warp::http::header::RETRY_AFTER, v);
+                        }
+                        reply
                     }
                     Err(e) => warp::reply::with_status(
                         warp::reply::json(&serde_json::json!({"error": {"code": "unavailable", "message": format!("API unreachable: {e}")}})),

@@ -66,7 +66,7 @@ catalogue! {
     IdempotencyKeyReused = (UNPROCESSABLE_ENTITY, "idempotency_key_reused", "the Idempotency-Key was used with another request"),
     RateLimited = (TOO_MANY_REQUESTS, "rate_limited", "over the merchant's rate limit; retry after `Retry-After`"),
     Unavailable = (SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; retry after `Retry-After` (with the same Idempotency-Key)"),
-    Overloaded = (SERVICE_UNAVAILABLE, "overloaded", "the workers' backlog is over its bound and nothing was queued; retry after `Retry-After` with the same Idempotency-Key"),
+    Overloaded = (SERVICE_UNAVAILABLE, "overloaded", "over an admission bound (the workers' backlog, or the creates this API handles at once) and nothing was queued; retry after `Retry-After` with the same Idempotency-Key"),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +129,7 @@ impl ApiError {
             retry_after: Some(retry_after_s),
             ..Self::new(
                 ErrorCode::Overloaded,
-                "the gateway is processing more payments than it can take now and queued nothing; retry after Retry-After with the same Idempotency-Key",
+                format!("the gateway is processing more payments than it can take now and queued nothing; retry in {retry_after_s} s (Retry-After) with the same Idempotency-Key"),
             )
         }
     }

@@ -96,11 +96,13 @@ pub struct Load {
 }
 
 /// Creates one payment, retrying (with the same Idempotency-Key, as a client must)
-/// through API restarts and broker outages, for up to two minutes.
+/// through API restarts and broker outages, for up to two minutes; a refusal's
+/// `Retry-After` is waited out before the next try.
 pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
+        let mut wait = backoff.next_delay();
         let res = http
             .post(format!("http://{api}/v1/payments"))
             .bearer_auth(DEMO_KEY)
@@ -123,14 +125,24 @@ pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64
                 lock(&load.refused).push(format!("{key}: {status} {body}"));
                 return;
             }
-            _ => {}
+            Ok(r) => {
+                let asked = r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if let Some(s) = asked {
+                    wait = wait.max(Duration::from_secs(s));
+                }
+            }
+            Err(_) => {}
         }
         if Instant::now() > deadline {
             lock(&load.refused).push(format!("{key}: not accepted within 120 s"));
             return;
         }
         load.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
