@@ -450,5 +450,21 @@ impl Drop for Stack {
             let _ = c.wait();
         }
         let _ = self.shutdown.send(());
+        if std::thread::panicking() {
+            // A failed test's runtime waits, when it shuts down, for whatever its tasks
+            // are blocked in (a Kafka client closing against a broker already gone): a
+            // failure must end the run, not hang it.
+            std::thread::spawn(|| {
+                std::thread::sleep(PANIC_GRACE);
+                eprintln!(
+                    "a test failed and its stack did not shut down within {} s: exiting",
+                    PANIC_GRACE.as_secs()
+                );
+                std::process::exit(101);
+            });
+        }
     }
 }
+
+/// How long a failed test's stack may take to shut down before the test process exits.
+const PANIC_GRACE: Duration = Duration::from_secs(300);
