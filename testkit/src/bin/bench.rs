@@ -68,6 +68,14 @@ struct Args {
     /// Creates the API handles at once (`API_MAX_CREATES_IN_FLIGHT`; shipped: 256).
     #[arg(long, default_value_t = 256)]
     max_creates_in_flight: usize,
+    /// Run the topology with `processing_guarantee = "exactly_once"` (shipped:
+    /// `at_least_once`).
+    #[arg(long)]
+    exactly_once: bool,
+}
+
+fn exactly_once(t: &mut topology::config::TopologyFile) {
+    t.processing_guarantee = topology::config::ProcessingGuarantee::ExactlyOnce;
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -239,6 +247,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         policy: testkit::stack::SHIPPED_POLICY.into(),
         store_cache_mb: a.store_cache_mb,
         max_creates_in_flight: a.max_creates_in_flight,
+        edit_topology: a.exactly_once.then_some(exactly_once as fn(&mut _)),
         ..defaults
     })
     .await?;
