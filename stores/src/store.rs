@@ -298,6 +298,21 @@ mod tests {
 
     const WEEK: dedup::Retention = dedup::Retention::new(7 * 24 * 3_600_000);
 
+    /// Opens a store just closed: sled's flusher thread may hold the directory's lock a
+    /// moment after the last handle is dropped (workers wait for it the same way).
+    fn reopen(open: impl Fn() -> Result<PartitionStore>) -> PartitionStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match open() {
+                Ok(ps) => return ps,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => panic!("the store was not released within 30 s: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn batch_is_atomic_and_readable_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -316,7 +331,7 @@ mod tests {
             ps.commit(ws).unwrap();
             ps.flush().unwrap();
         }
-        let ps = PartitionStore::open(dir.path(), "app", "t", 3).unwrap();
+        let ps = reopen(|| PartitionStore::open(dir.path(), "app", "t", 3));
         assert_eq!(ps.next_offset().unwrap(), Some(42));
         assert_eq!(
             ps.get::<String>("payments", b"p1").unwrap().as_deref(),
@@ -350,7 +365,7 @@ mod tests {
                 );
             }
         }
-        let ps = PartitionStore::open_with_cache(dir.path(), "app", "t", 0, 64 * 1024).unwrap();
+        let ps = reopen(|| PartitionStore::open_with_cache(dir.path(), "app", "t", 0, 64 * 1024));
         assert_eq!(ps.scan("payments", usize::MAX).unwrap().len(), 20_000);
         assert_eq!(
             ps.get_raw("payments", &19_999u32.to_be_bytes()).unwrap(),
