@@ -223,3 +223,14 @@ pub fn topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<(History, usiz
     }
     Ok((out, records))
 }
+
+/// The seconds an answer's `Retry-After` asks a client to wait, if it has one.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -126,12 +126,7 @@ pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64
                 return;
             }
             Ok(r) => {
-                let asked = r
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                if let Some(s) = asked {
+                if let Some(s) = crate::client::retry_after(r.headers()) {
                     wait = wait.max(Duration::from_secs(s));
                 }
             }

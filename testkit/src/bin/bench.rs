@@ -316,11 +316,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
                     if !retry_refused || refused.status != 503 {
                         break;
                     }
-                    let after = refused
-                        .headers
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok()?.parse().ok())
-                        .unwrap_or(1);
+                    let after = testkit::client::retry_after(&refused.headers).unwrap_or(1);
                     tokio::time::sleep(Duration::from_secs(after)).await;
                     r = api.create(&key, amount, "EUR").await;
                 }

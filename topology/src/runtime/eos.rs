@@ -96,8 +96,9 @@ pub(super) struct Plan {
     pub(super) changelog: Vec<ChangelogRecord>,
     /// The outbox's Kafka records.
     pub(super) outputs: Vec<OutboxEntry>,
-    /// The changelog batch that removes those records from the outbox.
-    pub(super) removal: Vec<ChangelogRecord>,
+    /// The removal of those records from the outbox: its changelog batch is sent last,
+    /// and it is applied to the store once the transaction has committed.
+    pub(super) removal: Removal,
 }
 
 /// What a publish under exactly-once does: its transaction's plan, and what to apply
@@ -105,7 +106,6 @@ pub(super) struct Plan {
 pub(super) struct Publish {
     pub(super) plan: Plan,
     queue_keys: Vec<Vec<u8>>,
-    removal: Removal,
     call_keys: Vec<Vec<u8>>,
     calls: Vec<crate::processor::ProviderCall>,
 }
@@ -124,11 +124,10 @@ impl Publish {
         Ok(Publish {
             plan: Plan {
                 changelog: stores::coalesce(queued.into_iter().map(|(_, r)| r)),
-                removal: removal.records.clone(),
+                removal,
                 outputs,
             },
             queue_keys,
-            removal,
             call_keys,
             calls,
         })
@@ -147,7 +146,6 @@ pub(super) async fn publish_transaction(
     let Publish {
         plan,
         queue_keys,
-        removal,
         call_keys,
         calls,
     } = Publish::of(task)?;
@@ -172,7 +170,7 @@ pub(super) async fn publish_transaction(
             }
         };
         observe_stage("transaction", t);
-        task.changelog_shipped(queue_keys, end, Some(removal))?;
+        task.changelog_shipped(queue_keys, end, Some(plan.removal))?;
     }
     for call in calls {
         dispatcher.dispatch(call).await;
@@ -269,7 +267,7 @@ async fn transaction(
     let changelog = send_changelog(task, producer, &plan.changelog).await?;
     send_outputs(producer, &plan.outputs).await?;
     let (removal, offset) = futures::future::join(
-        send_changelog(task, producer, &plan.removal),
+        send_changelog(task, producer, &plan.removal.records),
         send_offset(task, producer, consumer),
     )
     .await;
@@ -358,7 +356,7 @@ mod tests {
         let whole: Vec<ChangelogRecord> = plan
             .changelog
             .iter()
-            .chain(&plan.removal)
+            .chain(&plan.removal.records)
             .cloned()
             .collect();
         assert_eq!(restored_outputs(&whole), Vec::<String>::new());
