@@ -168,6 +168,7 @@ pub async fn start_api(
         burst: opts.rate_limit_per_second * 2.0,
     });
     cfg.max_creates_in_flight = opts.max_creates_in_flight;
+    cfg.refunds = common.topology.has_processor_type("refund_state_machine");
     if !opts.admission_max_backlog.is_zero() {
         let mut a = gateway_http::admission::AdmissionConfig::new(
             &common.brokers,

@@ -1455,3 +1455,175 @@ async fn a_broker_outage_is_a_clear_503_and_the_retry_is_charged_once() {
     );
     stack.shutdown().await.unwrap();
 }
+
+/// Creates a payment of `amount` and waits until it is terminal; returns its id.
+async fn settled_payment(api: &Api, key: &str, amount: i64) -> String {
+    let id = api.create(key, amount, "EUR").await.unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.wait_for_status(&id, TERMINAL, Duration::from_secs(30))
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refunds_return_at_most_what_was_captured_and_each_only_once() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let wait = Duration::from_secs(30);
+    let paid = settled_payment(&api, "to-refund", 1000).await;
+    let declined = settled_payment(&api, "declined", 2001).await;
+    let raced = settled_payment(&api, "raced", 1000).await;
+    assert_eq!(api.get(&paid).await.unwrap().body["status"], "COMPLETED");
+
+    // A partial refund: accepted as PENDING, readable at once, then SUCCEEDED.
+    let first = api.refund(&paid, "rf-1", Some(400)).await.unwrap();
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(first.body["status"], "PENDING");
+    let first_id = first.body["id"].as_str().unwrap().to_owned();
+    assert!(first_id.starts_with("re_"), "{first_id}");
+    assert_eq!(api.get_refund(&first_id).await.unwrap().status, 200);
+    api.wait_for_refund(&first_id, &["SUCCEEDED"], wait)
+        .await
+        .unwrap();
+    // The same key and body replay; another body under the key is refused.
+    let replay = api.refund(&paid, "rf-1", Some(400)).await.unwrap();
+    assert_eq!(
+        (replay.status, &replay.body["id"]),
+        (202, &first.body["id"])
+    );
+    assert_eq!(
+        replay
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let reused = api.refund(&paid, "rf-1", Some(300)).await.unwrap();
+    assert_eq!(
+        (reused.status, reused.code()),
+        (422, "idempotency_key_reused")
+    );
+
+    // Pending at the provider, settled by a signed `refund.succeeded` webhook (03).
+    let hooked = api.refund(&paid, "rf-2", Some(303)).await.unwrap();
+    let hooked_id = hooked.body["id"].as_str().unwrap().to_owned();
+    api.wait_for_refund(&hooked_id, &["SUCCEEDED"], wait)
+        .await
+        .unwrap();
+    // Refused by the provider (01): FAILED, and its amount is free again.
+    let refused = api.refund(&paid, "rf-3", Some(201)).await.unwrap();
+    let refused_id = refused.body["id"].as_str().unwrap().to_owned();
+    let failed = api
+        .wait_for_refund(&refused_id, &["FAILED"], wait)
+        .await
+        .unwrap();
+    assert_eq!(failed.body["failure_code"], "refund_declined");
+    // No amount: what is left, 1000 - 400 - 303.
+    let rest = api.refund(&paid, "rf-4", None).await.unwrap();
+    assert_eq!(rest.status, 202, "{}", rest.body);
+    let rest_id = rest.body["id"].as_str().unwrap().to_owned();
+    let done = api
+        .wait_for_refund(&rest_id, &["SUCCEEDED"], wait)
+        .await
+        .unwrap();
+    assert_eq!(done.body["amount"], 297);
+    let payment = api
+        .wait_for_status(&paid, &["COMPLETED"], wait)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + wait;
+    let mut payment = payment;
+    while payment.body["amount_refunded"] != 1000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        payment = api.get(&paid).await.unwrap();
+    }
+    assert_eq!(
+        (&payment.body["amount_refunded"], &payment.body["refunded"]),
+        (&Value::from(1000), &Value::from(true)),
+        "{}",
+        payment.body
+    );
+    let more = api.refund(&paid, "rf-5", Some(1)).await.unwrap();
+    assert_eq!(
+        (more.status, more.code()),
+        (409, "amount_exceeds_refundable")
+    );
+    let list = api.refunds(&paid).await.unwrap();
+    let statuses: Vec<&str> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["SUCCEEDED", "SUCCEEDED", "FAILED", "SUCCEEDED"]);
+
+    // Only a COMPLETED payment can be refunded; unknown refunds and other merchants' are 404.
+    let not_done = api.refund(&declined, "rf-x", None).await.unwrap();
+    assert_eq!(
+        (not_done.status, not_done.code()),
+        (409, "payment_not_completed")
+    );
+    for missing in ["re_0123456789abcdef0123456789abcdef", "re_nothex", "pay_1"] {
+        let r = api.get_refund(missing).await.unwrap();
+        assert_eq!((r.status, r.code()), (404, "refund_not_found"), "{missing}");
+    }
+    let other = stack.client(OTHER_KEY);
+    assert_eq!(other.get_refund(&first_id).await.unwrap().status, 404);
+    assert_eq!(other.refunds(&paid).await.unwrap().status, 404);
+    let foreign = other.refund(&paid, "rf-o", None).await.unwrap();
+    assert_eq!((foreign.status, foreign.code()), (404, "payment_not_found"));
+
+    // Two refunds racing for more than is left: at most one succeeds; the other is
+    // refused at once or, if both passed the API, recorded as FAILED with the reason.
+    let (a, b) = tokio::join!(
+        api.refund(&raced, "race-a", Some(700)),
+        api.refund(&raced, "race-b", Some(700))
+    );
+    let mut outcomes = Vec::new();
+    for r in [a.unwrap(), b.unwrap()] {
+        match r.status {
+            202 => {
+                let id = r.body["id"].as_str().unwrap().to_owned();
+                let end = api
+                    .wait_for_refund(&id, &["SUCCEEDED", "FAILED"], wait)
+                    .await
+                    .unwrap();
+                if end.body["status"] == "FAILED" {
+                    assert_eq!(end.body["failure_code"], "amount_exceeds_refundable");
+                }
+                outcomes.push(end.body["status"].as_str().unwrap().to_owned());
+            }
+            409 => outcomes.push(r.code().to_owned()),
+            other => panic!("unexpected answer {other}: {}", r.body),
+        }
+    }
+    outcomes.sort();
+    assert_eq!(outcomes[1], "SUCCEEDED", "{outcomes:?}");
+    assert_ne!(outcomes[0], "SUCCEEDED", "{outcomes:?}");
+
+    // The provider returned money once per refund, never more than was captured.
+    let ledger = stack.sim.ledger();
+    let mut returned: HashMap<String, i64> = HashMap::new();
+    for r in &ledger.refunds {
+        assert!(
+            r.refunds_made <= 1,
+            "refund {} made twice",
+            r.idempotency_key
+        );
+        if r.refunds_made == 1 {
+            *returned.entry(r.reference.clone()).or_default() += r.amount;
+        }
+    }
+    assert_eq!(returned.get(&paid), Some(&1000));
+    assert_eq!(returned.get(&raced), Some(&700));
+    assert_eq!(returned.get(&declined), None);
+    let (events, _) = check_history_matches_topic(&stack).await;
+    println!(
+        "e2e: refunds: statuses={statuses:?} race={outcomes:?} events={events} ledger_refunds={}",
+        ledger.refunds.len()
+    );
+    stack.shutdown().await.unwrap();
+}

@@ -30,6 +30,12 @@ struct WebhookData {
     reference: String,
     #[serde(default)]
     charge_id: Option<String>,
+    /// Refund webhooks: the provider's refund id, and our key of the refund, which
+    /// names its payment and number.
+    #[serde(default)]
+    refund_id: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
     #[serde(default)]
     code: Option<String>,
     #[serde(default)]
@@ -85,7 +91,30 @@ pub async fn callback(
             "data.reference is not a payment id",
         )
     })?;
+    let refund = || -> Result<u32> {
+        let named = parsed
+            .data
+            .idempotency_key
+            .as_deref()
+            .and_then(payments::parse_provider_refund_key);
+        match named {
+            Some((p, n)) if p == payment_id => Ok(n),
+            _ => Err(ApiError::new(
+                ErrorCode::InvalidWebhook,
+                "data.idempotency_key does not name a refund of the payment in data.reference",
+            )),
+        }
+    };
     let outcome = match parsed.kind.as_str() {
+        "refund.succeeded" => WebhookOutcome::RefundSucceeded {
+            refund: refund()?,
+            provider_ref: clean(parsed.data.refund_id.clone(), 128).unwrap_or_default(),
+        },
+        "refund.failed" => WebhookOutcome::RefundFailed {
+            refund: refund()?,
+            code: clean(parsed.data.code.clone(), 64).unwrap_or_else(|| "refund_failed".into()),
+            message: clean(parsed.data.message.clone(), 512).unwrap_or_default(),
+        },
         "charge.succeeded" => WebhookOutcome::Succeeded {
             provider_ref: clean(parsed.data.charge_id, 128).unwrap_or_default(),
         },

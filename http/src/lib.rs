@@ -25,6 +25,7 @@ pub mod health;
 pub mod openapi;
 pub mod payments;
 pub mod recent;
+pub mod refunds;
 pub mod request;
 pub mod routes;
 
@@ -54,6 +55,9 @@ pub struct ApiConfig {
     /// Creates handled at once by this instance; one more is refused (503 overloaded).
     /// 0: no limit.
     pub max_creates_in_flight: usize,
+    /// Whether the topology has a refund processor: without one, refund requests are
+    /// answered `501 refunds_not_enabled`.
+    pub refunds: bool,
 }
 
 /// A token bucket per merchant: `per_second` sustained, up to `burst` at once.
@@ -101,6 +105,7 @@ impl ApiConfig {
             }),
             admission: None,
             max_creates_in_flight: 0,
+            refunds: false,
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct ApiState {
     pub producer: FutureProducer,
     pub pool: Pool,
     pub recent: Mutex<RecentCreates>,
+    /// Refund requests this instance accepted recently (keyed by payment and key).
+    pub recent_refunds: Mutex<RecentCreates>,
     pub buckets: Buckets,
     pub admission: Arc<admission::Admission>,
     /// Permits for creates in flight (`ApiConfig::max_creates_in_flight`).
@@ -131,6 +138,7 @@ impl ApiState {
             producer,
             pool,
             recent: Mutex::new(RecentCreates::default()),
+            recent_refunds: Mutex::new(RecentCreates::default()),
             buckets: Buckets::default(),
             admission,
         }))

@@ -11,6 +11,9 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/v1/payments/{id}"),
     ("get", "/v1/payments/{id}/events"),
     ("post", "/v1/payments/{id}/cancel"),
+    ("post", "/v1/payments/{id}/refunds"),
+    ("get", "/v1/payments/{id}/refunds"),
+    ("get", "/v1/refunds/{id}"),
     ("post", "/v1/callbacks/{provider}"),
     ("get", "/health/live"),
     ("get", "/health/ready"),
@@ -104,6 +107,29 @@ pub fn document() -> Value {
                     InvalidIdempotencyKey, PaymentNotFound, AlreadyTerminal,
                 ])), ("202", json_body("CancelAccepted", "cancel requested"))),
             }},
+            "/v1/payments/{id}/refunds": {
+                "post": {
+                    "operationId": "createRefund",
+                    "summary": "Refund (part of) a COMPLETED payment (processed asynchronously)",
+                    "parameters": [id_param.clone(), { "name": "Idempotency-Key", "in": "header", "required": true, "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" } }],
+                    "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreateRefund" } } } },
+                    "responses": with(errors(&and_auth(&[
+                        InvalidJson, InvalidRequest, MissingIdempotencyKey, InvalidIdempotencyKey,
+                        CardDataRejected, RequestTimeout, PayloadTooLarge, UnsupportedMediaType,
+                        IdempotencyKeyReused, PaymentNotFound, PaymentNotCompleted, AmountExceedsRefundable,
+                        RefundsNotEnabled,
+                    ])), ("202", json_body("Refund", "accepted; the outcome is the refund's status (the same key and body replay this answer)"))),
+                },
+                "get": {
+                    "operationId": "listRefunds", "summary": "A payment's refunds, in the order requested", "parameters": [id_param.clone()],
+                    "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("RefundList", "the refunds"))),
+                }
+            },
+            "/v1/refunds/{id}": { "get": {
+                "operationId": "getRefund", "summary": "A refund's current state",
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^re_[0-9a-f]{32}$" } }],
+                "responses": with(errors(&and_auth(&[RefundNotFound])), ("200", json_body("Refund", "the refund"))),
+            }},
             "/v1/callbacks/{provider}": { "post": {
                 "operationId": "providerWebhook", "summary": "Signed provider webhook (Standard Webhooks)", "security": [],
                 "parameters": [
@@ -158,6 +184,8 @@ pub fn document() -> Value {
                         "provider_reference": { "type": "string", "nullable": true },
                         "failure_code": { "type": "string", "nullable": true }, "failure_message": { "type": "string", "nullable": true },
                         "cancel_requested": { "type": "boolean" }, "stuck": { "type": "boolean" }, "attempts": { "type": "integer" },
+                        "amount_refunded": { "type": "integer", "description": "what succeeded refunds returned" },
+                        "refunded": { "type": "boolean", "description": "the whole amount is refunded" },
                         "version": { "type": "integer", "description": "seq of the last event" },
                         "created_at": { "type": "string", "format": "date-time" }, "updated_at": { "type": "string", "format": "date-time" }
                     }
@@ -170,6 +198,28 @@ pub fn document() -> Value {
                         "properties": { "seq": { "type": "integer" }, "type": { "type": "string" }, "occurred_at": { "type": "string", "format": "date-time" }, "data": { "type": "object" } }
                     } } }
                 },
+                "CreateRefund": {
+                    "type": "object", "additionalProperties": false,
+                    "properties": {
+                        "amount": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "nullable": true, "description": "minor units of the payment's currency; absent: what is left to refund" },
+                        "reason": { "type": "string", "maxLength": 256, "nullable": true, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$" }
+                    }
+                },
+                "RefundStatus": { "type": "string", "enum": ["PENDING", "SUCCEEDED", "FAILED"] },
+                "Refund": {
+                    "type": "object", "required": ["id", "payment_id", "status", "currency", "created_at", "updated_at"],
+                    "properties": {
+                        "id": { "type": "string" }, "payment_id": { "type": "string" },
+                        "amount": { "type": "integer", "nullable": true, "description": "null until a request for what is left is applied" },
+                        "currency": { "type": "string" }, "status": { "$ref": "#/components/schemas/RefundStatus" },
+                        "reason": { "type": "string", "nullable": true },
+                        "provider_reference": { "type": "string", "nullable": true },
+                        "failure_code": { "type": "string", "nullable": true }, "failure_message": { "type": "string", "nullable": true },
+                        "created_at": { "type": "string", "format": "date-time" }, "updated_at": { "type": "string", "format": "date-time" },
+                        "links": { "type": "object" }
+                    }
+                },
+                "RefundList": { "type": "object", "required": ["payment_id", "data"], "properties": { "payment_id": { "type": "string" }, "data": { "type": "array", "items": { "$ref": "#/components/schemas/Refund" } } } },
                 "CancelAccepted": { "type": "object", "required": ["id", "status", "cancel_requested"], "properties": { "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" }, "cancel_requested": { "type": "boolean" } } }
             }
         }

@@ -267,6 +267,8 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
         cancel_requested: false,
         stuck: false,
         attempts: 0,
+        amount_refunded: 0,
+        refunded: false,
         version: 1,
         created_at: created_at.clone(),
         updated_at: created_at,
@@ -298,7 +300,7 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms, as the projection formats times.
-fn iso_ms(ms: i64) -> String {
+pub(crate) fn iso_ms(ms: i64) -> String {
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

@@ -4,7 +4,7 @@
 use crate::callbacks::{self, WebhookHeaders};
 use crate::error::{ApiError, ErrorCode};
 use crate::ApiState;
-use crate::{health, payments, request};
+use crate::{health, payments, refunds, request};
 use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 use std::convert::Infallible;
 use std::future::Future;
@@ -249,6 +249,41 @@ pub fn routes(
                 payments::cancel_payment(s, id, a, k),
             )
         });
+    let refund = warp::path!("v1" / "payments" / String / "refunds")
+        .and(warp::post())
+        .and(st.clone())
+        .and(auth)
+        .and(warp::header::optional::<String>("idempotency-key"))
+        .and(warp::header::optional::<String>("content-type"))
+        .and(limited_body(max))
+        .and(traceparent())
+        .then(|id, s, a, k, ct, b, tp| {
+            timed(
+                "/v1/payments/{id}/refunds",
+                "POST",
+                tp,
+                refunds::create_refund(s, id, a, k, ct, b),
+            )
+        });
+    let list_refunds = warp::path!("v1" / "payments" / String / "refunds")
+        .and(warp::get())
+        .and(st.clone())
+        .and(auth)
+        .and(traceparent())
+        .then(|id, s, a, tp| {
+            timed(
+                "/v1/payments/{id}/refunds",
+                "GET",
+                tp,
+                refunds::list_refunds(s, id, a),
+            )
+        });
+    let get_refund = warp::path!("v1" / "refunds" / String)
+        .and(warp::get())
+        .and(st.clone())
+        .and(auth)
+        .and(traceparent())
+        .then(|id, s, a, tp| timed("/v1/refunds/{id}", "GET", tp, refunds::get_refund(s, id, a)));
     let callback = warp::path!("v1" / "callbacks" / String)
         .and(warp::post())
         .and(st.clone())
@@ -291,6 +326,12 @@ pub fn routes(
         .or(events)
         .unify()
         .or(cancel)
+        .unify()
+        .or(refund)
+        .unify()
+        .or(list_refunds)
+        .unify()
+        .or(get_refund)
         .unify()
         .or(callback)
         .unify()

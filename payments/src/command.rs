@@ -3,7 +3,7 @@
 //! Every command carries a [`CommandId`]; the topology applies each id at most once.
 //! Every command carries the time it was issued: the state machine never reads a clock.
 
-use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId};
+use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId, RefundId};
 use crate::money::{Amount, Currency};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,6 +39,8 @@ pub enum CommandBody {
     Timer {
         kind: TimerKind,
     },
+    /// Refund (part of) a completed payment.
+    Refund(CreateRefund),
 }
 
 impl CommandBody {
@@ -50,8 +52,38 @@ impl CommandBody {
             CommandBody::ProviderReply { .. } => "provider_reply",
             CommandBody::Webhook { .. } => "webhook",
             CommandBody::Timer { .. } => "timer",
+            CommandBody::Refund(_) => "refund",
         }
     }
+
+    /// Whether the command is about one of the payment's refunds (a refund request, a
+    /// provider answer or webhook about a refund, a refund's timer): the refund state
+    /// machine's commands, not the payment's.
+    pub fn is_refund(&self) -> bool {
+        match self {
+            CommandBody::Refund(_) => true,
+            CommandBody::ProviderReply { op, .. } => op.refund().is_some(),
+            CommandBody::Webhook { outcome, .. } => outcome.refund().is_some(),
+            CommandBody::Timer { kind } => kind.refund().is_some(),
+            CommandBody::Create(_) | CommandBody::Cancel { .. } => false,
+        }
+    }
+}
+
+/// A request to refund a completed payment: `amount` in the payment's currency, or,
+/// when absent, what is left to refund when the request is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateRefund {
+    pub merchant_id: MerchantId,
+    /// [`RefundId::derive`] of the payment and `idempotency_key`.
+    pub refund_id: RefundId,
+    #[serde(default)]
+    pub amount: Option<Amount>,
+    pub idempotency_key: IdempotencyKey,
+    /// SHA-256 of the canonical request: tells a replay from a conflicting reuse of a key.
+    pub request_hash: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +122,14 @@ pub enum ProviderOp {
     Charge,
     Status,
     Cancel,
+    /// Refund number `refund` of the payment (its index among the payment's refunds).
+    Refund {
+        refund: u32,
+    },
+    /// Ask for the outcome of refund number `refund`.
+    RefundStatus {
+        refund: u32,
+    },
 }
 
 impl ProviderOp {
@@ -98,6 +138,16 @@ impl ProviderOp {
             ProviderOp::Charge => "charge",
             ProviderOp::Status => "status",
             ProviderOp::Cancel => "cancel",
+            ProviderOp::Refund { .. } => "refund",
+            ProviderOp::RefundStatus { .. } => "refund_status",
+        }
+    }
+
+    /// The refund the operation is about, if any.
+    pub fn refund(self) -> Option<u32> {
+        match self {
+            ProviderOp::Refund { refund } | ProviderOp::RefundStatus { refund } => Some(refund),
+            _ => None,
         }
     }
 }
@@ -142,9 +192,36 @@ impl ProviderOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum WebhookOutcome {
-    Succeeded { provider_ref: String },
-    Failed { code: String, message: String },
+    Succeeded {
+        provider_ref: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
     Canceled,
+    /// Refund number `refund` of the payment went through.
+    RefundSucceeded {
+        refund: u32,
+        provider_ref: String,
+    },
+    /// Refund number `refund` of the payment was refused by the provider; final.
+    RefundFailed {
+        refund: u32,
+        code: String,
+        message: String,
+    },
+}
+
+impl WebhookOutcome {
+    /// The refund the webhook is about, if any.
+    pub fn refund(&self) -> Option<u32> {
+        match self {
+            WebhookOutcome::RefundSucceeded { refund, .. }
+            | WebhookOutcome::RefundFailed { refund, .. } => Some(*refund),
+            _ => None,
+        }
+    }
 }
 
 /// Externally tagged (serde's default): timers are stored with bincode, which cannot
@@ -159,6 +236,14 @@ pub enum TimerKind {
     /// No (final) answer for attempt `attempt` in time: ask the provider for the status.
     /// `wait` names the wait the timer was set for; a timer of an older wait is stale.
     ProviderTimeout { attempt: u32, wait: u32 },
+    /// Back-off of a failed attempt of refund `refund` is over: attempt `attempt`.
+    RefundRetry { refund: u32, attempt: u32 },
+    /// No (final) answer about refund `refund` in time: ask the provider for its status.
+    RefundTimeout {
+        refund: u32,
+        attempt: u32,
+        wait: u32,
+    },
 }
 
 impl TimerKind {
@@ -167,6 +252,18 @@ impl TimerKind {
             TimerKind::Dispatch => "dispatch",
             TimerKind::Retry { .. } => "retry",
             TimerKind::ProviderTimeout { .. } => "provider_timeout",
+            TimerKind::RefundRetry { .. } => "refund_retry",
+            TimerKind::RefundTimeout { .. } => "refund_timeout",
+        }
+    }
+
+    /// The refund the timer is about, if any.
+    pub fn refund(self) -> Option<u32> {
+        match self {
+            TimerKind::RefundRetry { refund, .. } | TimerKind::RefundTimeout { refund, .. } => {
+                Some(refund)
+            }
+            _ => None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Events: facts about a payment, numbered by a gap-free per-payment `seq` starting at 1.
 
 use crate::command::ProviderOp;
-use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId};
+use crate::ids::{CommandId, IdempotencyKey, MerchantId, PaymentId, RefundId};
 use crate::money::{Amount, Currency};
 use crate::Status;
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,62 @@ pub enum EventBody {
     Canceled {
         reason: String,
     },
+    /// Refund number `refund` (0, 1, ... in the order requested) is accepted and its
+    /// first attempt goes to the provider. Its `amount` is reserved from then on.
+    RefundRequested {
+        refund: u32,
+        refund_id: RefundId,
+        amount: Amount,
+        idempotency_key: IdempotencyKey,
+        request_hash: String,
+        reason: Option<String>,
+    },
+    /// A refund request that cannot be carried out (the payment is not completed, or
+    /// the amount exceeds what is left to refund): recorded as a failed refund, with
+    /// the reason, and never sent to the provider.
+    RefundRefused {
+        refund: u32,
+        refund_id: RefundId,
+        /// What was asked: the amount given, or what was left when none was given.
+        amount: i64,
+        idempotency_key: IdempotencyKey,
+        request_hash: String,
+        reason: Option<String>,
+        code: String,
+        message: String,
+    },
+    /// Another attempt of the refund goes to the provider (same provider key).
+    RefundAttempted {
+        refund: u32,
+        attempt: u32,
+    },
+    /// The provider accepted the refund and will report the outcome by webhook.
+    RefundPending {
+        refund: u32,
+        attempt: u32,
+        provider_ref: String,
+    },
+    RefundRetryScheduled {
+        refund: u32,
+        attempt: u32,
+        due_at_ms: i64,
+        reason: String,
+    },
+    RefundStatusCheckRequested {
+        refund: u32,
+        attempt: u32,
+        check: u32,
+        reason: String,
+    },
+    RefundSucceeded {
+        refund: u32,
+        provider_ref: String,
+    },
+    RefundFailed {
+        refund: u32,
+        code: String,
+        message: String,
+    },
 }
 
 impl EventBody {
@@ -89,6 +145,14 @@ impl EventBody {
             EventBody::Completed { .. } => "completed",
             EventBody::Failed { .. } => "failed",
             EventBody::Canceled { .. } => "canceled",
+            EventBody::RefundRequested { .. } => "refund_requested",
+            EventBody::RefundRefused { .. } => "refund_refused",
+            EventBody::RefundAttempted { .. } => "refund_attempted",
+            EventBody::RefundPending { .. } => "refund_pending",
+            EventBody::RefundRetryScheduled { .. } => "refund_retry_scheduled",
+            EventBody::RefundStatusCheckRequested { .. } => "refund_status_check_requested",
+            EventBody::RefundSucceeded { .. } => "refund_succeeded",
+            EventBody::RefundFailed { .. } => "refund_failed",
         }
     }
 
@@ -104,11 +168,35 @@ impl EventBody {
         }
     }
 
+    /// The refund the event is about, if any.
+    pub fn refund(&self) -> Option<u32> {
+        match self {
+            EventBody::RefundRequested { refund, .. }
+            | EventBody::RefundRefused { refund, .. }
+            | EventBody::RefundAttempted { refund, .. }
+            | EventBody::RefundPending { refund, .. }
+            | EventBody::RefundRetryScheduled { refund, .. }
+            | EventBody::RefundStatusCheckRequested { refund, .. }
+            | EventBody::RefundSucceeded { refund, .. }
+            | EventBody::RefundFailed { refund, .. } => Some(*refund),
+            _ => None,
+        }
+    }
+
     /// The provider operation this event asks for, if any.
     pub fn provider_call(&self) -> Option<(ProviderOp, u32)> {
         match self {
             EventBody::ChargeRequested { attempt } => Some((ProviderOp::Charge, *attempt)),
             EventBody::StatusCheckRequested { attempt, .. } => Some((ProviderOp::Status, *attempt)),
+            EventBody::RefundRequested { refund, .. } => {
+                Some((ProviderOp::Refund { refund: *refund }, 1))
+            }
+            EventBody::RefundAttempted { refund, attempt } => {
+                Some((ProviderOp::Refund { refund: *refund }, *attempt))
+            }
+            EventBody::RefundStatusCheckRequested {
+                refund, attempt, ..
+            } => Some((ProviderOp::RefundStatus { refund: *refund }, *attempt)),
             _ => None,
         }
     }

@@ -85,6 +85,53 @@ impl From<PaymentId> for String {
     }
 }
 
+/// Namespace for deriving refund ids from `(payment, idempotency key)`.
+const REFUND_NAMESPACE: Uuid = Uuid::from_u128(0x2d8e_51a0_7c3b_4f69_b1e4_0a93_6c27_d845);
+
+/// A refund's id: a UUID rendered as `re_<32 hex>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RefundId(Uuid);
+
+impl RefundId {
+    /// The id of the refund of `payment` requested under `key`. Deterministic, so a
+    /// repeated request (same key) names the same refund on every API instance.
+    pub fn derive(payment: &PaymentId, key: &IdempotencyKey) -> Self {
+        let mut name = payment.key_bytes().to_vec();
+        name.extend_from_slice(key.as_str().as_bytes());
+        RefundId(Uuid::new_v5(&REFUND_NAMESPACE, &name))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let hex = s
+            .strip_prefix("re_")
+            .filter(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| ParseError::new("refund_id", "must look like re_<32 hex digits>"))?;
+        Uuid::parse_str(hex)
+            .map(RefundId)
+            .map_err(|e| ParseError::new("refund_id", e.to_string()))
+    }
+}
+
+impl fmt::Display for RefundId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "re_{}", self.0.simple())
+    }
+}
+
+impl TryFrom<String> for RefundId {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        RefundId::parse(&s)
+    }
+}
+
+impl From<RefundId> for String {
+    fn from(r: RefundId) -> String {
+        r.to_string()
+    }
+}
+
 macro_rules! string_newtype {
     ($name:ident, $field:literal, $max:expr, $allowed:expr, $desc:literal) => {
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -179,6 +226,25 @@ mod tests {
             "pay_1234",
         ] {
             assert!(PaymentId::parse(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn refund_id_is_derived_per_payment_and_key_and_round_trips() {
+        let m = MerchantId::parse("acme").unwrap();
+        let k = IdempotencyKey::parse("order-1").unwrap();
+        let pay = PaymentId::derive(&m, &k);
+        let other_pay = PaymentId::derive(&m, &IdempotencyKey::parse("order-2").unwrap());
+        let r = RefundId::derive(&pay, &k);
+        assert_eq!(RefundId::parse(&r.to_string()).unwrap(), r);
+        assert_eq!(r, RefundId::derive(&pay, &k));
+        assert_ne!(
+            r,
+            RefundId::derive(&other_pay, &k),
+            "same key, other payment"
+        );
+        for bad in ["", "re_", "re_xyz", &pay.to_string()] {
+            assert!(RefundId::parse(bad).is_err(), "{bad:?} must be rejected");
         }
     }
 

@@ -24,12 +24,15 @@ pub mod webhook;
 pub mod wire;
 
 pub use command::{
-    Command, CommandBody, CreatePayment, ProviderOp, ProviderOutcome, Screening, TimerKind,
-    WebhookOutcome,
+    Command, CommandBody, CreatePayment, CreateRefund, ProviderOp, ProviderOutcome, Screening,
+    TimerKind, WebhookOutcome,
 };
 pub use event::{Event, EventBody};
-pub use ids::{CommandId, IdempotencyKey, MerchantId, ParseError, PaymentId};
-pub use machine::{decide, evolve, Decision, Effect, Ignored, Policy, Rejection};
+pub use ids::{CommandId, IdempotencyKey, MerchantId, ParseError, PaymentId, RefundId};
+pub use machine::{
+    decide, evolve, Decision, Effect, Ignored, Policy, RefundPolicy, RefundState, RefundStatus,
+    Rejection,
+};
 pub use money::{Amount, Currency};
 
 /// Life-cycle status of a payment.
@@ -98,6 +101,22 @@ impl std::fmt::Display for Status {
 /// names the same charge: a retry can never become a second charge.
 pub fn provider_idempotency_key(payment_id: &PaymentId) -> String {
     format!("pay_{}", payment_id.as_uuid().simple())
+}
+
+/// The idempotency key sent to the provider for every call about refund number
+/// `refund` of a payment: every attempt and status check names the same refund, so a
+/// retry can never return money twice.
+pub fn provider_refund_key(payment_id: &PaymentId, refund: u32) -> String {
+    format!("{}_r{refund}", provider_idempotency_key(payment_id))
+}
+
+/// The payment and refund number named by a key of [`provider_refund_key`].
+pub fn parse_provider_refund_key(key: &str) -> Option<(PaymentId, u32)> {
+    let (charge, n) = key.rsplit_once("_r")?;
+    let hex = charge.strip_prefix("pay_")?;
+    let payment = PaymentId::parse(&format!("pay_{hex}")).ok()?;
+    (provider_idempotency_key(&payment) == charge).then_some(())?;
+    Some((payment, n.parse().ok()?))
 }
 
 /// Text from outside (provider answers, webhooks) made safe to keep in an event:

@@ -17,6 +17,7 @@ use crate::event::{Event, EventBody};
 use crate::ids::{IdempotencyKey, MerchantId, PaymentId};
 use crate::money::{Amount, Currency};
 use crate::Status;
+pub use refund::{RefundAwaiting, RefundPolicy, RefundState, RefundStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -136,6 +137,38 @@ pub struct PaymentState {
     pub failure_message: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// The payment's refunds, in the order requested (a refund's number is its index).
+    /// `default`: states written before refunds existed have none.
+    #[serde(default)]
+    pub refunds: Vec<RefundState>,
+}
+
+impl PaymentState {
+    /// What succeeded refunds have returned.
+    pub fn amount_refunded(&self) -> i64 {
+        self.refunds
+            .iter()
+            .filter(|r| r.status == RefundStatus::Succeeded)
+            .map(|r| r.amount)
+            .sum()
+    }
+
+    /// What succeeded and pending refunds take from the captured amount: never more
+    /// than the amount.
+    pub fn amount_reserved(&self) -> i64 {
+        self.refunds
+            .iter()
+            .filter(|r| r.status != RefundStatus::Failed)
+            .map(|r| r.amount)
+            .sum()
+    }
+
+    /// Whether a refund is still waiting for its outcome.
+    pub fn refund_in_flight(&self) -> bool {
+        self.refunds
+            .iter()
+            .any(|r| r.status == RefundStatus::Pending)
+    }
 }
 
 /// Side effects the topology must carry out once the decision's events are durable.
@@ -166,6 +199,8 @@ pub enum Ignored {
     /// A reply or webhook for a payment already terminal, consistent with its outcome.
     AfterTerminal,
     StillPending,
+    /// A refund request repeated with the same key and body.
+    DuplicateRefund,
 }
 
 impl Ignored {
@@ -177,6 +212,7 @@ impl Ignored {
             Ignored::StaleReply => "stale_reply",
             Ignored::AfterTerminal => "after_terminal",
             Ignored::StillPending => "still_pending",
+            Ignored::DuplicateRefund => "duplicate_refund",
         }
     }
 }
@@ -248,6 +284,7 @@ pub fn evolve(state: Option<PaymentState>, event: &Event) -> Option<PaymentState
                 failure_message: None,
                 created_at_ms: event.occurred_at_ms,
                 updated_at_ms: event.occurred_at_ms,
+                refunds: Vec::new(),
             })
         }
         (_, Some(s)) => s,
@@ -299,6 +336,7 @@ pub fn evolve(state: Option<PaymentState>, event: &Event) -> Option<PaymentState
             s.status = Status::Canceled;
             s.awaiting = Awaiting::Nothing;
         }
+        body => refund::evolve(&mut s, body, event.occurred_at_ms),
     }
     Some(s)
 }
@@ -425,18 +463,23 @@ impl<'a> Out<'a> {
 
 /// Exponential back-off with deterministic jitter in [50%, 100%] of the capped delay.
 pub fn backoff_ms(payment_id: &PaymentId, attempt: u32, policy: &Policy) -> i64 {
+    jittered_backoff(
+        &payment_id.key_bytes(),
+        attempt,
+        policy.backoff_base_ms,
+        policy.backoff_max_ms,
+    )
+}
+
+/// The delay before attempt `attempt + 1`: `base · 2^(attempt-1)` capped at `max`, with a
+/// jitter in [50%, 100%] derived from `seed` and the attempt (no random numbers: replays
+/// compute the same delay).
+fn jittered_backoff(seed: &[u8], attempt: u32, base_ms: i64, max_ms: i64) -> i64 {
     let shift = attempt.saturating_sub(1).min(30);
-    let capped = policy
-        .backoff_base_ms
-        .saturating_mul(1i64 << shift)
-        .min(policy.backoff_max_ms);
-    // FNV-1a over the id and attempt: stable across processes and releases.
+    let capped = base_ms.saturating_mul(1i64 << shift).min(max_ms);
+    // FNV-1a over the seed and attempt: stable across processes and releases.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in payment_id
-        .key_bytes()
-        .iter()
-        .chain(attempt.to_be_bytes().iter())
-    {
+    for b in seed.iter().chain(attempt.to_be_bytes().iter()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -446,6 +489,14 @@ pub fn backoff_ms(payment_id: &PaymentId, attempt: u32, policy: &Policy) -> i64 
 
 /// Decides what a command does to a payment. Pure: same inputs, same decision.
 pub fn decide(state: Option<&PaymentState>, cmd: &Command, policy: &Policy) -> Decision {
+    if cmd.body.is_refund() {
+        // Refunds are the refund state machine's ([`refund::decide`]); a topology
+        // without it cannot carry them out, and says so.
+        return Decision::Reject(Rejection::new(
+            "refunds_not_enabled",
+            "this topology has no refund processor: refunds cannot be carried out",
+        ));
+    }
     match &cmd.body {
         CommandBody::Create(c) => decide_create(state, cmd, c, policy),
         CommandBody::Cancel { merchant_id } => decide_cancel(state, cmd, merchant_id),
@@ -456,6 +507,7 @@ pub fn decide(state: Option<&PaymentState>, cmd: &Command, policy: &Policy) -> D
             outcome,
         } => decide_reply(state, cmd, *op, *attempt, outcome, policy),
         CommandBody::Webhook { outcome, .. } => decide_webhook(state, cmd, outcome),
+        CommandBody::Refund(_) => unknown(cmd),
     }
 }
 
@@ -584,6 +636,9 @@ fn decide_timer(
             };
             out.status_check(s, reason.into(), policy);
         }
+        TimerKind::RefundRetry { .. } | TimerKind::RefundTimeout { .. } => {
+            return Decision::Ignore(Ignored::StaleTimer)
+        }
     }
     out.done()
 }
@@ -607,6 +662,9 @@ pub fn timer_is_live(s: &PaymentState, kind: TimerKind) -> bool {
                         | Awaiting::StatusReply { .. }
                         | Awaiting::Webhook { .. }
                 )
+        }
+        TimerKind::RefundRetry { .. } | TimerKind::RefundTimeout { .. } => {
+            refund::timer_is_live(s, kind)
         }
     }
 }
@@ -749,6 +807,22 @@ fn decide_reply(
     out.done()
 }
 
+/// What a webhook reports, as the answer of a provider call would.
+fn webhook_as_outcome(outcome: &WebhookOutcome) -> ProviderOutcome {
+    match outcome {
+        WebhookOutcome::Succeeded { provider_ref }
+        | WebhookOutcome::RefundSucceeded { provider_ref, .. } => ProviderOutcome::Approved {
+            provider_ref: provider_ref.clone(),
+        },
+        WebhookOutcome::Failed { code, message }
+        | WebhookOutcome::RefundFailed { code, message, .. } => ProviderOutcome::Declined {
+            code: code.clone(),
+            message: message.clone(),
+        },
+        WebhookOutcome::Canceled => ProviderOutcome::Canceled,
+    }
+}
+
 fn decide_webhook(
     state: Option<&PaymentState>,
     cmd: &Command,
@@ -757,16 +831,7 @@ fn decide_webhook(
     let Some(s) = state else {
         return unknown(cmd);
     };
-    let as_provider = match outcome {
-        WebhookOutcome::Succeeded { provider_ref } => ProviderOutcome::Approved {
-            provider_ref: provider_ref.clone(),
-        },
-        WebhookOutcome::Failed { code, message } => ProviderOutcome::Declined {
-            code: code.clone(),
-            message: message.clone(),
-        },
-        WebhookOutcome::Canceled => ProviderOutcome::Canceled,
-    };
+    let as_provider = webhook_as_outcome(outcome);
     if s.status.is_terminal() {
         return if consistent_with_terminal(s.status, &as_provider) {
             Decision::Ignore(Ignored::AfterTerminal)
@@ -799,9 +864,14 @@ fn decide_webhook(
         WebhookOutcome::Canceled => out.emit(EventBody::Canceled {
             reason: "cancel confirmed by the provider".into(),
         }),
+        WebhookOutcome::RefundSucceeded { .. } | WebhookOutcome::RefundFailed { .. } => {
+            return unknown(cmd)
+        }
     };
     out.done()
 }
+
+pub mod refund;
 
 #[cfg(test)]
 mod tests;

@@ -6,13 +6,22 @@
 //! - `GET /v1/charges/{key}` — status (404 when no charge exists under the key).
 //! - `POST /v1/charges/{key}/cancel` — cancel a pending charge (or void an unknown key);
 //!   409 for a captured or declined one.
-//! - `GET /ledger` — every charge with its capture count: tests check "charged at most once".
+//! - `POST /v1/refunds` `{idempotency_key, charge_key, amount, currency, reference, refund}`
+//!   (header `Idempotency-Key`) — refund (part of) a captured charge; see [`refunds`] for
+//!   the answers. The same key always names the same refund.
+//! - `GET /v1/refunds/{key}` — refund status (404 when no refund exists under the key).
+//! - `GET /ledger` — every charge with its capture count and every refund with its
+//!   refund count: tests check "charged at most once" and "refunded at most once".
 //! - `GET /health`.
 //!
 //! Outcomes come from **magic amounts** (the last two digits of the minor units, see
-//! [`Behaviour::for_amount`]) or, for other amounts, from the configured rates. Async
-//! outcomes are delivered as Standard-Webhooks-signed webhooks, optionally duplicated and
-//! delayed out of order.
+//! [`Behaviour::for_amount`]; for a refund, of the refunded amount) or, for other amounts,
+//! from the configured rates. Async outcomes are delivered as Standard-Webhooks-signed
+//! webhooks (`charge.*`, `refund.*`), optionally duplicated and delayed out of order.
+
+pub mod refunds;
+
+pub use refunds::{Refund, RefundStatus};
 
 use payments::retry::Backoff;
 use payments::webhook;
@@ -136,6 +145,9 @@ impl Behaviour {
     /// | 09 | webhook before the synchronous answer, delivered twice |
     /// | 10 | 503 on the first attempt, then pending and webhook `charge.succeeded` |
     /// | other | the configured rates (default: approved) |
+    ///
+    /// Refunds read the same table on the refunded amount, with "declined" meaning the
+    /// refund is refused (`refund_declined`) and the webhooks being `refund.*`.
     pub fn for_amount(amount: i64) -> Option<Behaviour> {
         Some(match amount % 100 {
             1 => Behaviour::Decline,
@@ -151,6 +163,109 @@ impl Behaviour {
             _ => return None,
         })
     }
+
+    /// What this behaviour does to one attempt (`first`: the key's first request). The
+    /// same for charges and refunds, so both fail in the same ways under the same knobs.
+    fn outcome(self, first: bool) -> Outcome {
+        match self {
+            Behaviour::ErrorAlways => Outcome::Unavailable { always: true },
+            Behaviour::ErrorOnce | Behaviour::ErrorOnceThenAsync if first => {
+                Outcome::Unavailable { always: false }
+            }
+            Behaviour::Decline => Outcome::Declined,
+            Behaviour::TimeoutOnce if first => Outcome::Done {
+                hang: true,
+                lost: false,
+            },
+            Behaviour::LostResponseOnce if first => Outcome::Done {
+                hang: false,
+                lost: true,
+            },
+            Behaviour::AsyncSucceed
+            | Behaviour::AsyncFail
+            | Behaviour::AsyncSlow
+            | Behaviour::AsyncWebhookFirst
+            | Behaviour::ErrorOnceThenAsync => Outcome::Pending,
+            _ => Outcome::Done {
+                hang: false,
+                lost: false,
+            },
+        }
+    }
+
+    /// How an operation this behaviour left pending is settled; `None` when it does not
+    /// go pending.
+    fn settlement(self, webhook_delay_ms: u64) -> Option<Settlement> {
+        let (succeed, delay_ms, webhook_first) = match self {
+            Behaviour::AsyncSucceed | Behaviour::ErrorOnceThenAsync => {
+                (true, webhook_delay_ms, false)
+            }
+            Behaviour::AsyncFail => (false, webhook_delay_ms, false),
+            Behaviour::AsyncSlow => (
+                true,
+                webhook_delay_ms.saturating_mul(10).saturating_add(500),
+                false,
+            ),
+            Behaviour::AsyncWebhookFirst => (true, 0, true),
+            _ => return None,
+        };
+        Some(Settlement {
+            succeed,
+            delay_ms,
+            webhook_first,
+        })
+    }
+}
+
+/// One attempt's fate under a [`Behaviour`], before it is applied to a charge or a refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// 503 and nothing done: on every attempt (`always`) or on this one only.
+    Unavailable { always: bool },
+    /// Refused by the provider: final, nothing moved.
+    Declined,
+    /// Money moved; then the answer hangs past the client's timeout (`hang`) or is
+    /// replaced by a 500 (`lost`), so the client cannot tell it moved.
+    Done { hang: bool, lost: bool },
+    /// 202 now, the outcome later by webhook (see [`Settlement`]).
+    Pending,
+}
+
+impl Outcome {
+    /// The fault answered instead of the operation's own answer, if any.
+    fn fault(self) -> Option<Answer> {
+        match self {
+            Outcome::Unavailable { always: true } => Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "provider unavailable",
+            )),
+            Outcome::Unavailable { always: false } => Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "try again",
+            )),
+            Outcome::Done { lost: true, .. } => Some(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "response lost",
+            )),
+            _ => None,
+        }
+    }
+
+    fn hangs(self) -> bool {
+        matches!(self, Outcome::Done { hang: true, .. })
+    }
+}
+
+/// When and how a pending charge or refund is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settlement {
+    succeed: bool,
+    delay_ms: u64,
+    /// The webhook goes out (twice) before the synchronous 202 answer.
+    webhook_first: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,12 +302,21 @@ pub struct Ledger {
     /// duplicated or delayed webhooks.
     #[serde(default)]
     pub faults: u64,
+    /// Every refund, with how many times it returned money (`refunds_made`, at most 1).
+    #[serde(default)]
+    pub refunds: Vec<Refund>,
 }
 
 struct Inner {
     charges: HashMap<String, Charge>,
     /// Requests seen per key, including those that created no charge (for `*Once`).
     attempts: HashMap<String, u32>,
+    /// Refunds by their own idempotency key (a namespace apart from charge keys).
+    refunds: HashMap<String, Refund>,
+    /// Refund keys per charge key: what the over-refund check sums.
+    refunds_by_charge: HashMap<String, Vec<String>>,
+    /// Requests seen per refund key, including those that made no refund (for `*Once`).
+    refund_attempts: HashMap<String, u32>,
     rng: StdRng,
     requests: u64,
     webhooks_sent: u64,
@@ -230,6 +354,18 @@ fn body_of(c: &Charge) -> serde_json::Value {
     })
 }
 
+/// A charge webhook's `data`.
+fn charge_event(c: &Charge) -> serde_json::Value {
+    serde_json::json!({
+        "charge_id": c.charge_id,
+        "idempotency_key": c.idempotency_key,
+        "reference": c.reference,
+        "status": c.status,
+        "code": c.code,
+        "message": c.message,
+    })
+}
+
 fn error(status: StatusCode, code: &str, message: &str) -> Answer {
     (
         status,
@@ -248,6 +384,9 @@ impl Simulator {
             inner: Arc::new(Mutex::new(Inner {
                 charges: HashMap::new(),
                 attempts: HashMap::new(),
+                refunds: HashMap::new(),
+                refunds_by_charge: HashMap::new(),
+                refund_attempts: HashMap::new(),
                 rng,
                 requests: 0,
                 webhooks_sent: 0,
@@ -269,12 +408,15 @@ impl Simulator {
         let g = self.lock();
         let mut charges: Vec<Charge> = g.charges.values().cloned().collect();
         charges.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
+        let mut refunds: Vec<Refund> = g.refunds.values().cloned().collect();
+        refunds.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
         Ledger {
             total_captures: charges.iter().map(|c| u64::from(c.captures)).sum(),
             charges,
             requests: g.requests,
             webhooks_sent: g.webhooks_sent,
             faults: g.faults,
+            refunds,
         }
     }
 
@@ -287,12 +429,16 @@ impl Simulator {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
-    fn pick_random(&self, g: &mut Inner) -> Behaviour {
+    /// A behaviour from the configured rates. `declines`: whether `decline_rate` applies;
+    /// refunds pass `false`, since a card decline is a charge's business outcome, not a
+    /// fault, and the rates' other faults then keep exactly their configured odds.
+    fn pick_random(&self, g: &mut Inner, declines: bool) -> Behaviour {
         let c = &self.cfg;
         let r: f64 = g.rng.random();
         let mut edge = 0.0;
+        let decline_rate = if declines { c.decline_rate } else { 0.0 };
         for (rate, b) in [
-            (c.decline_rate, Behaviour::Decline),
+            (decline_rate, Behaviour::Decline),
             (c.error_rate, Behaviour::ErrorOnce),
             (c.timeout_rate, Behaviour::TimeoutOnce),
             (c.lost_response_rate, Behaviour::LostResponseOnce),
@@ -315,7 +461,7 @@ impl Simulator {
                 "amount > 0, idempotency_key and a 3-letter currency are required",
             );
         }
-        let (answer, behaviour, hang) = {
+        let (answer, settlement, hang) = {
             let mut g = self.lock();
             g.requests += 1;
             let attempt = {
@@ -335,9 +481,9 @@ impl Simulator {
             };
             let behaviour = match magic {
                 Some(b) => b,
-                None => self.pick_random(&mut g),
+                None => self.pick_random(&mut g, true),
             };
-            let first = attempt == 1;
+            let outcome = behaviour.outcome(attempt == 1);
             let new_charge =
                 |status: ChargeStatus, code: Option<&str>, message: Option<&str>| Charge {
                     charge_id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
@@ -351,90 +497,43 @@ impl Simulator {
                     captures: u32::from(status == ChargeStatus::Succeeded),
                     requests: 1,
                 };
-            let (charge, answer, hang) = match behaviour {
-                Behaviour::ErrorAlways => (
-                    None,
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "provider unavailable",
-                    ),
-                    false,
-                ),
-                Behaviour::ErrorOnce | Behaviour::ErrorOnceThenAsync if first => (
-                    None,
-                    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again"),
-                    false,
-                ),
-                Behaviour::Decline => {
-                    let c = new_charge(
-                        ChargeStatus::Declined,
-                        Some("card_declined"),
-                        Some("the card was declined"),
-                    );
-                    let a = (StatusCode::OK, body_of(&c));
-                    (Some(c), a, false)
-                }
-                Behaviour::TimeoutOnce if first => {
-                    let c = new_charge(ChargeStatus::Succeeded, None, None);
-                    let a = (StatusCode::OK, body_of(&c));
-                    (Some(c), a, true)
-                }
-                Behaviour::LostResponseOnce if first => {
-                    let c = new_charge(ChargeStatus::Succeeded, None, None);
-                    (
-                        Some(c),
-                        error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal",
-                            "response lost",
-                        ),
-                        false,
-                    )
-                }
-                Behaviour::AsyncSucceed
-                | Behaviour::AsyncFail
-                | Behaviour::AsyncSlow
-                | Behaviour::AsyncWebhookFirst
-                | Behaviour::ErrorOnceThenAsync => {
-                    let c = new_charge(ChargeStatus::Pending, None, None);
-                    let a = (StatusCode::ACCEPTED, body_of(&c));
-                    (Some(c), a, false)
-                }
-                _ => {
-                    let c = new_charge(ChargeStatus::Succeeded, None, None);
-                    let a = (StatusCode::OK, body_of(&c));
-                    (Some(c), a, false)
-                }
+            let charge = match outcome {
+                Outcome::Unavailable { .. } => None,
+                Outcome::Declined => Some(new_charge(
+                    ChargeStatus::Declined,
+                    Some("card_declined"),
+                    Some("the card was declined"),
+                )),
+                Outcome::Done { .. } => Some(new_charge(ChargeStatus::Succeeded, None, None)),
+                Outcome::Pending => Some(new_charge(ChargeStatus::Pending, None, None)),
             };
-            let charged = charge.is_some();
-            let faulty = hang || answer.0.is_server_error();
-            if faulty {
+            let answer = match (outcome.fault(), &charge) {
+                (Some(fault), _) => fault,
+                (None, Some(c)) if c.status == ChargeStatus::Pending => {
+                    (StatusCode::ACCEPTED, body_of(c))
+                }
+                (None, Some(c)) => (StatusCode::OK, body_of(c)),
+                // Unreachable: only `Unavailable` makes no charge, and it is a fault.
+                (None, None) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no charge"),
+            };
+            let hang = outcome.hangs();
+            if hang || answer.0.is_server_error() {
                 g.faults += 1;
             }
             if let Some(c) = charge {
                 g.charges.insert(c.idempotency_key.clone(), c);
             }
-            let behaviour = match behaviour {
-                Behaviour::ErrorOnceThenAsync if charged => Behaviour::AsyncSucceed,
-                b => b,
+            let settlement = match outcome {
+                Outcome::Pending => behaviour.settlement(self.cfg.webhook_delay_ms),
+                _ => None,
             };
-            (answer, behaviour, hang)
+            (answer, settlement, hang)
         };
-        let key = req.idempotency_key.clone();
-        match behaviour {
-            Behaviour::AsyncSucceed => {
-                self.settle_later(key, true, self.cfg.webhook_delay_ms, false)
-            }
-            Behaviour::AsyncFail => self.settle_later(key, false, self.cfg.webhook_delay_ms, false),
-            Behaviour::AsyncSlow => {
-                self.settle_later(key, true, self.cfg.webhook_delay_ms * 10 + 500, false)
-            }
-            Behaviour::AsyncWebhookFirst => {
-                self.settle_later(key, true, 0, true);
+        if let Some(s) = settlement {
+            self.settle_charge_later(req.idempotency_key.clone(), s);
+            if s.webhook_first {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
-            _ => {}
         }
         if hang {
             tokio::time::sleep(Duration::from_millis(self.cfg.hang_ms)).await;
@@ -442,39 +541,50 @@ impl Simulator {
         answer
     }
 
-    /// Resolves a pending charge after `delay_ms` and sends its webhook (unless it was
-    /// canceled meanwhile, in which case `charge.canceled` is sent).
-    fn settle_later(&self, key: String, succeed: bool, delay_ms: u64, twice: bool) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let (kind, charge) = {
-                let mut g = this.lock();
-                let Some(c) = g.charges.get_mut(&key) else {
-                    return;
-                };
-                let kind = match c.status {
-                    ChargeStatus::Pending if succeed => {
-                        c.status = ChargeStatus::Succeeded;
-                        c.captures += 1;
-                        "charge.succeeded"
-                    }
-                    ChargeStatus::Pending => {
-                        c.status = ChargeStatus::Declined;
-                        c.code = Some("insufficient_funds".into());
-                        c.message = Some("insufficient funds".into());
-                        "charge.failed"
-                    }
-                    ChargeStatus::Canceled => "charge.canceled",
-                    _ => return,
-                };
-                (kind, c.clone())
+    /// Resolves a pending charge after the settlement's delay and sends its webhook
+    /// (unless it was canceled meanwhile, in which case `charge.canceled` is sent).
+    fn settle_charge_later(&self, key: String, s: Settlement) {
+        self.settle_later(s.delay_ms, s.webhook_first, move |g| {
+            let c = g.charges.get_mut(&key)?;
+            let kind = match c.status {
+                ChargeStatus::Pending if s.succeed => {
+                    c.status = ChargeStatus::Succeeded;
+                    c.captures += 1;
+                    "charge.succeeded"
+                }
+                ChargeStatus::Pending => {
+                    c.status = ChargeStatus::Declined;
+                    c.code = Some("insufficient_funds".into());
+                    c.message = Some("insufficient funds".into());
+                    "charge.failed"
+                }
+                ChargeStatus::Canceled => "charge.canceled",
+                _ => return None,
             };
-            this.send_webhook(kind, &charge, twice).await;
+            Some((kind, charge_event(c)))
         });
     }
 
-    async fn send_webhook(&self, kind: &str, charge: &Charge, twice: bool) {
+    /// After `delay_ms`, runs `settle` under the lock (it moves the pending state on and
+    /// names the webhook to send, or `None` for nothing), then sends that webhook (twice
+    /// when `twice`). Shared by charges and refunds so both settle, and fail to, alike.
+    fn settle_later<F>(&self, delay_ms: u64, twice: bool, settle: F)
+    where
+        F: FnOnce(&mut Inner) -> Option<(&'static str, serde_json::Value)> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let event = settle(&mut this.lock());
+            if let Some((kind, data)) = event {
+                this.send_webhook(kind, data, twice).await;
+            }
+        });
+    }
+
+    /// Sends `{"type": kind, "data": data}`, Standard-Webhooks-signed, with the configured
+    /// duplication and jitter, retrying each delivery until the receiver answers 2xx.
+    async fn send_webhook(&self, kind: &str, data: serde_json::Value, twice: bool) {
         let Some(url) = self.cfg.webhook_url.clone() else {
             return;
         };
@@ -482,18 +592,8 @@ impl Simulator {
             return;
         };
         let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
-        let body = serde_json::to_vec(&serde_json::json!({
-            "type": kind,
-            "data": {
-                "charge_id": charge.charge_id,
-                "idempotency_key": charge.idempotency_key,
-                "reference": charge.reference,
-                "status": charge.status,
-                "code": charge.code,
-                "message": charge.message,
-            }
-        }))
-        .unwrap_or_default();
+        let body = serde_json::to_vec(&serde_json::json!({ "type": kind, "data": data }))
+            .unwrap_or_default();
         let (duplicate, jitter) = {
             let mut g = self.lock();
             let dup = twice || g.rng.random::<f64>() < self.cfg.duplicate_webhook_rate;
@@ -615,6 +715,23 @@ impl Simulator {
             .and(warp::post())
             .and(with())
             .then(move |key: String, s: Simulator| async move { reply(s.cancel(key).await) });
+        let refund = warp::path!("v1" / "refunds")
+            .and(warp::post())
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::body::content_length_limit(16 * 1024))
+            .and(warp::body::json())
+            .and(with())
+            .then(
+                move |key: Option<String>, req: refunds::RefundRequest, s: Simulator| async move {
+                    reply(s.refund(key, req).await)
+                },
+            );
+        let refund_status = warp::path!("v1" / "refunds" / String)
+            .and(warp::get())
+            .and(with())
+            .then(
+                move |key: String, s: Simulator| async move { reply(s.refund_status(key).await) },
+            );
         let ledger = warp::path!("ledger")
             .and(warp::get())
             .and(with())
@@ -625,6 +742,10 @@ impl Simulator {
             .or(status)
             .unify()
             .or(cancel)
+            .unify()
+            .or(refund)
+            .unify()
+            .or(refund_status)
             .unify()
             .or(ledger)
             .unify()

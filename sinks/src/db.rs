@@ -15,6 +15,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_waiting_events",
         include_str!("../migrations/0002_waiting_events.sql"),
     ),
+    (
+        "0003_refunds",
+        include_str!("../migrations/0003_refunds.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

@@ -338,8 +338,100 @@ async fn fold_payments(
         forget.await?;
         wait.await
     };
-    let (_, updated) = futures::try_join!(waiting, upsert_payments(tx, changed.values()))?;
+    let (_, updated, _) = futures::try_join!(
+        waiting,
+        upsert_payments(tx, changed.values()),
+        upsert_refunds(tx, changed.values())
+    )?;
     Ok(updated)
+}
+
+/// The refunds of the changed payments, as rows (a payment holds a bounded number).
+async fn upsert_refunds<'a>(
+    tx: &Transaction<'_>,
+    states: impl Iterator<Item = &'a PaymentState>,
+) -> Result<u64, tokio_postgres::Error> {
+    #[derive(Default)]
+    struct Cols {
+        id: Vec<String>,
+        payment: Vec<String>,
+        merchant: Vec<String>,
+        number: Vec<i32>,
+        amount: Vec<i64>,
+        currency: Vec<String>,
+        status: Vec<&'static str>,
+        key: Vec<String>,
+        hash: Vec<String>,
+        reason: Vec<Option<String>>,
+        provider_ref: Vec<Option<String>>,
+        failure_code: Vec<Option<String>>,
+        failure_message: Vec<Option<String>>,
+        seq: Vec<i64>,
+        created: Vec<i64>,
+        updated: Vec<i64>,
+    }
+    let mut c = Cols::default();
+    for s in states {
+        for (n, r) in s.refunds.iter().enumerate() {
+            c.id.push(r.refund_id.to_string());
+            c.payment.push(s.payment_id.to_string());
+            c.merchant.push(s.merchant_id.to_string());
+            c.number.push(n as i32);
+            c.amount.push(r.amount);
+            c.currency.push(s.currency.to_string());
+            c.status.push(r.status.as_str());
+            c.key.push(r.idempotency_key.to_string());
+            c.hash.push(r.request_hash.clone());
+            c.reason.push(r.reason.clone());
+            c.provider_ref.push(r.provider_ref.clone());
+            c.failure_code.push(r.failure_code.clone());
+            c.failure_message.push(r.failure_message.clone());
+            c.seq.push(s.seq as i64);
+            c.created.push(r.created_at_ms);
+            c.updated.push(r.updated_at_ms);
+        }
+    }
+    if c.id.is_empty() {
+        return Ok(0);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO refunds (refund_id, payment_id, merchant_id, refund_number, amount, currency, status,
+                                  idempotency_key, request_hash, reason, provider_ref, failure_code, failure_message,
+                                  payment_seq, created_at, updated_at)
+             SELECT id, p, m, n, a, cur, st, k, h, r, pr, fc, fm, sq, to_timestamp(ca / 1000.0), to_timestamp(ua / 1000.0)
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::text[], $7::text[], $8::text[],
+                         $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::int8[], $16::int8[])
+                  AS u(id, p, m, n, a, cur, st, k, h, r, pr, fc, fm, sq, ca, ua)
+             ON CONFLICT (refund_id) DO UPDATE SET
+                status = EXCLUDED.status, provider_ref = EXCLUDED.provider_ref,
+                failure_code = EXCLUDED.failure_code, failure_message = EXCLUDED.failure_message,
+                payment_seq = EXCLUDED.payment_seq, updated_at = EXCLUDED.updated_at
+             WHERE refunds.payment_seq < EXCLUDED.payment_seq",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &c.id,
+            &c.payment,
+            &c.merchant,
+            &c.number,
+            &c.amount,
+            &c.currency,
+            &c.status,
+            &c.key,
+            &c.hash,
+            &c.reason,
+            &c.provider_ref,
+            &c.failure_code,
+            &c.failure_message,
+            &c.seq,
+            &c.created,
+            &c.updated,
+        ],
+    )
+    .await
 }
 
 async fn upsert_payments<'a>(
@@ -366,6 +458,7 @@ async fn upsert_payments<'a>(
         seq: Vec<i64>,
         created: Vec<i64>,
         updated: Vec<i64>,
+        refunded: Vec<i64>,
         state: Vec<String>,
     }
     let mut c = Cols::default();
@@ -388,6 +481,7 @@ async fn upsert_payments<'a>(
         c.seq.push(s.seq as i64);
         c.created.push(s.created_at_ms);
         c.updated.push(s.updated_at_ms);
+        c.refunded.push(s.amount_refunded());
         c.state.push(serde_json::to_string(s).unwrap_or_default());
     }
     if c.id.is_empty() {
@@ -397,18 +491,18 @@ async fn upsert_payments<'a>(
         .prepare_cached(
             "INSERT INTO payments (payment_id, merchant_id, status, amount, currency, idempotency_key, request_hash,
                                    reference, description, provider_ref, failure_code, failure_message, attempts,
-                                   cancel_requested, stuck, seq, created_at, updated_at, state)
-             SELECT id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, to_timestamp(ca / 1000.0), to_timestamp(ua / 1000.0), js::jsonb
+                                   cancel_requested, stuck, seq, created_at, updated_at, amount_refunded, state)
+             SELECT id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, to_timestamp(ca / 1000.0), to_timestamp(ua / 1000.0), rf, js::jsonb
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
                          $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::bool[], $15::bool[],
-                         $16::int8[], $17::int8[], $18::int8[], $19::text[])
-                  AS u(id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, ca, ua, js)
+                         $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::text[])
+                  AS u(id, m, st, a, cur, k, h, r, d, pr, fc, fm, at, cr, sk, sq, ca, ua, rf, js)
              ON CONFLICT (payment_id) DO UPDATE SET
                 status = EXCLUDED.status, provider_ref = EXCLUDED.provider_ref,
                 failure_code = EXCLUDED.failure_code, failure_message = EXCLUDED.failure_message,
                 attempts = EXCLUDED.attempts, cancel_requested = EXCLUDED.cancel_requested,
                 stuck = EXCLUDED.stuck, seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at,
-                state = EXCLUDED.state, projected_at = now()
+                amount_refunded = EXCLUDED.amount_refunded, state = EXCLUDED.state, projected_at = now()
              WHERE payments.seq < EXCLUDED.seq",
         )
         .await?;
@@ -434,6 +528,7 @@ async fn upsert_payments<'a>(
                 &c.seq,
                 &c.created,
                 &c.updated,
+                &c.refunded,
                 &c.state,
             ],
         )

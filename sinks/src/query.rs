@@ -21,6 +21,9 @@ pub struct PaymentView {
     pub cancel_requested: bool,
     pub stuck: bool,
     pub attempts: i32,
+    /// What succeeded refunds returned; `refunded` once it is the whole amount.
+    pub amount_refunded: i64,
+    pub refunded: bool,
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
@@ -37,7 +40,7 @@ const COLUMNS: &str = "payment_id, status, amount, currency::text, reference, de
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     idempotency_key, request_hash, (extract(epoch FROM created_at) * 1000000)::int8,
-    coalesce(state->'metadata', '{}'::jsonb)";
+    coalesce(state->'metadata', '{}'::jsonb), amount_refunded";
 
 fn view(r: &Row) -> PaymentView {
     PaymentView {
@@ -60,7 +63,85 @@ fn view(r: &Row) -> PaymentView {
         request_hash: r.get(16),
         created_at_us: r.get(17),
         metadata: r.get(18),
+        amount_refunded: r.get(19),
+        refunded: r.get::<_, i64>(19) >= r.get::<_, i64>(2),
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefundView {
+    pub id: String,
+    pub payment_id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub provider_reference: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip)]
+    pub request_hash: String,
+}
+
+const REFUND_COLUMNS: &str =
+    "refund_id, payment_id, amount, currency::text, status, reason, provider_ref,
+    failure_code, failure_message,
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+    request_hash";
+
+fn refund_view(r: &Row) -> RefundView {
+    RefundView {
+        id: r.get(0),
+        payment_id: r.get(1),
+        amount: r.get(2),
+        currency: r.get(3),
+        status: r.get(4),
+        reason: r.get(5),
+        provider_reference: r.get(6),
+        failure_code: r.get(7),
+        failure_message: r.get(8),
+        created_at: r.get(9),
+        updated_at: r.get(10),
+        request_hash: r.get(11),
+    }
+}
+
+/// A merchant's refund by its id.
+pub async fn refund(pool: &Pool, merchant: &str, id: &str) -> anyhow::Result<Option<RefundView>> {
+    let c = pool.get().await?;
+    let sql =
+        format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE refund_id = $1 AND merchant_id = $2");
+    Ok(c.query_opt(&sql, &[&id, &merchant])
+        .await?
+        .as_ref()
+        .map(refund_view))
+}
+
+/// The refunds of a merchant's payment in the order requested; `None` if the merchant
+/// has no such payment.
+pub async fn refunds_of(
+    pool: &Pool,
+    merchant: &str,
+    payment_id: &str,
+) -> anyhow::Result<Option<Vec<RefundView>>> {
+    let c = pool.get().await?;
+    let owned = c
+        .query_opt(
+            "SELECT 1 FROM payments WHERE payment_id = $1 AND merchant_id = $2",
+            &[&payment_id, &merchant],
+        )
+        .await?;
+    if owned.is_none() {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = $1 ORDER BY refund_number"
+    );
+    let rows = c.query(&sql, &[&payment_id]).await?;
+    Ok(Some(rows.iter().map(refund_view).collect()))
 }
 
 pub async fn get_payment(

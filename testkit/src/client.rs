@@ -113,6 +113,58 @@ impl Api {
             .await
     }
 
+    /// Asks to refund `amount` of payment `id` (`None`: what is left).
+    pub async fn refund(
+        &self,
+        id: &str,
+        idempotency_key: &str,
+        amount: Option<i64>,
+    ) -> anyhow::Result<Reply> {
+        let body = match amount {
+            Some(a) => serde_json::json!({ "amount": a }),
+            None => serde_json::json!({}),
+        };
+        self.send(
+            self.request(reqwest::Method::POST, &format!("/v1/payments/{id}/refunds"))
+                .header("Idempotency-Key", idempotency_key)
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn get_refund(&self, refund_id: &str) -> anyhow::Result<Reply> {
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/refunds/{refund_id}")))
+            .await
+    }
+
+    pub async fn refunds(&self, id: &str) -> anyhow::Result<Reply> {
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/payments/{id}/refunds")))
+            .await
+    }
+
+    /// Polls until the refund is visible with one of `statuses`.
+    pub async fn wait_for_refund(
+        &self,
+        refund_id: &str,
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.get_refund(refund_id).await?;
+            if r.status == 200 && statuses.iter().any(|s| r.body["status"] == *s) {
+                return Ok(r);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "refund {refund_id} not in {statuses:?} after {timeout:?}: {} {}",
+                r.status,
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn list(&self, query: &str) -> anyhow::Result<Reply> {
         self.send(self.request(reqwest::Method::GET, &format!("/v1/payments?{query}")))
             .await

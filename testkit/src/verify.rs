@@ -143,6 +143,7 @@ mod tests {
             requests: 4,
             webhooks_sent: 0,
             faults: 0,
+            refunds: Vec::new(),
         };
         let statuses: HashMap<String, String> = [
             ("a", "COMPLETED"),

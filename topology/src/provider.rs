@@ -32,6 +32,9 @@ struct ChargeBody {
     status: String,
     #[serde(default)]
     charge_id: Option<String>,
+    /// Set instead of `charge_id` in answers about refunds.
+    #[serde(default)]
+    refund_id: Option<String>,
     #[serde(default)]
     code: Option<String>,
     #[serde(default)]
@@ -68,6 +71,20 @@ impl ProviderClient {
             ProviderOp::Cancel => self
                 .http
                 .post(format!("{}/v1/charges/{key}/cancel", self.base_url)),
+            ProviderOp::Refund { refund } => self
+                .http
+                .post(format!("{}/v1/refunds", self.base_url))
+                .json(&serde_json::json!({
+                    "idempotency_key": key,
+                    "charge_key": payments::provider_idempotency_key(&call.payment_id),
+                    "amount": call.amount,
+                    "currency": call.currency,
+                    "reference": call.payment_id.to_string(),
+                    "refund": refund,
+                })),
+            ProviderOp::RefundStatus { .. } => {
+                self.http.get(format!("{}/v1/refunds/{key}", self.base_url))
+            }
         };
         let mut req = req.header("Idempotency-Key", key.as_str());
         if let Some(tp) = &call.traceparent {
@@ -97,7 +114,11 @@ impl ProviderClient {
                 error: format!("provider answered {status}"),
             };
         }
-        if status == reqwest::StatusCode::NOT_FOUND && call.op == ProviderOp::Status {
+        let status_check = matches!(
+            call.op,
+            ProviderOp::Status | ProviderOp::RefundStatus { .. }
+        );
+        if status == reqwest::StatusCode::NOT_FOUND && status_check {
             return ProviderOutcome::NotFound;
         }
         let body: ChargeBody = match resp.json().await {
@@ -123,7 +144,8 @@ impl ProviderClient {
         let text = |s: Option<String>, max| s.map(|s| payments::external_text(&s, max));
         let body = ChargeBody {
             status: payments::external_text(&body.status, 32),
-            charge_id: text(body.charge_id, 128),
+            charge_id: text(body.charge_id.or(body.refund_id), 128),
+            refund_id: None,
             code: text(body.code, 64),
             message: text(body.message, 512),
         };
@@ -140,7 +162,7 @@ impl ProviderClient {
                 provider_ref: charge_id,
             },
             (_, "canceled") => ProviderOutcome::Canceled,
-            (_, "declined") => ProviderOutcome::Declined {
+            (_, "declined" | "failed") => ProviderOutcome::Declined {
                 code: body.code.unwrap_or_else(|| "declined".into()),
                 message: body.message.unwrap_or_default(),
             },

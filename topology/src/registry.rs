@@ -6,13 +6,16 @@
 //! the [`SinkRuntime`] it configures, which the task's graph runs.
 
 use crate::processor::{BuildContext, NodeSpec, RecordKind};
-use crate::processors::{amount_limit, command_decoder, payment_state_machine};
+use crate::processors::{
+    amount_limit, command_decoder, payment_state_machine, refund_state_machine,
+};
 
 /// Every processor type: its name in `config/topology.toml` and its spec.
 pub const PROCESSORS: &[(&str, NodeSpec)] = &[
     ("amount_limit", amount_limit::SPEC),
     ("command_decoder", command_decoder::SPEC),
     ("payment_state_machine", payment_state_machine::SPEC),
+    ("refund_state_machine", refund_state_machine::SPEC),
 ];
 
 /// Every sink type: its name and its spec.

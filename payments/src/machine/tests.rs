@@ -716,6 +716,9 @@ fn simulate(p: &Policy, answers: &[u8], webhook_first: bool) -> (Option<PaymentS
                             },
                             _ => ProviderOutcome::Canceled,
                         }),
+                        ProviderOp::Refund { .. } | ProviderOp::RefundStatus { .. } => {
+                            unreachable!("the payment machine makes no refund calls")
+                        }
                     };
                     if let Some(outcome) = outcome {
                         queue.push((

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::Kafka;
 use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
-use testkit::stack::{shipped_topology, topology_text, SHIPPED_POLICY};
+use testkit::stack::{component, set_param, shipped_topology, topology_text, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -331,6 +331,12 @@ async fn main() -> anyhow::Result<()> {
         &dlq,
         &format!("soak-{suffix}"),
         &format!("{SHIPPED_POLICY}, webhook_max_delay_ms = {}", half.as_ms()),
+    )?;
+    // Refunds wait for late webhooks as long as payments do.
+    set_param(
+        component(&mut file.processors, "refunds")?,
+        "webhook_max_delay_ms",
+        half.as_ms().into(),
     )?;
     file.stores
         .get_mut("payments")

@@ -208,6 +208,13 @@ impl CompiledTopology {
             .collect()
     }
 
+    /// Whether a processor of type `kind` is part of the graph.
+    pub fn has_processor_type(&self, kind: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.role == Role::Processor && n.kind == kind)
+    }
+
     /// The graph as JSON, one entry per component: `GET /topology` and `gateway topology`.
     pub fn describe(&self) -> serde_json::Value {
         let nodes: Vec<_> = self

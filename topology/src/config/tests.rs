@@ -95,8 +95,8 @@ fn the_processing_guarantee_is_read_and_checked() {
 #[test]
 fn a_dead_letter_output_without_a_sink_is_an_error() {
     let text = SHIPPED.replace(
-        "inputs = [\"decode\", \"payments\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
-        "inputs = [\"payments\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
+        "inputs = [\"decode\", \"payments\", \"refunds\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
+        "inputs = [\"payments\", \"refunds\"]\nparams = { topic = \"payments.dlq\", records = \"dead_letter\" }",
     );
     assert_ne!(text, SHIPPED);
     assert_refused(
@@ -159,13 +159,22 @@ fn a_finished_payment_must_outlive_what_can_still_arrive_for_it() {
         "store `payments` keeps a finished payment for 2d (state_retention), not longer than the provider may \
          deliver a webhook (3d, webhook_max_delay_ms)",
     );
-    // Both shortened, as the soak run does: accepted.
+    // Both shortened, as the soak run does: the refunds' webhooks too.
     let text = with_state_retention("\"10m\"")
         .replace("retention = \"7d\"", "retention = \"5m\"")
         .replace(
             "backoff_max_ms = 10000 }",
             "backoff_max_ms = 10000, webhook_max_delay_ms = 120000 }",
         );
+    assert_refused(
+        &text,
+        "processor `refunds`: store `payments` keeps a finished payment for 10m (state_retention), not longer than \
+         the provider may deliver a refund's webhook (3d, webhook_max_delay_ms)",
+    );
+    let text = text.replace(
+        "max_refunds_per_payment = 20 }",
+        "max_refunds_per_payment = 20, webhook_max_delay_ms = 120000 }",
+    );
     let t = compile_str(&text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         t.stores["payments"].state_retention,

@@ -3,3 +3,4 @@
 pub mod amount_limit;
 pub mod command_decoder;
 pub mod payment_state_machine;
+pub mod refund_state_machine;

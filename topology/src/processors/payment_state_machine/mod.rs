@@ -14,7 +14,7 @@
 //! again; any other command for a payment no longer held is rejected as
 //! `unknown_payment` (metric and log) and changes nothing.
 
-mod stored;
+pub(crate) mod stored;
 
 use crate::metrics::METRICS;
 use crate::processor::{
@@ -188,6 +188,22 @@ impl PaymentStateMachine {
         if !p.state.status.is_terminal() {
             // Only a terminal payment schedules its expiry; a record that is not is left.
             tracing::error!(%payment_id, status = %p.state.status.as_str(), "expiry of a payment that is not finished ignored");
+            return Ok(());
+        }
+        if p.state.refund_in_flight() {
+            // A refund waits for its outcome: the payment stays another retention.
+            let mut p = p;
+            let at = ctx.now_ms().saturating_add(self.state_retention_ms);
+            p.expires_at_ms = Some(at);
+            let mut payload = vec![EXPIRY];
+            payload.extend(stores::encode(&payment_id));
+            ctx.schedule(TimerRequest {
+                due_at_ms: at,
+                id: expiry_id(&payment_id),
+                payload,
+            });
+            self.save(ctx, &p);
+            tracing::info!(%payment_id, "expiry postponed: a refund is in flight");
             return Ok(());
         }
         for (due, kind) in &p.timers {
@@ -383,7 +399,7 @@ impl PaymentStateMachine {
 /// state (from the request that created it) is the parent, so retries, timers, webhooks
 /// and cancels join the same trace. An input from that trace (a provider reply) is the
 /// closer parent; an input from another trace (a webhook or cancel request) is linked.
-fn trace_step(
+pub(crate) fn trace_step(
     span: &tracing::Span,
     state: Option<&PaymentState>,
     cmd: &Command,

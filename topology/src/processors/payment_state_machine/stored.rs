@@ -20,7 +20,7 @@ use stores::StoreError;
 /// First byte of a versioned record: an invalid bincode varint, so no version-1 record
 /// starts with it.
 const TAG: u8 = 0xFF;
-const CURRENT: u8 = 2;
+const CURRENT: u8 = 3;
 
 /// A payment as the processor keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,16 @@ pub fn is_current(bytes: &[u8]) -> bool {
 pub fn decode(store: &str, bytes: &[u8]) -> Result<StoredPayment, StoreError> {
     match bytes {
         [TAG, CURRENT, rest @ ..] => stores::decode(store, rest),
+        // Version 2: before refunds; the state has none.
+        [TAG, 2, rest @ ..] => {
+            let (state, timers, expires_at_ms): (v2::PaymentState, _, _) =
+                stores::decode(store, rest)?;
+            Ok(StoredPayment {
+                state: state.into(),
+                timers,
+                expires_at_ms,
+            })
+        }
         [TAG, version, ..] => Err(StoreError::Decode {
             store: store.to_owned(),
             reason: format!(
@@ -68,7 +78,105 @@ pub fn decode(store: &str, bytes: &[u8]) -> Result<StoredPayment, StoreError> {
         }),
         // Version 1: the bare state, written before timers were tracked. Its timers
         // fire and are ignored if stale, as before.
-        v1 => stores::decode::<PaymentState>(store, v1).map(StoredPayment::new),
+        v1 => stores::decode::<v2::PaymentState>(store, v1).map(|s| StoredPayment::new(s.into())),
+    }
+}
+
+/// The payment's state as versions 1 and 2 kept it (before refunds), frozen.
+mod v2 {
+    use payments::machine::Awaiting;
+    use payments::{Amount, Currency, IdempotencyKey, MerchantId, PaymentId, Status};
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PaymentState {
+        pub payment_id: PaymentId,
+        pub merchant_id: MerchantId,
+        pub amount: Amount,
+        pub currency: Currency,
+        pub idempotency_key: IdempotencyKey,
+        pub request_hash: String,
+        pub reference: Option<String>,
+        pub description: Option<String>,
+        pub traceparent: Option<String>,
+        pub metadata: BTreeMap<String, String>,
+        pub status: Status,
+        pub seq: u64,
+        pub attempt: u32,
+        pub checks: u32,
+        pub wait: u32,
+        pub awaiting: Awaiting,
+        pub cancel_requested: bool,
+        pub stuck: bool,
+        pub provider_ref: Option<String>,
+        pub failure_code: Option<String>,
+        pub failure_message: Option<String>,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+    }
+
+    impl From<PaymentState> for payments::machine::PaymentState {
+        fn from(s: PaymentState) -> Self {
+            payments::machine::PaymentState {
+                payment_id: s.payment_id,
+                merchant_id: s.merchant_id,
+                amount: s.amount,
+                currency: s.currency,
+                idempotency_key: s.idempotency_key,
+                request_hash: s.request_hash,
+                reference: s.reference,
+                description: s.description,
+                traceparent: s.traceparent,
+                metadata: s.metadata,
+                status: s.status,
+                seq: s.seq,
+                attempt: s.attempt,
+                checks: s.checks,
+                wait: s.wait,
+                awaiting: s.awaiting,
+                cancel_requested: s.cancel_requested,
+                stuck: s.stuck,
+                provider_ref: s.provider_ref,
+                failure_code: s.failure_code,
+                failure_message: s.failure_message,
+                created_at_ms: s.created_at_ms,
+                updated_at_ms: s.updated_at_ms,
+                refunds: Vec::new(),
+            }
+        }
+    }
+
+    impl From<&payments::machine::PaymentState> for PaymentState {
+        /// For tests: what the previous versions wrote (refunds dropped).
+        fn from(s: &payments::machine::PaymentState) -> Self {
+            let s = s.clone();
+            PaymentState {
+                payment_id: s.payment_id,
+                merchant_id: s.merchant_id,
+                amount: s.amount,
+                currency: s.currency,
+                idempotency_key: s.idempotency_key,
+                request_hash: s.request_hash,
+                reference: s.reference,
+                description: s.description,
+                traceparent: s.traceparent,
+                metadata: s.metadata,
+                status: s.status,
+                seq: s.seq,
+                attempt: s.attempt,
+                checks: s.checks,
+                wait: s.wait,
+                awaiting: s.awaiting,
+                cancel_requested: s.cancel_requested,
+                stuck: s.stuck,
+                provider_ref: s.provider_ref,
+                failure_code: s.failure_code,
+                failure_message: s.failure_message,
+                created_at_ms: s.created_at_ms,
+                updated_at_ms: s.updated_at_ms,
+            }
+        }
     }
 }
 
@@ -110,11 +218,28 @@ mod tests {
     #[test]
     fn a_record_written_by_the_previous_format_is_read() {
         let state = a_payment();
-        // What stores held before this encoding: the bare bincode of the state.
-        let v1 = stores::encode(&state);
+        // What stores held first: the bare bincode of the state.
+        let v1 = stores::encode(&v2::PaymentState::from(&state));
         assert_ne!(v1.first(), Some(&TAG));
         let read = decode("payments", &v1).expect("version 1 reads");
-        assert_eq!(read, StoredPayment::new(state));
+        assert_eq!(read, StoredPayment::new(state.clone()));
+        // Then the state with its timers and expiry, before refunds.
+        let timers = vec![(42, TimerKind::Dispatch)];
+        let mut v2 = vec![TAG, 2];
+        v2.extend(stores::encode(&(
+            v2::PaymentState::from(&state),
+            timers.clone(),
+            Some(9i64),
+        )));
+        let read = decode("payments", &v2).expect("version 2 reads");
+        assert_eq!(
+            read,
+            StoredPayment {
+                state,
+                timers,
+                expires_at_ms: Some(9)
+            }
+        );
     }
 
     #[test]
