@@ -168,7 +168,10 @@ pub async fn start_api(
         burst: opts.rate_limit_per_second * 2.0,
     });
     cfg.max_creates_in_flight = opts.max_creates_in_flight;
-    cfg.refunds = common.topology.has_processor_type("refund_state_machine");
+    cfg.refund_window = common
+        .topology
+        .refund_window()
+        .map(|w| Duration::from_millis(w.as_ms().max(0).unsigned_abs()));
     if !opts.admission_max_backlog.is_zero() {
         let mut a = gateway_http::admission::AdmissionConfig::new(
             &common.brokers,

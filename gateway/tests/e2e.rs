@@ -1627,3 +1627,59 @@ async fn refunds_return_at_most_what_was_captured_and_each_only_once() {
     );
     stack.shutdown().await.unwrap();
 }
+
+/// Refunds are a processor in `config/topology.toml`: without it, the gateway runs as
+/// before and says refunds are not enabled; with a short retention, a refund of a
+/// payment that completed longer ago than its window is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refunds_follow_the_topology_switched_off_or_with_a_short_window() {
+    let off = StackOptions {
+        edit_topology: Some(|t| {
+            t.processors.remove("refunds").unwrap();
+            testkit::stack::component(&mut t.processors, "payments")
+                .unwrap()
+                .inputs = vec!["limits".into()];
+            for sink in t.sinks.values_mut() {
+                sink.inputs.retain(|i| i != "refunds");
+            }
+        }),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(off).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let id = settled_payment(&api, "no-refunds", 1000).await;
+    assert_eq!(api.get(&id).await.unwrap().body["status"], "COMPLETED");
+    let r = api.refund(&id, "rf-1", None).await.unwrap();
+    assert_eq!((r.status, r.code()), (501, "refunds_not_enabled"));
+    stack.shutdown().await.unwrap();
+
+    let short = StackOptions {
+        // Payments stay 10 minutes after they finish; a refund's webhook may come 599.5 s
+        // late: refunds start within half a second of completion.
+        policy: format!(
+            "{}, webhook_max_delay_ms = 120000",
+            StackOptions::default().policy
+        ),
+        edit_topology: Some(|t| {
+            t.stores.get_mut("payments").unwrap().state_retention =
+                Some(topology::config::Span::from_ms(600_000));
+            t.sources.get_mut("commands").unwrap().retention =
+                Some(topology::config::Span::from_ms(300_000));
+            let refunds = testkit::stack::component(&mut t.processors, "refunds").unwrap();
+            testkit::stack::set_param(refunds, "webhook_max_delay_ms", 599_500.into()).unwrap();
+        }),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(short).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let id = settled_payment(&api, "old-payment", 1000).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = api.refund(&id, "rf-late", None).await.unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "refund_window_closed"),
+        "{}",
+        r.body
+    );
+    stack.shutdown().await.unwrap();
+}

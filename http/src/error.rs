@@ -62,6 +62,7 @@ catalogue! {
     RequestTimeout = (REQUEST_TIMEOUT, "request_timeout", "the body did not arrive within 10 s"),
     AlreadyTerminal = (CONFLICT, "already_terminal", "the payment is already terminal"),
     PaymentNotCompleted = (CONFLICT, "payment_not_completed", "only a COMPLETED payment can be refunded"),
+    RefundWindowClosed = (CONFLICT, "refund_window_closed", "the payment completed longer ago than refunds are accepted (see the topology's retention)"),
     AmountExceedsRefundable = (CONFLICT, "amount_exceeds_refundable", "the refund exceeds what is left to refund (the captured amount less succeeded and pending refunds)"),
     LengthRequired = (LENGTH_REQUIRED, "length_required", "a Content-Length header is required"),
     PayloadTooLarge = (PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over the route's limit (16 KiB; 64 KiB for webhooks)"),

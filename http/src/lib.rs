@@ -55,9 +55,9 @@ pub struct ApiConfig {
     /// Creates handled at once by this instance; one more is refused (503 overloaded).
     /// 0: no limit.
     pub max_creates_in_flight: usize,
-    /// Whether the topology has a refund processor: without one, refund requests are
-    /// answered `501 refunds_not_enabled`.
-    pub refunds: bool,
+    /// How long after a payment completed it may be refunded, if the topology has a
+    /// refund processor; `None`: refund requests are answered `501 refunds_not_enabled`.
+    pub refund_window: Option<Duration>,
 }
 
 /// A token bucket per merchant: `per_second` sustained, up to `burst` at once.
@@ -105,7 +105,7 @@ impl ApiConfig {
             }),
             admission: None,
             max_creates_in_flight: 0,
-            refunds: false,
+            refund_window: None,
         }
     }
 }

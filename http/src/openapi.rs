@@ -117,7 +117,7 @@ pub fn document() -> Value {
                         InvalidJson, InvalidRequest, MissingIdempotencyKey, InvalidIdempotencyKey,
                         CardDataRejected, RequestTimeout, PayloadTooLarge, UnsupportedMediaType,
                         IdempotencyKeyReused, PaymentNotFound, PaymentNotCompleted, AmountExceedsRefundable,
-                        RefundsNotEnabled,
+                        RefundWindowClosed, RefundsNotEnabled,
                     ])), ("202", json_body("Refund", "accepted; the outcome is the refund's status (the same key and body replay this answer)"))),
                 },
                 "get": {

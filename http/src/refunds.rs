@@ -86,15 +86,13 @@ fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-fn refunds_enabled(state: &ApiState) -> Result<()> {
-    if state.cfg.refunds {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+fn refund_window(state: &ApiState) -> Result<std::time::Duration> {
+    state.cfg.refund_window.ok_or_else(|| {
+        ApiError::new(
             ErrorCode::RefundsNotEnabled,
             "this gateway's topology has no refund processor; refunds cannot be carried out",
-        ))
-    }
+        )
+    })
 }
 
 /// The refund as `GET /v1/refunds/{id}` shows it before its request is projected.
@@ -143,7 +141,7 @@ pub async fn create_refund(
     body: Result<Bytes>,
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
-    refunds_enabled(&state)?;
+    let window = refund_window(&state)?;
     let body = body?;
     let key = idempotency_key.ok_or_else(|| {
         ApiError::new(
@@ -202,6 +200,19 @@ pub async fn create_refund(
             format!(
                 "payment is {}; only a COMPLETED payment can be refunded",
                 payment.status
+            ),
+        ));
+    }
+    let completed = sinks::query::completed_at_ms(&state.pool, &pid)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    if completed.is_some_and(|at| now_ms().saturating_sub(at) >= window_ms) {
+        return Err(ApiError::new(
+            ErrorCode::RefundWindowClosed,
+            format!(
+                "payment completed more than {} s ago; refunds are accepted for that long after completion",
+                window.as_secs()
             ),
         ));
     }

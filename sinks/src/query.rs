@@ -109,6 +109,19 @@ fn refund_view(r: &Row) -> RefundView {
     }
 }
 
+/// When the payment completed (ms since the epoch), if it did.
+pub async fn completed_at_ms(pool: &Pool, payment_id: &str) -> anyhow::Result<Option<i64>> {
+    let c = pool.get().await?;
+    let row = c
+        .query_opt(
+            "SELECT (extract(epoch FROM occurred_at) * 1000)::int8 FROM payment_events
+             WHERE payment_id = $1 AND type = 'completed' LIMIT 1",
+            &[&payment_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// A merchant's refund by its id.
 pub async fn refund(pool: &Pool, merchant: &str, id: &str) -> anyhow::Result<Option<RefundView>> {
     let c = pool.get().await?;

@@ -314,13 +314,20 @@ pub fn timer_is_live(s: &PaymentState, kind: TimerKind) -> bool {
 }
 
 /// Decides a refund command (one for which [`CommandBody::is_refund`] holds) against
-/// the payment. Pure: same inputs, same decision.
-pub fn decide(state: Option<&PaymentState>, cmd: &Command, policy: &RefundPolicy) -> Decision {
+/// the payment. `window_open`: whether a new refund may still start (the topology
+/// knows how long the payment stays; see the refund processor). Pure: same inputs,
+/// same decision.
+pub fn decide(
+    state: Option<&PaymentState>,
+    cmd: &Command,
+    policy: &RefundPolicy,
+    window_open: bool,
+) -> Decision {
     let Some(s) = state else {
         return unknown(cmd);
     };
     match &cmd.body {
-        CommandBody::Refund(req) => decide_request(s, cmd, req, policy),
+        CommandBody::Refund(req) => decide_request(s, cmd, req, policy, window_open),
         CommandBody::ProviderReply {
             op,
             attempt,
@@ -361,6 +368,7 @@ fn decide_request(
     cmd: &Command,
     req: &CreateRefund,
     policy: &RefundPolicy,
+    window_open: bool,
 ) -> Decision {
     if s.merchant_id != req.merchant_id {
         // Same answer as for a missing payment: ownership is not disclosed.
@@ -405,6 +413,11 @@ fn decide_request(
                 "payment is {}; only a COMPLETED payment can be refunded",
                 s.status
             ),
+        ))
+    } else if !window_open {
+        Some((
+            "refund_window_closed",
+            "the payment completed too long ago to be refunded here".to_owned(),
         ))
     } else if left <= 0 {
         Some((

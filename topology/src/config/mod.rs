@@ -170,6 +170,8 @@ pub struct CompiledNode {
     /// As declared (for describing the graph).
     pub inputs: Vec<String>,
     pub stores: BTreeMap<String, String>,
+    /// As declared (valid: the node compiled).
+    pub params: toml::Value,
     /// The source's topic, or the topic a `kafka` sink publishes to.
     pub topic: Option<String>,
     /// What a task instantiates for this node.
@@ -206,6 +208,12 @@ impl CompiledTopology {
             .iter()
             .filter_map(|n| n.topic.clone().filter(|_| n.role == Role::Source))
             .collect()
+    }
+
+    /// How long after a payment completed a refund of it may still start, if the graph
+    /// has a refund processor (see [`crate::processors::refund_state_machine::window`]).
+    pub fn refund_window(&self) -> Option<Span> {
+        crate::processors::refund_state_machine::window(self)
     }
 
     /// Whether a processor of type `kind` is part of the graph.

@@ -213,3 +213,38 @@ fn durations_print_in_their_largest_whole_unit() {
         assert_eq!((span.as_ms(), span.to_string().as_str()), (ms, shown));
     }
 }
+
+/// The shipped topology without its refund processor: `payments` reads from `limits`
+/// and no sink reads from `refunds`.
+pub(super) fn without_refunds() -> String {
+    let start = SHIPPED
+        .find("# Refunds: decided")
+        .expect("the shipped topology has a refund processor");
+    let end = SHIPPED[start..]
+        .find("[processors.payments]")
+        .map(|e| start + e)
+        .expect("payments follows refunds");
+    let mut text = String::from(&SHIPPED[..start]);
+    text.push_str(&SHIPPED[end..]);
+    text.replace("inputs = [\"refunds\"]", "inputs = [\"limits\"]")
+        .replace(", \"refunds\"]", "]")
+}
+
+#[test]
+fn refunds_are_a_processor_in_the_chain_that_can_be_left_out() {
+    let t = compile_str(SHIPPED).unwrap();
+    assert!(t.has_processor_type("refund_state_machine"));
+    // 8 days in the store after completion, less 3 days for a refund's late webhook.
+    assert_eq!(t.refund_window(), Some(Span::days(5)));
+    let text = without_refunds();
+    assert!(
+        !text.contains("\"refunds\"") && !text.contains("type = \"refund_state_machine\""),
+        "{text}"
+    );
+    let t = compile_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!t.has_processor_type("refund_state_machine"));
+    assert_eq!(t.refund_window(), None);
+    // Left in the file but out of the chain, its refund commands would have no input.
+    let orphan = SHIPPED.replace("inputs = [\"refunds\"]", "inputs = [\"limits\"]");
+    assert_refused(&orphan, "processor `refunds`");
+}

@@ -12,6 +12,7 @@
 //! answer, the back-off) are not cancelled early: each fires once and is ignored when
 //! its wait is over, so they are bounded by the refunds in flight.
 
+use crate::config::{CompiledTopology, Role, DEFAULT_STATE_RETENTION};
 use crate::metrics::METRICS;
 use crate::processor::{
     BuildContext, Configured, Context, NodeSpec, ProcessError, Processor, ProviderCall, Record,
@@ -88,6 +89,29 @@ pub struct RefundStateMachine {
     retention: dedup::Retention,
 }
 
+/// How long after a payment completed a refund of it may still start: the payment's
+/// retention in the store less how late the refund's webhook may come, so every refund
+/// finishes (its late webhook included) while its payment is held. `None` without a
+/// refund processor. The API answers a request past it `409 refund_window_closed`; the
+/// processor records one that reaches it anyway as a refused refund.
+pub fn window(t: &CompiledTopology) -> Option<Span> {
+    let node = t
+        .nodes
+        .iter()
+        .find(|n| n.role == Role::Processor && n.kind == "refund_state_machine")?;
+    let policy: RefundPolicy = node.params.clone().try_into().ok()?;
+    let retention = t
+        .stores
+        .get(node.stores.get("state")?)?
+        .state_retention
+        .unwrap_or(DEFAULT_STATE_RETENTION);
+    Some(Span::from_ms(
+        retention
+            .as_ms()
+            .saturating_sub(policy.webhook_max_delay_ms),
+    ))
+}
+
 /// The timer id of a refund timer: the payment, then the kind (never equal to a payment
 /// timer's id: the kinds differ).
 fn timer_id(payment_id: &PaymentId, kind: TimerKind) -> Vec<u8> {
@@ -123,7 +147,17 @@ impl RefundStateMachine {
         let traceparent = trace_step(&span, state, cmd, ctx.incoming_trace());
         ctx.set_outgoing_trace(traceparent.clone());
         let _entered = span.enter();
-        match refund::decide(state, cmd, &self.policy) {
+        // A refund starts only while its payment stays in the store long enough for
+        // the refund's latest webhook: the expiry is set when the payment finished.
+        let window_open = stored
+            .as_ref()
+            .and_then(|p| p.expires_at_ms)
+            .is_none_or(|at| {
+                ctx.now_ms()
+                    .saturating_add(self.policy.webhook_max_delay_ms)
+                    < at
+            });
+        match refund::decide(state, cmd, &self.policy, window_open) {
             Decision::Apply { events, effects } => {
                 let Some(mut record) = stored else {
                     return Ok(());

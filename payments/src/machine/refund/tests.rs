@@ -9,6 +9,11 @@ use std::collections::{BTreeMap, HashSet};
 
 const CAPTURED: i64 = 1_000;
 
+/// The machine with the refund window open (the processor's concern).
+fn decide(state: Option<&PaymentState>, cmd: &Command, policy: &RefundPolicy) -> Decision {
+    super::decide(state, cmd, policy, true)
+}
+
 fn merchant() -> MerchantId {
     MerchantId::parse("acme").unwrap()
 }
@@ -366,6 +371,23 @@ fn an_unanswered_refund_asks_for_its_status_before_trying_again() {
     assert_eq!(
         decide(Some(&s), &cmd("x6", 15, hook), &policy),
         Decision::Ignore(Ignored::AfterTerminal)
+    );
+}
+
+#[test]
+fn a_refund_past_the_window_is_recorded_as_refused() {
+    let s = payment(true);
+    let d = super::decide(
+        Some(&s),
+        &cmd("x1", 10, request("rf-1", None)),
+        &RefundPolicy::default(),
+        false,
+    );
+    let (_, events, effects) = apply(Some(s.clone()), d);
+    assert!(effects.is_empty());
+    assert!(
+        matches!(&events[0].body, EventBody::RefundRefused { code, .. } if code == "refund_window_closed"),
+        "{events:?}"
     );
 }
 
