@@ -829,8 +829,19 @@ async fn a_created_payment_is_readable_at_once() {
             events.body
         );
         assert_eq!(events.body["events"][0]["seq"], 1);
+        // Its refunds read too (none yet), and a refund is refused for what it is.
+        let refunds = api.refunds(id).await.unwrap();
+        assert_eq!(refunds.status, 200, "{:?}", refunds.body);
+        let refund = api.refund(id, &format!("ryw-rf-{i}"), None).await.unwrap();
+        assert!(
+            [202, 409].contains(&refund.status),
+            "a refund right after the create: {} {:?}",
+            refund.status,
+            refund.body
+        );
         // Another merchant still sees nothing.
         assert_eq!(other.get(id).await.unwrap().status, 404);
+        assert_eq!(other.refunds(id).await.unwrap().status, 404);
     }
     let created = api.create("ryw-cancel", 4200, "EUR").await.unwrap();
     let id = created.body["id"].as_str().unwrap();

@@ -244,7 +244,7 @@ pub async fn create_payment(
     Ok(res)
 }
 
-fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
+pub(crate) fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
     state.recent.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -86,6 +86,14 @@ fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether this instance accepted the payment's create and the projection may not hold
+/// it yet (read your writes, as `GET /v1/payments/{id}` does).
+fn accepted_here(state: &ApiState, merchant: &payments::MerchantId, payment_id: &str) -> bool {
+    crate::payments::recent(state)
+        .accepted(merchant.as_str(), payment_id)
+        .is_some()
+}
+
 fn refund_window(state: &ApiState) -> Result<std::time::Duration> {
     state.cfg.refund_window.ok_or_else(|| {
         ApiError::new(
@@ -190,10 +198,19 @@ pub async fn create_refund(
             Err(conflict())
         };
     }
-    let payment = sinks::query::get_payment(&state.pool, merchant.as_str(), &pid)
+    let Some(payment) = sinks::query::get_payment(&state.pool, merchant.as_str(), &pid)
         .await
         .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)?;
+    else {
+        return Err(if accepted_here(&state, &merchant, &pid) {
+            ApiError::new(
+                ErrorCode::PaymentNotCompleted,
+                "payment is NEW; only a COMPLETED payment can be refunded",
+            )
+        } else {
+            ApiError::not_found()
+        });
+    };
     if payment.status != Status::Completed.as_str() {
         return Err(ApiError::new(
             ErrorCode::PaymentNotCompleted,
@@ -289,10 +306,15 @@ pub async fn list_refunds(
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
     let id = parse_id(&id)?;
-    let refunds = sinks::query::refunds_of(&state.pool, merchant.as_str(), &id.to_string())
+    let refunds = match sinks::query::refunds_of(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(ApiError::not_found)?;
+    {
+        Some(r) => r,
+        // Accepted here and not projected yet: it has no refunds.
+        None if accepted_here(&state, &merchant, &id.to_string()) => Vec::new(),
+        None => return Err(ApiError::not_found()),
+    };
     let data: Vec<serde_json::Value> = refunds
         .iter()
         .map(|r| with_links(serde_json::to_value(r).unwrap_or_default()))

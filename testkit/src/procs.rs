@@ -141,6 +141,85 @@ pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64
     }
 }
 
+/// What the refund load saw.
+#[derive(Default)]
+pub struct RefundLoad {
+    /// Refund id → payment id, for every refund request answered 202.
+    pub accepted: Mutex<HashMap<String, String>>,
+    /// Requests answered `409 amount_exceeds_refundable`: expected when two race for
+    /// more than is left.
+    pub conflicts: AtomicUsize,
+    pub duplicates: AtomicUsize,
+    pub retries: AtomicUsize,
+    /// Answers no request of the load should get.
+    pub refused: Mutex<Vec<String>>,
+}
+
+/// Asks to refund `amount` of `payment` (`None`: what is left), retrying with the same
+/// Idempotency-Key through API restarts and broker outages for up to two minutes.
+pub async fn refund(
+    http: reqwest::Client,
+    api: String,
+    payment: String,
+    key: String,
+    amount: Option<i64>,
+    load: Arc<RefundLoad>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let body = match amount {
+        Some(a) => serde_json::json!({ "amount": a }),
+        None => serde_json::json!({}),
+    };
+    loop {
+        let mut wait = backoff.next_delay();
+        let res = http
+            .post(format!("http://{api}/v1/payments/{payment}/refunds"))
+            .bearer_auth(DEMO_KEY)
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status() == 202 => {
+                if let Ok(body) = r.json::<serde_json::Value>().await {
+                    if let Some(id) = body["id"].as_str() {
+                        lock(&load.accepted).insert(id.to_owned(), payment);
+                        return;
+                    }
+                }
+            }
+            Ok(r) if r.status() == 409 => {
+                let body = r.text().await.unwrap_or_default();
+                if body.contains("amount_exceeds_refundable") {
+                    load.conflicts.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    lock(&load.refused).push(format!("refund {key}: 409 {body}"));
+                }
+                return;
+            }
+            Ok(r) if r.status().is_client_error() && r.status() != 429 && r.status() != 408 => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                lock(&load.refused).push(format!("refund {key}: {status} {body}"));
+                return;
+            }
+            Ok(r) => {
+                if let Some(s) = crate::client::retry_after(r.headers()) {
+                    wait = wait.max(Duration::from_secs(s));
+                }
+            }
+            Err(_) => {}
+        }
+        if Instant::now() > deadline {
+            lock(&load.refused).push(format!("refund {key}: not accepted within 120 s"));
+            return;
+        }
+        load.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// `n` in base 26 with the letters a–z: the seed in an idempotency key without a digit
 /// run that the API's card-data check could take for a card number.
 pub fn in_letters(mut n: u64) -> String {

@@ -111,6 +111,89 @@ pub fn assert_gap_free(events: &History) -> anyhow::Result<usize> {
     Ok(by_payment.len())
 }
 
+/// A refund as the projection holds it (the `refunds` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectedRefund {
+    pub refund_id: String,
+    pub payment_id: String,
+    /// Its number within the payment (its provider key is `pay_<id>_r<number>`).
+    pub number: u32,
+    pub amount: i64,
+    pub status: String,
+}
+
+/// Where the provider's refunds disagree with the projection.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RefundVerdict {
+    /// Payments the provider returned more money for than they were (projected) for.
+    pub over_refunded: Vec<String>,
+    /// Refund keys the provider returned money for more than once.
+    pub double_refunded: Vec<String>,
+    /// Accepted refunds the projection does not hold, or holds as still `PENDING`.
+    pub lost: Vec<String>,
+    /// Refunds whose money moved without the projection saying `SUCCEEDED`, or the
+    /// other way round.
+    pub mismatched: Vec<String>,
+}
+
+/// Judges the provider's refunds against the projection: `amounts` (payment id → captured
+/// amount), `refunds` (every projected refund) and `accepted` (the refund ids the API
+/// answered 202).
+pub fn refunds(
+    ledger: &simulator::Ledger,
+    amounts: &HashMap<String, i64>,
+    projected: &[ProjectedRefund],
+    accepted: &[String],
+) -> RefundVerdict {
+    let mut v = RefundVerdict::default();
+    let mut returned: HashMap<&str, i64> = HashMap::new();
+    let mut moved: HashMap<&str, u32> = HashMap::new();
+    for r in &ledger.refunds {
+        if r.refunds_made > 1 {
+            v.double_refunded.push(r.idempotency_key.clone());
+        }
+        if r.refunds_made >= 1 {
+            *returned.entry(r.reference.as_str()).or_default() += r.amount;
+        }
+        moved.insert(r.idempotency_key.as_str(), r.refunds_made);
+    }
+    for (payment, sum) in &returned {
+        if amounts.get(*payment).is_none_or(|a| sum > a) {
+            v.over_refunded.push((*payment).to_owned());
+        }
+    }
+    let by_id: HashMap<&str, &ProjectedRefund> = projected
+        .iter()
+        .map(|r| (r.refund_id.as_str(), r))
+        .collect();
+    for id in accepted {
+        match by_id.get(id.as_str()) {
+            Some(r) if r.status != "PENDING" => {}
+            _ => v.lost.push(id.clone()),
+        }
+    }
+    for r in projected {
+        let Ok(payment) = payments::PaymentId::parse(&r.payment_id) else {
+            v.mismatched.push(r.refund_id.clone());
+            continue;
+        };
+        let key = payments::provider_refund_key(&payment, r.number);
+        let made = moved.get(key.as_str()).copied().unwrap_or(0) >= 1;
+        if made != (r.status == "SUCCEEDED") && r.status != "PENDING" {
+            v.mismatched.push(r.refund_id.clone());
+        }
+    }
+    for list in [
+        &mut v.over_refunded,
+        &mut v.double_refunded,
+        &mut v.lost,
+        &mut v.mismatched,
+    ] {
+        list.sort();
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +242,92 @@ mod tests {
         assert_eq!(v.charged_not_completed, ["c"]);
         assert_eq!(v.completed_not_charged, ["d"]);
         assert!(v.ensure_clean().is_err());
+    }
+
+    fn refund(payment: &str, n: u32, amount: i64, made: u32) -> simulator::Refund {
+        let pid = payments::PaymentId::parse(payment).unwrap();
+        simulator::Refund {
+            refund_id: format!("re_sim_{n}"),
+            idempotency_key: payments::provider_refund_key(&pid, n),
+            charge_key: payments::provider_idempotency_key(&pid),
+            reference: payment.to_owned(),
+            refund: n,
+            amount,
+            currency: "EUR".into(),
+            status: if made > 0 {
+                simulator::RefundStatus::Succeeded
+            } else {
+                simulator::RefundStatus::Failed
+            },
+            code: None,
+            message: None,
+            refunds_made: made,
+            requests: 1,
+        }
+    }
+
+    fn projected(
+        refund_id: &str,
+        payment: &str,
+        n: u32,
+        amount: i64,
+        status: &str,
+    ) -> ProjectedRefund {
+        ProjectedRefund {
+            refund_id: refund_id.into(),
+            payment_id: payment.into(),
+            number: n,
+            amount,
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn the_refund_verdict_names_every_disagreement() {
+        let (a, b) = (
+            "pay_0000000000000000000000000000000a",
+            "pay_0000000000000000000000000000000b",
+        );
+        let ledger = simulator::Ledger {
+            charges: vec![],
+            total_captures: 0,
+            requests: 0,
+            webhooks_sent: 0,
+            faults: 0,
+            refunds: vec![
+                refund(a, 0, 600, 1),
+                refund(a, 1, 600, 1),
+                refund(b, 0, 100, 2),
+                refund(b, 1, 50, 0),
+            ],
+        };
+        let amounts: HashMap<String, i64> = [(a.to_owned(), 1000), (b.to_owned(), 1000)].into();
+        let rows = vec![
+            projected("re_a0", a, 0, 600, "SUCCEEDED"),
+            projected("re_a1", a, 1, 600, "FAILED"),
+            projected("re_b0", b, 0, 100, "SUCCEEDED"),
+            projected("re_b1", b, 1, 50, "FAILED"),
+            projected("re_b2", b, 2, 10, "PENDING"),
+        ];
+        let accepted = ["re_a0", "re_b1", "re_b2", "re_gone"].map(String::from);
+        let v = refunds(&ledger, &amounts, &rows, &accepted);
+        assert_eq!(
+            v,
+            RefundVerdict {
+                over_refunded: vec![a.to_owned()],
+                double_refunded: vec![payments::provider_refund_key(
+                    &payments::PaymentId::parse(b).unwrap(),
+                    0
+                )],
+                lost: vec!["re_b2".to_owned(), "re_gone".to_owned()],
+                mismatched: vec!["re_a1".to_owned()],
+            }
+        );
+        let ledger = simulator::Ledger {
+            refunds: vec![refund(b, 0, 100, 1), refund(b, 1, 50, 0)],
+            ..ledger
+        };
+        let clean = refunds(&ledger, &amounts, &rows[2..4], &["re_b1".to_owned()]);
+        assert_eq!(clean, RefundVerdict::default());
     }
 }

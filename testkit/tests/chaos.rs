@@ -1,6 +1,6 @@
-//! The short chaos runs of `make test`: 1,000 payments in each processing guarantee, at
-//! least 10 kills, Kafka faults, provider faults and a PostgreSQL restart each, all as
-//! separate processes (see `src/bin/chaos.rs`). `make chaos` runs the long one.
+//! The short chaos runs of `make test`: 1,000 payments in each processing guarantee (a
+//! quarter of the completed ones refunded), at least 10 kills, Kafka faults, provider
+//! faults and a PostgreSQL restart each, all as separate processes (see `src/bin/chaos.rs`). `make chaos` runs the long one.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -47,9 +47,17 @@ fn short_run(guarantee: &str) {
         "illegal_transitions",
         "seq_gaps",
         "projection_mismatches",
+        "over_refunded",
+        "double_refunded",
+        "refunds_lost",
+        "refund_mismatches",
     ] {
         assert_eq!(get(zero), 0, "{zero} in {last}");
     }
+    assert!(
+        get("refunds") > 0,
+        "refunds were made while the faults ran: {last}"
+    );
     assert!(get("kills") >= 10, "{last}");
     assert!(get("kafka_faults") >= 5, "{last}");
     assert!(get("provider_faults") > 0, "{last}");

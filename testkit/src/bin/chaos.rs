@@ -6,16 +6,21 @@
 //! API, injects Kafka faults (request errors on produce, fetch and offset commit; a broker
 //! down and up; leader moves; latency), lets the provider misbehave (5xx, timeouts, a
 //! charge done but its answer lost, duplicated, delayed and reordered webhooks) and
-//! restarts PostgreSQL. Then it drains and checks, against the provider's ledger and the
-//! events topic: every accepted payment is terminal, none was charged twice or charged
-//! without completing, every transition is legal, every history is gap-free, and the
-//! projection equals a replay of the events topic.
+//! restarts PostgreSQL. Meanwhile it refunds a quarter of the payments that complete (in
+//! full, in two parts, or by two requests racing for more than is left, some sent twice).
+//! Then it drains and checks, against the provider's ledger and the events topic: every
+//! accepted payment is terminal, none was charged twice or charged without completing,
+//! every transition is legal, every history is gap-free, and the projection equals a
+//! replay of the events topic; no payment was refunded beyond its amount, no refund
+//! returned money twice, every accepted refund is final, and a refund is `SUCCEEDED`
+//! exactly when the provider returned its money.
 //!
 //! The last line it prints:
 //!   chaos: payments=<N> accepted=<A> terminal=<T> lost=<L> double_charged=<D>
-//!   illegal_transitions=<I> seq_gaps=<G> projection_mismatches=<M> kills=<K>
+//!   illegal_transitions=<I> seq_gaps=<G> projection_mismatches=<M> refunds=<RF>
+//!   over_refunded=<O> double_refunded=<DR> refunds_lost=<RL> refund_mismatches=<RM> kills=<K>
 //!   kafka_faults=<F> provider_faults=<P> pg_restarts=<R>
-//! and it exits non-zero if L, D, I, G or M is non-zero or T < A. The same `--seed`
+//! and it exits non-zero if L, D, I, G, M, O, DR, RL or RM is non-zero or T < A. The same `--seed`
 //! replays the same schedule of faults (timing still varies).
 
 use anyhow::Context as _;
@@ -24,13 +29,15 @@ use payments::Status;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::{Fault, Kafka};
-use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
+use testkit::procs::{
+    create, free_addr, in_letters, lock, refund, sibling, Load, Proc, RefundLoad,
+};
 use testkit::stack::{shipped_topology, topology_text, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
@@ -55,7 +62,7 @@ struct Args {
     guarantee: String,
     /// Keep injecting faults until at least this many processes were killed (and half as
     /// many Kafka faults and one PostgreSQL restart happened).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 50)]
     min_kills: usize,
     /// Partitions of every topic. The mock cluster keeps about 5 MB per partition and
     /// drops older records beyond that; the replay check needs every event.
@@ -226,6 +233,39 @@ struct Verdict {
     illegal: usize,
     gaps: usize,
     mismatches: usize,
+}
+
+/// The refunds judged against the provider's ledger (see [`testkit::verify::refunds`]).
+async fn verify_refunds(
+    pool: &sinks::Pool,
+    ledger: &simulator::Ledger,
+    accepted: &[String],
+) -> anyhow::Result<testkit::verify::RefundVerdict> {
+    let c = pool.get().await?;
+    let amounts: HashMap<String, i64> = c
+        .query("SELECT payment_id, amount FROM payments", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let projected: Vec<testkit::verify::ProjectedRefund> = c
+        .query(
+            "SELECT refund_id, payment_id, refund_number, amount, status FROM refunds",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| testkit::verify::ProjectedRefund {
+            refund_id: r.get(0),
+            payment_id: r.get(1),
+            number: r.get::<_, i32>(2).unsigned_abs(),
+            amount: r.get(3),
+            status: r.get(4),
+        })
+        .collect();
+    Ok(testkit::verify::refunds(
+        ledger, &amounts, &projected, accepted,
+    ))
 }
 
 async fn verify(
@@ -553,6 +593,20 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    // Refunds of some of the payments that complete, while the faults run.
+    let pool = sinks::connect(&database_url, 2)?;
+    let refunds = Arc::new(RefundLoad::default());
+    let stop_refunds = Arc::new(AtomicBool::new(false));
+    let refund_task = tokio::spawn(refund_load(
+        http.clone(),
+        api_addr.clone(),
+        pool.clone(),
+        load.clone(),
+        refunds.clone(),
+        StdRng::seed_from_u64(seed ^ 0x4ef0),
+        stop_refunds.clone(),
+    ));
+
     // Faults until the load is done and enough of each kind happened.
     let mut counters = Counters::default();
     while !load_task.is_finished()
@@ -573,10 +627,11 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
     load_task.await?;
+    stop_refunds.store(true, Ordering::Relaxed);
+    refund_task.await?;
     let load_s = started.elapsed().as_secs_f64();
 
     // Drain: every process up, no faults left, every accepted payment terminal.
-    let pool = sinks::connect(&database_url, 2)?;
     let accepted = lock(&load.accepted).clone();
     let ids: Vec<String> = accepted.values().cloned().collect();
     let drain = Instant::now() + Duration::from_secs(a.drain_timeout_s);
@@ -607,6 +662,33 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // And every accepted refund.
+    let refund_ids: Vec<String> = lock(&refunds.accepted).keys().cloned().collect();
+    loop {
+        cluster.supervise(&mut counters)?;
+        let open: i64 = match pool.get().await {
+            Ok(c) => c
+                .query_one(
+                    "SELECT $2::int8 - count(*) FROM refunds WHERE refund_id = ANY($1) AND status <> 'PENDING'",
+                    &[&refund_ids, &(refund_ids.len() as i64)],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(i64::MAX),
+            Err(_) => i64::MAX,
+        };
+        if open == 0 || Instant::now() > drain {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!(
+                "chaos: draining: {open} of {} refunds not final yet",
+                refund_ids.len()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let drained_s = started.elapsed().as_secs_f64();
     // Let the sink settle what the topic holds beyond the terminal events.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -617,7 +699,21 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await?;
     let v = verify(&kafka, &events, &pool, &ledger, &accepted).await?;
-    let refused = lock(&load.refused).clone();
+    let r = verify_refunds(&pool, &ledger, &refund_ids).await?;
+    let mut refused = lock(&load.refused).clone();
+    refused.extend(lock(&refunds.refused).iter().cloned());
+    println!(
+        "chaos: refunds: accepted={} conflicts_409={} duplicate_requests={} client_retries={} provider_refunds={} over_refunded={:?} double_refunded={:?} lost={:?} mismatched={:?}",
+        refund_ids.len(),
+        refunds.conflicts.load(Ordering::Relaxed),
+        refunds.duplicates.load(Ordering::Relaxed),
+        refunds.retries.load(Ordering::Relaxed),
+        ledger.refunds.iter().filter(|x| x.refunds_made > 0).count(),
+        r.over_refunded.iter().take(5).collect::<Vec<_>>(),
+        r.double_refunded.iter().take(5).collect::<Vec<_>>(),
+        r.lost.iter().take(5).collect::<Vec<_>>(),
+        r.mismatched.iter().take(5).collect::<Vec<_>>(),
+    );
     println!(
         "chaos: detail load_s={load_s:.1} drained_s={drained_s:.1} duplicate_requests={} client_retries={} refused={} crashes_restarted={} fresh_disk_restores={} charged_not_completed={} provider_requests={} webhooks_sent={} logs={}",
         load.duplicates.load(Ordering::Relaxed),
@@ -640,6 +736,7 @@ async fn main() -> anyhow::Result<()> {
         || v.gaps > 0
         || v.mismatches > 0
         || v.terminal < accepted.len()
+        || r != testkit::verify::RefundVerdict::default()
         || !refused.is_empty();
     if failed || a.keep_logs {
         // Keep the logs of a failing run.
@@ -651,7 +748,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} kills={} kafka_faults={} provider_faults={} pg_restarts={}",
+        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} kills={} kafka_faults={} provider_faults={} pg_restarts={}",
         a.payments,
         accepted.len(),
         v.terminal,
@@ -660,6 +757,11 @@ async fn main() -> anyhow::Result<()> {
         v.illegal,
         v.gaps,
         v.mismatches,
+        refund_ids.len(),
+        r.over_refunded.len(),
+        r.double_refunded.len(),
+        r.lost.len(),
+        r.mismatched.len(),
         counters.kills,
         counters.kafka_faults,
         ledger.faults,
@@ -670,4 +772,86 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Refunds a quarter of the payments that complete while the faults run: in full, in
+/// two parts (the second for what is left), or by two requests racing for more than is
+/// left (one of them must fail); a tenth of the first requests are sent twice.
+async fn refund_load(
+    http: reqwest::Client,
+    api: String,
+    pool: sinks::Pool,
+    payments: Arc<Load>,
+    load: Arc<RefundLoad>,
+    mut rng: StdRng,
+    stop: Arc<AtomicBool>,
+) {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut tasks = Vec::new();
+    let mut next = 0u64;
+    let mut key = |rng: &mut StdRng| {
+        next += 1;
+        format!("rf-{}-{}", in_letters(rng.random()), in_letters(next))
+    };
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ids: Vec<String> = lock(&payments.accepted)
+            .values()
+            .filter(|id| !seen.contains(*id))
+            .cloned()
+            .collect();
+        let Ok(c) = pool.get().await else { continue };
+        let Ok(rows) = c
+            .query(
+                "SELECT payment_id, amount FROM payments WHERE status = 'COMPLETED' AND payment_id = ANY($1)",
+                &[&ids],
+            )
+            .await
+        else {
+            continue;
+        };
+        for row in rows {
+            let (id, amount): (String, i64) = (row.get(0), row.get(1));
+            seen.insert(id.clone());
+            if !rng.random_bool(0.25) {
+                continue;
+            }
+            let send = |key: String, amount: Option<i64>| {
+                refund(
+                    http.clone(),
+                    api.clone(),
+                    id.clone(),
+                    key,
+                    amount,
+                    load.clone(),
+                )
+            };
+            match rng.random_range(0..3) {
+                0 => {
+                    let k = key(&mut rng);
+                    if rng.random_bool(0.1) {
+                        load.duplicates.fetch_add(1, Ordering::Relaxed);
+                        tasks.push(tokio::spawn(send(k.clone(), None)));
+                    }
+                    tasks.push(tokio::spawn(send(k, None)));
+                }
+                1 if amount > 1 => {
+                    let (first, rest) = (
+                        send(key(&mut rng), Some(rng.random_range(1..amount))),
+                        send(key(&mut rng), None),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        first.await;
+                        rest.await;
+                    }));
+                }
+                _ => {
+                    let part = (amount * 3 / 5).max(1);
+                    tasks.push(tokio::spawn(send(key(&mut rng), Some(part))));
+                    tasks.push(tokio::spawn(send(key(&mut rng), Some(part))));
+                }
+            }
+        }
+    }
+    futures::future::join_all(tasks).await;
 }
