@@ -65,6 +65,7 @@ impl Common {
             events: self.events_topic.clone(),
             dead_letters: self.dlq_topic.clone(),
             commands: self.commands_topic()?,
+            notifications: self.topology.notifications_topic(),
         })
     }
 }
@@ -83,6 +84,12 @@ pub struct MerchantsFile {
 #[serde(deny_unknown_fields)]
 pub struct MerchantEntry {
     pub key_sha256: String,
+    /// Where the merchant's notifications are delivered (none: not notified).
+    #[serde(default)]
+    pub notify_url: Option<String>,
+    /// Secrets that sign its notifications (`whsec_…`); several while one is rotated.
+    #[serde(default)]
+    pub notify_secrets: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,12 +101,64 @@ pub struct WebhookEntry {
 /// Webhook secrets (raw key bytes) per provider name.
 pub type WebhookSecrets = HashMap<String, Vec<Vec<u8>>>;
 
-/// Loads merchants and webhook secrets, reporting every problem.
-pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, WebhookSecrets)> {
+fn read_merchants(path: &Path) -> anyhow::Result<MerchantsFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read merchants file {}", path.display()))?;
-    let file: MerchantsFile =
-        toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))
+}
+
+/// The merchants' notification endpoints, reporting every problem.
+pub fn load_endpoints(path: &Path) -> anyhow::Result<HashMap<String, sinks::notifier::Endpoint>> {
+    let file = read_merchants(path)?;
+    let mut problems = Vec::new();
+    let mut endpoints = HashMap::new();
+    for (id, m) in &file.merchants {
+        let Some(url) = &m.notify_url else {
+            if !m.notify_secrets.is_empty() {
+                problems.push(format!(
+                    "merchant `{id}`: notify_secrets without notify_url"
+                ));
+            }
+            continue;
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(format!(
+                "merchant `{id}`: notify_url {url:?} is not an http:// or https:// URL"
+            ));
+        }
+        if m.notify_secrets.is_empty() {
+            problems.push(format!(
+                "merchant `{id}`: notify_url needs at least one notify_secrets entry (whsec_…) to sign with"
+            ));
+        }
+        let mut secrets = Vec::new();
+        for s in &m.notify_secrets {
+            match payments::webhook::secret_bytes(s) {
+                Ok(b) => secrets.push(b),
+                Err(e) => problems.push(format!("merchant `{id}`: notify_secrets: {e}")),
+            }
+        }
+        endpoints.insert(
+            id.clone(),
+            sinks::notifier::Endpoint {
+                url: url.clone(),
+                secrets,
+            },
+        );
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{} is invalid:\n  - {}",
+            path.display(),
+            problems.join("\n  - ")
+        );
+    }
+    Ok(endpoints)
+}
+
+/// Loads merchants and webhook secrets, reporting every problem.
+pub fn load_merchants(path: &Path) -> anyhow::Result<(Vec<MerchantKey>, WebhookSecrets)> {
+    let file = read_merchants(path)?;
     let mut problems = Vec::new();
     let mut keys = Vec::new();
     for (id, m) in &file.merchants {
@@ -209,6 +268,16 @@ pub async fn run_sink(
         sinks::runner::SinkSettings::new(&common.brokers, group_id, common.sink_topics()?);
     settings.kafka = common.kafka.clone();
     sinks::runner::run_sink(pool, settings, shutdown).await
+}
+
+/// Delivers merchant notifications until `shutdown` (see [`sinks::notifier`]).
+pub async fn run_notifier(
+    common: &Common,
+    settings: sinks::notifier::NotifierSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let pool = sinks::connect(common.database_url()?, 4)?;
+    sinks::notifier::run_notifier(pool, settings, shutdown).await
 }
 
 pub async fn rebuild_projection(common: &Common) -> anyhow::Result<sinks::runner::RebuildReport> {

@@ -124,6 +124,35 @@ struct WorkerArgs {
     store_cache_mb: u64,
 }
 
+#[derive(Debug, clap::Args)]
+struct NotifierArgs {
+    /// Merchants, with their notification endpoints and signing secrets.
+    #[arg(
+        long = "notify-merchants",
+        env = "GATEWAY_MERCHANTS",
+        default_value = "config/merchants.toml"
+    )]
+    notify_merchants: PathBuf,
+    /// How long an undelivered notification is retried (Stripe: three days).
+    #[arg(long, env = "NOTIFY_MAX_AGE_S", default_value_t = 3 * 24 * 3600)]
+    notify_max_age_s: u64,
+    /// One delivery attempt's limit.
+    #[arg(long, env = "NOTIFY_TIMEOUT_MS", default_value_t = 10_000)]
+    notify_timeout_ms: u64,
+    /// The first retry's delay (each next one doubles, up to an hour).
+    #[arg(long, env = "NOTIFY_BACKOFF_MS", default_value_t = 5_000)]
+    notify_backoff_ms: u64,
+}
+
+fn notifier_settings(n: &NotifierArgs) -> anyhow::Result<sinks::notifier::NotifierSettings> {
+    let mut s =
+        sinks::notifier::NotifierSettings::new(gateway::load_endpoints(&n.notify_merchants)?);
+    s.max_age = Duration::from_secs(n.notify_max_age_s);
+    s.request_timeout = Duration::from_millis(n.notify_timeout_ms.max(1));
+    s.backoff_base = Duration::from_millis(n.notify_backoff_ms.max(1));
+    Ok(s)
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The HTTP API.
@@ -147,7 +176,14 @@ enum Cmd {
         #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9102")]
         ops_listen: SocketAddr,
     },
-    /// API, worker and sink in one process.
+    /// Delivers merchant notifications to the endpoints in the merchants file.
+    Notifier {
+        #[command(flatten)]
+        notifier: NotifierArgs,
+        #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9103")]
+        ops_listen: SocketAddr,
+    },
+    /// API, worker, sink and notifier in one process.
     All {
         #[command(flatten)]
         api: ApiArgs,
@@ -159,6 +195,8 @@ enum Cmd {
             default_value = "payment-gateway-projection"
         )]
         group_id: String,
+        #[command(flatten)]
+        notifier: NotifierArgs,
     },
     /// Empties the projection and replays the topics into it.
     RebuildProjection,
@@ -176,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Api(_) => "api",
         Cmd::Worker { .. } => "worker",
         Cmd::Sink { .. } => "sink",
+        Cmd::Notifier { .. } => "notifier",
         Cmd::All { .. } => "all",
         _ => "cli",
     };
@@ -237,14 +276,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ops.abort();
             res
         }
+        Cmd::Notifier {
+            notifier,
+            ops_listen,
+        } => {
+            let ops = ops_server(ops_listen, None).await?;
+            let settings = notifier_settings(&notifier)?;
+            let res = gateway::run_notifier(&common, settings, gateway::shutdown_signal()).await;
+            ops.abort();
+            res
+        }
         Cmd::All {
             api,
             worker,
             group_id,
+            notifier,
         } => {
             let ops = ops_server(api.ops_listen, Some(&common)).await?;
             let opts = api_opts(api)?;
             let settings = worker_settings(&common, worker)?;
+            let notify = notifier_settings(&notifier)?;
             let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
             let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
                 let mut rx = tx.subscribe();
@@ -262,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let res = tokio::try_join!(
                 gateway::run_worker(&common, settings, wait(&tx)),
                 gateway::run_sink(&common, &group_id, wait(&tx)),
+                gateway::run_notifier(&common, notify, wait(&tx)),
             );
             let _ = tx.send(());
             let _ = api_handle.await;

@@ -1694,3 +1694,174 @@ async fn refunds_follow_the_topology_switched_off_or_with_a_short_window() {
     );
     stack.shutdown().await.unwrap();
 }
+
+/// Every status change of a merchant's payments and refunds reaches its endpoint, signed,
+/// through an endpoint that fails, then is slow, then comes back; the deliveries and their
+/// attempts are readable, and one can be redelivered. A merchant without an endpoint is
+/// not notified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merchants_are_notified_of_every_status_change_through_a_failing_endpoint() {
+    use testkit::merchant::{MerchantEndpoint, Mode};
+    let secret =
+        payments::webhook::secret_bytes("whsec_bWVyY2hhbnQtbm90aWZpY2F0aW9uLXNlY3JldA==").unwrap();
+    let endpoint = MerchantEndpoint::start(vec![secret.clone()], std::future::pending())
+        .await
+        .unwrap();
+    endpoint.set_mode(Mode::Fail);
+    let opts = StackOptions {
+        merchant_endpoints: [(
+            "demo".to_owned(),
+            sinks::notifier::Endpoint {
+                url: endpoint.url(),
+                secrets: vec![secret],
+            },
+        )]
+        .into(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let completed = settled_payment(&api, "n-ok", 1000).await;
+    let declined = settled_payment(&api, "n-declined", 2001).await;
+    let hooked = settled_payment(&api, "n-async", 1003).await;
+    let refund = api.refund(&completed, "n-rf", Some(400)).await.unwrap();
+    let refund_id = refund.body["id"].as_str().unwrap().to_owned();
+    api.wait_for_refund(&refund_id, &["SUCCEEDED"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let other = stack.client(OTHER_KEY);
+    let unnotified = settled_payment(&other, "n-other", 1000).await;
+    // Failing, then slower than the notifier waits, then working.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    endpoint.set_mode(Mode::Slow(Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    endpoint.set_mode(Mode::Ok);
+
+    let expected: Vec<(&str, &str)> = vec![
+        (&completed, "payment.created"),
+        (&completed, "payment.processing"),
+        (&completed, "payment.completed"),
+        (&completed, "refund.pending"),
+        (&completed, "refund.succeeded"),
+        (&declined, "payment.created"),
+        (&declined, "payment.processing"),
+        (&declined, "payment.failed"),
+        (&hooked, "payment.created"),
+        (&hooked, "payment.processing"),
+        (&hooked, "payment.completed"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let got: Vec<(String, String)> = endpoint
+            .received()
+            .iter()
+            .map(|r| {
+                (
+                    r.body["payment_id"].as_str().unwrap_or_default().to_owned(),
+                    r.body["type"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(p, t)| !got.iter().any(|(gp, gt)| gp == p && gt == t))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    assert_eq!(endpoint.forged(), 0, "every delivery is signed");
+    // One webhook-id per status change, one body per webhook-id, the resource inside.
+    let received = endpoint.received();
+    let mut bodies: HashMap<String, Value> = HashMap::new();
+    for r in &received {
+        let first = bodies.entry(r.webhook_id.clone()).or_insert(r.body.clone());
+        assert_eq!(first, &r.body, "a redelivery is the same notification");
+        assert_eq!(r.body["id"], r.webhook_id.as_str());
+    }
+    let done = received
+        .iter()
+        .find(|r| {
+            r.body["payment_id"] == completed.as_str() && r.body["type"] == "payment.completed"
+        })
+        .unwrap();
+    assert_eq!(done.body["data"]["status"], "COMPLETED");
+    assert_eq!(done.body["data"]["id"], completed.as_str());
+    let rf = received
+        .iter()
+        .find(|r| r.body["type"] == "refund.succeeded")
+        .unwrap();
+    assert_eq!(rf.body["data"]["id"], refund_id.as_str());
+    assert_eq!(rf.body["data"]["status"], "SUCCEEDED");
+    assert!(
+        received
+            .iter()
+            .all(|r| r.body["payment_id"] != unnotified.as_str()),
+        "a merchant without an endpoint is not notified"
+    );
+
+    // The deliveries, with the failed attempts before the one that worked.
+    let list = api
+        .send(api.request(
+            reqwest::Method::GET,
+            &format!("/v1/webhook-deliveries?payment_id={completed}"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(list.status, 200, "{}", list.body);
+    let data = list.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 5, "{}", list.body);
+    let created = data
+        .iter()
+        .find(|d| d["type"] == "payment.created")
+        .unwrap();
+    assert_eq!(created["status"], "delivered", "{created}");
+    let log = created["attempt_log"].as_array().unwrap();
+    assert!(log.len() >= 2, "failed attempts are recorded: {created}");
+    assert_eq!(log[0]["status_code"], 500, "{created}");
+    assert_eq!(log.last().unwrap()["status_code"], 200, "{created}");
+    // Another merchant's deliveries: none visible; its own were skipped.
+    let theirs = other
+        .send(other.request(reqwest::Method::GET, "/v1/webhook-deliveries"))
+        .await
+        .unwrap();
+    assert!(theirs.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["status"] == "skipped" || d["status"] == "pending"));
+
+    // Redelivery on request: the same webhook-id arrives once more.
+    let id = created["id"].as_str().unwrap().to_owned();
+    let before = endpoint.counts().get(&id).copied().unwrap_or(0);
+    let r = api
+        .send(api.request(
+            reqwest::Method::POST,
+            &format!("/v1/webhook-deliveries/{id}/redeliver"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while endpoint.counts().get(&id).copied().unwrap_or(0) <= before {
+        assert!(Instant::now() < deadline, "redelivery never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bad = api
+        .send(api.request(
+            reqwest::Method::POST,
+            "/v1/webhook-deliveries/evt_0123/redeliver",
+        ))
+        .await
+        .unwrap();
+    assert_eq!((bad.status, bad.code()), (404, "delivery_not_found"));
+    println!(
+        "e2e: notifications: received={} distinct={} endpoint_requests={}",
+        received.len(),
+        bodies.len(),
+        endpoint.requests()
+    );
+    stack.shutdown().await.unwrap();
+}

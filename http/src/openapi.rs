@@ -14,6 +14,8 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/payments/{id}/refunds"),
     ("get", "/v1/payments/{id}/refunds"),
     ("get", "/v1/refunds/{id}"),
+    ("get", "/v1/webhook-deliveries"),
+    ("post", "/v1/webhook-deliveries/{id}/redeliver"),
     ("post", "/v1/callbacks/{provider}"),
     ("get", "/health/live"),
     ("get", "/health/ready"),
@@ -58,6 +60,25 @@ pub fn document() -> Value {
         codes.iter().chain(auth.iter()).copied().collect()
     };
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let delivery = json!({
+        "type": "object", "required": ["id", "type", "payment_id", "seq", "status", "attempts", "created_at", "body", "attempt_log"],
+        "properties": {
+            "id": { "type": "string", "description": "the webhook-id of every delivery of it" },
+            "type": { "type": "string", "enum": ["payment.created", "payment.processing", "payment.completed", "payment.failed", "payment.canceled", "refund.pending", "refund.succeeded", "refund.failed"] },
+            "payment_id": { "type": "string" }, "seq": { "type": "integer" },
+            "status": { "type": "string", "enum": ["pending", "delivered", "failed", "skipped"] },
+            "attempts": { "type": "integer" },
+            "created_at": { "type": "string", "format": "date-time" },
+            "delivered_at": { "type": "string", "format": "date-time", "nullable": true },
+            "next_attempt_at": { "type": "string", "format": "date-time", "nullable": true },
+            "last_error": { "type": "string", "nullable": true },
+            "body": { "type": "object", "description": "what the endpoint receives" },
+            "attempt_log": { "type": "array", "items": { "type": "object", "required": ["attempt", "at", "duration_ms"], "properties": {
+                "attempt": { "type": "integer" }, "at": { "type": "string", "format": "date-time" },
+                "status_code": { "type": "integer", "nullable": true }, "error": { "type": "string", "nullable": true }, "duration_ms": { "type": "integer" }
+            } } }
+        }
+    });
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -129,6 +150,19 @@ pub fn document() -> Value {
                 "operationId": "getRefund", "summary": "A refund's current state",
                 "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^re_[0-9a-f]{32}$" } }],
                 "responses": with(errors(&and_auth(&[RefundNotFound])), ("200", json_body("Refund", "the refund"))),
+            }},
+            "/v1/webhook-deliveries": { "get": {
+                "operationId": "listWebhookDeliveries", "summary": "The caller's notifications (status changes of its payments and refunds) and their delivery, newest first",
+                "parameters": [
+                    { "name": "payment_id", "in": "query", "schema": { "type": "string", "pattern": "^pay_[0-9a-f]{32}$" } },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } }
+                ],
+                "responses": with(errors(&and_auth(&[InvalidRequest])), ("200", json_body("DeliveryList", "the notifications"))),
+            }},
+            "/v1/webhook-deliveries/{id}/redeliver": { "post": {
+                "operationId": "redeliverWebhook", "summary": "Deliver a notification again now (same webhook-id)",
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^evt_[0-9a-f]{32}_[0-9]+$" } }],
+                "responses": with(errors(&and_auth(&[DeliveryNotFound, NoNotificationEndpoint])), ("202", json!({ "description": "scheduled", "content": { "application/json": { "schema": { "type": "object", "required": ["id", "status"], "properties": { "id": { "type": "string" }, "status": { "type": "string" } } } } } }))),
             }},
             "/v1/callbacks/{provider}": { "post": {
                 "operationId": "providerWebhook", "summary": "Signed provider webhook (Standard Webhooks)", "security": [],
@@ -219,6 +253,8 @@ pub fn document() -> Value {
                         "links": { "type": "object" }
                     }
                 },
+                "Delivery": delivery,
+                "DeliveryList": { "type": "object", "required": ["data"], "properties": { "data": { "type": "array", "items": { "$ref": "#/components/schemas/Delivery" } } } },
                 "RefundList": { "type": "object", "required": ["payment_id", "data"], "properties": { "payment_id": { "type": "string" }, "data": { "type": "array", "items": { "$ref": "#/components/schemas/Refund" } } } },
                 "CancelAccepted": { "type": "object", "required": ["id", "status", "cancel_requested"], "properties": { "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" }, "cancel_requested": { "type": "boolean" } } }
             }

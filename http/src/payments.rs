@@ -252,7 +252,7 @@ pub(crate) fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreate
 /// as `NEW` with its `created` event, both as the worker's first step will make them
 /// (the domain's own `decide`, whose first event of a create is `created`).
 fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
-    let created_at = iso_ms(cmd.issued_at_ms);
+    let created_at = payments::notify::iso_ms(cmd.issued_at_ms);
     let payment = sinks::query::PaymentView {
         id: cmd.payment_id.to_string(),
         status: Status::New.as_str().to_owned(),
@@ -285,7 +285,7 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
                 serde_json::to_value(sinks::query::EventView {
                     seq: e.seq as i64,
                     kind: e.body.kind().to_owned(),
-                    occurred_at: iso_ms(e.occurred_at_ms),
+                    occurred_at: payments::notify::iso_ms(e.occurred_at_ms),
                     data: serde_json::to_value(&e.body).ok()?,
                 })
                 .ok()
@@ -297,28 +297,6 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
         payment: serde_json::to_string(&payment).unwrap_or_default().into(),
         events: serde_json::Value::from(events).to_string().into(),
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms, as the projection formats times.
-pub(crate) fn iso_ms(ms: i64) -> String {
-    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000
-    )
 }
 
 /// The projection's answer or, for a create accepted here and not projected yet, what

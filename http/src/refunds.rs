@@ -111,7 +111,7 @@ fn pending_view(
     currency: &str,
     v: &ValidRefund,
 ) -> serde_json::Value {
-    let at = crate::payments::iso_ms(now_ms());
+    let at = payments::notify::iso_ms(now_ms());
     serde_json::json!({
         "id": id.to_string(),
         "payment_id": payment,

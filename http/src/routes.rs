@@ -4,7 +4,7 @@
 use crate::callbacks::{self, WebhookHeaders};
 use crate::error::{ApiError, ErrorCode};
 use crate::ApiState;
-use crate::{health, payments, refunds, request};
+use crate::{deliveries, health, payments, refunds, request};
 use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 use std::convert::Infallible;
 use std::future::Future;
@@ -284,6 +284,33 @@ pub fn routes(
         .and(auth)
         .and(traceparent())
         .then(|id, s, a, tp| timed("/v1/refunds/{id}", "GET", tp, refunds::get_refund(s, id, a)));
+    let deliveries = warp::path!("v1" / "webhook-deliveries")
+        .and(warp::get())
+        .and(st.clone())
+        .and(warp::query::<deliveries::DeliveriesQuery>())
+        .and(auth)
+        .and(traceparent())
+        .then(|s, q, a, tp| {
+            timed(
+                "/v1/webhook-deliveries",
+                "GET",
+                tp,
+                deliveries::list_deliveries(s, q, a),
+            )
+        });
+    let redeliver = warp::path!("v1" / "webhook-deliveries" / String / "redeliver")
+        .and(warp::post())
+        .and(st.clone())
+        .and(auth)
+        .and(traceparent())
+        .then(|id, s, a, tp| {
+            timed(
+                "/v1/webhook-deliveries/{id}/redeliver",
+                "POST",
+                tp,
+                deliveries::redeliver(s, id, a),
+            )
+        });
     let callback = warp::path!("v1" / "callbacks" / String)
         .and(warp::post())
         .and(st.clone())
@@ -332,6 +359,10 @@ pub fn routes(
         .or(list_refunds)
         .unify()
         .or(get_refund)
+        .unify()
+        .or(deliveries)
+        .unify()
+        .or(redeliver)
         .unify()
         .or(callback)
         .unify()

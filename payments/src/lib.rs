@@ -7,6 +7,7 @@
 //! - [`event`]: what happened to a payment; every event carries `(payment_id, seq)`.
 //! - [`machine`]: the state machine, `decide(state, command) -> Decision`, and `evolve`.
 //! - [`wire`]: the JSON encoding used on Kafka topics (versioned envelopes).
+//! - [`notify`]: merchant notifications (which events, and the resources they carry).
 //! - [`retry`]: the delays of exponential back-off.
 //! - [`webhook`]: Standard Webhooks signatures (sign and verify), shared by the provider
 //!   simulator and the callback endpoint.
@@ -19,6 +20,7 @@ pub mod event;
 pub mod ids;
 pub mod machine;
 pub mod money;
+pub mod notify;
 pub mod retry;
 pub mod webhook;
 pub mod wire;

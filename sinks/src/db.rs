@@ -19,6 +19,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_refunds",
         include_str!("../migrations/0003_refunds.sql"),
     ),
+    (
+        "0004_notifications",
+        include_str!("../migrations/0004_notifications.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

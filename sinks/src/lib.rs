@@ -11,6 +11,7 @@
 //! PostgreSQL is a projection: everything here can be dropped and rebuilt from Kafka.
 
 pub mod db;
+pub mod notifier;
 pub mod projection;
 pub mod query;
 pub mod runner;

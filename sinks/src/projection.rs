@@ -23,11 +23,19 @@ pub struct Topics {
     pub events: String,
     pub dead_letters: String,
     pub commands: String,
+    /// Merchant notifications, when the topology makes them.
+    pub notifications: Option<String>,
 }
 
 impl Topics {
-    pub fn all(&self) -> [&str; 3] {
-        [&self.events, &self.dead_letters, &self.commands]
+    pub fn all(&self) -> Vec<&str> {
+        let mut all = vec![
+            self.events.as_str(),
+            self.dead_letters.as_str(),
+            self.commands.as_str(),
+        ];
+        all.extend(self.notifications.as_deref());
+        all
     }
 }
 
@@ -51,6 +59,7 @@ pub struct Applied {
     pub dead_letters: usize,
     pub webhooks: usize,
     pub undecodable: usize,
+    pub notifications: usize,
     /// `occurred_at_ms` of every event in the batch (for the projection-lag metric).
     pub event_times_ms: Vec<i64>,
 }
@@ -63,6 +72,7 @@ impl Applied {
         self.dead_letters += other.dead_letters;
         self.webhooks += other.webhooks;
         self.undecodable += other.undecodable;
+        self.notifications += other.notifications;
         self.event_times_ms.extend(other.event_times_ms);
     }
 }
@@ -77,6 +87,7 @@ pub async fn apply_batch(
     let mut dead: Vec<DeadLetter> = Vec::new();
     let mut webhooks: Vec<(String, String, serde_json::Value, i64)> = Vec::new();
     let mut progress: HashMap<(String, i32), i64> = HashMap::new();
+    let mut notes: Vec<payments::notify::Notification> = Vec::new();
 
     for r in batch {
         let next = progress
@@ -123,6 +134,27 @@ pub async fn apply_batch(
                     );
                 }
             }
+        } else if Some(&r.topic) == topics.notifications.as_ref() {
+            match r
+                .payload
+                .as_deref()
+                .map(serde_json::from_slice::<payments::notify::Notification>)
+            {
+                Some(Ok(n)) => notes.push(n),
+                _ => {
+                    applied.undecodable += 1;
+                    tracing::warn!(
+                        partition = r.partition,
+                        offset = r.offset,
+                        "undecodable notification dead-lettered"
+                    );
+                    dead.push(set_aside(
+                        r,
+                        "undecodable_notification",
+                        "not a notification",
+                    ));
+                }
+            }
         } else if r.topic == topics.commands {
             // Only verified webhooks are recorded; the worker dead-letters bad commands.
             if let Ok(cmd) = wire::decode_command(r.key.as_deref(), r.payload.as_deref()) {
@@ -142,19 +174,52 @@ pub async fn apply_batch(
     // Two round trips of pipelined statements: the writes that depend on nothing, with
     // the reads the fold needs; then the fold's writes.
     let ids = payment_ids(events.keys());
-    let (inserted, states, waiting, dead_letters, hooks, ()) = futures::try_join!(
+    let (inserted, states, waiting, dead_letters, hooks, (), notified) = futures::try_join!(
         insert_events(tx, &events),
         read_states(tx, &ids),
         read_waiting(tx, &ids),
         insert_dead_letters(tx, &dead),
         insert_webhooks(tx, &webhooks),
         save_progress(tx, &progress),
+        insert_notifications(tx, &notes),
     )?;
+    applied.notifications = notified;
     applied.events = inserted;
     applied.dead_letters = dead_letters;
     applied.webhooks = hooks;
     applied.payments_updated = fold_payments(tx, &events, states, waiting).await?;
     Ok(applied)
+}
+
+/// Each notification once (a replayed one is the same row), pending delivery.
+async fn insert_notifications(
+    tx: &Transaction<'_>,
+    notes: &[payments::notify::Notification],
+) -> Result<usize, tokio_postgres::Error> {
+    if notes.is_empty() {
+        return Ok(0);
+    }
+    let (mut id, mut merchant, mut payment, mut seq, mut kind, mut body) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for n in notes {
+        id.push(n.id.as_str());
+        merchant.push(n.merchant_id.as_str());
+        payment.push(n.payment_id.to_string());
+        seq.push(n.seq as i64);
+        kind.push(n.kind.as_str());
+        body.push(pg_text(&payments::notify::delivered_body(n)));
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO webhook_deliveries (webhook_id, merchant_id, payment_id, seq, type, body)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
+             ON CONFLICT (webhook_id) DO NOTHING",
+        )
+        .await?;
+    let n = tx
+        .execute(&stmt, &[&id, &merchant, &payment, &seq, &kind, &body])
+        .await?;
+    Ok(n as usize)
 }
 
 /// An event of the batch: decoded, with its record's position and JSON text.

@@ -294,3 +294,135 @@ pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
     c.query_one("SELECT 1", &[]).await?;
     Ok(())
 }
+
+/// One attempt to deliver a notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub at: String,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+/// A merchant notification and its delivery.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeliveryView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub payment_id: String,
+    pub seq: i64,
+    /// `pending`, `delivered`, `failed` (given up) or `skipped` (no endpoint configured).
+    pub status: String,
+    pub attempts: i32,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    /// What was (or is to be) delivered.
+    pub body: serde_json::Value,
+    /// The latest attempts, newest last (at most [`MAX_ATTEMPTS_SHOWN`]).
+    pub attempt_log: Vec<AttemptView>,
+}
+
+pub const MAX_ATTEMPTS_SHOWN: i64 = 20;
+
+const TS: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
+
+/// A merchant's notifications, newest first, optionally of one payment.
+pub async fn deliveries(
+    pool: &Pool,
+    merchant: &str,
+    payment_id: Option<&str>,
+    limit: i64,
+) -> anyhow::Result<Vec<DeliveryView>> {
+    let c = pool.get().await?;
+    let sql = format!(
+        "SELECT webhook_id, type, payment_id, seq, status, attempts,
+                to_char(created_at AT TIME ZONE 'UTC', {TS}),
+                to_char(delivered_at AT TIME ZONE 'UTC', {TS}),
+                CASE WHEN status = 'pending' THEN to_char(next_attempt_at AT TIME ZONE 'UTC', {TS}) END,
+                last_error, body::jsonb
+         FROM webhook_deliveries
+         WHERE merchant_id = $1 AND ($2::text IS NULL OR payment_id = $2)
+         ORDER BY created_at DESC, seq DESC LIMIT $3"
+    );
+    let rows = c.query(&sql, &[&merchant, &payment_id, &limit]).await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let attempts = c
+        .query(
+            &format!(
+                "SELECT webhook_id, attempt, to_char(at AT TIME ZONE 'UTC', {TS}), status_code, error, duration_ms
+                 FROM (SELECT *, row_number() OVER (PARTITION BY webhook_id ORDER BY attempt DESC) AS newest
+                       FROM webhook_attempts WHERE webhook_id = ANY($1)) a
+                 WHERE newest <= $2 ORDER BY webhook_id, attempt"
+            ),
+            &[&ids, &MAX_ATTEMPTS_SHOWN],
+        )
+        .await?;
+    let mut log: std::collections::HashMap<String, Vec<AttemptView>> = Default::default();
+    for a in &attempts {
+        log.entry(a.get(0)).or_default().push(AttemptView {
+            attempt: a.get(1),
+            at: a.get(2),
+            status_code: a.get(3),
+            error: a.get(4),
+            duration_ms: a.get(5),
+        });
+    }
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            DeliveryView {
+                attempt_log: log.remove(&id).unwrap_or_default(),
+                id,
+                kind: r.get(1),
+                payment_id: r.get(2),
+                seq: r.get(3),
+                status: r.get(4),
+                attempts: r.get(5),
+                created_at: r.get(6),
+                delivered_at: r.get(7),
+                next_attempt_at: r.get(8),
+                last_error: r.get(9),
+                body: r.get(10),
+            }
+        })
+        .collect())
+}
+
+/// What asking for a redelivery did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    Scheduled,
+    /// The notification was skipped: the merchant had no endpoint configured.
+    NoEndpoint,
+    NotFound,
+}
+
+/// Schedules a merchant's notification for delivery now, whatever its status (a
+/// delivered one is sent again, under the same `webhook-id`).
+pub async fn redeliver(
+    pool: &Pool,
+    merchant: &str,
+    webhook_id: &str,
+) -> anyhow::Result<Redelivery> {
+    let c = pool.get().await?;
+    let status: Option<String> = c
+        .query_opt(
+            "UPDATE webhook_deliveries d SET status = CASE WHEN d.status = 'skipped' THEN 'skipped' ELSE 'pending' END,
+                    next_attempt_at = now()
+             WHERE webhook_id = $1 AND merchant_id = $2
+             RETURNING status",
+            &[&webhook_id, &merchant],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok(match status.as_deref() {
+        None => Redelivery::NotFound,
+        Some("skipped") => Redelivery::NoEndpoint,
+        Some(_) => Redelivery::Scheduled,
+    })
+}

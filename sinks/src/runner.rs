@@ -382,7 +382,7 @@ pub async fn rebuild(
         let client = pool.get().await?;
         client
             .batch_execute(
-                "TRUNCATE payments, payment_events, projection_waiting, sink_progress, dead_letters, webhooks_received",
+                "TRUNCATE payments, payment_events, projection_waiting, sink_progress, dead_letters, webhooks_received, refunds",
             )
             .await?;
     }

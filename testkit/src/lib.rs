@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod kafka;
+pub mod merchant;
 pub mod otlp;
 pub mod pg;
 pub mod procs;

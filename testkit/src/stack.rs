@@ -50,6 +50,9 @@ pub struct StackOptions {
     pub admission_min_backlog: u64,
     /// Creates the API handles at once (as shipped: 256).
     pub max_creates_in_flight: usize,
+    /// Merchant id → where its notifications go (the notifier retries after 100 ms,
+    /// doubling to 1 s, each attempt for at most 2 s).
+    pub merchant_endpoints: HashMap<String, sinks::notifier::Endpoint>,
 }
 
 impl StackOptions {
@@ -75,6 +78,7 @@ impl Default for StackOptions {
             admission_max_backlog: Duration::from_secs(2),
             admission_min_backlog: 1_000,
             max_creates_in_flight: 256,
+            merchant_endpoints: HashMap::new(),
         }
     }
 }
@@ -106,6 +110,7 @@ pub struct Stack {
     shutdown: broadcast::Sender<()>,
     worker: Option<Worker>,
     sink: Option<JoinHandle<anyhow::Result<()>>>,
+    notifier: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// `config/topology.toml`, parsed, with its topics, application id and payment policy
@@ -134,7 +139,15 @@ pub fn shipped_topology(
     for (sink, topic) in [("events", events), ("dead_letters", dlq)] {
         set_param(component(&mut file.sinks, sink)?, "topic", topic.into())?;
     }
+    if let Ok(n) = component(&mut file.sinks, "notifications") {
+        set_param(n, "topic", notifications_topic(events).into())?;
+    }
     Ok(file)
+}
+
+/// The notifications topic of a deployment whose events topic is `events`.
+pub fn notifications_topic(events: &str) -> String {
+    format!("{events}-notifications")
 }
 
 /// The file as the worker reads it.
@@ -216,6 +229,9 @@ impl Stack {
             topology.changelog_topic(&commands)
         );
         kafka.create_topic(&changelog, opts.partitions).await?;
+        if let Some(t) = topology.notifications_topic() {
+            kafka.create_topic(&t, opts.partitions).await?;
+        }
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
             .tempdir()?;
@@ -269,6 +285,17 @@ impl Stack {
             let group = format!("projection-{suffix}");
             tokio::spawn(async move { gateway::run_sink(&common, &group, stop).await })
         };
+        let notifier = {
+            let common = common.clone();
+            let stop = wait_for(&shutdown);
+            let mut settings =
+                sinks::notifier::NotifierSettings::new(opts.merchant_endpoints.clone());
+            settings.request_timeout = Duration::from_secs(2);
+            settings.backoff_base = Duration::from_millis(100);
+            settings.backoff_max = Duration::from_secs(1);
+            settings.poll = Duration::from_millis(50);
+            tokio::spawn(async move { gateway::run_notifier(&common, settings, stop).await })
+        };
         let mut stack = Stack {
             kafka,
             database_url,
@@ -287,6 +314,7 @@ impl Stack {
             shutdown,
             worker: None,
             sink: Some(sink),
+            notifier: Some(notifier),
         };
         stack.start_worker()?;
         Ok(stack)
@@ -422,6 +450,9 @@ impl Stack {
         let _ = self.shutdown.send(());
         if let Some(s) = self.sink.take() {
             s.await??;
+        }
+        if let Some(n) = self.notifier.take() {
+            n.await??;
         }
         Ok(())
     }

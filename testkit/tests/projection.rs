@@ -14,6 +14,7 @@ fn topics() -> Topics {
         events: "evt".into(),
         dead_letters: "dlq".into(),
         commands: "cmd".into(),
+        notifications: None,
     }
 }
 

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub timers_cancelled: IntCounterVec,
     pub payments_expired: IntCounter,
     pub store_keys: IntGaugeVec,
+    pub notifications: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -129,6 +130,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "gateway_timers_cancelled_total",
             "Timers removed before firing because the wait they guarded was over",
             &["kind"]
+        )?,
+        notifications: register_int_counter_vec!(
+            "gateway_notifications_made_total",
+            "Merchant notifications made by the topology (status changes), by type",
+            &["type"]
         )?,
         payments_expired: register_int_counter!(
             "gateway_payments_expired_total",

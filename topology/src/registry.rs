@@ -7,13 +7,14 @@
 
 use crate::processor::{BuildContext, NodeSpec, RecordKind};
 use crate::processors::{
-    amount_limit, command_decoder, payment_state_machine, refund_state_machine,
+    amount_limit, command_decoder, merchant_notifier, payment_state_machine, refund_state_machine,
 };
 
 /// Every processor type: its name in `config/topology.toml` and its spec.
 pub const PROCESSORS: &[(&str, NodeSpec)] = &[
     ("amount_limit", amount_limit::SPEC),
     ("command_decoder", command_decoder::SPEC),
+    ("merchant_notifier", merchant_notifier::SPEC),
     ("payment_state_machine", payment_state_machine::SPEC),
     ("refund_state_machine", refund_state_machine::SPEC),
 ];
@@ -27,6 +28,7 @@ pub const SINKS: &[(&str, SinkSpec)] = &[
                 RecordKind::Event,
                 RecordKind::Command,
                 RecordKind::DeadLetter,
+                RecordKind::Notification,
             ],
             configure: configure_kafka_sink,
         },
@@ -106,6 +108,7 @@ enum PublishedKind {
     Event,
     Command,
     DeadLetter,
+    Notification,
 }
 
 /// A `kafka` sink accepts only the record kind named by `records`, so a topic never
@@ -120,6 +123,7 @@ fn configure_kafka_sink(ctx: &BuildContext<'_>) -> Result<ConfiguredSink, Vec<St
             PublishedKind::Event => &[RecordKind::Event],
             PublishedKind::Command => &[RecordKind::Command],
             PublishedKind::DeadLetter => &[RecordKind::DeadLetter],
+            PublishedKind::Notification => &[RecordKind::Notification],
         },
         runtime: SinkRuntime::Kafka { topic: p.topic },
     })

@@ -417,12 +417,13 @@ async fn main() -> anyhow::Result<()> {
     let text = topology_text(&file)?;
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);
-    let topics = vec![
+    let mut topics = vec![
         commands.clone(),
         events.clone(),
         dlq.clone(),
         changelog.clone(),
     ];
+    topics.extend(topology.notifications_topic());
     for t in &topics {
         kafka.create_topic(t, a.partitions).await?;
     }

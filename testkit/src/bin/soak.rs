@@ -355,8 +355,12 @@ async fn main() -> anyhow::Result<()> {
     let topology = topology::compile_str(&text)?;
     let changelog = topology.changelog_topic(&commands);
     let app = topology.application_id.clone();
-    for t in [&commands, &events, &dlq, &changelog] {
-        kafka.create_topic(t, a.partitions).await?;
+    for t in [&commands, &events, &dlq, &changelog]
+        .into_iter()
+        .cloned()
+        .chain(topology.notifications_topic())
+    {
+        kafka.create_topic(&t, a.partitions).await?;
     }
     let topology_file = root.join("topology.toml");
     std::fs::write(&topology_file, &text)?;

@@ -216,6 +216,14 @@ impl CompiledTopology {
         crate::processors::refund_state_machine::window(self)
     }
 
+    /// The topic merchant notifications are published to, if the graph makes them.
+    pub fn notifications_topic(&self) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.role == Role::Sink && n.accepts.contains(&RecordKind::Notification))
+            .and_then(|n| n.topic.clone())
+    }
+
     /// Whether a processor of type `kind` is part of the graph.
     pub fn has_processor_type(&self, kind: &str) -> bool {
         self.nodes

@@ -63,7 +63,7 @@ fn every_error_is_reported_and_names_its_component() {
             "missing {needle:?} in {text:#?}"
         )
     };
-    has("processor `a`: unknown type `no_such_type`; known types: amount_limit, command_decoder, payment_state_machine");
+    has("processor `a`: unknown type `no_such_type`; known types: amount_limit, command_decoder, merchant_notifier, payment_state_machine, refund_state_machine");
     has("processor `b`: input `ghost` doesn't match any component");
     has("processor `b`: store `missing` (role `state`) is not declared");
     has("processor `b`: store `s` for role `dedup` must have type = \"dedup\"");

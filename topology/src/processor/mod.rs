@@ -9,6 +9,7 @@ pub use spec::{
     StoreKind,
 };
 
+pub use payments::notify::Notification;
 pub use payments::wire::DeadLetter;
 use payments::{Command, Event, PaymentId, ProviderOp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -23,6 +24,7 @@ pub enum Record {
     Event(Event),
     ProviderCall(ProviderCall),
     DeadLetter(DeadLetter),
+    Notification(Notification),
 }
 
 /// Kinds of records, used to check at compile time that every output has a consumer.
@@ -33,6 +35,7 @@ pub enum RecordKind {
     Event,
     ProviderCall,
     DeadLetter,
+    Notification,
 }
 
 impl RecordKind {
@@ -43,6 +46,7 @@ impl RecordKind {
             RecordKind::Event => "event",
             RecordKind::ProviderCall => "provider_call",
             RecordKind::DeadLetter => "dead_letter",
+            RecordKind::Notification => "notification",
         }
     }
 }
@@ -55,6 +59,7 @@ impl Record {
             Record::Event(_) => RecordKind::Event,
             Record::ProviderCall(_) => RecordKind::ProviderCall,
             Record::DeadLetter(_) => RecordKind::DeadLetter,
+            Record::Notification(_) => RecordKind::Notification,
         }
     }
 }

@@ -48,6 +48,12 @@ pub(super) fn kafka_entry(topic: &str, record: Record, trace: Option<String>) ->
             payments::wire::DEAD_LETTER_CONTENT_TYPE,
             None,
         ),
+        Record::Notification(n) => (
+            Some(n.payment_id.to_string().into_bytes()),
+            serde_json::to_vec(&n).unwrap_or_default(),
+            payments::notify::NOTIFICATION_CONTENT_TYPE,
+            None,
+        ),
         Record::Raw(r) => (
             r.key,
             r.payload.unwrap_or_default(),

@@ -27,6 +27,8 @@ struct Outputs {
     events: Vec<String>,
     calls: Vec<ProviderOp>,
     dead_letters: Vec<DeadLetter>,
+    /// The notification types made (the shipped topology notifies merchants).
+    notifications: Vec<String>,
 }
 
 struct Partition {
@@ -102,6 +104,11 @@ impl Partition {
                 OutboxEntry::Kafka { topic, payload, .. } if topic == "payments.dlq" => out
                     .dead_letters
                     .push(serde_json::from_slice(&payload).expect("a dead letter")),
+                OutboxEntry::Kafka { topic, payload, .. } if topic == "payments.notifications" => {
+                    let n: payments::notify::Notification =
+                        serde_json::from_slice(&payload).expect("a notification");
+                    out.notifications.push(n.kind);
+                }
                 OutboxEntry::Kafka { key, payload, .. } => {
                     let event = payments::wire::decode_event(key.as_deref(), Some(&payload))
                         .expect("an event");
@@ -184,6 +191,7 @@ fn a_timer_whose_wait_is_over_is_cancelled() {
     };
     let out = p.send("webhook-1", T0 + 80, webhook, T0 + 80);
     assert!(out.events.iter().any(|e| e == "completed"), "{out:?}");
+    assert_eq!(out.notifications, ["payment.completed"], "{out:?}");
     assert_eq!(p.timers(), 1, "only the expiry timer remains");
     assert!(!p.task.timers_due(T0 + 80 + RETENTION - 1).expect("timers"));
     assert!(p.task.timers_due(T0 + 80 + RETENTION).expect("timers"));
@@ -198,6 +206,10 @@ fn a_finished_payment_leaves_the_store_after_its_retention_as_a_tombstone() {
     let (fired, out) = p.fire(expires);
     assert_eq!(fired, 1);
     assert!(out.events.is_empty() && out.calls.is_empty(), "{out:?}");
+    assert!(
+        out.notifications.is_empty(),
+        "leaving the store is no status change"
+    );
     assert!(p.stored().is_none(), "the payment is still in the store");
     assert_eq!(p.timers(), 0);
 
