@@ -64,12 +64,13 @@ fn start_prometheus(target: &str) -> Prometheus {
             &format!("    static_configs:\n      - targets: [\"{target}\"]\n"),
         )
         .replace("\"sink:9102\"", &format!("\"{target}\""))
+        .replace("\"notifier:9103\"", &format!("\"{target}\""))
         .replace(
             "  - alerts.yml",
             &format!("  - {}", repo().join("prometheus/alerts.yml").display()),
         );
     assert!(
-        ["dns_sd_configs", "api:9100", "sink:9102"]
+        ["dns_sd_configs", "api:9100", "sink:9102", "notifier:9103"]
             .iter()
             .all(|t| !config.contains(t)),
         "a scrape target of prometheus/prometheus.yml was not pointed at the test's metrics: {config}"
