@@ -1650,8 +1650,8 @@ async fn refunds_follow_the_topology_switched_off_or_with_a_short_window() {
             testkit::stack::component(&mut t.processors, "payments")
                 .unwrap()
                 .inputs = vec!["limits".into()];
-            for sink in t.sinks.values_mut() {
-                sink.inputs.retain(|i| i != "refunds");
+            for c in t.sinks.values_mut().chain(t.processors.values_mut()) {
+                c.inputs.retain(|i| i != "refunds");
             }
         }),
         ..StackOptions::default()
