@@ -7,7 +7,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::recent::{Accepted, Claim, RecentCreates};
 use crate::request::{
     check_json_content_type, command_id, json, merchant, now_ms, parse_body, parse_id,
-    reject_card_data, Result,
+    reject_card_data, required_idempotency_key, Result,
 };
 use crate::ApiState;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -165,15 +165,7 @@ pub async fn create_payment(
         return Err(ApiError::overloaded(retry_after));
     }
     let body = body?;
-    let key = idempotency_key.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::MissingIdempotencyKey,
-            "the Idempotency-Key header is required",
-        )
-    })?;
-    reject_card_data("Idempotency-Key", Some(&key))?;
-    let key = IdempotencyKey::parse(&key)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidIdempotencyKey, e.to_string()))?;
+    let key = required_idempotency_key(idempotency_key)?;
     check_json_content_type(content_type.as_deref())?;
     let valid = validate_create(parse_body(&body)?)?;
     let id = PaymentId::derive(&merchant, &key);

@@ -15,11 +15,11 @@ use crate::error::{ApiError, ErrorCode};
 use crate::recent::{Accepted, Claim, RecentCreates};
 use crate::request::{
     check_json_content_type, command_id, json, merchant, now_ms, parse_body, parse_id,
-    reject_card_data, Result,
+    reject_card_data, required_idempotency_key, Result,
 };
 use crate::ApiState;
 use bytes::Bytes;
-use payments::{Amount, Command, CommandBody, CreateRefund, IdempotencyKey, RefundId, Status};
+use payments::{Amount, Command, CommandBody, CreateRefund, RefundId, Status};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -151,15 +151,7 @@ pub async fn create_refund(
     let merchant = merchant(&state, authorization.as_deref())?;
     let window = refund_window(&state)?;
     let body = body?;
-    let key = idempotency_key.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::MissingIdempotencyKey,
-            "the Idempotency-Key header is required",
-        )
-    })?;
-    reject_card_data("Idempotency-Key", Some(&key))?;
-    let key = IdempotencyKey::parse(&key)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidIdempotencyKey, e.to_string()))?;
+    let key = required_idempotency_key(idempotency_key)?;
     check_json_content_type(content_type.as_deref())?;
     // An empty body asks for a refund of what is left.
     let valid = validate(if body.is_empty() {

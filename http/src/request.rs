@@ -4,7 +4,7 @@
 use crate::auth;
 use crate::error::{ApiError, ErrorCode};
 use crate::ApiState;
-use payments::{CommandId, MerchantId, PaymentId};
+use payments::{CommandId, IdempotencyKey, MerchantId, PaymentId};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
@@ -90,6 +90,20 @@ pub(crate) fn reject_card_data(field: &str, value: Option<&str>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The `Idempotency-Key` header a write requires: present, 1 to 255 printable ASCII
+/// characters, and nothing like a card number.
+pub(crate) fn required_idempotency_key(header: Option<String>) -> Result<IdempotencyKey> {
+    let key = header.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::MissingIdempotencyKey,
+            "the Idempotency-Key header is required",
+        )
+    })?;
+    reject_card_data("Idempotency-Key", Some(&key))?;
+    IdempotencyKey::parse(&key)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidIdempotencyKey, e.to_string()))
 }
 
 pub(crate) fn command_id(s: &str) -> Result<CommandId> {

@@ -67,20 +67,14 @@ impl Default for Policy {
 impl Policy {
     /// Every problem with the values, each as one sentence.
     pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        let positive = [
+        let mut p = not_positive(&[
             ("reply_timeout_ms", self.reply_timeout_ms),
             ("webhook_timeout_ms", self.webhook_timeout_ms),
             ("backoff_base_ms", self.backoff_base_ms),
             ("backoff_max_ms", self.backoff_max_ms),
             ("status_poll_max_ms", self.status_poll_max_ms),
             ("webhook_max_delay_ms", self.webhook_max_delay_ms),
-        ];
-        for (name, v) in positive {
-            if v <= 0 {
-                p.push(format!("{name} must be > 0 (got {v})"));
-            }
-        }
+        ]);
         if self.dispatch_delay_ms < 0 {
             p.push("dispatch_delay_ms must be >= 0".into());
         }
@@ -92,6 +86,24 @@ impl Policy {
         }
         p
     }
+}
+
+/// A problem for each of the named durations that is not above zero.
+fn not_positive(named: &[(&str, i64)]) -> Vec<String> {
+    named
+        .iter()
+        .filter(|(_, v)| *v <= 0)
+        .map(|(name, v)| format!("{name} must be > 0 (got {v})"))
+        .collect()
+}
+
+/// How long status check `check` waits for its answer: the reply timeout, doubling with
+/// each unanswered check, capped at `status_poll_max_ms`.
+fn status_poll_delay(check: u32, reply_timeout_ms: i64, status_poll_max_ms: i64) -> i64 {
+    let shift = check.saturating_sub(1).min(16);
+    reply_timeout_ms
+        .saturating_mul(1i64 << shift)
+        .min(status_poll_max_ms)
 }
 
 /// What the machine is waiting for; derived from the events.
@@ -419,11 +431,7 @@ impl<'a> Out<'a> {
         });
         self.call(ProviderOp::Status, s.attempt);
         let wait = self.wait();
-        let shift = check.saturating_sub(1).min(16);
-        let delay = policy
-            .reply_timeout_ms
-            .saturating_mul(1i64 << shift)
-            .min(policy.status_poll_max_ms);
+        let delay = status_poll_delay(check, policy.reply_timeout_ms, policy.status_poll_max_ms);
         self.schedule(
             delay,
             TimerKind::ProviderTimeout {

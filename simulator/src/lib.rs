@@ -531,9 +531,20 @@ impl Simulator {
         };
         if let Some(s) = settlement {
             self.settle_charge_later(req.idempotency_key.clone(), s);
-            if s.webhook_first {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-            }
+        }
+        self.deliver_answer(answer, settlement, hang).await
+    }
+
+    /// Answers a charge or refund attempt as its behaviour says: after its webhook when
+    /// the webhook comes first, after the client gave up when it hangs.
+    async fn deliver_answer(
+        &self,
+        answer: Answer,
+        settlement: Option<Settlement>,
+        hang: bool,
+    ) -> Answer {
+        if settlement.is_some_and(|s| s.webhook_first) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         if hang {
             tokio::time::sleep(Duration::from_millis(self.cfg.hang_ms)).await;

@@ -35,7 +35,6 @@
 
 use crate::{error, Answer, Behaviour, ChargeStatus, Inner, Outcome, Settlement, Simulator};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 use warp::http::StatusCode;
 
 /// The status code of every refusal.
@@ -300,14 +299,8 @@ impl Simulator {
         };
         if let Some(s) = settlement {
             self.settle_refund_later(req.idempotency_key.clone(), s);
-            if s.webhook_first {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-            }
         }
-        if hang {
-            tokio::time::sleep(Duration::from_millis(self.cfg.hang_ms)).await;
-        }
-        answer
+        self.deliver_answer(answer, settlement, hang).await
     }
 
     /// Resolves a pending refund after the settlement's delay and sends its webhook. Only

@@ -152,14 +152,15 @@ pub async fn run_notifier(
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(settings.poll) => {}
         }
-        if let Err(e) = skip_unconfigured(&pool, &configured).await {
-            tracing::warn!(error = %format!("{e:#}"), "notifier cannot reach PostgreSQL; retrying");
-            continue;
-        }
+        // Housekeeping every few seconds, not on every pick: both read every pending row.
         if last_gauges.elapsed() > Duration::from_secs(5) {
             last_gauges = Instant::now();
-            if let Err(e) = update_gauges(&pool).await {
-                tracing::warn!(error = %format!("{e:#}"), "notifier gauges not updated");
+            let kept = async {
+                skip_unconfigured(&pool, &configured).await?;
+                update_gauges(&pool).await
+            };
+            if let Err(e) = kept.await {
+                tracing::warn!(error = %format!("{e:#}"), "notifier housekeeping failed; retrying");
             }
         }
         let (open, total): (Vec<String>, usize) = {

@@ -95,35 +95,48 @@ pub struct Load {
     pub refused: Mutex<Vec<String>>,
 }
 
-/// Creates one payment, retrying (with the same Idempotency-Key, as a client must)
-/// through API restarts and broker outages, for up to two minutes; a refusal's
-/// `Retry-After` is waited out before the next try.
-pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
+/// How a write ended once retrying it no longer helped.
+enum Answer {
+    /// 202, with the id of what it created.
+    Accepted(String),
+    /// A 4xx other than 408 and 429: status and body.
+    Refused(reqwest::StatusCode, String),
+    /// No 202 and no refusal within two minutes.
+    GaveUp,
+}
+
+/// Posts `body` to `url` with `key` as Idempotency-Key, retrying with the same key (as a
+/// client must) through API restarts and broker outages, for up to two minutes; a
+/// refusal's `Retry-After` is waited out before the next try. Counts the retries.
+async fn post_until_answered(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+    retries: &AtomicUsize,
+) -> Answer {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let mut wait = backoff.next_delay();
         let res = http
-            .post(format!("http://{api}/v1/payments"))
+            .post(url)
             .bearer_auth(DEMO_KEY)
-            .header("idempotency-key", &key)
-            .json(&serde_json::json!({ "amount": amount, "currency": "EUR", "reference": key }))
+            .header("idempotency-key", key)
+            .json(body)
             .send()
             .await;
         match res {
             Ok(r) if r.status() == 202 => {
                 if let Ok(body) = r.json::<serde_json::Value>().await {
                     if let Some(id) = body["id"].as_str() {
-                        lock(&load.accepted).insert(key, id.to_owned());
-                        return;
+                        return Answer::Accepted(id.to_owned());
                     }
                 }
             }
             Ok(r) if r.status().is_client_error() && r.status() != 429 && r.status() != 408 => {
                 let status = r.status();
-                let body = r.text().await.unwrap_or_default();
-                lock(&load.refused).push(format!("{key}: {status} {body}"));
-                return;
+                return Answer::Refused(status, r.text().await.unwrap_or_default());
             }
             Ok(r) => {
                 if let Some(s) = crate::client::retry_after(r.headers()) {
@@ -133,11 +146,25 @@ pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64
             Err(_) => {}
         }
         if Instant::now() > deadline {
-            lock(&load.refused).push(format!("{key}: not accepted within 120 s"));
-            return;
+            return Answer::GaveUp;
         }
-        load.retries.fetch_add(1, Ordering::Relaxed);
+        retries.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Creates one payment (see [`post_until_answered`]).
+pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
+    let body = serde_json::json!({ "amount": amount, "currency": "EUR", "reference": key });
+    let url = format!("http://{api}/v1/payments");
+    match post_until_answered(&http, &url, &key, &body, &load.retries).await {
+        Answer::Accepted(id) => {
+            lock(&load.accepted).insert(key, id);
+        }
+        Answer::Refused(status, body) => {
+            lock(&load.refused).push(format!("{key}: {status} {body}"))
+        }
+        Answer::GaveUp => lock(&load.refused).push(format!("{key}: not accepted within 120 s")),
     }
 }
 
@@ -155,8 +182,8 @@ pub struct RefundLoad {
     pub refused: Mutex<Vec<String>>,
 }
 
-/// Asks to refund `amount` of `payment` (`None`: what is left), retrying with the same
-/// Idempotency-Key through API restarts and broker outages for up to two minutes.
+/// Asks to refund `amount` of `payment` (`None`: what is left; see
+/// [`post_until_answered`]).
 pub async fn refund(
     http: reqwest::Client,
     api: String,
@@ -165,58 +192,26 @@ pub async fn refund(
     amount: Option<i64>,
     load: Arc<RefundLoad>,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let body = match amount {
         Some(a) => serde_json::json!({ "amount": a }),
         None => serde_json::json!({}),
     };
-    loop {
-        let mut wait = backoff.next_delay();
-        let res = http
-            .post(format!("http://{api}/v1/payments/{payment}/refunds"))
-            .bearer_auth(DEMO_KEY)
-            .header("idempotency-key", &key)
-            .json(&body)
-            .send()
-            .await;
-        match res {
-            Ok(r) if r.status() == 202 => {
-                if let Ok(body) = r.json::<serde_json::Value>().await {
-                    if let Some(id) = body["id"].as_str() {
-                        lock(&load.accepted).insert(id.to_owned(), payment);
-                        return;
-                    }
-                }
-            }
-            Ok(r) if r.status() == 409 => {
-                let body = r.text().await.unwrap_or_default();
-                if body.contains("amount_exceeds_refundable") {
-                    load.conflicts.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    lock(&load.refused).push(format!("refund {key}: 409 {body}"));
-                }
-                return;
-            }
-            Ok(r) if r.status().is_client_error() && r.status() != 429 && r.status() != 408 => {
-                let status = r.status();
-                let body = r.text().await.unwrap_or_default();
-                lock(&load.refused).push(format!("refund {key}: {status} {body}"));
-                return;
-            }
-            Ok(r) => {
-                if let Some(s) = crate::client::retry_after(r.headers()) {
-                    wait = wait.max(Duration::from_secs(s));
-                }
-            }
-            Err(_) => {}
+    let url = format!("http://{api}/v1/payments/{payment}/refunds");
+    match post_until_answered(&http, &url, &key, &body, &load.retries).await {
+        Answer::Accepted(id) => {
+            lock(&load.accepted).insert(id, payment);
         }
-        if Instant::now() > deadline {
+        Answer::Refused(status, body)
+            if status == 409 && body.contains("amount_exceeds_refundable") =>
+        {
+            load.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        Answer::Refused(status, body) => {
+            lock(&load.refused).push(format!("refund {key}: {status} {body}"));
+        }
+        Answer::GaveUp => {
             lock(&load.refused).push(format!("refund {key}: not accepted within 120 s"));
-            return;
         }
-        load.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(wait).await;
     }
 }
 

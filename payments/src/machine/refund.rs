@@ -18,7 +18,10 @@
 //! duplicate. An attempt without an answer is resolved by asking the provider for the
 //! refund's status before trying again, as for charges.
 
-use super::{jittered_backoff, unknown, webhook_as_outcome, Decision, Ignored, Out, Rejection};
+use super::{
+    jittered_backoff, not_positive, status_poll_delay, unknown, webhook_as_outcome, Decision,
+    Ignored, Out, Rejection,
+};
 use crate::command::{Command, CommandBody, CreateRefund, ProviderOp, ProviderOutcome, TimerKind};
 use crate::event::EventBody;
 use crate::ids::{IdempotencyKey, RefundId};
@@ -70,20 +73,14 @@ impl Default for RefundPolicy {
 impl RefundPolicy {
     /// Every problem with the values, each as one sentence.
     pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        let positive = [
+        let mut p = not_positive(&[
             ("reply_timeout_ms", self.reply_timeout_ms),
             ("webhook_timeout_ms", self.webhook_timeout_ms),
             ("backoff_base_ms", self.backoff_base_ms),
             ("backoff_max_ms", self.backoff_max_ms),
             ("status_poll_max_ms", self.status_poll_max_ms),
             ("webhook_max_delay_ms", self.webhook_max_delay_ms),
-        ];
-        for (name, v) in positive {
-            if v <= 0 {
-                p.push(format!("{name} must be > 0 (got {v})"));
-            }
-        }
+        ]);
         if self.max_attempts == 0 {
             p.push("max_attempts must be >= 1".into());
         }
@@ -686,11 +683,7 @@ impl Out<'_> {
         });
         self.call(ProviderOp::RefundStatus { refund: n }, r.attempt);
         let wait = self.refund_wait(n);
-        let shift = check.saturating_sub(1).min(16);
-        let delay = policy
-            .reply_timeout_ms
-            .saturating_mul(1i64 << shift)
-            .min(policy.status_poll_max_ms);
+        let delay = status_poll_delay(check, policy.reply_timeout_ms, policy.status_poll_max_ms);
         self.schedule(
             delay,
             TimerKind::RefundTimeout {

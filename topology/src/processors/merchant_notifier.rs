@@ -53,11 +53,10 @@ impl Processor for MerchantNotifier {
         if payments::notify::kind(&event.body).is_none() {
             return Ok(());
         }
-        let Some(bytes) = ctx.get_raw(&self.state, &event.payment_id.key_bytes())? else {
+        let Some(payment) = stored::load(ctx, &self.state, &event.payment_id)? else {
             // The payment left the store in this very step: nothing to describe.
             return Ok(());
         };
-        let payment = stored::decode(&self.state, &bytes)?;
         if let Some(n) = payments::notify::notification(&event, &payment.state) {
             METRICS.notifications.with_label_values(&[&n.kind]).inc();
             ctx.forward(Record::Notification(n));

@@ -18,7 +18,7 @@ use crate::processor::{
     BuildContext, Configured, Context, NodeSpec, ProcessError, Processor, ProviderCall, Record,
     RecordKind, Span, TimerRequest,
 };
-use crate::processors::payment_state_machine::stored::{self, StoredPayment};
+use crate::processors::payment_state_machine::stored;
 use crate::processors::payment_state_machine::trace_step;
 use payments::machine::refund;
 use payments::{
@@ -112,29 +112,10 @@ pub fn window(t: &CompiledTopology) -> Option<Span> {
     ))
 }
 
-/// The timer id of a refund timer: the payment, then the kind (never equal to a payment
-/// timer's id: the kinds differ).
-fn timer_id(payment_id: &PaymentId, kind: TimerKind) -> Vec<u8> {
-    let mut id = payment_id.key_bytes().to_vec();
-    id.extend(stores::encode(&kind));
-    id
-}
-
 impl RefundStateMachine {
-    fn load(
-        &self,
-        ctx: &Context<'_>,
-        payment_id: &PaymentId,
-    ) -> Result<Option<StoredPayment>, ProcessError> {
-        match ctx.get_raw(&self.state, &payment_id.key_bytes())? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(stored::decode(&self.state, &bytes)?)),
-        }
-    }
-
     fn apply(&self, ctx: &mut Context<'_>, cmd: &Command) -> Result<(), ProcessError> {
         let kind = cmd.body.kind();
-        let stored = self.load(ctx, &cmd.payment_id)?;
+        let stored = stored::load(ctx, &self.state, &cmd.payment_id)?;
         let state = stored.as_ref().map(|p| &p.state);
         let span = tracing::info_span!(
             "refund.process",
@@ -201,7 +182,7 @@ impl RefundStateMachine {
                         Effect::Schedule { delay_ms, kind } => {
                             ctx.schedule(TimerRequest {
                                 due_at_ms: ctx.now_ms().saturating_add(delay_ms),
-                                id: timer_id(&s.payment_id, kind),
+                                id: stored::timer_id(&s.payment_id, kind),
                                 payload: stores::encode(&(s.payment_id, kind)),
                             });
                         }
@@ -210,11 +191,7 @@ impl RefundStateMachine {
                 for e in events {
                     ctx.forward(Record::Event(e));
                 }
-                ctx.put_raw(
-                    &self.state,
-                    &record.state.payment_id.key_bytes(),
-                    stored::encode(&record),
-                );
+                stored::save(ctx, &self.state, &record);
             }
             Decision::Ignore(why) => {
                 METRICS.ignored.with_label_values(&[why.label()]).inc();

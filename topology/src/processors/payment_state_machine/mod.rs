@@ -26,6 +26,7 @@ use payments::{
     decide, evolve, Command, CommandBody, CommandId, Decision, Effect, EventBody, PaymentId,
     Policy, TimerKind,
 };
+use stored::timer_id;
 pub use stored::StoredPayment;
 use stores::dedup;
 
@@ -117,13 +118,6 @@ pub struct PaymentStateMachine {
     upgrade_from: Option<Vec<u8>>,
 }
 
-/// The timer id of a machine timer: the payment, then the kind.
-fn timer_id(payment_id: &PaymentId, kind: TimerKind) -> Vec<u8> {
-    let mut id = payment_id.key_bytes().to_vec();
-    id.extend(stores::encode(&kind));
-    id
-}
-
 fn expiry_id(payment_id: &PaymentId) -> Vec<u8> {
     let mut id = payment_id.key_bytes().to_vec();
     id.push(EXPIRY);
@@ -136,18 +130,11 @@ impl PaymentStateMachine {
         ctx: &Context<'_>,
         payment_id: &PaymentId,
     ) -> Result<Option<StoredPayment>, ProcessError> {
-        match ctx.get_raw(&self.state, &payment_id.key_bytes())? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(stored::decode(&self.state, &bytes)?)),
-        }
+        stored::load(ctx, &self.state, payment_id)
     }
 
     fn save(&self, ctx: &mut Context<'_>, p: &StoredPayment) {
-        ctx.put_raw(
-            &self.state,
-            &p.state.payment_id.key_bytes(),
-            stored::encode(p),
-        );
+        stored::save(ctx, &self.state, p);
     }
 
     /// Cancels the timers whose wait is over, and once the payment is terminal sets the

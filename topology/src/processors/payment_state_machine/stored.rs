@@ -12,8 +12,9 @@
 //! of a struct when its shape changes), and a test that the previous encoding still
 //! reads.
 
+use crate::processor::{Context, ProcessError};
 use payments::machine::PaymentState;
-use payments::TimerKind;
+use payments::{PaymentId, TimerKind};
 use serde::{Deserialize, Serialize};
 use stores::StoreError;
 
@@ -48,6 +49,32 @@ pub fn encode(p: &StoredPayment) -> Vec<u8> {
     let mut out = vec![TAG, CURRENT];
     out.extend(stores::encode(p));
     out
+}
+
+/// The payment `payment_id` as kept in `store`, as this step sees it (its own staged
+/// writes included), if the store holds it.
+pub fn load(
+    ctx: &Context<'_>,
+    store: &str,
+    payment_id: &PaymentId,
+) -> Result<Option<StoredPayment>, ProcessError> {
+    match ctx.get_raw(store, &payment_id.key_bytes())? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(decode(store, &bytes)?)),
+    }
+}
+
+/// Stages `p` in `store`, in the current encoding.
+pub fn save(ctx: &mut Context<'_>, store: &str, p: &StoredPayment) {
+    ctx.put_raw(store, &p.state.payment_id.key_bytes(), encode(p));
+}
+
+/// The id of a timer of `kind` set for `payment_id`: the payment, then the kind (the
+/// processor that set it is part of a timer's key, so the two machines cannot clash).
+pub fn timer_id(payment_id: &PaymentId, kind: TimerKind) -> Vec<u8> {
+    let mut id = payment_id.key_bytes().to_vec();
+    id.extend(stores::encode(&kind));
+    id
 }
 
 /// Whether `bytes` are in the current encoding (others are read, and rewritten).
@@ -147,8 +174,9 @@ mod v2 {
         }
     }
 
+    /// What the previous versions wrote (refunds dropped), for the tests that write it.
+    #[cfg(test)]
     impl From<&payments::machine::PaymentState> for PaymentState {
-        /// For tests: what the previous versions wrote (refunds dropped).
         fn from(s: &payments::machine::PaymentState) -> Self {
             let s = s.clone();
             PaymentState {
