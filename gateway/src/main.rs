@@ -139,9 +139,18 @@ struct NotifierArgs {
     /// One delivery attempt's limit.
     #[arg(long, env = "NOTIFY_TIMEOUT_MS", default_value_t = 10_000)]
     notify_timeout_ms: u64,
-    /// The first retry's delay (each next one doubles, up to an hour).
+    /// The first retry's delay (each next one doubles, up to `NOTIFY_BACKOFF_MAX_MS`).
     #[arg(long, env = "NOTIFY_BACKOFF_MS", default_value_t = 5_000)]
     notify_backoff_ms: u64,
+    /// The longest delay between two attempts.
+    #[arg(long, env = "NOTIFY_BACKOFF_MAX_MS", default_value_t = 3_600_000)]
+    notify_backoff_max_ms: u64,
+    /// Requests in flight to one merchant's endpoint (a slow endpoint holds no more).
+    #[arg(long, env = "NOTIFY_PER_MERCHANT", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    notify_per_merchant: u64,
+    /// Requests in flight to all endpoints together.
+    #[arg(long, env = "NOTIFY_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    notify_max_in_flight: u64,
 }
 
 fn notifier_settings(n: &NotifierArgs) -> anyhow::Result<sinks::notifier::NotifierSettings> {
@@ -149,7 +158,16 @@ fn notifier_settings(n: &NotifierArgs) -> anyhow::Result<sinks::notifier::Notifi
         sinks::notifier::NotifierSettings::new(gateway::load_endpoints(&n.notify_merchants)?);
     s.max_age = Duration::from_secs(n.notify_max_age_s);
     s.request_timeout = Duration::from_millis(n.notify_timeout_ms.max(1));
-    s.backoff_base = Duration::from_millis(n.notify_backoff_ms.max(1));
+    anyhow::ensure!(
+        n.notify_backoff_ms >= 1 && n.notify_backoff_max_ms >= n.notify_backoff_ms,
+        "NOTIFY_BACKOFF_MS ({}) must be at least 1 and at most NOTIFY_BACKOFF_MAX_MS ({})",
+        n.notify_backoff_ms,
+        n.notify_backoff_max_ms
+    );
+    s.backoff_base = Duration::from_millis(n.notify_backoff_ms);
+    s.backoff_max = Duration::from_millis(n.notify_backoff_max_ms);
+    s.per_merchant = usize::try_from(n.notify_per_merchant)?;
+    s.max_in_flight = usize::try_from(n.notify_max_in_flight)?;
     Ok(s)
 }
 

@@ -23,6 +23,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_notifications",
         include_str!("../migrations/0004_notifications.sql"),
     ),
+    (
+        "0005_notification_picks",
+        include_str!("../migrations/0005_notification_picks.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

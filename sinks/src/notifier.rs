@@ -11,9 +11,11 @@
 //! notification is `max_age` old (Stripe retries for three days), then it is `failed`.
 //!
 //! A slow or dead endpoint holds at most `per_merchant` requests, each for at most
-//! `request_timeout`; everything waiting is a row in PostgreSQL, not memory; and a
-//! merchant at its limit is left out of the next pick, so it never delays another
-//! merchant's deliveries or the processing of payments, which never waits for this.
+//! `request_timeout`; everything waiting is a row in PostgreSQL, not memory; and each
+//! pick takes of a merchant only what its free slots hold, so a merchant at its limit
+//! never delays another merchant's deliveries or the processing of payments, which never
+//! waits for this. A request that ends frees its slot at once: the next pick follows it
+//! without waiting for the poll.
 
 use crate::Pool;
 use prometheus::{
@@ -98,7 +100,7 @@ impl NotifierSettings {
             request_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(3600),
-            per_merchant: 4,
+            per_merchant: 8,
             max_in_flight: 64,
             poll: Duration::from_millis(200),
         }
@@ -143,6 +145,8 @@ pub async fn run_notifier(
         .build()?;
     let settings = Arc::new(settings);
     let in_flight: InFlight = Arc::default();
+    // A request that ended: a slot is free, pick again now.
+    let slot_freed = Arc::new(tokio::sync::Notify::new());
     let configured: Vec<String> = settings.endpoints.keys().cloned().collect();
     tracing::info!(merchants = configured.len(), "notifier delivering");
     tokio::pin!(shutdown);
@@ -151,6 +155,7 @@ pub async fn run_notifier(
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(settings.poll) => {}
+            _ = slot_freed.notified() => {}
         }
         // Housekeeping every few seconds, not on every pick: both read every pending row.
         if last_gauges.elapsed() > Duration::from_secs(5) {
@@ -163,20 +168,30 @@ pub async fn run_notifier(
                 tracing::warn!(error = %format!("{e:#}"), "notifier housekeeping failed; retrying");
             }
         }
-        let (open, total): (Vec<String>, usize) = {
+        // Each merchant's free slots, within the notifier's room.
+        let (open, free): (Vec<String>, Vec<i64>) = {
             let busy = lock(&in_flight);
-            let open = configured
-                .iter()
-                .filter(|m| busy.get(*m).copied().unwrap_or(0) < settings.per_merchant)
-                .cloned()
-                .collect();
-            (open, busy.values().sum())
+            let mut room = settings
+                .max_in_flight
+                .saturating_sub(busy.values().sum::<usize>());
+            let mut open = (Vec::new(), Vec::new());
+            for m in &configured {
+                let slots = settings
+                    .per_merchant
+                    .saturating_sub(busy.get(m).copied().unwrap_or(0))
+                    .min(room);
+                if slots > 0 {
+                    room -= slots;
+                    open.0.push(m.clone());
+                    open.1.push(i64::try_from(slots).unwrap_or(i64::MAX));
+                }
+            }
+            open
         };
-        let room = settings.max_in_flight.saturating_sub(total);
-        if open.is_empty() || room == 0 {
+        if open.is_empty() {
             continue;
         }
-        let due = match claim(&pool, &open, room, &settings).await {
+        let due = match claim(&pool, &open, &free, &settings).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "notifier cannot claim deliveries; retrying");
@@ -193,17 +208,19 @@ pub async fn run_notifier(
                 }
                 *n += 1;
             }
-            let (pool, http, settings, in_flight) = (
+            let (pool, http, settings, in_flight, slot_freed) = (
                 pool.clone(),
                 http.clone(),
                 settings.clone(),
                 in_flight.clone(),
+                slot_freed.clone(),
             );
             tokio::spawn(async move {
                 deliver(&pool, &http, &settings, &d).await;
                 if let Some(n) = lock(&in_flight).get_mut(&d.merchant) {
                     *n = n.saturating_sub(1);
                 }
+                slot_freed.notify_one();
             });
         }
     }
@@ -236,12 +253,12 @@ async fn update_gauges(pool: &Pool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Picks up to `limit` due deliveries of the `open` merchants and claims them for one
-/// request's time.
+/// Picks the due deliveries of the `open` merchants, at most `free[i]` of `open[i]`'s
+/// (oldest due first), and claims them for one request's time.
 async fn claim(
     pool: &Pool,
     open: &[String],
-    limit: usize,
+    free: &[i64],
     settings: &NotifierSettings,
 ) -> anyhow::Result<Vec<Due>> {
     let c = pool.get().await?;
@@ -249,15 +266,19 @@ async fn claim(
     let stmt = c
         .prepare_cached(
             "UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $3::int8 / 1000.0)
-             FROM (SELECT webhook_id FROM webhook_deliveries
-                   WHERE status = 'pending' AND next_attempt_at <= now() AND merchant_id = ANY($1)
-                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) due
+             FROM (SELECT w.webhook_id
+                   FROM unnest($1::text[], $2::int8[]) AS m(merchant_id, free)
+                   CROSS JOIN LATERAL (
+                       SELECT webhook_id FROM webhook_deliveries
+                       WHERE status = 'pending' AND next_attempt_at <= now()
+                         AND merchant_id = m.merchant_id
+                       ORDER BY next_attempt_at LIMIT m.free FOR UPDATE SKIP LOCKED) w) due
              WHERE d.webhook_id = due.webhook_id
              RETURNING d.webhook_id, d.merchant_id, d.body, d.attempts,
                        (extract(epoch FROM d.created_at) * 1000)::int8",
         )
         .await?;
-    let rows = c.query(&stmt, &[&open, &(limit as i64), &lease_ms]).await?;
+    let rows = c.query(&stmt, &[&open, &free, &lease_ms]).await?;
     Ok(rows
         .iter()
         .map(|r| Due {

@@ -194,6 +194,55 @@ pub fn refunds(
     v
 }
 
+/// The notifications a merchant endpoint received, judged against the events they
+/// announce.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NotificationVerdict {
+    /// Ids (`evt_<payment>_<seq>`) of status changes that no delivery announced.
+    pub missing: Vec<String>,
+    /// Deliveries whose id no status change explains, or whose body disagrees with the
+    /// event of its id (id, type, payment or seq).
+    pub wrong: Vec<String>,
+}
+
+/// Judges `received` (each delivery's `webhook-id` and body, duplicates allowed) against
+/// the status changes among `events` (every payment's events, duplicates allowed): each
+/// must have been delivered at least once, and each delivery must describe its event.
+pub fn notifications<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+    received: &[(String, serde_json::Value)],
+) -> NotificationVerdict {
+    let mut expected: HashMap<String, (&'static str, String, u64)> = HashMap::new();
+    for e in events {
+        if let Some(kind) = payments::notify::kind(&e.body) {
+            let id = format!("evt_{}_{}", e.payment_id.as_uuid().simple(), e.seq);
+            expected.insert(id, (kind, e.payment_id.to_string(), e.seq));
+        }
+    }
+    let mut v = NotificationVerdict::default();
+    let mut seen = std::collections::HashSet::new();
+    for (id, body) in received {
+        let fits = expected.get(id).is_some_and(|(kind, payment, seq)| {
+            body["id"] == id.as_str()
+                && body["type"] == *kind
+                && body["payment_id"] == payment.as_str()
+                && body["seq"] == *seq
+        });
+        if !fits {
+            v.wrong.push(id.clone());
+        }
+        seen.insert(id.as_str());
+    }
+    v.missing = expected
+        .into_keys()
+        .filter(|id| !seen.contains(id.as_str()))
+        .collect();
+    v.missing.sort();
+    v.wrong.sort();
+    v.wrong.dedup();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +378,51 @@ mod tests {
         };
         let clean = refunds(&ledger, &amounts, &rows[2..4], &["re_b1".to_owned()]);
         assert_eq!(clean, RefundVerdict::default());
+    }
+
+    #[test]
+    fn the_notification_verdict_names_what_is_missing_and_what_is_wrong() {
+        let pid = payments::PaymentId::parse("pay_0000000000000000000000000000000a").unwrap();
+        let event = |seq: u64, body: payments::EventBody| Event {
+            payment_id: pid,
+            seq,
+            occurred_at_ms: 0,
+            caused_by: payments::CommandId::parse("c").unwrap(),
+            body,
+        };
+        let events = [
+            event(2, payments::EventBody::ProcessingStarted),
+            // Not a status change: nobody is told.
+            event(3, payments::EventBody::ChargeRequested { attempt: 1 }),
+            event(4, payments::EventBody::ProcessingStarted),
+            // A redelivered event is one notification.
+            event(4, payments::EventBody::ProcessingStarted),
+        ];
+        let hex = pid.as_uuid().simple();
+        let delivery = |seq: u64, kind: &str| {
+            let id = format!("evt_{hex}_{seq}");
+            let body = serde_json::json!({
+                "id": id, "type": kind, "payment_id": pid.to_string(), "seq": seq,
+            });
+            (id, body)
+        };
+        let all = [
+            delivery(2, "payment.processing"),
+            delivery(4, "payment.processing"),
+        ];
+        let v = notifications(&events, &[all[0].clone(), all[1].clone(), all[0].clone()]);
+        assert_eq!(v, NotificationVerdict::default(), "duplicates are fine");
+        let v = notifications(&events, &all[..1]);
+        assert_eq!(v.missing, [format!("evt_{hex}_4")]);
+        let v = notifications(
+            &events,
+            &[
+                all[0].clone(),
+                delivery(4, "payment.completed"),
+                delivery(3, "payment.processing"),
+            ],
+        );
+        assert_eq!(v.wrong, [format!("evt_{hex}_3"), format!("evt_{hex}_4")]);
+        assert!(v.missing.is_empty(), "{v:?}");
     }
 }

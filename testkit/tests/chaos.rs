@@ -1,5 +1,6 @@
 //! The short chaos runs of `make test`: 1,000 payments in each processing guarantee (a
-//! quarter of the completed ones refunded), at least 10 kills, Kafka faults, provider
+//! quarter of the completed ones refunded, every status change notified to a merchant
+//! endpoint that fails and slows down), at least 10 kills, Kafka faults, provider
 //! faults and a PostgreSQL restart each, all as separate processes (see `src/bin/chaos.rs`). `make chaos` runs the long one.
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ fn short_run(guarantee: &str) {
         "double_refunded",
         "refunds_lost",
         "refund_mismatches",
+        "notifications_missing",
+        "notifications_wrong",
     ] {
         assert_eq!(get(zero), 0, "{zero} in {last}");
     }
@@ -58,6 +61,11 @@ fn short_run(guarantee: &str) {
         get("refunds") > 0,
         "refunds were made while the faults ran: {last}"
     );
+    assert!(
+        get("notifications") > get("accepted"),
+        "the merchant was notified: {last}"
+    );
+    assert!(get("merchant_faults") >= 1, "{last}");
     assert!(get("kills") >= 10, "{last}");
     assert!(get("kafka_faults") >= 5, "{last}");
     assert!(get("provider_faults") > 0, "{last}");

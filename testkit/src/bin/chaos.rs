@@ -1,26 +1,30 @@
 //! `make chaos`: the gateway as separate OS processes — the API, two workers, the sink and
-//! the provider simulator — against a Kafka mock cluster of three brokers held here and a
+//! the provider simulator, and the notifier with a merchant's endpoint — against a Kafka mock cluster of three brokers held here and a
 //! throwaway PostgreSQL. It sends payments at a steady rate (with duplicate requests mixed
 //! in) while it SIGKILLs and restarts workers (half of the time onto an empty state
 //! directory, so the partition's store is restored from the changelog), the sink and the
 //! API, injects Kafka faults (request errors on produce, fetch and offset commit; a broker
 //! down and up; leader moves; latency), lets the provider misbehave (5xx, timeouts, a
 //! charge done but its answer lost, duplicated, delayed and reordered webhooks) and
-//! restarts PostgreSQL. Meanwhile it refunds a quarter of the payments that complete (in
+//! restarts PostgreSQL; the merchant's endpoint fails (5xx) or answers slower than the
+//! notifier waits, and the notifier is killed too. Meanwhile it refunds a quarter of the payments that complete (in
 //! full, in two parts, or by two requests racing for more than is left, some sent twice).
 //! Then it drains and checks, against the provider's ledger and the events topic: every
 //! accepted payment is terminal, none was charged twice or charged without completing,
 //! every transition is legal, every history is gap-free, and the projection equals a
 //! replay of the events topic; no payment was refunded beyond its amount, no refund
 //! returned money twice, every accepted refund is final, and a refund is `SUCCEEDED`
-//! exactly when the provider returned its money.
+//! exactly when the provider returned its money; every status change of a payment or a
+//! refund on the events topic reached the merchant's endpoint, signed, and every delivery
+//! describes its event.
 //!
 //! The last line it prints:
 //!   chaos: payments=<N> accepted=<A> terminal=<T> lost=<L> double_charged=<D>
 //!   illegal_transitions=<I> seq_gaps=<G> projection_mismatches=<M> refunds=<RF>
-//!   over_refunded=<O> double_refunded=<DR> refunds_lost=<RL> refund_mismatches=<RM> kills=<K>
-//!   kafka_faults=<F> provider_faults=<P> pg_restarts=<R>
-//! and it exits non-zero if L, D, I, G, M, O, DR, RL or RM is non-zero or T < A. The same `--seed`
+//!   over_refunded=<O> double_refunded=<DR> refunds_lost=<RL> refund_mismatches=<RM>
+//!   notifications=<NT> notifications_missing=<NM> notifications_wrong=<NW> kills=<K>
+//!   kafka_faults=<F> provider_faults=<P> merchant_faults=<MF> pg_restarts=<R>
+//! and it exits non-zero if L, D, I, G, M, O, DR, RL, RM, NM or NW is non-zero or T < A. The same `--seed`
 //! replays the same schedule of faults (timing still varies).
 
 use anyhow::Context as _;
@@ -35,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::{Fault, Kafka};
+use testkit::merchant::{MerchantEndpoint, Mode};
 use testkit::procs::{
     create, free_addr, in_letters, lock, refund, sibling, Load, Proc, RefundLoad,
 };
@@ -91,6 +96,9 @@ struct Cluster {
     sink: Proc,
     workers: Vec<Proc>,
     sim: Proc,
+    notifier: Proc,
+    /// The merchant's endpoint the notifier delivers to.
+    merchant: MerchantEndpoint,
     /// Args of a worker without `--state-dir`, to start one on another directory.
     worker_base: Vec<String>,
     state_root: PathBuf,
@@ -115,6 +123,7 @@ impl Cluster {
     fn supervise(&mut self, c: &mut Counters) -> anyhow::Result<()> {
         for p in std::iter::once(&mut self.api)
             .chain(std::iter::once(&mut self.sink))
+            .chain(std::iter::once(&mut self.notifier))
             .chain(self.workers.iter_mut())
         {
             if p.exited() {
@@ -219,9 +228,44 @@ async fn inject(
             tokio::task::spawn_blocking(|| testkit::pg::server()?.restart()).await??;
             c.pg_restarts += 1;
         }
+        90..=94 => {
+            cluster.notifier.kill();
+            c.kills += 1;
+            sleep_ms(rng, 100, 1500).await;
+            cluster.notifier.start()?;
+        }
+
         _ => {}
     }
     Ok(())
+}
+
+/// The notifier's limit on one delivery attempt, and its retry delays, in this run.
+const NOTIFY_TIMEOUT_MS: u64 = 1000;
+const NOTIFY_BACKOFF_MS: u64 = 200;
+const NOTIFY_BACKOFF_MAX_MS: u64 = 3000;
+/// The merchant's notification signing secret in this run.
+const MERCHANT_SECRET: &str = "whsec_Y2hhb3MtbWVyY2hhbnQtc2VjcmV0";
+
+/// `config/merchants.toml` with the `demo` merchant's notifications sent to `url`.
+fn merchants_notifying(url: &str) -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut file: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let demo = file
+        .get_mut("merchants")
+        .and_then(|m| m.get_mut("demo"))
+        .and_then(toml::Value::as_table_mut)
+        .with_context(|| format!("{} has no [merchants.demo]", path.display()))?;
+    demo.insert("notify_url".into(), url.into());
+    demo.insert(
+        "notify_secrets".into(),
+        toml::Value::Array(vec![MERCHANT_SECRET.into()]),
+    );
+    Ok(toml::to_string(&file)?)
 }
 
 #[derive(Default, Debug)]
@@ -233,6 +277,7 @@ struct Verdict {
     illegal: usize,
     gaps: usize,
     mismatches: usize,
+    notifications: testkit::verify::NotificationVerdict,
 }
 
 /// The refunds judged against the provider's ledger (see [`testkit::verify::refunds`]).
@@ -274,6 +319,7 @@ async fn verify(
     pool: &sinks::Pool,
     ledger: &simulator::Ledger,
     accepted: &HashMap<String, String>,
+    notified: &[(String, serde_json::Value)],
 ) -> anyhow::Result<Verdict> {
     let mut v = Verdict::default();
     let c = pool.get().await?;
@@ -363,6 +409,7 @@ async fn verify(
     }
     // Rows the topic does not explain.
     v.mismatches += history.len();
+    v.notifications = testkit::verify::notifications(by_payment.values().flatten(), notified);
     Ok(v)
 }
 
@@ -430,7 +477,13 @@ async fn main() -> anyhow::Result<()> {
     let topology_file = root.join("topology.toml");
     std::fs::write(&topology_file, &text)?;
     let database_url = testkit::pg::server()?.fresh_database().await?;
-    let merchants = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
+    let merchant = MerchantEndpoint::start(
+        vec![payments::webhook::secret_bytes(MERCHANT_SECRET)?],
+        std::future::pending(),
+    )
+    .await?;
+    let merchants = root.join("merchants.toml");
+    std::fs::write(&merchants, merchants_notifying(&merchant.url())?)?;
     let (api_addr, sim_addr) = (free_addr()?, free_addr()?);
     let common = vec![
         "--brokers".to_owned(),
@@ -524,6 +577,24 @@ async fn main() -> anyhow::Result<()> {
         ),
         workers: vec![],
         sim: proc("provider-sim", &sim_bin, sim_args),
+        notifier: proc(
+            "notifier",
+            &gateway,
+            with(&[
+                "notifier",
+                "--notify-merchants",
+                &merchants.display().to_string(),
+                "--notify-timeout-ms",
+                &NOTIFY_TIMEOUT_MS.to_string(),
+                "--notify-backoff-ms",
+                &NOTIFY_BACKOFF_MS.to_string(),
+                "--notify-backoff-max-ms",
+                &NOTIFY_BACKOFF_MAX_MS.to_string(),
+                "--ops-listen",
+                "127.0.0.1:0",
+            ]),
+        ),
+        merchant,
         worker_base,
         state_root: root.join("state"),
         next_dir: 0,
@@ -537,6 +608,7 @@ async fn main() -> anyhow::Result<()> {
     cluster.sim.start()?;
     cluster.api.start()?;
     cluster.sink.start()?;
+    cluster.notifier.start()?;
     for w in &mut cluster.workers {
         w.start()?;
     }
@@ -597,7 +669,7 @@ async fn main() -> anyhow::Result<()> {
     // Refunds of some of the payments that complete, while the faults run.
     let pool = sinks::connect(&database_url, 2)?;
     let refunds = Arc::new(RefundLoad::default());
-    let stop_refunds = Arc::new(AtomicBool::new(false));
+    let load_done = Arc::new(AtomicBool::new(false));
     let refund_task = tokio::spawn(refund_load(
         http.clone(),
         api_addr.clone(),
@@ -605,8 +677,33 @@ async fn main() -> anyhow::Result<()> {
         load.clone(),
         refunds.clone(),
         StdRng::seed_from_u64(seed ^ 0x4ef0),
-        stop_refunds.clone(),
+        load_done.clone(),
     ));
+
+    // The merchant's endpoint fails or slows down every few seconds while the load runs.
+    let merchant_faults = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let merchant_task = {
+        let (merchant, faults, stop) = (
+            cluster.merchant.clone(),
+            merchant_faults.clone(),
+            load_done.clone(),
+        );
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x3e7c);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                sleep_ms(&mut rng, 2000, 6000).await;
+                // Failing, or slower than the notifier waits; then back.
+                merchant.set_mode(if rng.random_bool(0.5) {
+                    Mode::Fail
+                } else {
+                    Mode::Slow(Duration::from_millis(NOTIFY_TIMEOUT_MS + 500))
+                });
+                faults.fetch_add(1, Ordering::Relaxed);
+                sleep_ms(&mut rng, 1000, 3000).await;
+                merchant.set_mode(Mode::Ok);
+            }
+        })
+    };
 
     // Faults until the load is done and enough of each kind happened.
     let mut counters = Counters::default();
@@ -628,8 +725,9 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
     load_task.await?;
-    stop_refunds.store(true, Ordering::Relaxed);
+    load_done.store(true, Ordering::Relaxed);
     refund_task.await?;
+    merchant_task.await?;
     let load_s = started.elapsed().as_secs_f64();
 
     // Drain: every process up, no faults left, every accepted payment terminal.
@@ -690,6 +788,35 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // And every notification the sink recorded delivered, once the sink's count of them
+    // stops growing.
+    let mut last = (i64::MAX, i64::MAX);
+    loop {
+        cluster.supervise(&mut counters)?;
+        let now: (i64, i64) = match pool.get().await {
+            Ok(c) => c
+                .query_one(
+                    "SELECT count(*), count(*) FILTER (WHERE status = 'pending') FROM webhook_deliveries",
+                    &[],
+                )
+                .await
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap_or((i64::MAX, i64::MAX)),
+            Err(_) => (i64::MAX, i64::MAX),
+        };
+        if (now.1 == 0 && now == last) || Instant::now() > drain {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!(
+                "chaos: draining: {} of {} notifications not delivered yet",
+                now.1, now.0
+            );
+            last_report = Instant::now();
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let drained_s = started.elapsed().as_secs_f64();
     // Let the sink settle what the topic holds beyond the terminal events.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -699,7 +826,27 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .json()
         .await?;
-    let v = verify(&kafka, &events, &pool, &ledger, &accepted).await?;
+    let notified: Vec<(String, serde_json::Value)> = cluster
+        .merchant
+        .received()
+        .into_iter()
+        .map(|r| (r.webhook_id, r.body))
+        .collect();
+    let v = verify(&kafka, &events, &pool, &ledger, &accepted, &notified).await?;
+    let n = &v.notifications;
+    let distinct = notified
+        .iter()
+        .map(|(id, _)| id)
+        .collect::<HashSet<_>>()
+        .len();
+    let forged = cluster.merchant.forged();
+    println!(
+        "chaos: notifications: distinct={distinct} deliveries={} endpoint_requests={} forged={forged} missing={:?} wrong={:?}",
+        notified.len(),
+        cluster.merchant.requests(),
+        n.missing.iter().take(5).collect::<Vec<_>>(),
+        n.wrong.iter().take(5).collect::<Vec<_>>(),
+    );
     let r = verify_refunds(&pool, &ledger, &refund_ids).await?;
     let mut refused = lock(&load.refused).clone();
     refused.extend(lock(&refunds.refused).iter().cloned());
@@ -738,6 +885,9 @@ async fn main() -> anyhow::Result<()> {
         || v.mismatches > 0
         || v.terminal < accepted.len()
         || r != testkit::verify::RefundVerdict::default()
+        || !n.missing.is_empty()
+        || !n.wrong.is_empty()
+        || forged > 0
         || !refused.is_empty();
     if failed || a.keep_logs {
         // Keep the logs of a failing run.
@@ -749,7 +899,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} kills={} kafka_faults={} provider_faults={} pg_restarts={}",
+        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} notifications={} notifications_missing={} notifications_wrong={} kills={} kafka_faults={} provider_faults={} merchant_faults={} pg_restarts={}",
         a.payments,
         accepted.len(),
         v.terminal,
@@ -763,9 +913,13 @@ async fn main() -> anyhow::Result<()> {
         r.double_refunded.len(),
         r.lost.len(),
         r.mismatched.len(),
+        distinct,
+        n.missing.len(),
+        n.wrong.len() + forged,
         counters.kills,
         counters.kafka_faults,
         ledger.faults,
+        merchant_faults.load(Ordering::Relaxed),
         counters.pg_restarts
     );
     drop(cluster);

@@ -1,0 +1,4 @@
+-- The notifier picks each merchant's due deliveries separately (at most its free slots):
+-- an index per merchant, in the order they fall due.
+CREATE INDEX webhook_deliveries_due_by_merchant
+    ON webhook_deliveries (merchant_id, next_attempt_at) WHERE status = 'pending';
