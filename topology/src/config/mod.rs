@@ -134,7 +134,9 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "topology is invalid ({} errors):", self.0.len())?;
+        let n = self.0.len();
+        let plural = if n == 1 { "" } else { "s" };
+        writeln!(f, "topology is invalid ({n} error{plural}):")?;
         for e in &self.0 {
             writeln!(f, "  - {e}")?;
         }

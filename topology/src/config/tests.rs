@@ -248,3 +248,52 @@ fn refunds_are_a_processor_in_the_chain_that_can_be_left_out() {
     let orphan = SHIPPED.replace("inputs = [\"refunds\"]", "inputs = [\"limits\"]");
     assert_refused(&orphan, "processor `refunds`");
 }
+
+/// The README's notification wiring: without the processor and the sink the topology
+/// compiles and publishes no notifications; each miswiring is refused, naming it.
+#[test]
+fn notifications_are_switched_on_by_a_processor_and_a_sink_and_miswirings_are_refused() {
+    let notify = "[processors.notify]\ntype = \"merchant_notifier\"\ninputs = [\"payments\", \"refunds\"]\nstores = { state = \"payments\" }\n";
+    let sink = "[sinks.notifications]\ntype = \"kafka\"\ninputs = [\"notify\"]\nparams = { topic = \"payments.notifications\", records = \"notification\" }\n";
+    assert!(SHIPPED.contains(notify) && SHIPPED.contains(sink));
+    let without = SHIPPED.replace(notify, "").replace(sink, "");
+    let t = compile_str(&without).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!t.has_processor_type("merchant_notifier"));
+    assert_eq!(t.notifications_topic(), None);
+    assert!(compile_str(SHIPPED)
+        .unwrap()
+        .notifications_topic()
+        .is_some());
+
+    let misread = SHIPPED.replace(sink, &sink.replace("[\"notify\"]", "[\"payments\"]"));
+    let errs = compile_str(&misread)
+        .expect_err("a sink of notifications reading events")
+        .to_string();
+    assert!(
+        errs.starts_with("topology is invalid (2 errors):"),
+        "{errs}"
+    );
+    assert!(errs.contains("sink `notifications`: input `payments` emits event, provider_call, dead_letter but this component accepts notification"), "{errs}");
+    assert!(
+        errs.contains("processor `notify`: its notification records have nowhere to go"),
+        "{errs}"
+    );
+
+    let storeless = SHIPPED.replace(
+        notify,
+        &notify.replace("stores = { state = \"payments\" }\n", ""),
+    );
+    let errs = compile_str(&storeless)
+        .expect_err("a notifier without its store")
+        .to_string();
+    assert!(errs.starts_with("topology is invalid (1 error):"), "{errs}");
+    assert!(
+        errs.contains("processor `notify`: needs store role `state`"),
+        "{errs}"
+    );
+
+    assert_refused(
+        &SHIPPED.replace(sink, ""),
+        "processor `notify`: its notification records have nowhere to go",
+    );
+}
