@@ -148,6 +148,10 @@ struct NotifierArgs {
     /// Requests in flight to one merchant's endpoint (a slow endpoint holds no more).
     #[arg(long, env = "NOTIFY_PER_MERCHANT", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     notify_per_merchant: u64,
+    /// How long a settled notification and its attempts stay readable (longer than the
+    /// notifications topic's retention).
+    #[arg(long, env = "NOTIFY_KEEP_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    notify_keep_days: u64,
     /// Requests in flight to all endpoints together.
     #[arg(long, env = "NOTIFY_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     notify_max_in_flight: u64,
@@ -166,6 +170,7 @@ fn notifier_settings(n: &NotifierArgs) -> anyhow::Result<sinks::notifier::Notifi
     );
     s.backoff_base = Duration::from_millis(n.notify_backoff_ms);
     s.backoff_max = Duration::from_millis(n.notify_backoff_max_ms);
+    s.keep = Duration::from_secs(n.notify_keep_days * 24 * 3600);
     s.per_merchant = usize::try_from(n.notify_per_merchant)?;
     s.max_in_flight = usize::try_from(n.notify_max_in_flight)?;
     Ok(s)

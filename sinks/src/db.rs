@@ -24,8 +24,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0004_notifications.sql"),
     ),
     (
-        "0005_notification_picks",
-        include_str!("../migrations/0005_notification_picks.sql"),
+        "0005_notification_indexes",
+        include_str!("../migrations/0005_notification_indexes.sql"),
     ),
 ];
 

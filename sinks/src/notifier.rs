@@ -90,6 +90,11 @@ pub struct NotifierSettings {
     pub max_in_flight: usize,
     /// How often due deliveries are looked for.
     pub poll: Duration,
+    /// How long a settled delivery (delivered, failed or skipped) and its attempts stay
+    /// readable before they are deleted. Keep it longer than the notifications topic's
+    /// retention: a notification replayed from the topic after its row is gone is
+    /// delivered again.
+    pub keep: Duration,
 }
 
 impl NotifierSettings {
@@ -103,6 +108,7 @@ impl NotifierSettings {
             per_merchant: 8,
             max_in_flight: 64,
             poll: Duration::from_millis(200),
+            keep: Duration::from_secs(30 * 24 * 3600),
         }
     }
 
@@ -147,8 +153,14 @@ pub async fn run_notifier(
     let in_flight: InFlight = Arc::default();
     // A request that ended: a slot is free, pick again now.
     let slot_freed = Arc::new(tokio::sync::Notify::new());
+    // The first pick is at once.
+    slot_freed.notify_one();
     let configured: Vec<String> = settings.endpoints.keys().cloned().collect();
     tracing::info!(merchants = configured.len(), "notifier delivering");
+    let _pruning = AbortOnDrop(tokio::spawn(prune_every_minute(
+        pool.clone(),
+        settings.keep,
+    )));
     tokio::pin!(shutdown);
     let mut last_gauges = Instant::now() - Duration::from_secs(60);
     loop {
@@ -222,6 +234,61 @@ pub async fn run_notifier(
                 }
                 slot_freed.notify_one();
             });
+        }
+    }
+}
+
+/// Aborts the task when the notifier returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn prune_every_minute(pool: Pool, keep: Duration) {
+    loop {
+        match prune(&pool, keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                "settled notifications past their keep time deleted"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "deleting old notifications failed; retrying")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// Deletes the settled deliveries (delivered, failed, skipped) created more than `keep`
+/// ago, with their attempts, a batch at a time; returns how many. Pending ones stay
+/// whatever their age (the retry period settles them first).
+pub async fn prune(pool: &Pool, keep: Duration) -> anyhow::Result<u64> {
+    const BATCH: i64 = 5_000;
+    let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+    let mut total = 0;
+    loop {
+        let c = pool.get().await?;
+        let stmt = c
+            .prepare_cached(
+                "WITH gone AS (
+                     DELETE FROM webhook_deliveries WHERE webhook_id IN (
+                         SELECT webhook_id FROM webhook_deliveries
+                         WHERE status <> 'pending'
+                           AND created_at < now() - make_interval(secs => $1::int8 / 1000.0)
+                         LIMIT $2)
+                     RETURNING webhook_id),
+                 attempts AS (
+                     DELETE FROM webhook_attempts a USING gone WHERE a.webhook_id = gone.webhook_id)
+                 SELECT count(*) FROM gone",
+            )
+            .await?;
+        let n: i64 = c.query_one(&stmt, &[&keep_ms, &BATCH]).await?.get(0);
+        total += u64::try_from(n).unwrap_or(0);
+        if n < BATCH {
+            return Ok(total);
         }
     }
 }
