@@ -1822,6 +1822,85 @@ async fn merchants_are_notified_of_every_status_change_through_a_failing_endpoin
     assert!(log.len() >= 2, "failed attempts are recorded: {created}");
     assert_eq!(log[0]["status_code"], 500, "{created}");
     assert_eq!(log.last().unwrap()["status_code"], 200, "{created}");
+    // A page at a time: the pages join up to the whole list, newest seq first, and
+    // filter by status; a forged cursor or an unknown status is refused.
+    let mut paged: Vec<serde_json::Value> = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..10 {
+        let page = api
+            .send(api.request(
+                reqwest::Method::GET,
+                &format!("/v1/webhook-deliveries?payment_id={completed}&limit=2&cursor={cursor}"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(page.status, 200, "{}", page.body);
+        let rows = page.body["data"].as_array().unwrap();
+        assert!(rows.len() <= 2, "{}", page.body);
+        paged.extend(rows.iter().cloned());
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    let ids = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&paged), ids(data), "pages join up to the list");
+    let seqs: Vec<i64> = paged.iter().map(|d| d["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seqs:?}"
+    );
+    let delivered = api
+        .send(api.request(
+            reqwest::Method::GET,
+            &format!("/v1/webhook-deliveries?payment_id={completed}&status=delivered"),
+        ))
+        .await
+        .unwrap();
+    // Delivered is final: at least what the list showed, and nothing else.
+    let delivered = delivered.body["data"].as_array().unwrap();
+    assert!(
+        delivered.iter().all(|d| d["status"] == "delivered"),
+        "{delivered:?}"
+    );
+    assert!(
+        delivered.len() >= data.iter().filter(|d| d["status"] == "delivered").count(),
+        "{delivered:?}"
+    );
+    let none = api
+        .send(api.request(
+            reqwest::Method::GET,
+            &format!("/v1/webhook-deliveries?payment_id={completed}&status=failed"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(none.body["data"], serde_json::json!([]), "{}", none.body);
+    for query in [
+        "status=DELIVERED",
+        "status=gone",
+        "cursor=bm9wZQ",
+        "cursor=%21",
+        "limit=0",
+    ] {
+        let bad = api
+            .send(api.request(
+                reqwest::Method::GET,
+                &format!("/v1/webhook-deliveries?{query}"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            (bad.status, bad.code()),
+            (400, "invalid_request"),
+            "{query}: {}",
+            bad.body
+        );
+    }
+
     // Another merchant's deliveries: none visible; its own were skipped.
     let theirs = other
         .send(other.request(reqwest::Method::GET, "/v1/webhook-deliveries"))

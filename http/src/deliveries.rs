@@ -2,6 +2,7 @@
 //! attempt; and a redelivery on request. Deliveries are the notifier's bookkeeping, not
 //! payment state: a redelivery only moves a notification's next attempt to now.
 
+use crate::cursor;
 use crate::error::{ApiError, ErrorCode};
 use crate::request::{json, merchant, parse_id, Result};
 use crate::ApiState;
@@ -16,8 +17,14 @@ pub struct DeliveriesQuery {
     #[serde(default)]
     payment_id: Option<String>,
     #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
     limit: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
 }
+
+const STATUSES: [&str; 4] = ["pending", "delivered", "failed", "skipped"];
 
 pub async fn list_deliveries(
     state: Arc<ApiState>,
@@ -41,10 +48,49 @@ pub async fn list_deliveries(
                 .to_string(),
         ),
     };
-    let data = sinks::query::deliveries(&state.pool, merchant.as_str(), payment.as_deref(), limit)
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) if STATUSES.contains(&s) => Some(s.to_owned()),
+        Some(s) => {
+            return Err(ApiError::invalid(format!(
+                "status {s:?} is not one of {}",
+                STATUSES.join(", ")
+            )))
+        }
+    };
+    // An empty cursor is no cursor (a client passing back a null `next_cursor`).
+    let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(
+            decode_cursor(c)
+                .ok_or_else(|| ApiError::invalid("cursor is not one this API returned"))?,
+        ),
+    };
+    let filter = sinks::query::DeliveriesFilter {
+        payment_id: payment,
+        status,
+        limit,
+        after,
+    };
+    let (data, next) = sinks::query::deliveries(&state.pool, merchant.as_str(), &filter)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "data": data })))
+    let next = next.map(|(us, payment, seq)| cursor::encode(&format!("{us}:{payment}:{seq}")));
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "data": data, "next_cursor": next }),
+    ))
+}
+
+/// A cursor this API returned: the creation time (µs), payment id and seq of the last
+/// notification of a page. Anything else is the client's error.
+fn decode_cursor(c: &str) -> Option<(i64, String, i64)> {
+    let raw = cursor::decode(c)?;
+    let mut parts = raw.splitn(3, ':');
+    let us = cursor::micros(parts.next()?)?;
+    let payment = payments::PaymentId::parse(parts.next()?).ok()?;
+    let seq: i64 = parts.next()?.parse().ok().filter(|s| *s >= 0)?;
+    Some((us, payment.to_string(), seq))
 }
 
 pub async fn redeliver(

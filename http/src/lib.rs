@@ -20,6 +20,7 @@ pub mod admission;
 pub mod auth;
 pub mod callbacks;
 pub mod commands;
+pub mod cursor;
 pub mod deliveries;
 pub mod error;
 pub mod health;

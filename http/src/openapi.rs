@@ -152,10 +152,12 @@ pub fn document() -> Value {
                 "responses": with(errors(&and_auth(&[RefundNotFound])), ("200", json_body("Refund", "the refund"))),
             }},
             "/v1/webhook-deliveries": { "get": {
-                "operationId": "listWebhookDeliveries", "summary": "The caller's notifications (status changes of its payments and refunds) and their delivery, newest first",
+                "operationId": "listWebhookDeliveries", "summary": "The caller's notifications (status changes of its payments and refunds) and their delivery, newest first, a page at a time",
                 "parameters": [
                     { "name": "payment_id", "in": "query", "schema": { "type": "string", "pattern": "^pay_[0-9a-f]{32}$" } },
-                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } }
+                    { "name": "status", "in": "query", "schema": { "type": "string", "enum": ["pending", "delivered", "failed", "skipped"] } },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
+                    { "name": "cursor", "in": "query", "description": "opaque: the `next_cursor` of a previous page", "schema": { "type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$" } }
                 ],
                 "responses": with(errors(&and_auth(&[InvalidRequest])), ("200", json_body("DeliveryList", "the notifications"))),
             }},
@@ -254,7 +256,7 @@ pub fn document() -> Value {
                     }
                 },
                 "Delivery": delivery,
-                "DeliveryList": { "type": "object", "required": ["data"], "properties": { "data": { "type": "array", "items": { "$ref": "#/components/schemas/Delivery" } } } },
+                "DeliveryList": { "type": "object", "required": ["data"], "properties": { "data": { "type": "array", "items": { "$ref": "#/components/schemas/Delivery" } }, "next_cursor": { "type": "string", "nullable": true } } },
                 "RefundList": { "type": "object", "required": ["payment_id", "data"], "properties": { "payment_id": { "type": "string" }, "data": { "type": "array", "items": { "$ref": "#/components/schemas/Refund" } } } },
                 "CancelAccepted": { "type": "object", "required": ["id", "status", "cancel_requested"], "properties": { "id": { "type": "string" }, "status": { "$ref": "#/components/schemas/Status" }, "cancel_requested": { "type": "boolean" } } }
             }

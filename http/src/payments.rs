@@ -3,6 +3,7 @@
 //! or, for a create this instance just accepted, from [`crate::recent`].
 
 use crate::commands::publish;
+use crate::cursor;
 use crate::error::{ApiError, ErrorCode};
 use crate::recent::{Accepted, Claim, RecentCreates};
 use crate::request::{
@@ -10,8 +11,6 @@ use crate::request::{
     reject_card_data, required_idempotency_key, Result,
 };
 use crate::ApiState;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use base64::Engine as _;
 use bytes::Bytes;
 use payments::{
     Amount, Command, CommandBody, CreatePayment, Currency, IdempotencyKey, MerchantId, PaymentId,
@@ -405,28 +404,21 @@ pub async fn list_payments(
     let (page, next) = sinks::query::list(&state.pool, merchant.as_str(), &filter)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let next = next.map(|(us, id)| B64URL.encode(format!("{us}:{id}")));
+    let next = next.map(|(us, id)| cursor::encode(&format!("{us}:{id}")));
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "data": page, "next_cursor": next }),
     ))
 }
 
-/// The latest creation time a cursor can name: 9999-12-31, in µs since 1970 (PostgreSQL's
-/// timestamps reach further, its intervals of microseconds do not).
-const CURSOR_MAX_US: i64 = 253_402_300_799_999_999;
-
 /// A cursor this API returned: the creation time (µs, from 1970 to 9999) and id of the
 /// last payment of a page. Anything else is the client's error, refused before the
 /// database sees it.
 fn decode_cursor(c: &str) -> Option<(i64, String)> {
-    let raw = String::from_utf8(B64URL.decode(c).ok()?).ok()?;
+    let raw = cursor::decode(c)?;
     let (us, id) = raw.split_once(':')?;
     let id = PaymentId::parse(id).ok()?;
-    let us: i64 = us.parse().ok()?;
-    (0..=CURSOR_MAX_US)
-        .contains(&us)
-        .then(|| (us, id.to_string()))
+    Some((cursor::micros(us)?, id.to_string()))
 }
 
 pub async fn cancel_payment(

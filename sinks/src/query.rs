@@ -324,31 +324,66 @@ pub struct DeliveryView {
     pub body: serde_json::Value,
     /// The latest attempts, newest last (at most [`MAX_ATTEMPTS_SHOWN`]).
     pub attempt_log: Vec<AttemptView>,
+    #[serde(skip)]
+    pub created_at_us: i64,
+}
+
+/// Which of a merchant's notifications to list: one payment's, of one status, the page
+/// after a cursor (creation time in µs, payment id, seq of the last one of a page).
+#[derive(Debug, Clone, Default)]
+pub struct DeliveriesFilter {
+    pub payment_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: i64,
+    pub after: Option<(i64, String, i64)>,
 }
 
 pub const MAX_ATTEMPTS_SHOWN: i64 = 20;
 
 const TS: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 
-/// A merchant's notifications, newest first, optionally of one payment.
+/// A page of a merchant's notifications, newest first (a payment's by `seq`, newest
+/// first), and the cursor of the next page if there is one.
 pub async fn deliveries(
     pool: &Pool,
     merchant: &str,
-    payment_id: Option<&str>,
-    limit: i64,
-) -> anyhow::Result<Vec<DeliveryView>> {
+    f: &DeliveriesFilter,
+) -> anyhow::Result<(Vec<DeliveryView>, Option<(i64, String, i64)>)> {
     let c = pool.get().await?;
     let sql = format!(
         "SELECT webhook_id, type, payment_id, seq, status, attempts,
                 to_char(created_at AT TIME ZONE 'UTC', {TS}),
                 to_char(delivered_at AT TIME ZONE 'UTC', {TS}),
                 CASE WHEN status = 'pending' THEN to_char(next_attempt_at AT TIME ZONE 'UTC', {TS}) END,
-                last_error, body::jsonb
+                last_error, body::jsonb,
+                (extract(epoch FROM created_at) * 1000000)::int8
          FROM webhook_deliveries
          WHERE merchant_id = $1 AND ($2::text IS NULL OR payment_id = $2)
-         ORDER BY created_at DESC, seq DESC LIMIT $3"
+           AND ($3::text IS NULL OR status = $3)
+           AND ($4::int8 IS NULL OR (created_at, payment_id, seq)
+                < ('epoch'::timestamptz + $4 * interval '1 microsecond', $5::text, $6::int8))
+         ORDER BY created_at DESC, payment_id DESC, seq DESC LIMIT $7"
     );
-    let rows = c.query(&sql, &[&merchant, &payment_id, &limit]).await?;
+    let (after_us, after_payment, after_seq) = match &f.after {
+        Some((us, p, seq)) => (Some(*us), Some(p.clone()), Some(*seq)),
+        None => (None, None, None),
+    };
+    let rows = c
+        .query(
+            &sql,
+            &[
+                &merchant,
+                &f.payment_id,
+                &f.status,
+                &after_us,
+                &after_payment,
+                &after_seq,
+                &(f.limit + 1),
+            ],
+        )
+        .await?;
+    let more = rows.len() as i64 > f.limit;
+    let rows = &rows[..rows.len().min(f.limit.max(0) as usize)];
     let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     let attempts = c
         .query(
@@ -371,7 +406,7 @@ pub async fn deliveries(
             duration_ms: a.get(5),
         });
     }
-    Ok(rows
+    let page: Vec<DeliveryView> = rows
         .iter()
         .map(|r| {
             let id: String = r.get(0);
@@ -388,9 +423,17 @@ pub async fn deliveries(
                 next_attempt_at: r.get(8),
                 last_error: r.get(9),
                 body: r.get(10),
+                created_at_us: r.get(11),
             }
         })
-        .collect())
+        .collect();
+    let cursor = if more {
+        page.last()
+            .map(|d| (d.created_at_us, d.payment_id.clone(), d.seq))
+    } else {
+        None
+    };
+    Ok((page, cursor))
 }
 
 /// What asking for a redelivery did.
