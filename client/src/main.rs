@@ -1,9 +1,18 @@
 //! `payctl`: a command-line client of the payment gateway's API.
 //!
-//! `create`, `get`, `watch` (follow a payment until it is terminal), `list`, and `load`
-//! (N payments at a target rate, with progress, a summary of throughput, latency
-//! percentiles and final statuses, and a check that none was lost).
+//! `create`, `get`, `watch` (follow a payment until it is terminal), `list`, `refund`
+//! (and follow it with `--wait`), `refunds`, and `load` (N payments at a target rate,
+//! with progress, a summary of throughput, latency percentiles and final statuses, and a
+//! check that none was lost).
+//!
+//! # Layout
+//! - `main.rs`: the commands and the API calls they make.
+//! - `ui.rs` + `ui.html`: `payctl ui`, the web test client (the page, and `/api/*`
+//!   forwarded to the API).
+//! - `inbox.rs`: the demo merchant endpoint (`POST /notify`, `GET /notifications`) that
+//!   `payctl listen` serves alone and `payctl ui` beside its page.
 
+mod inbox;
 mod ui;
 
 use anyhow::{bail, Context as _};
@@ -57,6 +66,32 @@ enum Cmd {
     },
     /// Show a payment.
     Get { id: String },
+    /// Refund (part of) a COMPLETED payment; prints the refund (202 PENDING) and the
+    /// Idempotency-Key to send it again with.
+    Refund {
+        payment_id: String,
+        /// Minor units; without it, what is left to refund.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        amount: Option<i64>,
+        /// Why, kept with the refund (at most 256 characters).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Idempotency-Key (default: a new random one). The same key and body are the
+        /// same refund: sending it again never refunds twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Follow the refund until it is SUCCEEDED or FAILED (exit status 1 if FAILED).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+        /// How many times a refusal for overload (503, 429) is sent again, with the same
+        /// Idempotency-Key, after the `Retry-After` the API asks for.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+    },
+    /// List a payment's refunds, in the order requested, and what was refunded.
+    Refunds { payment_id: String },
     /// Follow a payment until it is terminal, printing each change.
     Watch {
         id: String,
@@ -86,6 +121,18 @@ enum Cmd {
             default_value = "http://127.0.0.1:16686"
         )]
         jaeger_url: String,
+        /// With secrets, the server also receives the merchant's notifications
+        /// (`/notify`) and the page shows them.
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+    /// Receive a merchant's notifications (`POST /notify`), verify their signatures,
+    /// print one line for each, and list them at `GET /notifications`.
+    Listen {
+        #[arg(long, env = "PAYCTL_NOTIFY_LISTEN", default_value = "127.0.0.1:8091")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
     /// Send N payments and check that every accepted one reaches a terminal state.
     Load {
@@ -103,6 +150,31 @@ enum Cmd {
         #[arg(long, default_value = "mixed")]
         amounts: String,
     },
+}
+
+/// The demo merchant endpoint's options (`payctl listen`, `payctl ui`).
+#[derive(Debug, clap::Args)]
+struct NotifyArgs {
+    /// A secret the merchant's notifications are signed with (`whsec_…`, as its
+    /// notify_secrets in config/merchants.toml). Repeat it, or comma-separate the
+    /// variable, while one is rotated: a delivery signed with any of them is accepted.
+    #[arg(
+        long = "secret",
+        env = "PAYCTL_NOTIFY_SECRETS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    secrets: Vec<String>,
+    /// How many notifications are kept (the oldest go first).
+    #[arg(long, default_value_t = inbox::DEFAULT_KEEP, value_parser = keep_parser)]
+    keep: usize,
+}
+
+fn keep_parser(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err("a whole number from 1 to 1000000".to_owned()),
+    }
 }
 
 struct Api {
@@ -137,6 +209,20 @@ impl Api {
         Ok((status, body, retry_after))
     }
 
+    fn create_request(
+        &self,
+        key: &str,
+        amount: i64,
+        currency: &str,
+        reference: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let body = json!({ "amount": amount, "currency": currency, "reference": reference });
+        self.http
+            .post(format!("{}/v1/payments", self.base))
+            .header("Idempotency-Key", key)
+            .json(&body)
+    }
+
     async fn create(
         &self,
         key: &str,
@@ -144,14 +230,29 @@ impl Api {
         currency: &str,
         reference: Option<&str>,
     ) -> anyhow::Result<(u16, Value, Option<u64>)> {
-        let body = json!({ "amount": amount, "currency": currency, "reference": reference });
-        self.send(
-            self.http
-                .post(format!("{}/v1/payments", self.base))
-                .header("Idempotency-Key", key)
-                .json(&body),
-        )
-        .await
+        self.send(self.create_request(key, amount, currency, reference))
+            .await
+    }
+
+    /// `amount: None` refunds what is left.
+    fn refund_request(
+        &self,
+        payment_id: &str,
+        key: &str,
+        amount: Option<i64>,
+        reason: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut body = json!({});
+        if let Some(a) = amount {
+            body["amount"] = a.into();
+        }
+        if let Some(r) = reason {
+            body["reason"] = r.into();
+        }
+        self.http
+            .post(format!("{}/v1/payments/{payment_id}/refunds", self.base))
+            .header("Idempotency-Key", key)
+            .json(&body)
     }
 
     async fn get(&self, id: &str) -> anyhow::Result<(u16, Value)> {
@@ -174,6 +275,50 @@ fn error_text(status: u16, body: &Value) -> String {
         body["error"]["code"].as_str().unwrap_or("error"),
         body["error"]["message"].as_str().unwrap_or("")
     )
+}
+
+/// Sends a request that carries Idempotency-Key `key` (`make` builds it afresh for each
+/// attempt) and sends it again with the same key after the `Retry-After` of each
+/// refusal for overload (429, 503), up to `retries` times. `what` names it in messages.
+/// An error answer is an error that names the key when sending it again is the way on.
+async fn send_keyed(
+    api: &Api,
+    what: &str,
+    key: &str,
+    retries: u32,
+    make: impl Fn() -> reqwest::RequestBuilder,
+) -> anyhow::Result<Value> {
+    let mut attempt = 0;
+    let (s, b) = loop {
+        let (s, b, retry_after) = api.send(make()).await.with_context(|| {
+            format!("the {what} may have been accepted: send it again with --idempotency-key {key}")
+        })?;
+        match retry_after {
+            Some(wait) if matches!(s, 429 | 503) && attempt < retries => {
+                attempt += 1;
+                eprintln!(
+                    "refused ({s} {}); retrying in {wait} s with the same Idempotency-Key {key} ({attempt} of {retries})",
+                    b["error"]["code"].as_str().unwrap_or("error")
+                );
+                tokio::time::sleep(Duration::from_secs(wait.clamp(1, 60))).await;
+            }
+            _ => break (s, b),
+        }
+    };
+    if matches!(s, 429 | 503) {
+        bail!(
+            "{}; nothing was queued: send it again later with --idempotency-key {key}",
+            error_text(s, &b)
+        );
+    }
+    if matches!(s, 500 | 502 | 504) {
+        bail!(
+            "{}; the {what} may have been accepted: send it again with --idempotency-key {key}",
+            error_text(s, &b)
+        );
+    }
+    ok(s, &b)?;
+    Ok(b)
 }
 
 fn terminal(status: &str) -> bool {
@@ -214,39 +359,70 @@ async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
             retries,
         } => {
             let key = idempotency_key.unwrap_or_else(|| format!("payctl-{}", letters_id()));
-            let mut attempt = 0;
-            let (s, b) = loop {
-                let (s, b, retry_after) = api
-                    .create(&key, amount, &currency, reference.as_deref())
-                    .await
-                    .with_context(|| {
-                        format!("the create may have been accepted: send it again with --idempotency-key {key}")
-                    })?;
-                match retry_after {
-                    Some(wait) if matches!(s, 429 | 503) && attempt < retries => {
-                        attempt += 1;
-                        eprintln!(
-                            "refused ({s} {}); retrying in {wait} s with the same Idempotency-Key {key} ({attempt} of {retries})",
-                            b["error"]["code"].as_str().unwrap_or("error")
-                        );
-                        tokio::time::sleep(Duration::from_secs(wait.clamp(1, 60))).await;
-                    }
-                    _ => break (s, b),
-                }
-            };
-            if matches!(s, 429 | 503) {
-                bail!(
-                    "{}; nothing was queued: send it again later with --idempotency-key {key}",
-                    error_text(s, &b)
-                );
-            }
-            ok(s, &b)?;
+            let b = send_keyed(api, "create", &key, retries, || {
+                api.create_request(&key, amount, &currency, reference.as_deref())
+            })
+            .await?;
             println!("{}", serde_json::to_string_pretty(&b)?);
         }
         Cmd::Get { id } => {
             let (s, b) = api.get(&id).await?;
             ok(s, &b)?;
             println!("{}", serde_json::to_string_pretty(&b)?);
+        }
+        Cmd::Refund {
+            payment_id,
+            amount,
+            reason,
+            idempotency_key,
+            wait,
+            timeout_s,
+            retries,
+        } => {
+            let key = idempotency_key.unwrap_or_else(|| format!("payctl-refund-{}", letters_id()));
+            // Before anything can go wrong: the key is how this refund is sent again.
+            eprintln!(
+                "Idempotency-Key {key} (send this refund again with --idempotency-key {key}; it never refunds twice)"
+            );
+            let b = send_keyed(api, "refund", &key, retries, || {
+                api.refund_request(&payment_id, &key, amount, reason.as_deref())
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&b)?);
+            if wait {
+                let refund_id = b["id"]
+                    .as_str()
+                    .context("the API's answer has no refund id")?;
+                follow_refund(api, refund_id, Duration::from_secs(timeout_s)).await?;
+            }
+        }
+        Cmd::Refunds { payment_id } => {
+            let (s, b) = api
+                .call(
+                    api.http
+                        .get(format!("{}/v1/payments/{payment_id}/refunds", api.base)),
+                )
+                .await?;
+            ok(s, &b)?;
+            let refunds = b["data"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for r in refunds {
+                println!("{}", refund_line(r));
+            }
+            let (s, p) = api.get(&payment_id).await?;
+            ok(s, &p)?;
+            println!(
+                "{}: {} refund(s); refunded {} of {} {}{}",
+                payment_id,
+                refunds.len(),
+                p["amount_refunded"].as_i64().unwrap_or(0),
+                p["amount"],
+                p["currency"].as_str().unwrap_or(""),
+                if p["refunded"].as_bool() == Some(true) {
+                    " (fully refunded)"
+                } else {
+                    ""
+                }
+            );
         }
         Cmd::Watch { id, timeout_s } => watch(api, &id, Duration::from_secs(timeout_s)).await?,
         Cmd::List { status, limit } => {
@@ -273,7 +449,44 @@ async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
             listen,
             grafana_url,
             jaeger_url,
-        } => ui::serve(api.base.clone(), listen, &grafana_url, &jaeger_url).await?,
+            notify,
+        } => {
+            let inbox = if notify.secrets.iter().all(|s| s.trim().is_empty()) {
+                None
+            } else {
+                Some(inbox::Inbox::new(
+                    inbox::Secrets::parse(&notify.secrets)?,
+                    notify.keep,
+                ))
+            };
+            ui::serve(api.base.clone(), listen, &grafana_url, &jaeger_url, inbox).await?
+        }
+        Cmd::Listen { listen, notify } => {
+            let inbox = inbox::Inbox::new(inbox::Secrets::parse(&notify.secrets)?, notify.keep)
+                .on_receive(|outcome| match outcome {
+                    inbox::Outcome::Stored(n) => println!("{}", n.summary()),
+                    inbox::Outcome::Redelivered(n) => println!(
+                        "{}  (delivery {} of {}: shown once)",
+                        n.summary(),
+                        n.deliveries,
+                        n.webhook_id
+                    ),
+                    inbox::Outcome::Refused(r) => eprintln!(
+                        "refused a delivery: {} {}: {r}",
+                        r.status().as_u16(),
+                        r.code()
+                    ),
+                });
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}: choose another --listen"))?;
+            let addr = listener.local_addr()?;
+            eprintln!(
+                "receiving notifications at http://{addr}/notify (the merchant's notify_url); the last {} at http://{addr}/notifications",
+                notify.keep
+            );
+            warp::serve(inbox.routes()).incoming(listener).run().await;
+        }
         Cmd::Load {
             payments,
             rate,
@@ -330,6 +543,79 @@ async fn watch(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Polls a refund until it is SUCCEEDED or FAILED, printing each change; FAILED is an
+/// error naming why.
+async fn follow_refund(api: &Api, refund_id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let (s, b) = api
+            .call(api.http.get(format!("{}/v1/refunds/{refund_id}", api.base)))
+            .await?;
+        // 404: accepted by another API instance and not projected yet.
+        if s != 404 {
+            ok(s, &b)?;
+            let status = b["status"].as_str().unwrap_or("").to_owned();
+            if status != last {
+                println!("{}  {status}", b["updated_at"].as_str().unwrap_or(""));
+                last = status.clone();
+            }
+            match status.as_str() {
+                "SUCCEEDED" => {
+                    let payment_id = b["payment_id"].as_str().unwrap_or("");
+                    let (s, p) = api.get(payment_id).await?;
+                    ok(s, &p)?;
+                    println!(
+                        "{payment_id}: refunded {} of {} {}",
+                        p["amount_refunded"].as_i64().unwrap_or(0),
+                        p["amount"],
+                        p["currency"].as_str().unwrap_or("")
+                    );
+                    return Ok(());
+                }
+                "FAILED" => bail!(
+                    "refund {refund_id} FAILED: {}: {}",
+                    b["failure_code"].as_str().unwrap_or("unknown"),
+                    b["failure_message"].as_str().unwrap_or("")
+                ),
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "refund {refund_id} is still {} after {timeout:?}: it goes on without payctl; see it with `payctl refunds <payment id>`",
+                if last.is_empty() { "not visible" } else { &last }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `re_…  STATUS  amount currency  created_at  reason / failure`.
+fn refund_line(r: &Value) -> String {
+    let amount = r["amount"]
+        .as_i64()
+        .map_or_else(|| "(the rest)".to_owned(), |a| a.to_string());
+    let mut line = format!(
+        "{}  {:<9}  {:>12} {}  {}",
+        r["id"].as_str().unwrap_or(""),
+        r["status"].as_str().unwrap_or(""),
+        amount,
+        r["currency"].as_str().unwrap_or(""),
+        r["created_at"].as_str().unwrap_or("")
+    );
+    if let Some(reason) = r["reason"].as_str() {
+        line.push_str(&format!("  reason: {reason}"));
+    }
+    if let Some(code) = r["failure_code"].as_str() {
+        line.push_str(&format!(
+            "  failed: {code}: {}",
+            r["failure_message"].as_str().unwrap_or("")
+        ));
+    }
+    line
 }
 
 async fn load(

@@ -1,6 +1,9 @@
 //! The web test client: one page (`ui.html`), and `/api/*` forwarded to the gateway's API
-//! so the browser talks to a single origin.
+//! so the browser talks to a single origin. With notification secrets, the same server is
+//! the merchant's demo endpoint too (`/notify`, `/notifications`: `inbox.rs`), and the
+//! page shows what it received.
 
+use crate::inbox::{self, Inbox};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -31,10 +34,23 @@ pub async fn serve(
     listen: SocketAddr,
     grafana: &str,
     jaeger: &str,
+    notifications: Option<Inbox>,
 ) -> anyhow::Result<()> {
     let page = PAGE
         .replace("GRAFANA_URL", grafana.trim_end_matches('/'))
-        .replace("JAEGER_URL", jaeger.trim_end_matches('/'));
+        .replace("JAEGER_URL", jaeger.trim_end_matches('/'))
+        .replace(
+            "NOTIFICATIONS_ON",
+            if notifications.is_some() {
+                "true"
+            } else {
+                "false"
+            },
+        );
+    let notify = match &notifications {
+        Some(inbox) => inbox.routes(),
+        None => inbox::disabled_routes(),
+    };
     let index = warp::path::end().map(move || warp::reply::html(page.clone()));
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
@@ -85,7 +101,14 @@ pub async fn serve(
             }
         });
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    eprintln!("web test client on http://{}", listener.local_addr()?);
-    warp::serve(index.or(proxy)).incoming(listener).run().await;
+    let addr = listener.local_addr()?;
+    eprintln!("web test client on http://{addr}");
+    if notifications.is_some() {
+        eprintln!("receiving the merchant's notifications at http://{addr}/notify");
+    }
+    warp::serve(index.or(notify).or(proxy))
+        .incoming(listener)
+        .run()
+        .await;
     Ok(())
 }

@@ -143,3 +143,192 @@ async fn create_waits_out_overload_refusals_and_is_accepted_with_the_same_key() 
     assert_eq!(replay.body["id"], created["id"], "{}", replay.body);
     stack.shutdown().await.unwrap();
 }
+
+/// The demo merchant's notification secrets in this test: the stack signs with the
+/// second; `payctl listen` is given both, as during a rotation.
+const OLD_SECRET: &str = "whsec_b2xkLXNlY3JldC1iZWluZy1yb3RhdGVkLW91dA==";
+const NOTIFY_SECRET: &str = "whsec_Y2xpLXRlc3Qtbm90aWZpY2F0aW9uLXNlY3JldA==";
+
+/// The text after `label` up to the next whitespace or quote.
+fn word_after<'a>(out: &'a str, label: &str) -> &'a str {
+    let rest = &out[out
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{out}"))
+        + label.len()..];
+    rest.split(|c: char| c.is_whitespace() || c == '"')
+        .next()
+        .unwrap_or_default()
+}
+
+/// `payctl refund` prints the Idempotency-Key and the refund and, with `--wait`, follows
+/// it to SUCCEEDED; the same key replays the same refund; `payctl refunds` lists it;
+/// every refusal exits non-zero with the API's code and message, and a FAILED refund
+/// with its reason. `payctl listen`, the merchant's endpoint, prints one line per
+/// notification it verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refund_refunds_and_listen_against_a_stack() {
+    use tokio::io::AsyncBufReadExt as _;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen_at = format!("127.0.0.1:{port}");
+    let opts = StackOptions {
+        merchant_endpoints: std::collections::HashMap::from([(
+            "demo".to_owned(),
+            sinks::notifier::Endpoint {
+                url: format!("http://{listen_at}/notify"),
+                secrets: vec![payments::webhook::secret_bytes(NOTIFY_SECRET).unwrap()],
+            },
+        )]),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(opts).await.unwrap();
+    let api = format!("http://{}", stack.api);
+    let client = stack.client(testkit::stack::DEMO_KEY);
+
+    let mut listen = tokio::process::Command::new(env!("CARGO_BIN_EXE_payctl"))
+        .args(["listen", "--listen", &listen_at])
+        .env(
+            "PAYCTL_NOTIFY_SECRETS",
+            format!("{OLD_SECRET},{NOTIFY_SECRET}"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut lines = tokio::io::BufReader::new(listen.stdout.take().unwrap()).lines();
+    tokio::spawn({
+        let printed = printed.clone();
+        async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                printed.lock().unwrap().push(line);
+            }
+        }
+    });
+
+    let paid = client.create("cli-refund-1", 1000, "EUR").await.unwrap();
+    let paid = paid.body["id"].as_str().unwrap().to_owned();
+    client
+        .wait_for_status(&paid, &["COMPLETED"], std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // A refund followed to SUCCEEDED, with the key to send it again.
+    let (ok, out) = payctl(&api, &["refund", &paid, "--amount", "400", "--wait"]).await;
+    assert!(ok, "{out}");
+    let key = word_after(&out, "Idempotency-Key ");
+    assert!(key.starts_with("payctl-refund-"), "{out}");
+    let refund_id = word_after(&out, "\"id\": \"");
+    assert!(refund_id.starts_with("re_"), "{out}");
+    assert!(
+        out.contains("  SUCCEEDED\n") && out.contains(&format!("{paid}: refunded 400 of 1000 EUR")),
+        "{out}"
+    );
+    // The same key and body: the same refund, not a second one.
+    let (ok, again) = payctl(
+        &api,
+        &["refund", &paid, "--amount", "400", "--idempotency-key", key],
+    )
+    .await;
+    assert!(
+        ok && again.contains(&format!("\"id\": \"{refund_id}\"")),
+        "{again}"
+    );
+
+    // A refund the provider declines (amount ending in 01) is FAILED, exit status 1.
+    let (ok, out) = payctl(&api, &["refund", &paid, "--amount", "101", "--wait"]).await;
+    assert!(
+        !ok && out.contains("FAILED: refund_declined"),
+        "a declined refund must fail the command: {out}"
+    );
+
+    let (ok, out) = payctl(&api, &["refunds", &paid]).await;
+    assert!(ok, "{out}");
+    let listed: Vec<&str> = out.lines().filter(|l| l.starts_with("re_")).collect();
+    assert_eq!(listed.len(), 2, "{out}");
+    assert!(
+        listed[0].starts_with(refund_id)
+            && listed[0].contains("SUCCEEDED")
+            && listed[0].contains("400 EUR"),
+        "{out}"
+    );
+    assert!(
+        listed[1].contains("FAILED") && listed[1].contains("failed: refund_declined"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{paid}: 2 refund(s); refunded 400 of 1000 EUR")),
+        "{out}"
+    );
+
+    // Refusals: the API's status, code and message, and a non-zero exit.
+    let unknown = "pay_0123456789abcdef0123456789abcdef";
+    for (args, expected) in [
+        (
+            vec!["refund", unknown],
+            "404 payment_not_found: no such payment",
+        ),
+        (
+            vec!["refund", &paid, "--amount", "700"],
+            "409 amount_exceeds_refundable: 700 exceeds the 600 left to refund",
+        ),
+        (
+            vec!["refund", &paid, "--amount", "100", "--idempotency-key", key],
+            "422 idempotency_key_reused",
+        ),
+        (vec!["refunds", unknown], "404 payment_not_found"),
+        (
+            vec!["refund", &paid, "--amount", "0"],
+            "invalid value '0' for '--amount",
+        ),
+    ] {
+        let (ok, out) = payctl(&api, &args).await;
+        assert!(!ok && out.contains(expected), "{args:?}: {out}");
+    }
+
+    // `payctl listen` printed the payment's and the refunds' notifications, each once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let wanted = [
+        format!("payment.completed   {paid}"),
+        format!("refund.succeeded    {paid}"),
+        format!("refund.failed       {paid}"),
+    ];
+    loop {
+        let lines = printed.lock().unwrap().clone();
+        if wanted
+            .iter()
+            .all(|w| lines.iter().any(|l| l.contains(w.as_str())))
+        {
+            let succeeded: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.contains(wanted[1].as_str()))
+                .collect();
+            assert_eq!(succeeded.len(), 1, "{lines:#?}");
+            assert!(
+                succeeded[0].contains("SUCCEEDED")
+                    && succeeded[0].contains(&format!("{refund_id}  400 EUR")),
+                "{lines:#?}"
+            );
+            assert!(lines.iter().all(|l| l.contains(" seq=")), "{lines:#?}");
+            println!("listen printed:\n{}", lines.join("\n"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "payctl listen did not print {wanted:?}:\n{lines:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let kept: serde_json::Value = reqwest::get(format!("http://{listen_at}/notifications"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["refused"], 0, "{kept}");
+    stack.shutdown().await.unwrap();
+}

@@ -2,9 +2,16 @@
 //! Docker or a Kafka installation: Kafka through librdkafka's mock cluster, a throwaway
 //! PostgreSQL from the system's binaries, the provider simulator, and the API, worker and
 //! sink. Prints where everything is and runs until Ctrl-C.
+//!
+//! The web test client (`payctl ui`, when built) is also the demo merchant's notification
+//! endpoint: the merchant's `notify_secrets` from config/merchants.toml, its notify_url
+//! replaced by the client's `/notify`.
 
+use base64::Engine as _;
 use clap::Parser;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use testkit::stack::{Stack, StackOptions, DEMO_KEY, OTHER_KEY, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
@@ -27,9 +34,19 @@ struct Args {
     fast: bool,
 }
 
-/// Starts `payctl ui` from beside this binary, if it was built.
-fn start_ui(api: SocketAddr, listen: SocketAddr) -> Option<std::process::Child> {
-    let payctl = std::env::current_exe().ok()?.with_file_name("payctl");
+/// `payctl` beside this binary, if it was built.
+fn payctl() -> Option<PathBuf> {
+    let path = std::env::current_exe().ok()?.with_file_name("payctl");
+    path.exists().then_some(path)
+}
+
+/// Starts `payctl ui`, verifying notifications with `secrets` (`whsec_…`) if any.
+fn start_ui(
+    payctl: &Path,
+    api: SocketAddr,
+    listen: SocketAddr,
+    secrets: &[String],
+) -> Option<std::process::Child> {
     std::process::Command::new(payctl)
         .args([
             "--api",
@@ -38,9 +55,34 @@ fn start_ui(api: SocketAddr, listen: SocketAddr) -> Option<std::process::Child> 
             "--listen",
             &listen.to_string(),
         ])
+        // In the environment, not the arguments, which every local user can read.
+        .env("PAYCTL_NOTIFY_SECRETS", secrets.join(","))
         .stdin(std::process::Stdio::null())
         .spawn()
         .ok()
+}
+
+/// The demo merchant's notification endpoint of config/merchants.toml, delivering to the
+/// web test client at `ui` instead: the endpoint, and its secrets as `whsec_…`.
+fn demo_endpoint(
+    ui: SocketAddr,
+) -> anyhow::Result<Option<(sinks::notifier::Endpoint, Vec<String>)>> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
+    let Some(mut endpoint) = gateway::load_endpoints(&file)?.remove("demo") else {
+        return Ok(None);
+    };
+    endpoint.url = format!("http://{ui}/notify");
+    let secrets = endpoint
+        .secrets
+        .iter()
+        .map(|s| {
+            format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(s)
+            )
+        })
+        .collect();
+    Ok(Some((endpoint, secrets)))
 }
 
 #[tokio::main]
@@ -48,6 +90,16 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     telemetry::init(&telemetry::Config::from_env("gateway-local", false))?;
     let defaults = StackOptions::default();
+    let payctl = payctl();
+    // Notifications only when there is a client to receive them.
+    let demo = match &payctl {
+        Some(_) => demo_endpoint(a.ui)?,
+        None => None,
+    };
+    let (merchant_endpoints, secrets) = match demo {
+        Some((endpoint, secrets)) => (HashMap::from([("demo".to_owned(), endpoint)]), secrets),
+        None => (HashMap::new(), Vec::new()),
+    };
     let opts = StackOptions {
         partitions: a.partitions,
         api_listen: a.api,
@@ -57,12 +109,22 @@ async fn main() -> anyhow::Result<()> {
         } else {
             SHIPPED_POLICY.to_owned()
         },
+        merchant_endpoints,
         ..defaults
     };
     let stack = Stack::start(opts).await?;
-    let mut ui = start_ui(stack.api, a.ui);
+    let mut ui = payctl
+        .as_deref()
+        .and_then(|p| start_ui(p, stack.api, a.ui, &secrets));
     let ui_line = match &ui {
-        Some(_) => format!("http://{}", a.ui),
+        Some(_) if !secrets.is_empty() => format!(
+            "http://{ui}   (the demo merchant's notifications: http://{ui}/notify)",
+            ui = a.ui
+        ),
+        Some(_) => format!(
+            "http://{}   (no notifications: config/merchants.toml gives demo no notify_url)",
+            a.ui
+        ),
         None => "not started (build it: cargo build -p payment-client)".to_owned(),
     };
     println!(
