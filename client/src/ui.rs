@@ -51,7 +51,9 @@ pub async fn serve(
         Some(inbox) => inbox.routes(),
         None => inbox::disabled_routes(),
     };
-    let index = warp::path::end().map(move || warp::reply::html(page.clone()));
+    let index = warp::get()
+        .and(warp::path::end())
+        .map(move || warp::reply::html(page.clone()));
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
@@ -106,9 +108,45 @@ pub async fn serve(
     if notifications.is_some() {
         eprintln!("receiving the merchant's notifications at http://{addr}/notify");
     }
-    warp::serve(index.or(notify).or(proxy))
+    warp::serve(index.or(notify).or(proxy).recover(refused))
         .incoming(listener)
         .run()
         .await;
     Ok(())
+}
+
+/// Requests no route takes, answered in the API's error shape.
+async fn refused(r: warp::Rejection) -> Result<warp::reply::Response, std::convert::Infallible> {
+    let (status, code, message) = if r.find::<TooLarge>().is_some()
+        || r.find::<warp::reject::PayloadTooLarge>().is_some()
+    {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "request bodies are limited to 64 KiB".to_owned(),
+        )
+    } else if r.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such page: the client serves /, /api/… and, with notifications on, /notify and /notifications".to_owned(),
+        )
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here".to_owned(),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("the request could not be read: {r:?}"),
+        )
+    };
+    Ok(warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({"error": {"code": code, "message": message}})),
+        status,
+    )
+    .into_response())
 }

@@ -332,3 +332,54 @@ async fn refund_refunds_and_listen_against_a_stack() {
     assert_eq!(kept["refused"], 0, "{kept}");
     stack.shutdown().await.unwrap();
 }
+
+/// The web client's own server answers what it does not take in the API's error shape:
+/// an oversized body, an unknown path, a wrong method.
+#[tokio::test]
+async fn the_web_client_refuses_bad_requests_with_json_errors() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let at = format!("127.0.0.1:{port}");
+    let _ui = tokio::process::Command::new(env!("CARGO_BIN_EXE_payctl"))
+        .args(["--api", "http://127.0.0.1:9", "ui", "--listen", &at])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(format!("http://{at}/")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "payctl ui never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let answers = [
+        http.post(format!("http://{at}/api/v1/payments"))
+            .body(vec![b'x'; 70 * 1024]),
+        http.get(format!("http://{at}/nowhere")),
+        http.delete(format!("http://{at}/")),
+    ];
+    let mut seen = Vec::new();
+    for req in answers {
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.expect("a JSON error");
+        seen.push((
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            (413, "body_too_large".to_owned()),
+            (404, "not_found".to_owned()),
+            (405, "method_not_allowed".to_owned())
+        ]
+    );
+}
