@@ -19,7 +19,7 @@ use crate::config::CompiledTopology;
 use crate::metrics::METRICS;
 use crate::processor::{ProcessError, RawRecord, Record};
 use graph::Step;
-use outbox::{outbox_batch_key, OUTBOX_BATCH_KEY_LEN};
+use outbox::{outbox_batch_key, OUTBOX_BATCH_KEY_LEN, OUTBOX_RECORD_MAX_BYTES};
 use stores::{
     time_key, ChangelogRecord, PartitionStore, WriteSet, CHANGELOG_QUEUE, OUTBOX, TIMERS,
 };
@@ -345,17 +345,19 @@ impl Task {
     /// Stages a commit's outputs as (at most) two outbox records, one for its Kafka
     /// records and one for its provider calls (which are removed at different times
     /// under exactly-once): the outbox is changelogged, and a record per output would
-    /// double the changelog's traffic.
+    /// double the changelog's traffic. A part larger than [`OUTBOX_RECORD_MAX_BYTES`]
+    /// takes several records: each is one changelog message, which Kafka refuses over
+    /// its message size limit (1 MB by default), and a refused one would stop the task
+    /// at the same batch after every restart.
     fn stage_outbox(&mut self, ws: &mut WriteSet, outbox: Vec<OutboxEntry>) {
         let (calls, records): (Vec<OutboxEntry>, Vec<OutboxEntry>) = outbox
             .into_iter()
             .partition(|e| matches!(e, OutboxEntry::Provider(_)));
         for part in [records, calls] {
-            if part.is_empty() {
-                continue;
+            for chunk in outbox::chunks(part, OUTBOX_RECORD_MAX_BYTES) {
+                ws.put(OUTBOX, &outbox_batch_key(self.outbox_seq), &chunk);
+                self.outbox_seq += 1;
             }
-            ws.put(OUTBOX, &outbox_batch_key(self.outbox_seq), &part);
-            self.outbox_seq += 1;
         }
         ws.set_outbox_seq(self.outbox_seq);
     }
@@ -426,5 +428,67 @@ mod tests {
             Some(1),
             "the reply timeout fires once"
         );
+    }
+
+    /// A batch whose outputs are larger than one Kafka message is staged as several
+    /// outbox records, each one changelog message under the limit, read back in order.
+    #[test]
+    fn a_large_batch_of_outputs_takes_several_outbox_records_each_under_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartitionStore::open(dir.path(), "app", TOPIC, 0).expect("store");
+        let mut task = testing::shipped(store, TOPIC, true);
+        let entry = |i: u32| OutboxEntry::Kafka {
+            topic: "payments.notifications".into(),
+            key: Some(i.to_be_bytes().to_vec()),
+            payload: vec![b'x'; 100 * 1024],
+            headers: vec![],
+        };
+        let mut ws = WriteSet::default();
+        task.stage_outbox(&mut ws, (0..10).map(entry).collect());
+        let records = ws.changelog();
+        task.store.commit(ws).expect("commit");
+        let outbox: Vec<&ChangelogRecord> = records
+            .iter()
+            .filter(|(k, _)| stores::store_of(k) == Some(OUTBOX))
+            .collect();
+        assert_eq!(outbox.len(), 5, "two 100 KiB entries per record");
+        for (_, v) in &outbox {
+            let len = v.as_ref().map_or(0, Vec::len);
+            assert!(len <= OUTBOX_RECORD_MAX_BYTES, "a record of {len} bytes");
+        }
+        let pending = task.pending().expect("pending");
+        let keys: Vec<Vec<u8>> = pending
+            .entries
+            .iter()
+            .map(|(_, e)| match e {
+                OutboxEntry::Kafka { key, .. } => key.clone().unwrap_or_default(),
+                OutboxEntry::Provider(_) => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            (0..10u32)
+                .map(|i| i.to_be_bytes().to_vec())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_record_is_alone_in_its_record() {
+        let entry = |kb: usize| OutboxEntry::Kafka {
+            topic: "t".into(),
+            key: None,
+            payload: vec![0; kb * 1024],
+            headers: vec![],
+        };
+        let sizes: Vec<usize> = outbox::chunks(
+            vec![entry(1), entry(300), entry(1), entry(1)],
+            OUTBOX_RECORD_MAX_BYTES,
+        )
+        .iter()
+        .map(Vec::len)
+        .collect();
+        assert_eq!(sizes, [1, 1, 2]);
+        assert!(outbox::chunks(Vec::new(), OUTBOX_RECORD_MAX_BYTES).is_empty());
     }
 }

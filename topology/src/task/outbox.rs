@@ -16,6 +16,59 @@ pub enum OutboxEntry {
     Provider(ProviderCall),
 }
 
+/// The most one outbox record holds, about: a quarter of Kafka's default message size
+/// limit, as every outbox record is a changelog message.
+pub(super) const OUTBOX_RECORD_MAX_BYTES: usize = 256 * 1024;
+
+impl OutboxEntry {
+    /// About how many bytes the entry takes in an outbox record (never less).
+    pub(super) fn approx_len(&self) -> usize {
+        match self {
+            OutboxEntry::Kafka {
+                topic,
+                key,
+                payload,
+                headers,
+            } => {
+                32 + topic.len()
+                    + key.as_ref().map_or(0, Vec::len)
+                    + payload.len()
+                    + headers
+                        .iter()
+                        .map(|(k, v)| 16 + k.len() + v.len())
+                        .sum::<usize>()
+            }
+            OutboxEntry::Provider(c) => {
+                256 + c.request_key.len()
+                    + c.idempotency_key.len()
+                    + c.currency.len()
+                    + c.traceparent.as_ref().map_or(0, String::len)
+            }
+        }
+    }
+}
+
+/// `entries` in order, cut into lists of at most `max_bytes` each (an entry larger than
+/// that alone in its list); none empty.
+pub(super) fn chunks(entries: Vec<OutboxEntry>, max_bytes: usize) -> Vec<Vec<OutboxEntry>> {
+    let mut out: Vec<Vec<OutboxEntry>> = Vec::new();
+    let mut size = 0;
+    for e in entries {
+        let len = e.approx_len();
+        match out.last_mut() {
+            Some(last) if size + len <= max_bytes => {
+                size += len;
+                last.push(e);
+            }
+            _ => {
+                size = len;
+                out.push(vec![e]);
+            }
+        }
+    }
+    out
+}
+
 /// Length of the key of an outbox record that holds a list of entries: the outbox
 /// sequence number and a `b` (records of one entry have 8-byte keys).
 pub(super) const OUTBOX_BATCH_KEY_LEN: usize = 9;
