@@ -122,6 +122,11 @@ struct WorkerArgs {
     /// partition it owns, besides sled's bookkeeping of what the stores hold).
     #[arg(long, env = "STORE_CACHE_MB", default_value_t = stores::DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..=65536))]
     store_cache_mb: u64,
+    /// Restore a partition from a changelog whose first records are gone (its log starts
+    /// above offset 0) instead of refusing it: the store then lacks every key last written
+    /// before them. Off: such a partition's task fails with what to do.
+    #[arg(long, env = "RESTORE_TRUNCATED_CHANGELOG", default_value_t = false, action = clap::ArgAction::Set)]
+    restore_truncated_changelog: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -383,5 +388,6 @@ fn worker_settings(common: &Common, w: WorkerArgs) -> anyhow::Result<topology::W
     let mut settings = common.worker_settings(w.state_dir, &w.provider_url)?;
     settings.provider_timeout = Duration::from_millis(w.provider_timeout_ms);
     settings.store_cache_bytes = w.store_cache_mb * 1024 * 1024;
+    settings.restore_truncated_changelog = w.restore_truncated_changelog;
     Ok(settings)
 }

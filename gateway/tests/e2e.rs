@@ -1300,6 +1300,83 @@ async fn workers_on_fresh_disks_restore_their_stores_from_the_changelog() {
     stack.shutdown().await.unwrap();
 }
 
+/// A changelog whose first records are gone cannot rebuild a store: the keys last written
+/// before them would be missing (payments a refund or a late webhook still needs). A
+/// worker on a fresh disk refuses the partition with what to do, instead of restoring
+/// what is left. The mock cluster keeps about 5 MB of a partition: 6.4 MB written to the
+/// changelog deletes its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changelog_whose_head_is_gone_is_refused_not_restored_from() {
+    let mut stack = Stack::start(StackOptions {
+        partitions: 1,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        stack.kafka.is_mock(),
+        "this test deletes the changelog's head through the mock cluster's size limit: run it without KAFKA_BROKERS"
+    );
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    create_many(
+        &api,
+        (0..5)
+            .map(|i| (format!("head-{i}"), 10_000 + i * 100))
+            .collect(),
+        5,
+    )
+    .await;
+    wait_for_terminal_count(&pool, 5).await;
+    stack.stop_worker().await.unwrap();
+
+    let changelog = stack
+        .common
+        .topology
+        .changelog_topic(&stack.commands_topic());
+    let producer = stack.kafka.producer().unwrap();
+    let filler = vec![b'x'; 100 * 1024];
+    for i in 0..64 {
+        let key = format!("filler-{i}");
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&changelog)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&filler),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    assert_eq!(
+        stack.kafka.truncated_partitions(&changelog).unwrap(),
+        vec![0],
+        "the changelog's head should be gone"
+    );
+
+    let disk = tempfile::tempdir().unwrap();
+    stack.worker_state = disk.path().to_owned();
+    stack.start_worker().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.worker_alive().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker took the partition from a changelog without its head"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = format!("{:#}", stack.stop_worker().await.unwrap_err());
+    assert!(
+        err.contains("needs the changelog from offset 0, but it starts at")
+            && err.contains("cleanup.policy=compact"),
+        "unexpected error: {err}"
+    );
+    println!("e2e: changelog without its head refused: {err}");
+    stack.shutdown().await.unwrap();
+}
+
 /// The README's worked example: a processor added by editing `config/topology.toml`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_amount_limit_configured_in_the_topology_fails_payments_over_it() {

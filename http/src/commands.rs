@@ -9,9 +9,17 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tracing::Instrument;
 
+/// Where a published command landed: the commands topic's partition and offset, logged
+/// with the request's outcome so an accepted command can be found in the topic.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Published {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
 /// Publishes a command in a `produce` span (a child of the request's span) whose
 /// context travels in the record's `traceparent` header.
-pub(crate) async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
+pub(crate) async fn publish(state: &ApiState, cmd: &Command) -> Result<Published> {
     let span = tracing::info_span!(
         "kafka.produce",
         otel.name = %format_args!("{} publish", state.cfg.commands_topic),
@@ -46,7 +54,20 @@ pub(crate) async fn publish(state: &ApiState, cmd: &Command) -> Result<()> {
     .instrument(span)
     .await
     {
-        Ok(Ok(_)) => Ok(()),
+        // No offset: librdkafka's idempotent producer took the record as delivered
+        // because the broker acknowledged a later one ("implicit acknowledgement"). A
+        // broker that checks idempotent sequences wrote it; one that does not may not
+        // have. The client is asked to send it again: a duplicate command is harmless.
+        Ok(Ok(d)) if d.offset < 0 => {
+            tracing::warn!(payment_id = %cmd.payment_id, partition = d.partition, "command delivery not confirmed with an offset");
+            Err(ApiError::unavailable(
+                "the request could not be confirmed as queued; retry with the same Idempotency-Key",
+            ))
+        }
+        Ok(Ok(d)) => Ok(Published {
+            partition: d.partition,
+            offset: d.offset,
+        }),
         Ok(Err((e, _))) => {
             tracing::warn!(payment_id = %cmd.payment_id, error = %e, "command not published");
             Err(ApiError::unavailable(

@@ -222,12 +222,15 @@ pub async fn create_payment(
             screening: None,
         }),
     };
-    if let Err(e) = publish(&state, &cmd).await {
-        recent(&state).release(merchant.as_str(), key.as_str());
-        return Err(e);
-    }
+    let at = match publish(&state, &cmd).await {
+        Ok(at) => at,
+        Err(e) => {
+            recent(&state).release(merchant.as_str(), key.as_str());
+            return Err(e);
+        }
+    };
     recent(&state).published(merchant.as_str(), key.as_str(), accepted(&cmd, &valid));
-    tracing::info!(payment_id = %id, merchant = %merchant, "payment accepted");
+    tracing::info!(payment_id = %id, merchant = %merchant, partition = at.partition, offset = at.offset, "payment accepted");
     let mut res = json(StatusCode::ACCEPTED, &body);
     if let Ok(loc) = format!("/v1/payments/{id}").parse() {
         res.headers_mut().insert("location", loc);
@@ -468,7 +471,8 @@ pub async fn cancel_payment(
             merchant_id: merchant,
         },
     };
-    publish(&state, &cmd).await?;
+    let at = publish(&state, &cmd).await?;
+    tracing::info!(payment_id = %id, partition = at.partition, offset = at.offset, "cancel accepted");
     Ok(json(
         StatusCode::ACCEPTED,
         &serde_json::json!({ "id": id.to_string(), "status": status, "cancel_requested": true }),

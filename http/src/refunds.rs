@@ -264,10 +264,13 @@ pub async fn create_refund(
             reason: valid.reason.clone(),
         }),
     };
-    if let Err(e) = publish(&state, &cmd).await {
-        recent(&state).release(merchant.as_str(), &claim_key);
-        return Err(e);
-    }
+    let at = match publish(&state, &cmd).await {
+        Ok(at) => at,
+        Err(e) => {
+            recent(&state).release(merchant.as_str(), &claim_key);
+            return Err(e);
+        }
+    };
     let view = pending_view(
         &refund_id,
         &pid,
@@ -283,7 +286,7 @@ pub async fn create_refund(
             events: "[]".into(),
         },
     );
-    tracing::info!(payment_id = %pid, refund_id = %rid, merchant = %merchant, "refund accepted");
+    tracing::info!(payment_id = %pid, refund_id = %rid, merchant = %merchant, partition = at.partition, offset = at.offset, "refund accepted");
     let mut res = json(StatusCode::ACCEPTED, &view);
     if let Ok(loc) = format!("/v1/refunds/{rid}").parse() {
         res.headers_mut().insert("location", loc);

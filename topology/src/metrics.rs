@@ -33,6 +33,7 @@ pub struct Metrics {
     pub payments_expired: IntCounter,
     pub store_keys: IntGaugeVec,
     pub notifications: IntCounterVec,
+    pub input_gaps: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -135,6 +136,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "gateway_notifications_made_total",
             "Merchant notifications made by the topology (status changes), by type",
             &["type"]
+        )?,
+        input_gaps: register_int_counter!(
+            "gateway_input_gaps_total",
+            "Times a task's next input record was not the one after its checkpoint (transaction markers, aborted records, or records not delivered)"
         )?,
         payments_expired: register_int_counter!(
             "gateway_payments_expired_total",

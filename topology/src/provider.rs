@@ -277,6 +277,11 @@ impl Dispatcher {
                 .payload(&payload)
                 .headers(headers);
             match self.producer.send(record, Duration::from_secs(10)).await {
+                Ok(d) if crate::runtime::unconfirmed(&d) => {
+                    METRICS.errors.with_label_values(&["reply_publish"]).inc();
+                    tracing::warn!(payment_id = %call.payment_id, attempt, "provider reply confirmed without an offset; sending again");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
                 Ok(_) => return,
                 Err((e, _)) => {
                     METRICS.errors.with_label_values(&["reply_publish"]).inc();

@@ -272,12 +272,57 @@ fn merchants_notifying(url: &str) -> anyhow::Result<String> {
 struct Verdict {
     terminal: usize,
     lost: usize,
+    /// The first lost payments' ids.
+    lost_ids: Vec<String>,
     double_charged: usize,
     charged_not_completed: usize,
     illegal: usize,
     gaps: usize,
     mismatches: usize,
     notifications: testkit::verify::NotificationVerdict,
+}
+
+/// Prints where the commands of lost payments and refunds lie in the commands topic: a
+/// command the topic holds was lost downstream of it (a worker skipped or dropped it);
+/// one it lacks was lost on the way in, although the API had its delivery report.
+fn trace_lost(
+    kafka: &Kafka,
+    commands_topic: &str,
+    payments: &[String],
+    refunds: &[String],
+) -> anyhow::Result<()> {
+    if payments.is_empty() && refunds.is_empty() {
+        return Ok(());
+    }
+    let truncated = kafka.truncated_partitions(commands_topic)?;
+    let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in kafka.read_all(commands_topic)? {
+        let Ok(cmd) = payments::wire::decode_command(r.key.as_deref(), r.payload.as_deref()) else {
+            continue;
+        };
+        let what = match &cmd.body {
+            payments::CommandBody::Refund(req) if refunds.contains(&req.refund_id.to_string()) => {
+                req.refund_id.to_string()
+            }
+            _ if payments.contains(&cmd.payment_id.to_string()) => cmd.payment_id.to_string(),
+            _ => continue,
+        };
+        found.entry(what).or_default().push(format!(
+            "{}@{}-{}",
+            cmd.body.kind(),
+            r.partition,
+            r.offset
+        ));
+    }
+    for id in payments.iter().chain(refunds) {
+        match found.get(id) {
+            Some(at) => println!("chaos: lost {id}: its commands are in the topic at {at:?}"),
+            None => println!(
+                "chaos: lost {id}: not in the commands topic (partitions whose head is gone: {truncated:?})"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The refunds judged against the provider's ledger (see [`testkit::verify::refunds`]).
@@ -333,7 +378,12 @@ async fn verify(
     for id in accepted.values() {
         match projected.get(id).map(|(s, _)| Status::parse(s)) {
             Some(Some(s)) if s.is_terminal() => v.terminal += 1,
-            _ => v.lost += 1,
+            _ => {
+                v.lost += 1;
+                if v.lost_ids.len() < 5 {
+                    v.lost_ids.push(id.clone());
+                }
+            }
         }
     }
     // The provider's ledger: one capture at most, and only for completed payments.
@@ -832,6 +882,16 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|r| (r.webhook_id, r.body))
         .collect();
+    // A worker refuses a changelog without its head, and a consumer cannot read commands
+    // that are gone: either would show as losses the gateway did not make.
+    for topic in [&commands, &changelog] {
+        let truncated = kafka.truncated_partitions(topic)?;
+        anyhow::ensure!(
+            truncated.is_empty(),
+            "{topic} no longer starts at offset 0 in partitions {truncated:?} (the mock cluster keeps about 5 MB \
+             per partition): run with more --partitions or fewer --payments"
+        );
+    }
     let v = verify(&kafka, &events, &pool, &ledger, &accepted, &notified).await?;
     let n = &v.notifications;
     let distinct = notified
@@ -862,6 +922,10 @@ async fn main() -> anyhow::Result<()> {
         r.lost.iter().take(5).collect::<Vec<_>>(),
         r.mismatched.iter().take(5).collect::<Vec<_>>(),
     );
+    let lost_refunds: Vec<String> = r.lost.iter().take(5).cloned().collect();
+    if let Err(e) = trace_lost(&kafka, &commands, &v.lost_ids, &lost_refunds) {
+        println!("chaos: the commands topic could not be searched for what was lost: {e:#}");
+    }
     println!(
         "chaos: detail load_s={load_s:.1} drained_s={drained_s:.1} duplicate_requests={} client_retries={} refused={} crashes_restarted={} fresh_disk_restores={} charged_not_completed={} provider_requests={} webhooks_sent={} logs={}",
         load.duplicates.load(Ordering::Relaxed),

@@ -447,6 +447,10 @@ async fn main() -> anyhow::Result<()> {
             &format!("http://{sim_addr}"),
             "--store-cache-mb",
             &a.store_cache_mb.to_string(),
+            // The mock cluster keeps a partition's last 5 MB: the killed worker's restore
+            // reads that window, which is what the soak measures.
+            "--restore-truncated-changelog",
+            "true",
         ]),
         root: root.clone(),
         restarts: 0,

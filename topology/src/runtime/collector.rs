@@ -196,11 +196,26 @@ async fn ship_record(
             Duration::from_secs(30),
         )
         .await
-        .map(|d| d.offset)
-        .map_err(|(e, _)| {
+        .map_err(|(e, _)| e.to_string())
+        .and_then(|d| match d.offset {
+            // Implicitly acknowledged (see `unconfirmed`): maybe not written.
+            o if o < 0 => Err("the broker confirmed no offset".to_owned()),
+            o => Ok(o),
+        })
+        .map_err(|e| {
             METRICS.errors.with_label_values(&["changelog_produce"]).inc();
             anyhow::anyhow!("publishing to the changelog {topic}-{partition} failed: {e}; the task restarts and ships its queued changelog again")
         })
+}
+
+/// Whether a delivery report lacks an offset. librdkafka's idempotent producer reports a
+/// record as delivered without one when the broker acknowledged a later record of the
+/// partition (an "implicit acknowledgement", after a timed-out request): a broker that
+/// checks idempotent sequences wrote it, one that does not (librdkafka's mock cluster,
+/// for producers without a transactional id) may have dropped it. Records reported so
+/// are sent again; a duplicate is harmless where a loss is not.
+pub(crate) fn unconfirmed(d: &rdkafka::producer::future_producer::Delivery) -> bool {
+    d.offset < 0
 }
 
 async fn produce_outbox_record(
@@ -250,6 +265,11 @@ async fn produce_until_acked(
             record = record.key(k);
         }
         match producer.send(record, Duration::from_secs(30)).await {
+            Ok(d) if unconfirmed(&d) => {
+                METRICS.errors.with_label_values(&["kafka_produce"]).inc();
+                tracing::warn!(%topic, "delivery confirmed without an offset; sending again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
             Ok(_) => return Ok(()),
             Err((e, _)) => {
                 METRICS.errors.with_label_values(&["kafka_produce"]).inc();

@@ -11,7 +11,7 @@
 //! Whatever prefix of it such a reader restores from holds every output the prefix does
 //! not, so a restore publishes them; nothing it has seen is ever lost.
 
-use super::collector::{changelog_record, owned_headers, Outbox};
+use super::collector::{changelog_record, owned_headers, unconfirmed, Outbox};
 use super::tasks::observe_stage;
 use super::thread::WorkerConsumer;
 use super::{producer, WorkerSettings};
@@ -199,6 +199,11 @@ async fn send_changelog(
     let mut last = None;
     for r in join_all(sends).await {
         let d = r.map_err(|(e, _)| txn_error("publishing the changelog", e))?;
+        if unconfirmed(&d) {
+            return Err(TxnError::Retry(anyhow::anyhow!(
+                "publishing the changelog: a record's offset was not confirmed"
+            )));
+        }
         last = last.max(Some(d.offset));
     }
     Ok(last)
@@ -224,7 +229,12 @@ async fn send_outputs(producer: &FutureProducer, outputs: &[OutboxEntry]) -> Res
         OutboxEntry::Provider(_) => None,
     });
     for r in join_all(sends).await {
-        r.map_err(|(e, _)| txn_error("publishing outputs", e))?;
+        let d = r.map_err(|(e, _)| txn_error("publishing outputs", e))?;
+        if unconfirmed(&d) {
+            return Err(TxnError::Retry(anyhow::anyhow!(
+                "publishing outputs: a record's offset was not confirmed"
+            )));
+        }
     }
     Ok(())
 }

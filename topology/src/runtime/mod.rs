@@ -36,6 +36,7 @@ mod restore;
 mod tasks;
 mod thread;
 
+pub(crate) use collector::unconfirmed;
 pub use restore::restore_partition;
 pub use thread::{run_worker, PREFETCH_KBYTES};
 
@@ -62,6 +63,11 @@ pub struct WorkerSettings {
     pub changelog: bool,
     /// sled's page cache per partition store.
     pub store_cache_bytes: u64,
+    /// Restore from a changelog whose first records are gone (what is left of it) rather
+    /// than refuse the partition: the store then misses every key last written before
+    /// them. For a deployment that accepts that loss, and for measurements against a
+    /// broker that keeps only a partition's latest bytes.
+    pub restore_truncated_changelog: bool,
 }
 
 /// Per-request timeout of provider calls unless configured (`PROVIDER_TIMEOUT_MS`).
@@ -86,6 +92,7 @@ impl WorkerSettings {
             kafka: vec![],
             changelog: true,
             store_cache_bytes: stores::DEFAULT_CACHE_BYTES,
+            restore_truncated_changelog: false,
         }
     }
 }
@@ -103,6 +110,9 @@ pub fn producer(brokers: &str, extra: &[(String, String)]) -> anyhow::Result<Fut
     let mut c = client_config(brokers, &[]);
     c.set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // Changelog values, outbox records and notifications are repetitive JSON and
+        // bincode: lz4 (built into librdkafka) shrinks what the brokers store and move.
+        .set("compression.type", "lz4")
         .set("message.timeout.ms", "30000");
     for (k, v) in extra {
         c.set(k, v);

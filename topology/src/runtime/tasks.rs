@@ -133,6 +133,12 @@ fn spawn_task(
                 (_, None) => false,
             };
             if stale.is_some() || behind_log || behind_group {
+                ensure_changelog_whole(
+                    &changelog,
+                    partition,
+                    low,
+                    settings.restore_truncated_changelog,
+                )?;
                 let restored = tokio::task::block_in_place(|| {
                     restore_from_changelog(
                         &store,
@@ -181,6 +187,37 @@ fn spawn_task(
         }
     });
     Ok(TaskHandle { tx, join })
+}
+
+/// A restore rebuilds the store from the whole changelog: one whose head is gone
+/// (deleted by retention, or by a broker that keeps only the latest bytes) would leave out
+/// every key last written before its start, silently: payments, refunds and timers that
+/// are still live. Such a partition is refused instead, unless the worker is told to
+/// accept that loss.
+fn ensure_changelog_whole(
+    changelog: &str,
+    partition: i32,
+    low: i64,
+    accept_loss: bool,
+) -> anyhow::Result<()> {
+    if low > 0 {
+        METRICS
+            .errors
+            .with_label_values(&["changelog_head_missing"])
+            .inc();
+        if accept_loss {
+            tracing::warn!(%changelog, partition, log_start = low, "restoring from a changelog whose first records are gone: keys last written before them are lost (RESTORE_TRUNCATED_CHANGELOG)");
+            return Ok(());
+        }
+        anyhow::bail!(
+            "restoring from {changelog}-{partition} needs the changelog from offset 0, but it starts at {low}: \
+             its first records were deleted, and a store rebuilt from the rest would miss every key last written \
+             before them. The changelog topic must be cleanup.policy=compact without retention (docker-compose.yml's \
+             kafka-init creates it so); restore the topic's records, run this partition where its local store \
+             is current, or accept the loss with RESTORE_TRUNCATED_CHANGELOG=true"
+        );
+    }
+    Ok(())
 }
 
 async fn task_loop(

@@ -129,6 +129,13 @@ impl Task {
             if next.is_some_and(|n| raw.offset < n) {
                 continue;
             }
+            if let Some(n) = next.filter(|n| raw.offset > *n) {
+                // A source written only by idempotent producers has no holes: offsets
+                // skipped here are transaction markers or aborted records, or records
+                // the consumer never handed over.
+                METRICS.input_gaps.inc();
+                tracing::info!(topic = %raw.topic, partition = raw.partition, expected = n, got = raw.offset, "input offsets skipped");
+            }
             let offset = raw.offset;
             let mut step = Step {
                 input: Some(crate::processor::InputPosition {
