@@ -53,6 +53,8 @@ pub struct StackOptions {
     /// Merchant id → where its notifications go (the notifier retries after 100 ms,
     /// doubling to 1 s, each attempt for at most 2 s).
     pub merchant_endpoints: HashMap<String, sinks::notifier::Endpoint>,
+    /// Extra librdkafka properties for every client of the gateway (`--kafka-prop`).
+    pub kafka_props: Vec<(String, String)>,
 }
 
 impl StackOptions {
@@ -79,6 +81,7 @@ impl Default for StackOptions {
             admission_min_backlog: 1_000,
             max_creates_in_flight: 256,
             merchant_endpoints: HashMap::new(),
+            kafka_props: vec![],
         }
     }
 }
@@ -244,7 +247,7 @@ impl Stack {
             topology,
             events_topic: events,
             dlq_topic: dlq,
-            kafka: vec![],
+            kafka: opts.kafka_props.clone(),
         };
         let (shutdown, _) = broadcast::channel(1);
         let merchants = vec![
@@ -351,6 +354,9 @@ impl Stack {
                     .arg("--ops-listen")
                     .arg("127.0.0.1:0")
                     .stdin(std::process::Stdio::null());
+                for (k, v) in &self.common.kafka {
+                    cmd.arg("--kafka-prop").arg(format!("{k}={v}"));
+                }
                 if std::env::var_os("TEST_LOG").is_none() {
                     cmd.stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null());

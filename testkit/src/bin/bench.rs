@@ -72,6 +72,10 @@ struct Args {
     /// `at_least_once`).
     #[arg(long)]
     exactly_once: bool,
+    /// Extra librdkafka property for every client of the gateway, `key=value`
+    /// (repeatable), e.g. `compression.type=none`.
+    #[arg(long = "kafka-prop")]
+    kafka_props: Vec<String>,
 }
 
 fn exactly_once(t: &mut topology::config::TopologyFile) {
@@ -248,6 +252,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         store_cache_mb: a.store_cache_mb,
         max_creates_in_flight: a.max_creates_in_flight,
         edit_topology: a.exactly_once.then_some(exactly_once as fn(&mut _)),
+        kafka_props: gateway::parse_kafka_props(&a.kafka_props)?,
         ..defaults
     })
     .await?;
