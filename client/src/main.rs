@@ -508,89 +508,88 @@ async fn run(api: &Api, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn watch(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<()> {
+/// Polls `path` until its `status` is one `done` accepts, printing each change (a 404,
+/// accepted by another API instance and not projected yet, is waited out). Returns the
+/// final body, or the last status seen (empty: none) once `timeout` has passed.
+async fn follow(
+    api: &Api,
+    path: &str,
+    timeout: Duration,
+    done: fn(&str) -> bool,
+) -> anyhow::Result<Result<Value, String>> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let (s, b) = api.get(id).await?;
+        let (s, b) = api
+            .call(api.http.get(format!("{}{path}", api.base)))
+            .await?;
         if s != 404 {
             ok(s, &b)?;
             let status = b["status"].as_str().unwrap_or("").to_owned();
             if status != last {
                 println!("{}  {status}", b["updated_at"].as_str().unwrap_or(""));
-                last = status.clone();
+                last = status;
             }
-            if terminal(&status) {
-                let (_, h) = api
-                    .call(
-                        api.http
-                            .get(format!("{}/v1/payments/{id}/events", api.base)),
-                    )
-                    .await?;
-                for e in h["events"].as_array().into_iter().flatten() {
-                    println!(
-                        "  #{} {} {}",
-                        e["seq"],
-                        e["occurred_at"].as_str().unwrap_or(""),
-                        e["type"].as_str().unwrap_or("")
-                    );
-                }
-                return Ok(());
+            if done(&last) {
+                return Ok(Ok(b));
             }
         }
         if Instant::now() > deadline {
-            bail!("{id} is still {last} after {timeout:?}");
+            return Ok(Err(last));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
+async fn watch(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    if let Err(last) = follow(api, &format!("/v1/payments/{id}"), timeout, terminal).await? {
+        bail!("{id} is still {last} after {timeout:?}");
+    }
+    let (_, h) = api
+        .call(
+            api.http
+                .get(format!("{}/v1/payments/{id}/events", api.base)),
+        )
+        .await?;
+    for e in h["events"].as_array().into_iter().flatten() {
+        println!(
+            "  #{} {} {}",
+            e["seq"],
+            e["occurred_at"].as_str().unwrap_or(""),
+            e["type"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 /// Polls a refund until it is SUCCEEDED or FAILED, printing each change; FAILED is an
 /// error naming why.
 async fn follow_refund(api: &Api, refund_id: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        let (s, b) = api
-            .call(api.http.get(format!("{}/v1/refunds/{refund_id}", api.base)))
-            .await?;
-        // 404: accepted by another API instance and not projected yet.
-        if s != 404 {
-            ok(s, &b)?;
-            let status = b["status"].as_str().unwrap_or("").to_owned();
-            if status != last {
-                println!("{}  {status}", b["updated_at"].as_str().unwrap_or(""));
-                last = status.clone();
-            }
-            match status.as_str() {
-                "SUCCEEDED" => {
-                    let payment_id = b["payment_id"].as_str().unwrap_or("");
-                    let (s, p) = api.get(payment_id).await?;
-                    ok(s, &p)?;
-                    println!(
-                        "{payment_id}: refunded {} of {} {}",
-                        p["amount_refunded"].as_i64().unwrap_or(0),
-                        p["amount"],
-                        p["currency"].as_str().unwrap_or("")
-                    );
-                    return Ok(());
-                }
-                "FAILED" => bail!(
-                    "refund {refund_id} FAILED: {}: {}",
-                    b["failure_code"].as_str().unwrap_or("unknown"),
-                    b["failure_message"].as_str().unwrap_or("")
-                ),
-                _ => {}
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "refund {refund_id} is still {} after {timeout:?}: it goes on without payctl; see it with `payctl refunds <payment id>`",
-                if last.is_empty() { "not visible" } else { &last }
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let path = format!("/v1/refunds/{refund_id}");
+    let b = match follow(api, &path, timeout, |s| matches!(s, "SUCCEEDED" | "FAILED")).await? {
+        Ok(b) => b,
+        Err(last) => bail!(
+            "refund {refund_id} is still {} after {timeout:?}: it goes on without payctl; see it with `payctl refunds <payment id>`",
+            if last.is_empty() { "not visible" } else { &last }
+        ),
+    };
+    if b["status"] == "FAILED" {
+        bail!(
+            "refund {refund_id} FAILED: {}: {}",
+            b["failure_code"].as_str().unwrap_or("unknown"),
+            b["failure_message"].as_str().unwrap_or("")
+        );
     }
+    let payment_id = b["payment_id"].as_str().unwrap_or("");
+    let (s, p) = api.get(payment_id).await?;
+    ok(s, &p)?;
+    println!(
+        "{payment_id}: refunded {} of {} {}",
+        p["amount_refunded"].as_i64().unwrap_or(0),
+        p["amount"],
+        p["currency"].as_str().unwrap_or("")
+    );
+    Ok(())
 }
 
 /// `re_…  STATUS  amount currency  created_at  reason / failure`.

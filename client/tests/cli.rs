@@ -168,12 +168,7 @@ fn word_after<'a>(out: &'a str, label: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refund_refunds_and_listen_against_a_stack() {
     use tokio::io::AsyncBufReadExt as _;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen_at = format!("127.0.0.1:{port}");
+    let listen_at = testkit::procs::free_addr().unwrap();
     let opts = StackOptions {
         merchant_endpoints: std::collections::HashMap::from([(
             "demo".to_owned(),
@@ -337,12 +332,7 @@ async fn refund_refunds_and_listen_against_a_stack() {
 /// an oversized body, an unknown path, a wrong method.
 #[tokio::test]
 async fn the_web_client_refuses_bad_requests_with_json_errors() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let at = format!("127.0.0.1:{port}");
+    let at = testkit::procs::free_addr().unwrap();
     let _ui = tokio::process::Command::new(env!("CARGO_BIN_EXE_payctl"))
         .args(["--api", "http://127.0.0.1:9", "ui", "--listen", &at])
         .stderr(std::process::Stdio::null())

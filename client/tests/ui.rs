@@ -101,12 +101,8 @@ async fn dump_until(url: &str, what: &str, done: impl Fn(&str) -> bool) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_payment_created_and_refunded_through_the_page_shows_its_refund_and_notifications() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
+    let listen = testkit::procs::free_addr().unwrap();
+    let base = format!("http://{listen}");
     // The demo merchant's notifications go to the page's server.
     let opts = StackOptions {
         merchant_endpoints: HashMap::from([(
@@ -137,7 +133,7 @@ async fn a_payment_created_and_refunded_through_the_page_shows_its_refund_and_no
                 &format!("http://{}", stack.api),
                 "ui",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &listen,
                 "--secret",
                 NOTIFY_SECRET,
             ])
