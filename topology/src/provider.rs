@@ -276,19 +276,14 @@ impl Dispatcher {
                 .key(&key)
                 .payload(&payload)
                 .headers(headers);
-            match self.producer.send(record, Duration::from_secs(10)).await {
-                Ok(d) if crate::runtime::unconfirmed(&d) => {
-                    METRICS.errors.with_label_values(&["reply_publish"]).inc();
-                    tracing::warn!(payment_id = %call.payment_id, attempt, "provider reply confirmed without an offset; sending again");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Ok(_) => return,
-                Err((e, _)) => {
-                    METRICS.errors.with_label_values(&["reply_publish"]).inc();
-                    tracing::warn!(payment_id = %call.payment_id, attempt, error = %e, "publishing provider reply failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
+            let e = match self.producer.send(record, Duration::from_secs(10)).await {
+                Ok(d) if !crate::runtime::unconfirmed(&d) => return,
+                Ok(_) => crate::runtime::NO_OFFSET.to_owned(),
+                Err((e, _)) => e.to_string(),
+            };
+            METRICS.errors.with_label_values(&["reply_publish"]).inc();
+            tracing::warn!(payment_id = %call.payment_id, attempt, error = %e, "publishing provider reply failed; retrying");
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         tracing::error!(payment_id = %call.payment_id, "provider reply not published; the provider timeout will ask for the status");
     }

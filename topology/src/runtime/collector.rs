@@ -197,10 +197,9 @@ async fn ship_record(
         )
         .await
         .map_err(|(e, _)| e.to_string())
-        .and_then(|d| match d.offset {
-            // Implicitly acknowledged (see `unconfirmed`): maybe not written.
-            o if o < 0 => Err("the broker confirmed no offset".to_owned()),
-            o => Ok(o),
+        .and_then(|d| match unconfirmed(&d) {
+            true => Err(NO_OFFSET.to_owned()),
+            false => Ok(d.offset),
         })
         .map_err(|e| {
             METRICS.errors.with_label_values(&["changelog_produce"]).inc();
@@ -217,6 +216,9 @@ async fn ship_record(
 pub(crate) fn unconfirmed(d: &rdkafka::producer::future_producer::Delivery) -> bool {
     d.offset < 0
 }
+
+/// What an [`unconfirmed`] delivery is reported as.
+pub(crate) const NO_OFFSET: &str = "the broker confirmed no offset";
 
 async fn produce_outbox_record(
     producer: &FutureProducer,
@@ -264,21 +266,16 @@ async fn produce_until_acked(
         if let Some(k) = &key {
             record = record.key(k);
         }
-        match producer.send(record, Duration::from_secs(30)).await {
-            Ok(d) if unconfirmed(&d) => {
-                METRICS.errors.with_label_values(&["kafka_produce"]).inc();
-                tracing::warn!(%topic, "delivery confirmed without an offset; sending again");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Ok(_) => return Ok(()),
-            Err((e, _)) => {
-                METRICS.errors.with_label_values(&["kafka_produce"]).inc();
-                if let Some((code, reason)) = producer.client().fatal_error() {
-                    anyhow::bail!("the Kafka producer stopped ({code:?}: {reason}); the worker restarts and publishes its outbox again");
-                }
-                tracing::warn!(%topic, error = %e, "publishing failed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
+        let e = match producer.send(record, Duration::from_secs(30)).await {
+            Ok(d) if !unconfirmed(&d) => return Ok(()),
+            Ok(_) => NO_OFFSET.to_owned(),
+            Err((e, _)) => e.to_string(),
+        };
+        METRICS.errors.with_label_values(&["kafka_produce"]).inc();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            anyhow::bail!("the Kafka producer stopped ({code:?}: {reason}); the worker restarts and publishes its outbox again");
         }
+        tracing::warn!(%topic, error = %e, "publishing failed; retrying");
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -11,7 +11,7 @@
 //! Whatever prefix of it such a reader restores from holds every output the prefix does
 //! not, so a restore publishes them; nothing it has seen is ever lost.
 
-use super::collector::{changelog_record, owned_headers, unconfirmed, Outbox};
+use super::collector::{changelog_record, owned_headers, unconfirmed, Outbox, NO_OFFSET};
 use super::tasks::observe_stage;
 use super::thread::WorkerConsumer;
 use super::{producer, WorkerSettings};
@@ -22,6 +22,7 @@ use futures::future::join_all;
 use payments::retry::Backoff;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::future_producer::{Delivery, OwnedDeliveryResult};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
@@ -179,6 +180,16 @@ pub(super) async fn publish_transaction(
     Ok(())
 }
 
+/// A record's delivery as a step of the transaction: a failure, or a delivery confirmed
+/// without an offset (see [`unconfirmed`]), fails the step.
+fn delivered(what: &str, r: OwnedDeliveryResult) -> Result<Delivery, TxnError> {
+    let d = r.map_err(|(e, _)| txn_error(what, e))?;
+    if unconfirmed(&d) {
+        return Err(TxnError::Retry(anyhow::anyhow!("{what}: {NO_OFFSET}")));
+    }
+    Ok(d)
+}
+
 /// Sends changelog records to the task's changelog partition and waits for them;
 /// returns the offset of the last one.
 async fn send_changelog(
@@ -198,13 +209,7 @@ async fn send_changelog(
     });
     let mut last = None;
     for r in join_all(sends).await {
-        let d = r.map_err(|(e, _)| txn_error("publishing the changelog", e))?;
-        if unconfirmed(&d) {
-            return Err(TxnError::Retry(anyhow::anyhow!(
-                "publishing the changelog: a record's offset was not confirmed"
-            )));
-        }
-        last = last.max(Some(d.offset));
+        last = last.max(Some(delivered("publishing the changelog", r)?.offset));
     }
     Ok(last)
 }
@@ -229,12 +234,7 @@ async fn send_outputs(producer: &FutureProducer, outputs: &[OutboxEntry]) -> Res
         OutboxEntry::Provider(_) => None,
     });
     for r in join_all(sends).await {
-        let d = r.map_err(|(e, _)| txn_error("publishing outputs", e))?;
-        if unconfirmed(&d) {
-            return Err(TxnError::Retry(anyhow::anyhow!(
-                "publishing outputs: a record's offset was not confirmed"
-            )));
-        }
+        delivered("publishing outputs", r)?;
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ mod restore;
 mod tasks;
 mod thread;
 
-pub(crate) use collector::unconfirmed;
+pub(crate) use collector::{unconfirmed, NO_OFFSET};
 pub use restore::restore_partition;
 pub use thread::{run_worker, PREFETCH_KBYTES};
 
