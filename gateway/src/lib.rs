@@ -261,12 +261,14 @@ pub async fn run_worker(
 pub async fn run_sink(
     common: &Common,
     group_id: &str,
+    writers: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let pool = sinks::connect(common.database_url()?, 4)?;
+    let pool = sinks::connect(common.database_url()?, writers + 2)?;
     let mut settings =
         sinks::runner::SinkSettings::new(&common.brokers, group_id, common.sink_topics()?);
     settings.kafka = common.kafka.clone();
+    settings.writers = writers;
     sinks::runner::run_sink(pool, settings, shutdown).await
 }
 

@@ -201,6 +201,10 @@ enum Cmd {
             default_value = "payment-gateway-projection"
         )]
         group_id: String,
+        /// PostgreSQL transactions the sink applies at once, each for its share of the
+        /// partitions.
+        #[arg(long, env = "SINK_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        sink_writers: u16,
         #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9102")]
         ops_listen: SocketAddr,
     },
@@ -223,6 +227,10 @@ enum Cmd {
             default_value = "payment-gateway-projection"
         )]
         group_id: String,
+        /// PostgreSQL transactions the sink applies at once, each for its share of the
+        /// partitions.
+        #[arg(long, env = "SINK_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        sink_writers: u16,
         #[command(flatten)]
         notifier: NotifierArgs,
     },
@@ -297,10 +305,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Sink {
             group_id,
+            sink_writers,
             ops_listen,
         } => {
             let ops = ops_server(ops_listen, None).await?;
-            let res = gateway::run_sink(&common, &group_id, gateway::shutdown_signal()).await;
+            let res = gateway::run_sink(
+                &common,
+                &group_id,
+                sink_writers.into(),
+                gateway::shutdown_signal(),
+            )
+            .await;
             ops.abort();
             res
         }
@@ -318,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api,
             worker,
             group_id,
+            sink_writers,
             notifier,
         } => {
             let ops = ops_server(api.ops_listen, Some(&common)).await?;
@@ -340,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // The first role to fail stops the others.
             let res = tokio::try_join!(
                 gateway::run_worker(&common, settings, wait(&tx)),
-                gateway::run_sink(&common, &group_id, wait(&tx)),
+                gateway::run_sink(&common, &group_id, sink_writers.into(), wait(&tx)),
                 gateway::run_notifier(&common, notify, wait(&tx)),
             );
             let _ = tx.send(());

@@ -72,8 +72,11 @@ pub struct SinkSettings {
     pub brokers: String,
     pub group_id: String,
     pub topics: Topics,
-    /// Records written to PostgreSQL in one transaction, at most.
+    /// Records read into one batch, at most (split between the writers).
     pub max_batch: usize,
+    /// Transactions applied at once, each on its own share of the partitions (a
+    /// partition always goes to the same writer, so its records stay in order).
+    pub writers: usize,
     /// How long a batch waits to fill once it has a record.
     pub max_wait: Duration,
     /// Extra librdkafka properties.
@@ -87,7 +90,8 @@ impl SinkSettings {
             brokers: brokers.to_owned(),
             group_id: group_id.to_owned(),
             topics,
-            max_batch: 1000,
+            max_batch: 4000,
+            writers: 2,
             max_wait: Duration::from_millis(20),
             kafka: vec![],
         }
@@ -265,18 +269,27 @@ pub async fn run_sink(
         .subscribe(&settings.topics.all())
         .context("subscribing the sink")?;
     tracing::info!(group = %settings.group_id, topics = ?settings.topics, "sink started");
-    let (batches, mut to_apply) = mpsc::channel::<Vec<InRecord>>(1);
-    let writer = tokio::spawn({
-        let consumer = consumer.clone();
-        let topics = settings.topics.clone();
-        async move {
-            while let Some(batch) = to_apply.recv().await {
-                write_batch(&pool, &topics, &consumer, &batch).await;
+    // One writer per share of the partitions: a payment's events are in one partition,
+    // so writers never touch the same rows, and each applies its records in order.
+    let writers = settings.writers.max(1);
+    let mut senders = Vec::with_capacity(writers);
+    let mut joins = Vec::with_capacity(writers);
+    for _ in 0..writers {
+        let (tx, mut to_apply) = mpsc::channel::<Vec<InRecord>>(1);
+        senders.push(tx);
+        joins.push(tokio::spawn({
+            let consumer = consumer.clone();
+            let topics = settings.topics.clone();
+            let pool = pool.clone();
+            async move {
+                while let Some(batch) = to_apply.recv().await {
+                    write_batch(&pool, &topics, &consumer, &batch).await;
+                }
             }
-        }
-    });
+        }));
+    }
     tokio::pin!(shutdown);
-    loop {
+    'read: loop {
         // Only the wait for a batch's first record gives way to the shutdown: a batch
         // begun is finished and written, so the final commit skips nothing unwritten.
         let first = tokio::select! {
@@ -284,21 +297,34 @@ pub async fn run_sink(
             m = consumer.recv() => m.map(|m| to_record(&m)),
         };
         if let Some(batch) = collect(&consumer, &settings, first).await {
-            if batches.send(batch).await.is_err() {
-                break;
+            for (writer, share) in split(batch, writers).into_iter().enumerate() {
+                if !share.is_empty() && senders[writer].send(share).await.is_err() {
+                    break 'read;
+                }
             }
         }
     }
-    // The batch being written, and the one queued, are finished before the last commit.
-    drop(batches);
-    if let Err(e) = writer.await {
-        tracing::error!(error = %e, "the sink's writer stopped abnormally");
+    // The batches being written, and those queued, are finished before the last commit.
+    drop(senders);
+    for writer in joins {
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "a sink writer stopped abnormally");
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final sink commit skipped");
     }
     tracing::info!("sink stopped");
     Ok(())
+}
+
+/// `batch` in `writers` shares by partition, each in the batch's order.
+fn split(batch: Vec<InRecord>, writers: usize) -> Vec<Vec<InRecord>> {
+    let mut shares: Vec<Vec<InRecord>> = (0..writers).map(|_| Vec::new()).collect();
+    for r in batch {
+        shares[r.partition.unsigned_abs() as usize % writers].push(r);
+    }
+    shares
 }
 
 /// The batch that starts with `first`: whatever arrives within `max_wait` of it, up to
@@ -435,4 +461,60 @@ pub async fn rebuild(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: i32, offset: i64) -> InRecord {
+        InRecord {
+            topic: topic.into(),
+            partition,
+            offset,
+            key: None,
+            payload: None,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_partition_always_goes_to_one_writer_in_its_order() {
+        let batch: Vec<InRecord> = (0..40)
+            .map(|i| {
+                record(
+                    if i % 3 == 0 { "events" } else { "commands" },
+                    i % 5,
+                    i as i64,
+                )
+            })
+            .collect();
+        let shares = split(batch.clone(), 2);
+        assert_eq!(shares.len(), 2);
+        assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), batch.len());
+        for (w, share) in shares.iter().enumerate() {
+            for r in share {
+                assert_eq!(
+                    r.partition as usize % 2,
+                    w,
+                    "partition {} in writer {w}",
+                    r.partition
+                );
+            }
+            // Within a share, each partition's records keep the batch's order.
+            for p in 0..5 {
+                let offsets: Vec<i64> = share
+                    .iter()
+                    .filter(|r| r.partition == p)
+                    .map(|r| r.offset)
+                    .collect();
+                assert!(offsets.windows(2).all(|o| o[0] < o[1]), "{offsets:?}");
+            }
+        }
+        let one = split(batch.clone(), 1);
+        assert_eq!(
+            one[0].iter().map(|r| r.offset).collect::<Vec<_>>(),
+            batch.iter().map(|r| r.offset).collect::<Vec<_>>()
+        );
+    }
 }

@@ -55,6 +55,8 @@ pub struct StackOptions {
     pub merchant_endpoints: HashMap<String, sinks::notifier::Endpoint>,
     /// Extra librdkafka properties for every client of the gateway (`--kafka-prop`).
     pub kafka_props: Vec<(String, String)>,
+    /// The sink's writers (`SINK_WRITERS`; shipped: 2).
+    pub sink_writers: usize,
 }
 
 impl StackOptions {
@@ -82,6 +84,7 @@ impl Default for StackOptions {
             max_creates_in_flight: 256,
             merchant_endpoints: HashMap::new(),
             kafka_props: vec![],
+            sink_writers: 2,
         }
     }
 }
@@ -284,9 +287,10 @@ impl Stack {
             gateway_http::spawn_server(sim.routes(), opts.sim_listen, wait_for(&shutdown)).await?;
         let sink = {
             let common = common.clone();
+            let writers = opts.sink_writers;
             let stop = wait_for(&shutdown);
             let group = format!("projection-{suffix}");
-            tokio::spawn(async move { gateway::run_sink(&common, &group, stop).await })
+            tokio::spawn(async move { gateway::run_sink(&common, &group, writers, stop).await })
         };
         let notifier = {
             let common = common.clone();

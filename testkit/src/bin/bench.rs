@@ -76,6 +76,9 @@ struct Args {
     /// (repeatable), e.g. `compression.type=none`.
     #[arg(long = "kafka-prop")]
     kafka_props: Vec<String>,
+    /// The sink's writers (`SINK_WRITERS`; shipped: 2).
+    #[arg(long, default_value_t = 2)]
+    sink_writers: usize,
 }
 
 fn exactly_once(t: &mut topology::config::TopologyFile) {
@@ -253,6 +256,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         max_creates_in_flight: a.max_creates_in_flight,
         edit_topology: a.exactly_once.then_some(exactly_once as fn(&mut _)),
         kafka_props: gateway::parse_kafka_props(&a.kafka_props)?,
+        sink_writers: a.sink_writers,
         ..defaults
     })
     .await?;
