@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_notification_indexes",
         include_str!("../migrations/0005_notification_indexes.sql"),
     ),
+    (
+        "0006_drop_unused_due_index",
+        include_str!("../migrations/0006_drop_unused_due_index.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.
