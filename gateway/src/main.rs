@@ -130,6 +130,20 @@ struct WorkerArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct SinkArgs {
+    #[arg(
+        long,
+        env = "SINK_GROUP_ID",
+        default_value = "payment-gateway-projection"
+    )]
+    group_id: String,
+    /// PostgreSQL transactions the sink applies at once, each for its share of the
+    /// partitions.
+    #[arg(long, env = "SINK_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    sink_writers: u16,
+}
+
+#[derive(Debug, clap::Args)]
 struct NotifierArgs {
     /// Merchants, with their notification endpoints and signing secrets.
     #[arg(
@@ -195,16 +209,8 @@ enum Cmd {
     },
     /// The PostgreSQL projection sink.
     Sink {
-        #[arg(
-            long,
-            env = "SINK_GROUP_ID",
-            default_value = "payment-gateway-projection"
-        )]
-        group_id: String,
-        /// PostgreSQL transactions the sink applies at once, each for its share of the
-        /// partitions.
-        #[arg(long, env = "SINK_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-        sink_writers: u16,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long, env = "OPS_LISTEN", default_value = "127.0.0.1:9102")]
         ops_listen: SocketAddr,
     },
@@ -221,16 +227,8 @@ enum Cmd {
         api: ApiArgs,
         #[command(flatten)]
         worker: WorkerArgs,
-        #[arg(
-            long,
-            env = "SINK_GROUP_ID",
-            default_value = "payment-gateway-projection"
-        )]
-        group_id: String,
-        /// PostgreSQL transactions the sink applies at once, each for its share of the
-        /// partitions.
-        #[arg(long, env = "SINK_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-        sink_writers: u16,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[command(flatten)]
         notifier: NotifierArgs,
     },
@@ -303,16 +301,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ops.abort();
             res
         }
-        Cmd::Sink {
-            group_id,
-            sink_writers,
-            ops_listen,
-        } => {
+        Cmd::Sink { sink, ops_listen } => {
             let ops = ops_server(ops_listen, None).await?;
             let res = gateway::run_sink(
                 &common,
-                &group_id,
-                sink_writers.into(),
+                &sink.group_id,
+                sink.sink_writers.into(),
                 gateway::shutdown_signal(),
             )
             .await;
@@ -332,8 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::All {
             api,
             worker,
-            group_id,
-            sink_writers,
+            sink,
             notifier,
         } => {
             let ops = ops_server(api.ops_listen, Some(&common)).await?;
@@ -356,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // The first role to fail stops the others.
             let res = tokio::try_join!(
                 gateway::run_worker(&common, settings, wait(&tx)),
-                gateway::run_sink(&common, &group_id, sink_writers.into(), wait(&tx)),
+                gateway::run_sink(&common, &sink.group_id, sink.sink_writers.into(), wait(&tx)),
                 gateway::run_notifier(&common, notify, wait(&tx)),
             );
             let _ = tx.send(());

@@ -7,7 +7,7 @@ use crate::stack::DEMO_KEY;
 use anyhow::Context as _;
 use payments::retry::Backoff;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,17 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// `program args`, not started yet, logging to `<log_dir>/<name>.log`.
+    pub fn new(name: &str, program: &Path, args: Vec<String>, log_dir: &Path) -> Proc {
+        Proc {
+            name: name.to_owned(),
+            program: program.to_owned(),
+            args,
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
     pub fn start(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -62,6 +73,61 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The `gateway` arguments every role of a harness's stack shares: its brokers,
+/// topology, topics and database.
+pub struct GatewayArgs {
+    common: Vec<String>,
+}
+
+impl GatewayArgs {
+    pub fn new(
+        brokers: &str,
+        topology_file: &Path,
+        events: &str,
+        dlq: &str,
+        database_url: &str,
+    ) -> GatewayArgs {
+        let common = [
+            "--brokers",
+            brokers,
+            "--topology",
+            &topology_file.display().to_string(),
+            "--events-topic",
+            events,
+            "--dlq-topic",
+            dlq,
+            "--database-url",
+            database_url,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        GatewayArgs { common }
+    }
+
+    /// The shared arguments followed by `extra` (a role and its own arguments).
+    pub fn with(&self, extra: &[&str]) -> Vec<String> {
+        let mut v = self.common.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// `gateway api` as the harnesses run it: on `listen`, its operational endpoints on
+    /// any free port, the merchants of `merchants`, and no rate limit.
+    pub fn api(&self, listen: &str, merchants: &Path) -> Vec<String> {
+        self.with(&[
+            "api",
+            "--listen",
+            listen,
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--merchants",
+            &merchants.display().to_string(),
+            "--rate-limit",
+            "0",
+        ])
     }
 }
 

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use testkit::kafka::{Fault, Kafka};
 use testkit::merchant::{MerchantEndpoint, Mode};
 use testkit::procs::{
-    create, free_addr, in_letters, lock, refund, sibling, Load, Proc, RefundLoad,
+    create, free_addr, in_letters, lock, refund, sibling, GatewayArgs, Load, Proc, RefundLoad,
 };
 use testkit::stack::{shipped_topology, topology_text, SHIPPED_POLICY};
 
@@ -529,30 +529,15 @@ async fn main() -> anyhow::Result<()> {
     let merchants = root.join("merchants.toml");
     std::fs::write(&merchants, merchants_notifying(&merchant.url())?)?;
     let (api_addr, sim_addr) = (free_addr()?, free_addr()?);
-    let common = vec![
-        "--brokers".to_owned(),
-        kafka.brokers().to_owned(),
-        "--topology".to_owned(),
-        topology_file.display().to_string(),
-        "--events-topic".to_owned(),
-        events.clone(),
-        "--dlq-topic".to_owned(),
-        dlq.clone(),
-        "--database-url".to_owned(),
-        database_url.clone(),
-    ];
-    let with = |extra: &[&str]| -> Vec<String> {
-        let mut v = common.clone();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let proc = |name: &str, program: &Path, args: Vec<String>| Proc {
-        name: name.to_owned(),
-        program: program.to_owned(),
-        args,
-        log: root.join(format!("{name}.log")),
-        child: None,
-    };
+    let gw = GatewayArgs::new(
+        kafka.brokers(),
+        &topology_file,
+        &events,
+        &dlq,
+        &database_url,
+    );
+    let proc =
+        |name: &str, program: &Path, args: Vec<String>| Proc::new(name, program, args, &root);
     let sim_args: Vec<String> = [
         "--listen",
         &sim_addr,
@@ -583,7 +568,7 @@ async fn main() -> anyhow::Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let worker_base = with(&[
+    let worker_base = gw.with(&[
         "worker",
         "--provider-url",
         &format!("http://{sim_addr}"),
@@ -596,17 +581,7 @@ async fn main() -> anyhow::Result<()> {
     // offsets. Under exactly_once those are committed in the transactions, which the mock
     // cluster does not store: the whole topic would look like backlog and every create
     // be refused. There the backlog bound is off (the in-flight bound stays).
-    let mut api_args = with(&[
-        "api",
-        "--listen",
-        &api_addr,
-        "--ops-listen",
-        "127.0.0.1:0",
-        "--merchants",
-        &merchants.display().to_string(),
-        "--rate-limit",
-        "0",
-    ]);
+    let mut api_args = gw.api(&api_addr, &merchants);
     if a.guarantee == "exactly_once" && kafka.is_mock() {
         api_args.extend(["--admission-max-backlog-ms".to_owned(), "0".to_owned()]);
     }
@@ -615,7 +590,7 @@ async fn main() -> anyhow::Result<()> {
         sink: proc(
             "sink",
             &gateway,
-            with(&[
+            gw.with(&[
                 "sink",
                 "--group-id",
                 "projection",
@@ -628,7 +603,7 @@ async fn main() -> anyhow::Result<()> {
         notifier: proc(
             "notifier",
             &gateway,
-            with(&[
+            gw.with(&[
                 "notifier",
                 "--notify-merchants",
                 &merchants.display().to_string(),

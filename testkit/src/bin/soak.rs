@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::kafka::Kafka;
-use testkit::procs::{create, free_addr, in_letters, lock, sibling, Load, Proc};
+use testkit::procs::{create, free_addr, in_letters, lock, sibling, GatewayArgs, Load, Proc};
 use testkit::stack::{component, set_param, shipped_topology, topology_text, SHIPPED_POLICY};
 
 #[derive(Debug, Parser)]
@@ -367,30 +367,15 @@ async fn main() -> anyhow::Result<()> {
     let database_url = testkit::pg::server()?.fresh_database().await?;
     let merchants = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/merchants.toml");
     let (api_addr, sim_addr) = (free_addr()?, free_addr()?);
-    let common = vec![
-        "--brokers".to_owned(),
-        kafka.brokers().to_owned(),
-        "--topology".to_owned(),
-        topology_file.display().to_string(),
-        "--events-topic".to_owned(),
-        events.clone(),
-        "--dlq-topic".to_owned(),
-        dlq.clone(),
-        "--database-url".to_owned(),
-        database_url.clone(),
-    ];
-    let with = |extra: &[&str]| -> Vec<String> {
-        let mut v = common.clone();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let proc = |name: &str, program: &Path, args: Vec<String>| Proc {
-        name: name.to_owned(),
-        program: program.to_owned(),
-        args,
-        log: root.join(format!("{name}.log")),
-        child: None,
-    };
+    let gw = GatewayArgs::new(
+        kafka.brokers(),
+        &topology_file,
+        &events,
+        &dlq,
+        &database_url,
+    );
+    let proc =
+        |name: &str, program: &Path, args: Vec<String>| Proc::new(name, program, args, &root);
     let mut sim = proc(
         "provider-sim",
         &sim_bin,
@@ -411,25 +396,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.to_string())
         .collect(),
     );
-    let mut api = proc(
-        "api",
-        &gateway,
-        with(&[
-            "api",
-            "--listen",
-            &api_addr,
-            "--ops-listen",
-            "127.0.0.1:0",
-            "--merchants",
-            &merchants.display().to_string(),
-            "--rate-limit",
-            "0",
-        ]),
-    );
+    let mut api = proc("api", &gateway, gw.api(&api_addr, &merchants));
     let mut sink = proc(
         "sink",
         &gateway,
-        with(&[
+        gw.with(&[
             "sink",
             "--group-id",
             "projection",
@@ -441,7 +412,7 @@ async fn main() -> anyhow::Result<()> {
         procs: vec![],
         ops: vec![free_addr()?, free_addr()?],
         dirs: vec![root.join("worker-0-0"), root.join("worker-1-0")],
-        base: with(&[
+        base: gw.with(&[
             "worker",
             "--provider-url",
             &format!("http://{sim_addr}"),
