@@ -79,6 +79,10 @@ struct Args {
     /// The sink's writers (`SINK_WRITERS`; shipped: 2).
     #[arg(long, default_value_t = 2)]
     sink_writers: usize,
+    /// With `--rate`: count refused creates instead of retrying them (as the overload
+    /// run does).
+    #[arg(long)]
+    no_retry: bool,
 }
 
 fn exactly_once(t: &mut topology::config::TopologyFile) {
@@ -126,6 +130,9 @@ struct Run {
     lost: usize,
     throughput: f64,
     post_p99_ms: f64,
+    /// POST p99 of the accepted and of the refused creates apart.
+    accepted_post_p99_ms: f64,
+    refused_post_p99_ms: f64,
     e2e_p50_ms: f64,
     e2e_p99_ms: f64,
     raw: Option<Raw>,
@@ -155,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             0 => Load::Max,
             r => Load::Open {
                 rate: r as f64,
-                retry_refused: true,
+                retry_refused: !a.no_retry,
             },
         };
         let r = run(&a, load, a.payments, !a.skip_raw).await?;
@@ -390,8 +397,12 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         .filter_map(|r| done.get(&r.0).map(|t| (*t - r.1) as f64))
         .collect();
     e2e.sort_by(f64::total_cmp);
-    let mut post: Vec<f64> = results.iter().map(|r| r.2).collect();
-    post.sort_by(f64::total_cmp);
+    let post_of = |keep: &dyn Fn(u16) -> bool| {
+        let mut v: Vec<f64> = results.iter().filter(|r| keep(r.3)).map(|r| r.2).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let post = post_of(&|_| true);
     let last_done = done.values().copied().max().unwrap_or(started_ms);
     let elapsed_s = ((last_done - started_ms) as f64 / 1000.0).max(0.001);
     let throughput = ids.len() as f64 / elapsed_s;
@@ -506,11 +517,20 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         lost,
         throughput,
         post_p99_ms: percentile(&post, 0.99),
+        accepted_post_p99_ms: percentile(&post_of(&|s| s == 202), 0.99),
+        refused_post_p99_ms: percentile(&post_of(&|s| s == 503), 0.99),
         e2e_p50_ms: percentile(&e2e, 0.50),
         e2e_p99_ms: percentile(&e2e, 0.99),
         raw,
         peak_rss_mb: peak_rss_mb(worker_pid),
     };
+    eprintln!(
+        "bench: post detail p50_ms={:.1} p99_ms={:.1} accepted_p99_ms={:.1} refused_p99_ms={:.1}",
+        percentile(&post, 0.50),
+        run.post_p99_ms,
+        run.accepted_post_p99_ms,
+        run.refused_post_p99_ms
+    );
     stack.shutdown().await?;
     Ok(run)
 }
