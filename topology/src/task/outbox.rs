@@ -5,11 +5,17 @@ use crate::processor::{ProviderCall, Record};
 use serde::{Deserialize, Serialize};
 
 /// A record the task must publish once its batch is durable.
+///
+/// The key and payload are (de)serialized as bytes: bincode writes them exactly as a
+/// sequence of `u8` (a length, then the bytes), so stored entries read the same either
+/// way, and they decode in one copy instead of byte by byte.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum OutboxEntry {
     Kafka {
         topic: String,
+        #[serde(with = "serde_bytes")]
         key: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         headers: Vec<(String, Vec<u8>)>,
     },
@@ -129,5 +135,51 @@ pub(super) fn kafka_entry(topic: &str, record: Record, trace: Option<String>) ->
         key,
         payload,
         headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entry as earlier versions declared it (byte fields as sequences of `u8`).
+    #[derive(Debug, Serialize, Deserialize)]
+    enum SequenceEncoded {
+        Kafka {
+            topic: String,
+            key: Option<Vec<u8>>,
+            payload: Vec<u8>,
+            headers: Vec<(String, Vec<u8>)>,
+        },
+        #[allow(dead_code)]
+        Provider(ProviderCall),
+    }
+
+    #[test]
+    fn stored_entries_read_the_same_as_bytes_and_as_sequences() {
+        let payload: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+        for key in [None, Some(Vec::new()), Some(b"pay_01J7".to_vec())] {
+            let old = SequenceEncoded::Kafka {
+                topic: "payments.events".into(),
+                key: key.clone(),
+                payload: payload.clone(),
+                headers: vec![("traceparent".into(), b"00-ab-cd-01".to_vec())],
+            };
+            let new = vec![OutboxEntry::Kafka {
+                topic: "payments.events".into(),
+                key: key.clone(),
+                payload: payload.clone(),
+                headers: vec![("traceparent".into(), b"00-ab-cd-01".to_vec())],
+            }];
+            let old_bytes = stores::encode(&vec![old]);
+            assert_eq!(stores::encode(&new), old_bytes, "key {key:?}");
+            let read: Vec<OutboxEntry> = stores::decode("__outbox", &old_bytes).expect("decodes");
+            match &read[..] {
+                [OutboxEntry::Kafka {
+                    key: k, payload: p, ..
+                }] => assert_eq!((k, p), (&key, &payload)),
+                other => panic!("read back as {other:?}"),
+            }
+        }
     }
 }
