@@ -31,6 +31,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_drop_unused_due_index",
         include_str!("../migrations/0006_drop_unused_due_index.sql"),
     ),
+    (
+        "0007_drop_payments_key_unique",
+        include_str!("../migrations/0007_drop_payments_key_unique.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

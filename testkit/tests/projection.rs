@@ -170,3 +170,66 @@ async fn events_out_of_order_wait_for_their_predecessors_and_fold_in_seq_order()
         .get(0);
     assert_eq!(events, 8, "each (payment_id, seq) is stored once");
 }
+
+/// Every index on `payments` costs a write on each insert and each status change (those
+/// are never HOT updates), so each one is there for a query: the primary key (reads by
+/// id, the API's idempotency look-up), a merchant's list newest first, the list by
+/// status, and the open payments. (merchant_id, idempotency_key) needs no index of its
+/// own: the id is derived from both, so the primary key keeps them unique.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_payments_table_keeps_only_the_indexes_its_queries_use() {
+    let url = testkit::pg::server()
+        .unwrap()
+        .fresh_database()
+        .await
+        .unwrap();
+    let pool = sinks::connect(&url, 2).unwrap();
+    sinks::migrate(&pool).await.unwrap();
+    let c = pool.get().await.unwrap();
+    let indexes: Vec<String> = c
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'payments' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "payments_by_merchant",
+            "payments_by_status",
+            "payments_open",
+            "payments_pkey"
+        ]
+    );
+
+    // The same merchant and key always name the same payment: a second history under
+    // that key is the same row, and another merchant's same key is another payment.
+    let a = history("order-a");
+    assert_eq!(
+        a[0].payment_id,
+        PaymentId::derive(
+            &MerchantId::parse("acme").unwrap(),
+            &IdempotencyKey::parse("order-a").unwrap()
+        )
+    );
+    assert_ne!(
+        a[0].payment_id,
+        PaymentId::derive(
+            &MerchantId::parse("other").unwrap(),
+            &IdempotencyKey::parse("order-a").unwrap()
+        )
+    );
+    apply(&pool, &records(&a.iter().collect::<Vec<_>>(), 0)).await;
+    apply(
+        &pool,
+        &records(&history("order-a").iter().collect::<Vec<_>>(), 4),
+    )
+    .await;
+    let r = rows(&pool).await;
+    assert_eq!(r.len(), 1, "one row for one merchant's key");
+    assert_eq!(r[&a[0].payment_id.to_string()], (4, fold(&a)));
+}
