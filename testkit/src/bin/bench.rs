@@ -404,20 +404,25 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
     let elapsed_s = ((last_done - started_ms) as f64 / 1000.0).max(0.001);
     let throughput = ids.len() as f64 / elapsed_s;
 
-    // The work the pipeline did: Kafka records moved and PostgreSQL rows written.
+    // The work the pipeline did: Kafka records moved (commands, events and merchant
+    // notifications) and PostgreSQL rows written (events, payments, notifications).
     let commands = stack.kafka.read_all(&stack.commands_topic())?;
     let events = stack.kafka.read_all(&stack.common.events_topic)?;
-    let kafka_records = commands.len() + events.len();
-    let avg_size = (commands
-        .iter()
-        .chain(events.iter())
+    let notifications = match stack.common.topology.notifications_topic() {
+        Some(t) => stack.kafka.read_all(&t)?,
+        None => Vec::new(),
+    };
+    let moved = || commands.iter().chain(&events).chain(&notifications);
+    let kafka_records = moved().count();
+    let avg_size = (moved()
         .map(|r| r.payload.as_ref().map_or(0, Vec::len))
         .sum::<usize>()
         / kafka_records.max(1))
     .max(1);
     let pg_rows: i64 = c
         .query_one(
-            "SELECT (SELECT count(*) FROM payment_events) + (SELECT count(*) FROM payments)",
+            "SELECT (SELECT count(*) FROM payment_events) + (SELECT count(*) FROM payments)
+                    + (SELECT count(*) FROM webhook_deliveries)",
             &[],
         )
         .await?
@@ -447,6 +452,8 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         store_bytes as f64 / 1e6,
         store_bytes as f64 / 1e3 / ids.len().max(1) as f64
     );
+    // Before the raw runs, whose own buffers would count in the process's peak.
+    let peak_rss_mb = peak_rss_mb(worker_pid);
     eprintln!("bench: pipeline done in {elapsed_s:.1}s ({changelog} changelog records besides); measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
 
     let event_bodies: Vec<String> = events
@@ -458,16 +465,22 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
     let raw = if raw {
         let kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
         let pg = raw_pg(&pool, pg_rows as usize, &event_bodies).await?;
-        // Records per payment from those the broker still holds: the mock cluster keeps
-        // the last few MB of each partition, so a long run's early records are gone. Both
-        // topics are keyed by payment.
-        let retained_payments = commands
+        // Records per payment from those the broker still holds, topic by topic: the mock
+        // cluster keeps the last few MB of each partition, so a long run's early records
+        // are gone (the notifications, the largest, go first). Every topic is keyed by
+        // payment.
+        let per_payment_kafka: f64 = [&commands, &events, &notifications]
             .iter()
-            .chain(events.iter())
-            .filter_map(|r| r.key.as_deref())
-            .collect::<HashSet<_>>()
-            .len();
-        let per_payment_kafka = kafka_records as f64 / retained_payments.max(1) as f64;
+            .filter(|records| !records.is_empty())
+            .map(|records| {
+                let payments = records
+                    .iter()
+                    .filter_map(|r| r.key.as_deref())
+                    .collect::<HashSet<_>>()
+                    .len();
+                records.len() as f64 / payments.max(1) as f64
+            })
+            .sum();
         let per_payment_pg = pg_rows as f64 / ids.len().max(1) as f64;
         // A payment's Kafka records and its rows, one after the other on the same machine
         // (each raw measurement had the whole machine to itself, so their times add up).
@@ -517,7 +530,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         e2e_p50_ms: percentile(&e2e, 0.50),
         e2e_p99_ms: percentile(&e2e, 0.99),
         raw,
-        peak_rss_mb: peak_rss_mb(worker_pid),
+        peak_rss_mb,
     };
     eprintln!(
         "bench: post detail p50_ms={:.1} p99_ms={:.1} accepted_p99_ms={:.1} refused_p99_ms={:.1}",
@@ -629,7 +642,11 @@ fn stages() -> String {
 /// messages per second over both (their times added).
 async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> {
     let topic = format!("raw-{}", uuid::Uuid::new_v4().simple());
-    let partitions = stack.opts.partitions;
+    // The mock cluster keeps only the last 5 MB of a partition: enough partitions that
+    // none holds more than 3 MB, or a consumer would find its first records gone.
+    let warm = (n / 20).clamp(100, 5_000);
+    let bytes = (warm + n) * (size + 80);
+    let partitions = stack.opts.partitions.max(bytes.div_ceil(3 << 20) as i32);
     stack.kafka.create_topic(&topic, partitions).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", stack.kafka.brokers())
@@ -658,7 +675,6 @@ async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> 
             .collect::<Vec<_>>()
     };
     // Warm-up: connections, metadata, the idempotent producer's id.
-    let warm = (n / 20).clamp(100, 5_000);
     for r in produce(0, warm).await {
         r?;
     }
