@@ -216,6 +216,16 @@ impl PgServer {
         Ok(format!("{base}/{name}"))
     }
 
+    /// A pool of `max_size` connections to a new database holding the projection's
+    /// schema (every migration applied).
+    pub async fn migrated_pool(&self, max_size: usize) -> anyhow::Result<sinks::Pool> {
+        let pool = sinks::connect(&self.fresh_database().await?, max_size)?;
+        sinks::migrate(&pool)
+            .await
+            .context("applying the migrations")?;
+        Ok(pool)
+    }
+
     /// Stops and starts the server (tests of outages). Only for the throwaway cluster.
     pub fn restart(&self) -> anyhow::Result<()> {
         let data = self

@@ -12,14 +12,11 @@ use testkit::merchant::MerchantEndpoint;
 const SECRET: &str = "whsec_bm90aWZpZXItdGVzdC1zZWNyZXQ=";
 
 async fn fresh_pool() -> sinks::Pool {
-    let url = testkit::pg::server()
+    testkit::pg::server()
         .expect("PostgreSQL for the test (apt-get install postgresql)")
-        .fresh_database()
+        .migrated_pool(4)
         .await
-        .expect("a fresh database");
-    let pool = sinks::connect(&url, 4).expect("pool");
-    sinks::migrate(&pool).await.expect("migrations");
-    pool
+        .expect("a fresh database with the projection's schema")
 }
 
 /// Inserts a pending delivery of `merchant` as the sink would.

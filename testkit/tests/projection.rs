@@ -110,13 +110,11 @@ fn fold(events: &[Event]) -> PaymentState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_out_of_order_wait_for_their_predecessors_and_fold_in_seq_order() {
-    let url = testkit::pg::server()
+    let pool = testkit::pg::server()
         .unwrap()
-        .fresh_database()
+        .migrated_pool(2)
         .await
         .unwrap();
-    let pool = sinks::connect(&url, 2).unwrap();
-    sinks::migrate(&pool).await.unwrap();
     let a = history("order-a");
     let b = history("order-b");
     let (ida, idb) = (a[0].payment_id.to_string(), b[0].payment_id.to_string());
@@ -178,13 +176,11 @@ async fn events_out_of_order_wait_for_their_predecessors_and_fold_in_seq_order()
 /// own: the id is derived from both, so the primary key keeps them unique.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_payments_table_keeps_only_the_indexes_its_queries_use() {
-    let url = testkit::pg::server()
+    let pool = testkit::pg::server()
         .unwrap()
-        .fresh_database()
+        .migrated_pool(2)
         .await
         .unwrap();
-    let pool = sinks::connect(&url, 2).unwrap();
-    sinks::migrate(&pool).await.unwrap();
     let c = pool.get().await.unwrap();
     let indexes: Vec<String> = c
         .query(
