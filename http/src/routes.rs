@@ -201,14 +201,16 @@ pub fn routes(
                 tp,
                 payments::create_payment(s, a, k, ct, b),
             )
-        });
+        })
+        .boxed();
     let list = warp::path!("v1" / "payments")
         .and(warp::get())
         .and(st.clone())
         .and(warp::query::<payments::ListQuery>())
         .and(auth)
         .and(traceparent())
-        .then(|s, q, a, tp| timed("/v1/payments", "GET", tp, payments::list_payments(s, q, a)));
+        .then(|s, q, a, tp| timed("/v1/payments", "GET", tp, payments::list_payments(s, q, a)))
+        .boxed();
     let get = warp::path!("v1" / "payments" / String)
         .and(warp::get())
         .and(st.clone())
@@ -221,7 +223,8 @@ pub fn routes(
                 tp,
                 payments::get_payment(s, id, a),
             )
-        });
+        })
+        .boxed();
     let events = warp::path!("v1" / "payments" / String / "events")
         .and(warp::get())
         .and(st.clone())
@@ -234,7 +237,8 @@ pub fn routes(
                 tp,
                 payments::payment_events(s, id, a),
             )
-        });
+        })
+        .boxed();
     let cancel = warp::path!("v1" / "payments" / String / "cancel")
         .and(warp::post())
         .and(st.clone())
@@ -248,7 +252,8 @@ pub fn routes(
                 tp,
                 payments::cancel_payment(s, id, a, k),
             )
-        });
+        })
+        .boxed();
     let refund = warp::path!("v1" / "payments" / String / "refunds")
         .and(warp::post())
         .and(st.clone())
@@ -264,7 +269,8 @@ pub fn routes(
                 tp,
                 refunds::create_refund(s, id, a, k, ct, b),
             )
-        });
+        })
+        .boxed();
     let list_refunds = warp::path!("v1" / "payments" / String / "refunds")
         .and(warp::get())
         .and(st.clone())
@@ -277,13 +283,15 @@ pub fn routes(
                 tp,
                 refunds::list_refunds(s, id, a),
             )
-        });
+        })
+        .boxed();
     let get_refund = warp::path!("v1" / "refunds" / String)
         .and(warp::get())
         .and(st.clone())
         .and(auth)
         .and(traceparent())
-        .then(|id, s, a, tp| timed("/v1/refunds/{id}", "GET", tp, refunds::get_refund(s, id, a)));
+        .then(|id, s, a, tp| timed("/v1/refunds/{id}", "GET", tp, refunds::get_refund(s, id, a)))
+        .boxed();
     let deliveries = warp::path!("v1" / "webhook-deliveries")
         .and(warp::get())
         .and(st.clone())
@@ -297,7 +305,8 @@ pub fn routes(
                 tp,
                 deliveries::list_deliveries(s, q, a),
             )
-        });
+        })
+        .boxed();
     let redeliver = warp::path!("v1" / "webhook-deliveries" / String / "redeliver")
         .and(warp::post())
         .and(st.clone())
@@ -310,7 +319,8 @@ pub fn routes(
                 tp,
                 deliveries::redeliver(s, id, a),
             )
-        });
+        })
+        .boxed();
     let callback = warp::path!("v1" / "callbacks" / String)
         .and(warp::post())
         .and(st.clone())
@@ -331,19 +341,25 @@ pub fn routes(
                 tp,
                 callbacks::callback(s, p, h, b),
             )
-        });
-    let live = warp::path!("health" / "live").and(warp::get()).then(|| {
-        timed("/health/live", "GET", None, async {
-            Ok(warp::reply::json(&serde_json::json!({"status": "live"})).into_response())
         })
-    });
+        .boxed();
+    let live = warp::path!("health" / "live")
+        .and(warp::get())
+        .then(|| {
+            timed("/health/live", "GET", None, async {
+                Ok(warp::reply::json(&serde_json::json!({"status": "live"})).into_response())
+            })
+        })
+        .boxed();
     let ready = warp::path!("health" / "ready")
         .and(warp::get())
         .and(st.clone())
-        .then(|s| timed("/health/ready", "GET", None, health::ready(s)));
+        .then(|s| timed("/health/ready", "GET", None, health::ready(s)))
+        .boxed();
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
-        .map(|| warp::reply::json(&crate::openapi::document()).into_response());
+        .map(|| warp::reply::json(&crate::openapi::document()).into_response())
+        .boxed();
 
     let all = create
         .or(list)
@@ -371,7 +387,8 @@ pub fn routes(
         .or(ready)
         .unify()
         .or(openapi)
-        .unify();
+        .unify()
+        .boxed();
     method_guard()
         .and(all)
         .recover(recover)
