@@ -6,12 +6,21 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos soak build fmt local-stack bench fuzz
+.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos soak build fmt local-stack bench fuzz kafka
+
+# Apache Kafka's jars (kafka/pom.xml), fetched once by `make kafka`; the test kit starts
+# its brokers from them.
+KAFKA_LIBS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/payment-gateway/kafka-4.4.0
+export KAFKA_LIBS
 
 # A Python with PyYAML (Debian's, which docker-compose brings, when the first has none).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import yaml' 2>/dev/null && echo $$p && break; done)
 
-test: fmt-check clippy unit docker-check fuzz-short
+test: fmt-check clippy kafka unit docker-check fuzz-short
+
+# The Kafka broker the tests, chaos, soak, bench and local-stack run (Maven Central, once).
+kafka:
+	@bash scripts/kafka-jars.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -20,7 +29,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # Ends with one summary line over every test binary: "N passed, M failed".
-unit:
+unit: kafka
 	@mkdir -p target
 	# The compose check asks every binary for the variables it reads: build them all.
 	$(CARGO) build --workspace --bins --locked
@@ -36,18 +45,18 @@ docker-check:
 
 # Separate processes, killed and broken while payments flow (see testkit/src/bin/chaos.rs).
 # ARGS: --payments N (10000) --rate R --seed S --guarantee at_least_once --min-kills K
-chaos:
+chaos: kafka
 	$(CARGO) build --workspace --bins --locked
 	target/debug/chaos $(ARGS)
 
 # Memory, disk and restore time over a long steady run with the payments' retention in
 # minutes (see testkit/src/bin/soak.rs). ARGS, e.g.: --minutes 90 --rate 300 --retention 5m
-soak:
+soak: kafka
 	$(CARGO) build --release --locked -p gateway -p simulator -p testkit --bins
 	target/release/soak $(ARGS)
 
 # A short contract fuzz of the API (the full one is `make fuzz`).
-fuzz-short:
+fuzz-short: kafka
 	FUZZ_EXAMPLES=$${FUZZ_SHORT_EXAMPLES:-25} bash scripts/fuzz.sh
 
 build:
@@ -56,21 +65,21 @@ build:
 fmt:
 	$(CARGO) fmt --all
 
-# The whole gateway locally: mock-cluster Kafka, throwaway PostgreSQL, provider
+# The whole gateway locally: an Apache Kafka broker, throwaway PostgreSQL, provider
 # simulator, API (127.0.0.1:8080), worker, sink and the web test client
 # (127.0.0.1:8090). Ctrl-C stops it.
-local-stack:
+local-stack: kafka
 	$(CARGO) build --locked -p testkit -p payment-client --bins
 	target/debug/local-stack $(ARGS)
 
 # Pipeline throughput and latency beside the machine's raw Kafka and PostgreSQL limits.
 # ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop);
 # a memory run: ARGS="--rate 500 --payments 300000 --worker-process --memory-every-s 60".
-bench:
+bench: kafka
 	$(CARGO) build --release --locked -p gateway --bins
 	$(CARGO) run --release --locked -p testkit --bin bench -- $(ARGS)
 
 # Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on
 # a local stack; prints "fuzz: cases=N server_errors=E schema_violations=S".
-fuzz:
+fuzz: kafka
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-600} FUZZ_SEEDS=$${FUZZ_SEEDS:-1 2} bash scripts/fuzz.sh

@@ -122,6 +122,27 @@ def main():
             elif port not in exposed[host]:
                 problems.append(f"{where}: `{host}:{port}` but service `{host}` exposes {sorted(exposed[host]) or 'nothing'}")
 
+    # Kafka: the image runs the release the tests run (kafka/pom.xml pins it), and the
+    # changelog is created compacted, as the test kit creates it.
+    try:
+        with open(os.path.join(root, "kafka", "pom.xml")) as f:
+            pom = f.read()
+    except OSError:
+        pom = ""
+    m = re.search(r"<artifactId>kafka_2\.13</artifactId>\s*<version>([^<]+)</version>", pom)
+    tested = m.group(1) if m else None
+    if not tested:
+        problems.append("kafka/pom.xml names no org.apache.kafka:kafka_2.13 version")
+    for name, s in services.items():
+        image = s.get("image") or ""
+        if image.startswith("apache/kafka:") and tested and image.split(":", 1)[1] != tested:
+            problems.append(
+                f"service `{name}`: image `{image}` is not the Kafka the tests run ({tested}, kafka/pom.xml)"
+            )
+    init = " ".join(str(c) for c in (services.get("kafka-init", {}).get("command") or []))
+    if "-changelog" in init and "cleanup.policy=compact" not in init:
+        problems.append("service `kafka-init`: the changelog topic is not created with cleanup.policy=compact")
+
     for name, s in services.items():
         image = s.get("image")
         if image and "@sha256:" not in image:

@@ -1,4 +1,4 @@
-//! `payctl` against a running stack (in-process services, mock-cluster Kafka, throwaway
+//! `payctl` against a running stack (in-process services, Apache Kafka, throwaway
 //! PostgreSQL, provider simulator).
 
 use testkit::stack::{Stack, StackOptions};

@@ -68,6 +68,7 @@ fn a_broken_compose_file_fails_the_check() {
             "image: prom/prometheus:v2.54.1",
             "image: prom/prometheus:latest",
         )
+        .replace("image: apache/kafka:4.4.0", "image: apache/kafka:3.9.0")
         .replace(
             "      PROVIDER_URL: http://provider-sim:9090",
             "      PROVIDER_URL: http://provider-sim:9999\n      PROVIDR_URL: x",
@@ -85,7 +86,7 @@ fn a_broken_compose_file_fails_the_check() {
     assert_ne!(broken, original);
     std::fs::write(dir.path().join("docker-compose.yml"), broken).unwrap();
     std::fs::copy(repo().join("Dockerfile"), dir.path().join("Dockerfile")).unwrap();
-    for sub in ["prometheus", "grafana/provisioning/datasources"] {
+    for sub in ["prometheus", "grafana/provisioning/datasources", "kafka"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         for e in std::fs::read_dir(repo().join(sub)).unwrap() {
             let e = e.unwrap();
@@ -119,6 +120,7 @@ fn a_broken_compose_file_fails_the_check() {
         "static target `worker:9101` reaches one of service `worker`'s 2 replicas",
         "service `worker` (2 replicas) is not scraped through dns_sd_configs",
         ".dockerignore must exclude target/",
+        "image `apache/kafka:3.9.0` is not the Kafka the tests run (4.4.0, kafka/pom.xml)",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }

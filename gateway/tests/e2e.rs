@@ -1,6 +1,6 @@
-//! End-to-end: HTTP → Kafka protocol (mock cluster) → topology with sled → events topic →
-//! PostgreSQL, against the provider simulator. Each test has its own topics, database,
-//! state directory and services.
+//! End-to-end: HTTP → Apache Kafka (one KRaft broker shared by the tests of this binary)
+//! → topology with sled → events topic → PostgreSQL, against the provider simulator.
+//! Each test has its own topics, groups, database, state directory and services.
 
 use futures::stream::{self, StreamExt};
 use serde_json::Value;
@@ -1303,8 +1303,8 @@ async fn workers_on_fresh_disks_restore_their_stores_from_the_changelog() {
 /// A changelog whose first records are gone cannot rebuild a store: the keys last written
 /// before them would be missing (payments a refund or a late webhook still needs). A
 /// worker on a fresh disk refuses the partition with what to do, instead of restoring
-/// what is left. The mock cluster keeps about 5 MB of a partition: 6.4 MB written to the
-/// changelog deletes its head.
+/// what is left. The head goes as retention takes it on a changelog topic misconfigured
+/// with `cleanup.policy=delete` (a compacted topic refuses to delete records).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changelog_whose_head_is_gone_is_refused_not_restored_from() {
     let mut stack = Stack::start(StackOptions {
@@ -1313,10 +1313,6 @@ async fn a_changelog_whose_head_is_gone_is_refused_not_restored_from() {
     })
     .await
     .unwrap();
-    assert!(
-        stack.kafka.is_mock(),
-        "this test deletes the changelog's head through the mock cluster's size limit: run it without KAFKA_BROKERS"
-    );
     let api = stack.client(DEMO_KEY);
     let pool = stack.pool().await.unwrap();
     create_many(
@@ -1334,22 +1330,16 @@ async fn a_changelog_whose_head_is_gone_is_refused_not_restored_from() {
         .common
         .topology
         .changelog_topic(&stack.commands_topic());
-    let producer = stack.kafka.producer().unwrap();
-    let filler = vec![b'x'; 100 * 1024];
-    for i in 0..64 {
-        let key = format!("filler-{i}");
-        producer
-            .send(
-                rdkafka::producer::FutureRecord::to(&changelog)
-                    .partition(0)
-                    .key(&key)
-                    .payload(&filler),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
+    stack
+        .kafka
+        .set_topic_config(&changelog, &[("cleanup.policy", "delete")])
+        .await
+        .unwrap();
+    stack
+        .kafka
+        .delete_records_before(&changelog, 0, 2)
+        .await
+        .unwrap();
     assert_eq!(
         stack.kafka.truncated_partitions(&changelog).unwrap(),
         vec![0],
@@ -1468,7 +1458,13 @@ async fn partitions_move_between_two_workers_without_loss() {
 /// accepted, and the payment is charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_outage_is_a_clear_503_and_the_retry_is_charged_once() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    // A broker of the test's own, behind a proxy that makes it unreachable.
+    let stack = Stack::start(StackOptions {
+        own_kafka: true,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     let api = stack.client(DEMO_KEY);
     // Pending at the provider with a slow webhook: still cancelable during the outage.
     let before = api.create("before-outage", 4207, "EUR").await.unwrap();
@@ -2020,4 +2016,114 @@ async fn merchants_are_notified_of_every_status_change_through_a_failing_endpoin
         endpoint.requests()
     );
     stack.shutdown().await.unwrap();
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
+/// A task's previous owner that keeps running (a worker paused past its session, as a
+/// long GC pause or a frozen VM would): its partitions move to another worker, whose
+/// transactional producers fence the paused one's. Resumed, the old owner's next
+/// transaction is refused; a `read_committed` reader never sees what it wrote after the
+/// new owner started (the brokers' log says which transactions aborted), every payment
+/// ends once and nobody is charged twice. Under at-least-once the same pause leaves
+/// duplicates on the events topic, each identical to its first copy.
+async fn a_paused_worker_is_fenced_when_it_resumes(exactly_once: bool) {
+    let opts = StackOptions {
+        gateway_bin: Some(env!("CARGO_BIN_EXE_gateway").into()),
+        own_kafka: true,
+        edit_topology: Some(if exactly_once {
+            |t| t.processing_guarantee = topology::config::ProcessingGuarantee::ExactlyOnce
+        } else {
+            |t| t.processing_guarantee = topology::config::ProcessingGuarantee::AtLeastOnce
+        }),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(opts).await.unwrap();
+    let api = stack.client(DEMO_KEY);
+    let pool = stack.pool().await.unwrap();
+    let endings = [0, 2, 3, 5, 6, 9];
+    let batch = |from: usize, n: usize| -> Vec<(String, i64)> {
+        (from..from + n)
+            .map(|i| (format!("fence-{i}"), 6000 + i as i64 * 100 + endings[i % 6]))
+            .collect()
+    };
+    let mut created = create_many(&api, batch(0, 60), 8).await;
+    wait_for_terminal_count(&pool, 30).await;
+
+    // Paused mid-stream: more creates wait for it while a second worker joins and,
+    // once the paused one's session ends, takes every partition.
+    let pid = stack
+        .worker_pid()
+        .expect("the worker runs as a child process");
+    signal(pid, "STOP");
+    created.extend(create_many(&api, batch(60, 60), 8).await);
+    let second = stack.spawn_extra_worker().expect("second worker");
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    let statuses = wait_all_terminal(&pool, &ids, Duration::from_secs(120))
+        .await
+        .expect("the new owner finishes every payment while the old one is paused");
+
+    // Resumed: whatever it still had in flight meets a fenced producer.
+    signal(pid, "CONT");
+    created.extend(create_many(&api, batch(120, 30), 8).await);
+    let ids: Vec<String> = created
+        .iter()
+        .map(|(_, _, r)| r.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    let statuses_after = wait_all_terminal(&pool, &ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    for (id, status) in &statuses {
+        assert_eq!(&statuses_after[id], status, "{id} left a terminal state");
+    }
+    for ((_, amount, _), id) in created.iter().zip(&ids) {
+        assert_eq!(statuses_after[id], expected_status(*amount), "{id}");
+    }
+    check_ledger(&stack, &statuses_after);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.stop().await.unwrap();
+    let kafka = &stack.kafka;
+    let events = stack.common.events_topic.clone();
+    let audit = tokio::task::block_in_place(|| {
+        testkit::txaudit::audit(kafka, &events, Some(testkit::txaudit::event_identity))
+    })
+    .unwrap();
+    assert_eq!(audit.aborted_reads, 0, "{audit:?}");
+    assert_eq!(audit.duplicates_differing, 0, "{audit:?}");
+    if exactly_once {
+        assert_eq!(audit.duplicates, 0, "{audit:?}");
+        assert!(audit.markers > 0, "transactions left markers: {audit:?}");
+    }
+    println!(
+        "e2e: paused worker fenced ({}): payments={} records={} duplicates={} aborted_in_log={} aborted_reads=0 markers={}",
+        if exactly_once { "exactly_once" } else { "at_least_once" },
+        ids.len(),
+        audit.records,
+        audit.duplicates,
+        audit.aborted_in_log,
+        audit.markers
+    );
+    stack.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_worker_is_fenced_under_exactly_once() {
+    a_paused_worker_is_fenced_when_it_resumes(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_workers_duplicates_are_identical_under_at_least_once() {
+    a_paused_worker_is_fenced_when_it_resumes(false).await;
 }

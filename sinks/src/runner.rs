@@ -107,7 +107,8 @@ fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> Cl
         .set("isolation.level", "read_committed")
         // A crashed sink's partitions move after 10 s rather than librdkafka's 45 s.
         .set("session.timeout.ms", "10000")
-        .set("fetch.wait.max.ms", "10")
+        // `fetch.wait.max.ms` stays librdkafka's 500 ms: the broker answers a waiting
+        // fetch as soon as an event arrives.
         .set("heartbeat.interval.ms", "2000");
     for (k, v) in extra {
         c.set(k, v);

@@ -258,22 +258,51 @@ pub async fn projected_events(
 /// Every event on the topic, `(payment_id, seq) → event`. Fails if two records for the
 /// same `(payment_id, seq)` differ: replays must be identical.
 pub fn topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<(History, usize)> {
-    let mut out = History::new();
-    let mut records = 0;
+    let read = first_topic_events(kafka, topic)?;
+    if let Some(d) = read.first_differing {
+        anyhow::bail!("two different events for {d}");
+    }
+    Ok((read.events, read.records))
+}
+
+/// The events topic read whole, each `(payment_id, seq)` by its first copy.
+pub struct TopicEvents {
+    pub events: History,
+    pub records: usize,
+    /// Later copies that differ from the first.
+    pub differing: usize,
+    pub first_differing: Option<String>,
+}
+
+/// Every event on the topic by its first copy, counting the copies that differ.
+pub fn first_topic_events(kafka: &Kafka, topic: &str) -> anyhow::Result<TopicEvents> {
+    let mut out = TopicEvents {
+        events: History::new(),
+        records: 0,
+        differing: 0,
+        first_differing: None,
+    };
     for r in kafka.read_all(topic)? {
-        records += 1;
+        out.records += 1;
         let v: Value = serde_json::from_slice(r.payload.as_deref().unwrap_or_default())
             .with_context(|| format!("undecodable event at {}:{}", r.partition, r.offset))?;
         let key = (
             v["payment_id"].as_str().unwrap_or_default().to_owned(),
             v["seq"].as_i64().unwrap_or(-1),
         );
-        if let Some(prev) = out.get(&key) {
-            anyhow::ensure!(prev == &v, "two different events for {key:?}:\n{prev}\n{v}");
+        match out.events.get(&key) {
+            Some(prev) if prev != &v => {
+                out.differing += 1;
+                out.first_differing
+                    .get_or_insert_with(|| format!("{key:?}:\n{prev}\n{v}"));
+            }
+            Some(_) => {}
+            None => {
+                out.events.insert(key, v);
+            }
         }
-        out.insert(key, v);
     }
-    Ok((out, records))
+    Ok(out)
 }
 
 /// The seconds an answer's `Retry-After` asks a client to wait, if it has one.

@@ -2,8 +2,12 @@
 //!
 //! - [`pg`]: a throwaway PostgreSQL cluster from the system's binaries (`initdb`,
 //!   `pg_ctl`), or the server named by `DATABASE_URL`; a fresh database per test.
-//! - [`kafka`]: librdkafka's mock cluster (a real Kafka wire-protocol server), or the
-//!   brokers named by `KAFKA_BROKERS`; random topic names per test.
+//! - [`broker`]: Apache Kafka 4.4 KRaft nodes as Java processes (the jars `make kafka`
+//!   caches), killed and restarted by the harnesses; [`netproxy`]: a TCP proxy per node
+//!   that breaks the network between the clients and a broker.
+//! - [`kafka`]: one shared broker per test process, a cluster of a test's own, or the
+//!   brokers named by `KAFKA_BROKERS`; random topic names per test; whole-topic reads
+//!   as a `read_committed` or a `read_uncommitted` consumer sees them.
 //! - [`stack`]: the gateway's services (API, worker, sink, provider simulator) started
 //!   in-process or, for the worker, as a child process that can be killed.
 //! - [`procs`]: the gateway's services as separate OS processes, killed and restarted
@@ -12,18 +16,24 @@
 //!   histories, the events topic).
 //! - [`otlp`]: an OTLP/HTTP trace receiver that keeps the spans it is sent, and can
 //!   play a collector that is down.
+//! - [`txaudit`]: exactly-once judged from outside: an output topic read whole by a
+//!   `read_committed` consumer against the brokers' log segments (duplicates, records of
+//!   aborted transactions, transactions left open).
 //! - [`verify`]: the verdicts every harness states the same way (the provider's ledger
 //!   against the projection, a history replayed through the domain).
 //!
 //! Tests are quiet unless `TEST_LOG` is set (then `RUST_LOG` filters).
 
+pub mod broker;
 pub mod client;
 pub mod kafka;
 pub mod merchant;
+pub mod netproxy;
 pub mod otlp;
 pub mod pg;
 pub mod procs;
 pub mod stack;
+pub mod txaudit;
 pub mod verify;
 
 /// Sets up logging once for a test process (only when `TEST_LOG` is set).

@@ -58,6 +58,22 @@ impl Proc {
         }
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it, up to `grace`; SIGKILL after.
+    pub fn terminate(&mut self, grace: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + grace;
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Whether the process exited on its own (a crash-only restart is due).
     pub fn exited(&mut self) -> bool {
         match self.child.as_mut().map(Child::try_wait) {

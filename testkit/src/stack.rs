@@ -57,6 +57,9 @@ pub struct StackOptions {
     pub kafka_props: Vec<(String, String)>,
     /// The sink's writers (`SINK_WRITERS`; shipped: 2).
     pub sink_writers: usize,
+    /// A Kafka node of the stack's own behind a fault proxy (for outage tests), instead
+    /// of the process's shared one.
+    pub own_kafka: bool,
 }
 
 impl StackOptions {
@@ -85,6 +88,7 @@ impl Default for StackOptions {
             merchant_endpoints: HashMap::new(),
             kafka_props: vec![],
             sink_writers: 2,
+            own_kafka: false,
         }
     }
 }
@@ -197,7 +201,11 @@ fn wait_for(tx: &broadcast::Sender<()>) -> impl std::future::Future<Output = ()>
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
         crate::init_test_logging();
-        let kafka = Kafka::start()?;
+        let kafka = if opts.own_kafka {
+            Kafka::start_cluster(1)?
+        } else {
+            Kafka::start()?
+        };
         let suffix = match &opts.names {
             Some(n) => n.clone(),
             None => uuid::Uuid::new_v4().simple().to_string(),
@@ -210,8 +218,9 @@ impl Stack {
         let changelog = format!("app-{suffix}-{commands}-changelog");
         if opts.names.is_some() {
             // Real brokers outlive a stack: the same names start from empty topics.
+            let notifications = notifications_topic(&events);
             kafka
-                .delete_topics(&[&commands, &events, &dlq, &changelog])
+                .delete_topics(&[&commands, &events, &dlq, &changelog, &notifications])
                 .await?;
         }
         for t in [&commands, &events, &dlq] {
@@ -234,7 +243,13 @@ impl Stack {
             "the changelog topic is {}, not {changelog}",
             topology.changelog_topic(&commands)
         );
-        kafka.create_topic(&changelog, opts.partitions).await?;
+        kafka
+            .create_topic_with(
+                &changelog,
+                opts.partitions,
+                crate::kafka::CHANGELOG_TEST_CONFIG,
+            )
+            .await?;
         if let Some(t) = topology.notifications_topic() {
             kafka.create_topic(&t, opts.partitions).await?;
         }

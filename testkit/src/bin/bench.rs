@@ -61,8 +61,7 @@ struct Args {
     /// sled's page cache per partition store of the worker, in MiB.
     #[arg(long, default_value_t = stores::DEFAULT_CACHE_MB)]
     store_cache_mb: u64,
-    /// Leave out the raw-limit measurements (long runs: the mock broker scans its logs
-    /// linearly, so it slows down as they grow).
+    /// Leave out the raw-limit measurements.
     #[arg(long)]
     skip_raw: bool,
     /// Creates the API handles at once (`API_MAX_CREATES_IN_FLIGHT`; shipped: 256).
@@ -465,10 +464,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
     let raw = if raw {
         let kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
         let pg = raw_pg(&pool, pg_rows as usize, &event_bodies).await?;
-        // Records per payment from those the broker still holds, topic by topic: the mock
-        // cluster keeps the last few MB of each partition, so a long run's early records
-        // are gone (the notifications, the largest, go first). Every topic is keyed by
-        // payment.
+        // Records per payment, topic by topic (every topic is keyed by payment).
         let per_payment_kafka: f64 = [&commands, &events, &notifications]
             .iter()
             .filter(|records| !records.is_empty())
@@ -642,11 +638,8 @@ fn stages() -> String {
 /// messages per second over both (their times added).
 async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> {
     let topic = format!("raw-{}", uuid::Uuid::new_v4().simple());
-    // The mock cluster keeps only the last 5 MB of a partition: enough partitions that
-    // none holds more than 3 MB, or a consumer would find its first records gone.
     let warm = (n / 20).clamp(100, 5_000);
-    let bytes = (warm + n) * (size + 80);
-    let partitions = stack.opts.partitions.max(bytes.div_ceil(3 << 20) as i32);
+    let partitions = stack.opts.partitions;
     stack.kafka.create_topic(&topic, partitions).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", stack.kafka.brokers())
@@ -691,7 +684,6 @@ async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> 
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", stack.kafka.brokers())
             .set("group.id", format!("raw-{}", uuid::Uuid::new_v4()))
-            .set("fetch.wait.max.ms", "10")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         let mine: Vec<i32> = (0..partitions).filter(|p| p % threads == c).collect();

@@ -1,5 +1,5 @@
 //! `local-stack`: the whole gateway as local processes' worth of services, without
-//! Docker or a Kafka installation: Kafka through librdkafka's mock cluster, a throwaway
+//! Docker: an Apache Kafka 4.4 broker (KRaft) from the jars `make kafka` caches, a throwaway
 //! PostgreSQL from the system's binaries, the provider simulator, and the API, worker and
 //! sink. Prints where everything is and runs until Ctrl-C.
 //!
@@ -17,7 +17,7 @@ use testkit::stack::{Stack, StackOptions, DEMO_KEY, OTHER_KEY, SHIPPED_POLICY};
 #[derive(Debug, Parser)]
 #[command(
     name = "local-stack",
-    about = "Run the payment gateway locally, with a mock Kafka and a throwaway PostgreSQL"
+    about = "Run the payment gateway locally, with an Apache Kafka broker and a throwaway PostgreSQL"
 )]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -128,11 +128,12 @@ async fn main() -> anyhow::Result<()> {
         None => "not started (build it: cargo build -p payment-client)".to_owned(),
     };
     println!(
-        "\nlocal stack ready\n  test client   {ui_line}\n  API           http://{api}   (Authorization: Bearer {DEMO_KEY} | {OTHER_KEY})\n  OpenAPI       http://{api}/openapi.json\n  metrics       http://{ops}/metrics\n  topology      http://{ops}/topology\n  provider sim  http://{sim}   (ledger: http://{sim}/ledger)\n  Kafka         {brokers}   (mock cluster; topics {cmd}, {evt}, {dlq})\n  PostgreSQL    {db}\n\ntry:\n  curl -s -X POST http://{api}/v1/payments -H 'Authorization: Bearer {DEMO_KEY}' \\\n    -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{{\"amount\": 1000, \"currency\": \"EUR\"}}'\n\nCtrl-C stops everything.",
+        "\nlocal stack ready\n  test client   {ui_line}\n  API           http://{api}   (Authorization: Bearer {DEMO_KEY} | {OTHER_KEY})\n  OpenAPI       http://{api}/openapi.json\n  metrics       http://{ops}/metrics\n  topology      http://{ops}/topology\n  provider sim  http://{sim}   (ledger: http://{sim}/ledger)\n  Kafka         {brokers}   (Apache Kafka {kafka_version}; topics {cmd}, {evt}, {dlq})\n  PostgreSQL    {db}\n\ntry:\n  curl -s -X POST http://{api}/v1/payments -H 'Authorization: Bearer {DEMO_KEY}' \\\n    -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{{\"amount\": 1000, \"currency\": \"EUR\"}}'\n\nCtrl-C stops everything.",
         api = stack.api,
         ops = stack.ops,
         sim = stack.sim_addr,
         brokers = stack.kafka.brokers(),
+        kafka_version = testkit::kafka::KAFKA_VERSION,
         cmd = stack.commands_topic(),
         evt = stack.common.events_topic,
         dlq = stack.common.dlq_topic,

@@ -1,5 +1,5 @@
 //! `make soak`: the gateway as separate OS processes (API, two workers, sink, provider
-//! simulator) against a Kafka mock cluster and a throwaway PostgreSQL, at a steady rate
+//! simulator) against an Apache Kafka 4.4 broker and a throwaway PostgreSQL, at a steady rate
 //! for a set time, with the payments' `state_retention` shortened to minutes so the
 //! steady state (as many payments expiring as arriving) is reached in the first third.
 //!
@@ -10,8 +10,8 @@
 //! load's last minutes it restores a partition's store from the changelog into a scratch
 //! directory with the worker's own restore (so the running workers keep their stores)
 //! and times it, under the same load both times (the median of `--probe-repeats`
-//! restores: on the mock broker one restore under load scatters by a factor of two); after the load it also kills one
-//! worker, starts it on an empty disk and reads how long its partitions took to restore. Then it checks, like `make chaos`, that every
+//! restores); after the load it also kills one worker, starts it on an empty disk and
+//! reads how long its partitions took to restore. Then it checks, like `make chaos`, that every
 //! accepted payment is terminal and none was charged twice, and prints:
 //!
 //!   soak: minutes=<m> payments=<n> rate=<r>/s rss_mb_start=.. rss_mb_end=..
@@ -25,11 +25,11 @@
 //! the detail line, beside the killed worker's). It exits non-zero if a payment was lost
 //! or charged twice.
 //!
-//! The mock cluster keeps only the last 5 MB of each partition and does not compact: at
-//! the defaults (12 partitions, 400 payments/s, a 3-minute retention) that is about 90 s
-//! of a partition's changelog, so a restore there reads that window (less the first
-//! 2,000 records, see [`PROBE_SKIP`]), not every payment still kept, and its time does
-//! not depend on the history by construction.
+//! The changelog is compacted by the broker as it would be in production (test settings
+//! roll a segment every 5 s so the cleaner keeps up within the run): a restore reads
+//! every payment still kept, their last records only, from the log's start; the
+//! tombstones of expired payments are dropped by the cleaner on a later pass, so the
+//! restore's time follows the live payments, not the history.
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -68,8 +68,7 @@ struct Args {
     /// Partitions whose stores the restore probes rebuild (from partition 0 on).
     #[arg(long, default_value_t = 1)]
     probe_partitions: i32,
-    /// Restores per probe, one after another: the probe's figure is their median (the
-    /// mock broker serves a fetch at a time, so one restore under load scatters by 2x).
+    /// Restores per probe, one after another: the probe's figure is their median.
     #[arg(long, default_value_t = 3)]
     probe_repeats: usize,
     /// sled's page cache per partition store of the workers, in MiB.
@@ -154,14 +153,6 @@ async fn metrics(http: &reqwest::Client, ops: &str) -> String {
     }
 }
 
-/// Changelog records a restore probe starts after the log's start. The mock cluster
-/// drops a partition's oldest batch at each append once it holds 5 MB: a reader that
-/// starts at the very head asks for batches that are gone by the time its fetch arrives
-/// and is sent back to the new head, again and again (one probe under load read nothing
-/// for 108 s). 2,000 records are about 10 s of a partition's appends at the defaults:
-/// the probe gets ahead of the deletion and stays there.
-const PROBE_SKIP: i64 = 2_000;
-
 /// Restores the stores of the first `partitions` partitions from the changelog into
 /// `dir` with the worker's own restore, one after another, as a worker on an empty disk
 /// would; returns the seconds it took and the records applied.
@@ -177,15 +168,8 @@ async fn restore_probe(
         let mut applied = 0;
         for p in 0..partitions {
             let store = stores::PartitionStore::open_with_cache(&dir, &app, "probe", p, 8 << 20)?;
-            applied += topology::runtime::restore_partition(
-                &store,
-                &brokers,
-                &[],
-                &changelog,
-                p,
-                PROBE_SKIP,
-            )?
-            .applied;
+            applied +=
+                topology::runtime::restore_partition(&store, &brokers, &[], &changelog, p)?.applied;
         }
         let _ = std::fs::remove_dir_all(&dir);
         Ok((started.elapsed().as_secs_f64(), applied))
@@ -360,7 +344,12 @@ async fn main() -> anyhow::Result<()> {
         .cloned()
         .chain(topology.notifications_topic())
     {
-        kafka.create_topic(&t, a.partitions).await?;
+        let config = if t == changelog {
+            testkit::kafka::CHANGELOG_TEST_CONFIG
+        } else {
+            &[]
+        };
+        kafka.create_topic_with(&t, a.partitions, config).await?;
     }
     let topology_file = root.join("topology.toml");
     std::fs::write(&topology_file, &text)?;
@@ -418,10 +407,6 @@ async fn main() -> anyhow::Result<()> {
             &format!("http://{sim_addr}"),
             "--store-cache-mb",
             &a.store_cache_mb.to_string(),
-            // The mock cluster keeps a partition's last 5 MB: the killed worker's restore
-            // reads that window, which is what the soak measures.
-            "--restore-truncated-changelog",
-            "true",
         ]),
         root: root.clone(),
         restarts: 0,

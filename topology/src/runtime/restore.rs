@@ -243,28 +243,22 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64>
 }
 
 /// Rebuilds `store` from partition `partition` of `changelog` as a worker does when it
-/// takes the partition over without a current local copy, but from `skip` records after
-/// the log's start: for tools that measure restores without disturbing a running worker
-/// (`make soak`). A broker that deletes a log's head while it is written (the mock
-/// cluster keeps the last 5 MB of a partition, dropping the oldest batch at each append)
-/// sends a reader that starts at the very head back to the new head each time the batch
-/// it asked for is gone; starting a little after the head, the reader outruns it.
+/// takes the partition over without a current local copy: for tools that measure
+/// restores without disturbing a running worker (`make soak`).
 pub fn restore_partition(
     store: &PartitionStore,
     brokers: &str,
     kafka: &[(String, String)],
     changelog: &str,
     partition: i32,
-    skip: i64,
 ) -> anyhow::Result<stores::Restored> {
     let consumer: BaseConsumer = client_config(brokers, kafka)
         .create()
         .context("creating a consumer to read the changelog's extent")?;
-    let (low, high) = consumer
+    let extent = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
-    let from = low.saturating_add(skip.max(0)).min(high);
-    restore_from_changelog(store, (brokers, kafka), changelog, partition, (from, high))
+    restore_from_changelog(store, (brokers, kafka), changelog, partition, extent)
 }
 
 /// Fails fast, with what to do, when a source's changelog topic is missing or has fewer

@@ -151,9 +151,9 @@ pub async fn run_worker(
         // A crashed worker's partitions move after 10 s rather than librdkafka's 45 s.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
-        // Every hop of a payment (create, provider reply) waits for a fetch: a broker
-        // that answers an empty fetch only after this long adds it to the latency.
-        .set("fetch.wait.max.ms", "10")
+        // `fetch.wait.max.ms` stays librdkafka's 500 ms: a broker answers a waiting fetch
+        // as soon as a record arrives, so the wait adds no latency, and an idle
+        // worker sends two fetches a second rather than a hundred.
         // What librdkafka prefetches ahead of the tasks, for all partitions together
         // (its default is 64 MiB): a worker's memory does not swell with a backlog,
         // which waits in Kafka instead.
