@@ -17,13 +17,16 @@ command -v mvn >/dev/null || { echo "kafka: no mvn: install Maven (apt-get insta
 tmp="$dir.tmp.$$"
 rm -rf "$tmp"
 mkdir -p "$tmp"
-trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf "$tmp" "$tmp.log"' EXIT
 # The plugin is pinned: Maven 3.8's default copy-dependencies is far older.
-if ! mvn -B -q -Dstyle.color=never -f "$pom" org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$tmp"; then
+if ! mvn -B -q -f "$pom" org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$tmp" >"$tmp.log" 2>&1; then
+  cat "$tmp.log"
+  rm -f "$tmp.log"
   echo "kafka: fetching the jars of $pom from Maven Central failed (is the registry reachable?)"
   exit 1
 fi
+rm -f "$tmp.log"
 test -f "$tmp/kafka_2.13-4.4.0.jar" || { echo "kafka: $pom brought no kafka_2.13-4.4.0.jar"; exit 1; }
 echo "$want" > "$tmp/.pom-sha256"
 rm -rf "$dir"

@@ -542,6 +542,8 @@ impl Drop for Cluster {
             }
         }
         if self.keep || std::thread::panicking() {
+            // The watchdog removes the whole folder when the process ends unless told.
+            let _ = std::fs::write(self.root.join("keep"), b"");
             for n in &self.nodes {
                 let _ = std::fs::remove_dir_all(n.dir.join("data"));
             }

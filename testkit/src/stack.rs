@@ -403,12 +403,15 @@ impl Stack {
     /// Another in-process worker in the same consumer group, on the same state directory
     /// (partitions, and their stores, move between the two on rebalances).
     pub fn spawn_extra_worker(&self) -> anyhow::Result<ExtraWorker> {
+        self.spawn_extra_worker_in(self.worker_state.clone())
+    }
+
+    /// Another in-process worker in the same consumer group, on a state directory of its
+    /// own (another machine's disk: what it takes over it restores from the changelog).
+    pub fn spawn_extra_worker_in(&self, state_dir: PathBuf) -> anyhow::Result<ExtraWorker> {
         let (stop, _) = broadcast::channel(1);
         let common = self.common.clone();
-        let settings = self.worker_settings(
-            self.worker_state.clone(),
-            &format!("http://{}", self.sim_addr),
-        )?;
+        let settings = self.worker_settings(state_dir, &format!("http://{}", self.sim_addr))?;
         let until = wait_for(&stop);
         let join = tokio::spawn(async move { gateway::run_worker(&common, settings, until).await });
         Ok(ExtraWorker { stop, join })

@@ -201,7 +201,7 @@ fn partition_logs(
             .arg("-cp")
             .arg(cluster.classpath())
             .arg("-Dlog4j2.level=warn")
-            .arg("kafka.tools.DumpLogSegments")
+            .arg("org.apache.kafka.tools.DumpLogSegments")
             .args(["--deep-iteration", "--files", &list])
             .output()
             .context("running Kafka's DumpLogSegments")?;

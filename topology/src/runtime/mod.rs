@@ -24,7 +24,9 @@
 //!   changelog (`StoreChangelogReader`);
 //! - [`collector`]: how a task's changelog and outbox reach Kafka (`RecordCollector`);
 //! - [`eos`]: the per-partition transactional producer of `exactly_once`
-//!   (`StreamsProducer`).
+//!   (`StreamsProducer`);
+//! - [`freeze`]: holds a task back after the process was frozen, until the group says
+//!   whether its partition is still this worker's.
 //!
 //! Words: a task *ships* its queued changelog (sends it once, in order; a failure fails
 //! the task), *produces* an outbox record (retried until the broker acknowledges it) and
@@ -32,6 +34,7 @@
 
 mod collector;
 mod eos;
+mod freeze;
 mod restore;
 mod tasks;
 mod thread;
@@ -74,6 +77,25 @@ pub struct WorkerSettings {
 pub const DEFAULT_PROVIDER_TIMEOUT_MS: u64 = 3000;
 
 impl WorkerSettings {
+    /// The group session in force (`session.timeout.ms`, as the `--kafka` properties may
+    /// set it).
+    pub fn session_timeout(&self) -> Duration {
+        let ms = self
+            .kafka
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "session.timeout.ms")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(thread::SESSION_TIMEOUT_MS);
+        Duration::from_millis(ms)
+    }
+
+    /// A freeze of the process longer than this may have cost the worker its partitions
+    /// (half the session: the group has not yet moved them before), and after one a task
+    /// waits as long for the group's verdict (a heartbeat, answered at once, brings it).
+    pub fn freeze_bound(&self) -> Duration {
+        self.session_timeout() / 2
+    }
     pub fn new(
         brokers: &str,
         state_dir: PathBuf,

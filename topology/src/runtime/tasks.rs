@@ -3,6 +3,7 @@
 
 use super::collector::{publish, Output};
 use super::eos::transactional_producer;
+use super::freeze::{FreezeWatch, Lost};
 use super::restore::{
     committed_offset, ensure_store_is_current, open_store, restore_from_changelog, stale_store,
     Follows,
@@ -17,6 +18,7 @@ use crate::task::Task;
 use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::now_ms;
@@ -26,6 +28,8 @@ use tokio::task::JoinHandle;
 pub(super) struct TaskHandle {
     pub(super) tx: mpsc::Sender<RawRecord>,
     pub(super) join: JoinHandle<()>,
+    /// Set when the group took the partition away without a clean revoke.
+    pub(super) lost: Lost,
 }
 
 /// Starts the tasks of the worker's partitions.
@@ -40,15 +44,26 @@ pub(super) struct Spawner {
 }
 
 impl Spawner {
-    /// The input channel of the partition's task, started first if it is not running.
+    /// The input channel of the partition's task, started first if it is not running;
+    /// `None` when the partition is not assigned to this worker (any more): a record
+    /// fetched before the group took it away is left to its new owner.
     pub(super) fn task(
         &self,
         topic: &str,
         partition: i32,
-    ) -> anyhow::Result<mpsc::Sender<RawRecord>> {
+    ) -> anyhow::Result<Option<mpsc::Sender<RawRecord>>> {
         let key = (topic.to_owned(), partition);
         if let Some(h) = lock(&self.tasks).get(&key) {
-            return Ok(h.tx.clone());
+            return Ok(Some(h.tx.clone()));
+        }
+        let assigned = self.consumer.assignment().unwrap_or_default();
+        if assigned.find_partition(topic, partition).is_none() {
+            tracing::debug!(
+                topic,
+                partition,
+                "record of a partition this worker no longer holds: left to its owner"
+            );
+            return Ok(None);
         }
         let handle = spawn_task(
             &self.topo,
@@ -62,7 +77,7 @@ impl Spawner {
         )?;
         let tx = handle.tx.clone();
         lock(&self.tasks).insert(key, handle);
-        Ok(tx)
+        Ok(Some(tx))
     }
 }
 
@@ -105,9 +120,10 @@ fn spawn_task(
     };
     let cluster =
         tokio::task::block_in_place(|| consumer.client().fetch_cluster_id(Duration::from_secs(10)));
+    let source_end = watermarks(topic)?.1;
     let follows = Follows {
         cluster: cluster.as_deref(),
-        source_end: watermarks(topic)?.1,
+        source_end,
         changelog_end: changelog_extent.map(|(_, high)| high),
     };
     let stale = stale_store(&store, &follows)?;
@@ -177,16 +193,25 @@ fn spawn_task(
     tracing::info!(topic, partition, checkpoint = ?task.next_offset(), source, restore_ms = restore.as_millis() as u64, "task started");
     let (tx, rx) = mpsc::channel(settings.max_batch * 4);
     let settings = settings.clone();
+    let lost = Lost::default();
+    let lost_in_task = lost.clone();
     let join = tokio::spawn(async move {
         let label = format!("{}-{}", task.topic, task.partition);
-        let run = task_loop(task, rx, &consumer, &output, &dispatcher, &settings);
+        let io = TaskIo {
+            consumer: &consumer,
+            output: &output,
+            dispatcher: &dispatcher,
+            lost: &lost_in_task,
+            catch_up: CatchUp::new(source_end),
+        };
+        let run = task_loop(task, rx, io, &settings);
         if let Err(e) = run.await {
             METRICS.errors.with_label_values(&["task_failed"]).inc();
             tracing::error!(task = %label, error = %format!("{e:#}"), "task failed");
             let _ = fail.send(e.context(format!("task {label} failed")));
         }
     });
-    Ok(TaskHandle { tx, join })
+    Ok(TaskHandle { tx, join, lost })
 }
 
 /// A restore rebuilds the store from the whole changelog: one whose head is gone
@@ -220,15 +245,89 @@ fn ensure_changelog_whole(
     Ok(())
 }
 
+/// What a task's loop reads from and writes to besides its store.
+struct TaskIo<'a> {
+    consumer: &'a WorkerConsumer,
+    output: &'a Output,
+    dispatcher: &'a Dispatcher,
+    lost: &'a Lost,
+    catch_up: CatchUp,
+}
+
+/// A task that has just taken its partition reads what already waits in it before its
+/// timers fire: a provider's reply that arrived while nobody held the partition wins over
+/// the timeout that fell due meanwhile, as it did for the previous owner. So a takeover
+/// replays what the previous owner did, and under `at_least_once` what both of them send
+/// for a payment is the same.
+struct CatchUp {
+    /// The partition's end when the task started.
+    until: i64,
+    last_input: Instant,
+    done: bool,
+}
+
+impl CatchUp {
+    /// With no record for this long the task is at the end, whatever lies in the log
+    /// (a transaction marker is never delivered).
+    const IDLE: Duration = Duration::from_secs(2);
+
+    fn new(until: i64) -> Self {
+        CatchUp {
+            until,
+            last_input: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Whether the task may fire its timers.
+    fn caught_up(&mut self, task: &Task) -> bool {
+        if !self.done
+            && (task.next_offset().unwrap_or(0) >= self.until
+                || self.last_input.elapsed() >= Self::IDLE)
+        {
+            self.done = true;
+            tracing::debug!(topic = %task.topic, partition = task.partition, "caught up with the input: timers fire");
+        }
+        self.done
+    }
+}
+
+/// Whether the task may act on its partition now. After a freeze of the process longer
+/// than the group allows, it first waits for the group's verdict (see [`super::freeze`]);
+/// a partition lost meanwhile ends the task.
+async fn may_act(
+    watch: &mut FreezeWatch,
+    lost: &Lost,
+    rx: &mpsc::Receiver<RawRecord>,
+    task: &Task,
+) -> bool {
+    if lost.load(Ordering::SeqCst) {
+        return false;
+    }
+    if watch.frozen() {
+        tracing::warn!(topic = %task.topic, partition = task.partition, "the process was frozen for longer than its group session: waiting for the group before acting on the partition again");
+        if watch.wait_for_the_group(lost, || rx.is_closed()).await {
+            return false;
+        }
+    }
+    true
+}
+
 async fn task_loop(
     mut task: Task,
     mut rx: mpsc::Receiver<RawRecord>,
-    consumer: &WorkerConsumer,
-    output: &Output,
-    dispatcher: &Dispatcher,
+    io: TaskIo<'_>,
     settings: &WorkerSettings,
 ) -> anyhow::Result<()> {
+    let TaskIo {
+        consumer,
+        output,
+        dispatcher,
+        lost,
+        mut catch_up,
+    } = io;
     let task_label = format!("{}-{}", task.topic, task.partition);
+    let mut watch = FreezeWatch::new(settings.freeze_bound(), settings.freeze_bound());
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
     publish(&mut task, output, consumer, dispatcher).await?;
     let mut tick = tokio::time::interval(settings.punctuate_interval);
@@ -238,6 +337,9 @@ async fn task_loop(
         tokio::select! {
             first = rx.recv() => {
                 let Some(first) = first else { break };
+                if !may_act(&mut watch, lost, &rx, &task).await {
+                    return stop_lost(&task);
+                }
                 let started = Instant::now();
                 let mut batch = vec![first];
                 while batch.len() < settings.max_batch {
@@ -248,9 +350,13 @@ async fn task_loop(
                 }
                 let now = now_ms();
                 let last = batch.last().map(|r| r.offset);
+                catch_up.last_input = Instant::now();
                 off_runtime(|| {
                     task.apply_inputs(batch, now)?;
-                    task.fire_timers(now, 1000)
+                    if catch_up.caught_up(&task) {
+                        task.fire_timers(now, 1000)?;
+                    }
+                    anyhow::Ok(())
                 })?;
                 observe_stage("apply", started);
                 publish(&mut task, output, consumer, dispatcher).await?;
@@ -264,8 +370,11 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
+                if !may_act(&mut watch, lost, &rx, &task).await {
+                    return stop_lost(&task);
+                }
                 let now = now_ms();
-                if task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0 {
+                if catch_up.caught_up(&task) && task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0 {
                     publish(&mut task, output, consumer, dispatcher).await?;
                 }
             }
@@ -285,6 +394,9 @@ async fn task_loop(
             }
         }
     }
+    if lost.load(Ordering::SeqCst) {
+        return stop_lost(&task);
+    }
     publish(&mut task, output, consumer, dispatcher).await?;
     // Once more for the removal of what was just published, so the next owner does not
     // publish it again.
@@ -299,6 +411,15 @@ async fn task_loop(
             .remove_label_values(&[&task_label, &store]);
     }
     tracing::info!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped");
+    Ok(())
+}
+
+/// A task whose partition was lost stops without applying or publishing anything more:
+/// the partition's new owner carries on from what reached Kafka. Its store stays on disk,
+/// judged like any other when the partition comes back.
+fn stop_lost(task: &Task) -> anyhow::Result<()> {
+    METRICS.errors.with_label_values(&["partition_lost"]).inc();
+    tracing::warn!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped: the group gave its partition to another worker");
     Ok(())
 }
 

@@ -60,11 +60,18 @@ impl ConsumerContext for WorkerContext {
     /// store, publishes its outbox, stores its offset and closes its store — all before
     /// the group hands the partition (and, on a shared state directory, the store) to
     /// another worker.
-    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance starting");
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        // Lost (the session expired, another worker may hold them already) rather than
+        // handed over: the tasks stop without draining or publishing.
+        let lost = consumer.assignment_lost();
         let stopping: Vec<TaskHandle> = {
             let mut tasks = lock(&self.tasks);
             tpl.elements()
@@ -79,6 +86,9 @@ impl ConsumerContext for WorkerContext {
         let joins: Vec<JoinHandle<()>> = stopping
             .into_iter()
             .map(|h| {
+                if lost {
+                    h.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 drop(h.tx);
                 h.join
             })
@@ -126,6 +136,9 @@ fn describe(r: &Rebalance<'_>) -> String {
 
 pub(super) type WorkerConsumer = StreamConsumer<WorkerContext>;
 
+/// The worker's group session (`session.timeout.ms`; a `--kafka` property overrides it).
+pub(super) const SESSION_TIMEOUT_MS: u64 = 10_000;
+
 /// The worker consumer's prefetch bound, in KiB (`queued.max.messages.kbytes`; a
 /// `--kafka` property overrides it).
 pub const PREFETCH_KBYTES: u32 = 8 * 1024;
@@ -149,8 +162,13 @@ pub async fn run_worker(
         .set("isolation.level", "read_committed")
         .set("statistics.interval.ms", "5000")
         // A crashed worker's partitions move after 10 s rather than librdkafka's 45 s.
-        .set("session.timeout.ms", "10000")
+        .set("session.timeout.ms", SESSION_TIMEOUT_MS.to_string())
         .set("heartbeat.interval.ms", "2000")
+        // A join waits this long for the members that have not rejoined (the group's
+        // rebalance timeout): a frozen worker (a paused VM, a stopped process) that still
+        // holds partitions blocks every other worker's rebalance for this long, not
+        // librdkafka's 5 minutes. The worker polls all the time, far inside it.
+        .set("max.poll.interval.ms", "30000")
         // `fetch.wait.max.ms` stays librdkafka's 500 ms: a broker answers a waiting fetch
         // as soon as a record arrives, so the wait adds no latency, and an idle
         // worker sends two fetches a second rather than a hundred.
@@ -239,7 +257,8 @@ pub async fn run_worker(
                 };
                 drop(m);
                 let tx = match spawner.task(&raw.topic, raw.partition) {
-                    Ok(tx) => tx,
+                    Ok(Some(tx)) => tx,
+                    Ok(None) => continue,
                     Err(e) => break Err(e),
                 };
                 if tx.send(raw).await.is_err() {
