@@ -157,7 +157,7 @@ fn partition_logs(
     cluster: &mut Cluster,
     topic: &str,
 ) -> anyhow::Result<HashMap<i32, PartitionLog>> {
-    let mut files: BTreeMap<i32, (u32, Vec<PathBuf>)> = BTreeMap::new();
+    let mut dirs_by_partition: BTreeMap<i32, PathBuf> = BTreeMap::new();
     for id in cluster.node_ids() {
         if !cluster.is_running(id) {
             continue;
@@ -174,23 +174,36 @@ fn partition_logs(
             else {
                 continue;
             };
-            if files.contains_key(&p) {
-                continue;
-            }
-            let mut segs: Vec<PathBuf> = std::fs::read_dir(d.path())?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|f| f.extension().is_some_and(|x| x == "log"))
-                .collect();
-            segs.sort();
-            files.insert(p, (id, segs));
+            dirs_by_partition.entry(p).or_insert_with(|| d.path());
         }
     }
     let mut out = HashMap::new();
-    for (p, (_, segs)) in files {
+    for (p, dir) in dirs_by_partition {
+        out.insert(p, dump_partition(cluster, topic, p, &dir)?);
+    }
+    Ok(out)
+}
+
+/// Dumps one partition's segments. The log cleaner replaces the segments of a compacted
+/// topic while it runs: a segment that vanished between the listing and the dump is
+/// listed again.
+fn dump_partition(
+    cluster: &Cluster,
+    topic: &str,
+    p: i32,
+    dir: &std::path::Path,
+) -> anyhow::Result<PartitionLog> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|f| f.extension().is_some_and(|x| x == "log"))
+            .collect();
+        segs.sort();
         if segs.is_empty() {
-            out.insert(p, PartitionLog::default());
-            continue;
+            return Ok(PartitionLog::default());
         }
         let list = segs
             .iter()
@@ -205,16 +218,18 @@ fn partition_logs(
             .args(["--deep-iteration", "--files", &list])
             .output()
             .context("running Kafka's DumpLogSegments")?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        if !run.status.success() && stderr.contains("NoSuchFileException") && attempt < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        }
         anyhow::ensure!(
             run.status.success(),
-            "DumpLogSegments of {topic}-{p} failed: {}",
-            String::from_utf8_lossy(&run.stderr)
+            "DumpLogSegments of {topic}-{p} failed: {stderr}"
         );
-        let log = parse_dump(&String::from_utf8_lossy(&run.stdout))
-            .with_context(|| format!("reading the log of {topic}-{p}"))?;
-        out.insert(p, log);
+        return parse_dump(&String::from_utf8_lossy(&run.stdout))
+            .with_context(|| format!("reading the log of {topic}-{p}"));
     }
-    Ok(out)
 }
 
 /// Audits `topic` of a cluster this harness owns (see the module's documentation).
