@@ -2140,3 +2140,164 @@ async fn a_paused_worker_is_fenced_under_exactly_once() {
 async fn a_paused_workers_duplicates_are_identical_under_at_least_once() {
     a_paused_worker_is_fenced_when_it_resumes(false).await;
 }
+
+/// The partitions each member of `group` holds (the classic consumer protocol's
+/// assignment: version, then per topic its name and partitions).
+fn group_assignments(brokers: &str, group: &str) -> Vec<Vec<i32>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let Ok(list) = consumer.fetch_group_list(Some(group), Duration::from_secs(5)) else {
+        return Vec::new();
+    };
+    let parse = |b: &[u8]| -> Option<Vec<i32>> {
+        let mut at = 2; // the version
+        let mut take = |n: usize| {
+            let field = b.get(at..at + n)?;
+            at += n;
+            Some(field)
+        };
+        let mut parts = Vec::new();
+        let topics = i32::from_be_bytes(take(4)?.try_into().ok()?);
+        for _ in 0..topics {
+            let name_len = i16::from_be_bytes(take(2)?.try_into().ok()?);
+            take(usize::try_from(name_len).ok()?)?;
+            let n = i32::from_be_bytes(take(4)?.try_into().ok()?);
+            for _ in 0..n {
+                parts.push(i32::from_be_bytes(take(4)?.try_into().ok()?));
+            }
+        }
+        Some(parts)
+    };
+    list.groups()
+        .iter()
+        .filter(|g| g.state() == "Stable")
+        .flat_map(|g| g.members().iter())
+        .map(|m| m.assignment().and_then(parse).unwrap_or_default())
+        .collect()
+}
+
+/// Admission per partition: one of two workers stopped (SIGSTOP, as a crash loop or a
+/// hung process would leave it) stalls only the partitions it holds. Creates for those
+/// are refused (`503 overloaded`, `Retry-After`) once their backlog passes the bound,
+/// while creates for the other worker's partitions are accepted all along; after the
+/// stopped worker is back, the refused creates retried with their keys are accepted and
+/// every payment ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_partition_refuses_only_its_own_creates() {
+    let stack = Stack::start(StackOptions {
+        gateway_bin: Some(env!("CARGO_BIN_EXE_gateway").into()),
+        admission_min_backlog: 8,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = stack.client(DEMO_KEY);
+    let disk = tempfile::tempdir().unwrap();
+    let second = stack
+        .spawn_extra_worker_in(disk.path().to_owned())
+        .expect("second worker");
+    let group = stack.common.topology.application_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let members =
+            tokio::task::block_in_place(|| group_assignments(stack.kafka.brokers(), &group));
+        if members.len() == 2 && members.iter().all(|m| !m.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never split: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let partitions = stack.opts.partitions;
+    let pid = stack
+        .worker_pid()
+        .expect("the worker runs as a child process");
+    signal(pid, "STOP");
+    let stopped = Instant::now();
+    let mut first_refusal = None;
+    let mut refused_partitions = std::collections::BTreeSet::new();
+    let mut refused_keys = Vec::new();
+    let mut accepted = Vec::new();
+    let mut accepted_after_refusal: BTreeMap<i32, usize> = BTreeMap::new();
+    // Within the stopped worker's session (10 s) the group leaves its partitions to it.
+    for i in 0.. {
+        if stopped.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        let key = format!("stall-{i}");
+        let id = payments::PaymentId::derive(
+            &payments::MerchantId::parse("demo").unwrap(),
+            &payments::IdempotencyKey::parse(&key).unwrap(),
+        )
+        .to_string();
+        let p = payments::partition::partition_of(id.as_bytes(), partitions);
+        let r = api.create(&key, 1000, "EUR").await.unwrap();
+        match r.status {
+            202 => {
+                accepted.push(id);
+                if first_refusal.is_some() {
+                    *accepted_after_refusal.entry(p).or_default() += 1;
+                }
+            }
+            503 => {
+                assert_eq!(r.code(), "overloaded", "{}", r.body);
+                let retry: u32 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=10).contains(&retry), "Retry-After {retry}");
+                first_refusal.get_or_insert(stopped.elapsed());
+                refused_partitions.insert(p);
+                refused_keys.push(key);
+            }
+            s => panic!("create answered {s}: {}", r.body),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(pid, "CONT");
+    let first_refusal = first_refusal.expect("no create refused while a worker was stopped");
+    assert!(
+        refused_partitions.len() < partitions as usize,
+        "every partition refused creates: {refused_partitions:?}"
+    );
+    let others: usize = accepted_after_refusal
+        .iter()
+        .filter(|(p, _)| !refused_partitions.contains(p))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        others > 0,
+        "no create for a healthy partition accepted after the first refusal: {accepted_after_refusal:?}"
+    );
+
+    // Back: each refused create, retried with its key, is accepted; every payment ends.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for key in &refused_keys {
+        loop {
+            let r = api.create(key, 1000, "EUR").await.unwrap();
+            if r.status == 202 {
+                accepted.push(r.body["id"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert_eq!(r.status, 503, "{}", r.body);
+            assert!(Instant::now() < deadline, "{key} still refused");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let pool = stack.pool().await.unwrap();
+    let statuses = wait_all_terminal(&pool, &accepted, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(statuses.values().all(|s| s == "COMPLETED"), "{statuses:?}");
+    println!(
+        "e2e: stalled partition: refused_partitions={refused_partitions:?} of {partitions} first_refusal_s={:.1} refused={} accepted_on_other_partitions_after={others} payments={}",
+        first_refusal.as_secs_f64(),
+        refused_keys.len(),
+        accepted.len()
+    );
+    second.stop().await.unwrap();
+    stack.shutdown().await.unwrap();
+}

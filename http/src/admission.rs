@@ -5,13 +5,20 @@
 //! The backlog is what the workers have not processed of the commands topic: for each
 //! partition, the records after the worker group's committed offset (the number Kafka's
 //! consumer-group tools call lag), read from the broker every `every` on a thread of its
-//! own. Creates are refused while more than `min_backlog_records` of those records have
-//! waited longer than `max_backlog`: in each partition, those between the committed
-//! offset and where the partition ended `max_backlog` ago (from the readings of the last
-//! seconds). A few old records are the trail of the workers' offset commits or a
-//! partition's pause in a rebalance, not overload; many old ones are. Counting records
-//! that have waited does not mistake a burst after a quiet spell for a stall, as a
-//! processing rate would, and workers that process nothing make every record old.
+//! own. A partition's creates are refused while more than its share of
+//! `min_backlog_records` (divided evenly among the partitions) of those records have
+//! waited longer than `max_backlog`: those between the committed offset and where the
+//! partition ended `max_backlog` ago (from the readings of the last seconds). A few old
+//! records are the trail of the workers' offset commits or a partition's pause in a
+//! rebalance, not overload; many old ones are. Counting records that have waited does not
+//! mistake a burst after a quiet spell for a stall, as a processing rate would, and a
+//! worker that processes nothing makes every record of its partitions old.
+//!
+//! The verdict is per partition: a create goes to the partition its payment id hashes to
+//! ([`payments::partition`]: murmur2, the Java client's partitioner, which every
+//! producer of the gateway is set to), so a stalled partition refuses only its own creates while the others are
+//! accepted. When every partition is behind (the workers are overloaded) every create is
+//! refused, as it should be.
 //!
 //! A second, local bound covers an API instance that is itself the bottleneck (its
 //! processes share cores with others, or it has more clients than it can serve): at most
@@ -23,6 +30,7 @@
 //! backlog cannot be read (the broker is away) creates are admitted: the publish itself
 //! then answers, with its own timeout.
 
+use payments::partition::partition_of;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
@@ -40,8 +48,9 @@ pub struct AdmissionConfig {
     pub group_id: String,
     /// The topic the workers consume (the commands topic).
     pub topic: String,
-    /// Creates are refused while more than `min_backlog_records` records the workers have
-    /// not processed have waited longer than this.
+    /// A partition's creates are refused while more than its share of
+    /// `min_backlog_records` records the workers have not processed have waited longer
+    /// than this.
     pub max_backlog: Duration,
     pub min_backlog_records: u64,
     /// How often the backlog is read.
@@ -65,7 +74,7 @@ impl AdmissionConfig {
 }
 
 /// The latest reading of the backlog and what it decides.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub backlog_records: u64,
     /// Of those, how many have waited longer than the bound.
@@ -73,8 +82,11 @@ pub struct Verdict {
     /// How long the oldest record the workers have not processed has waited (the
     /// largest over the partitions).
     pub backlog_s: f64,
-    /// `Some(seconds)` while creates are refused: the longest `Retry-After` to answer.
-    pub refuse: Option<u32>,
+    /// The partitions of the commands topic.
+    pub partitions: i32,
+    /// The partitions whose creates are refused, each with the longest `Retry-After` to
+    /// answer.
+    pub refuse: BTreeMap<i32, u32>,
 }
 
 impl Verdict {
@@ -82,8 +94,20 @@ impl Verdict {
         backlog_records: 0,
         old_records: 0,
         backlog_s: 0.0,
-        refuse: None,
+        partitions: 0,
+        refuse: BTreeMap::new(),
     };
+
+    /// Whether creates for the payment keyed `key` are refused: `Some(longest
+    /// Retry-After)` if its partition is over the bound.
+    pub fn refuses(&self, key: &[u8]) -> Option<u32> {
+        if self.refuse.is_empty() || self.partitions <= 0 {
+            return None;
+        }
+        self.refuse
+            .get(&partition_of(key, self.partitions))
+            .copied()
+    }
 }
 
 /// The API's view of the backlog: [`Admission::admit`] is a lock and a copy.
@@ -94,6 +118,7 @@ pub struct Admission {
 struct Metrics {
     backlog_records: prometheus::IntGauge,
     backlog_seconds: prometheus::Gauge,
+    refusing_partitions: prometheus::IntGauge,
     refused: prometheus::IntCounterVec,
 }
 
@@ -109,6 +134,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "How long the oldest record of the commands topic the workers have not processed has waited (the largest over the partitions)",
         )
         .expect("a valid metric"),
+        refusing_partitions: prometheus::IntGauge::new(
+            "gateway_admission_refusing_partitions",
+            "Partitions of the commands topic whose creates admission control refuses now (their backlog is over the bound)",
+        )
+        .expect("a valid metric"),
         refused: prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "gateway_admission_refused_total",
@@ -121,6 +151,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // Registered once per process; a second registration of the same name only fails.
     let _ = prometheus::register(Box::new(m.backlog_records.clone()));
     let _ = prometheus::register(Box::new(m.backlog_seconds.clone()));
+    let _ = prometheus::register(Box::new(m.refusing_partitions.clone()));
     let _ = prometheus::register(Box::new(m.refused.clone()));
     m
 });
@@ -161,10 +192,15 @@ impl Admission {
         Ok(admission)
     }
 
-    /// `Err(retry_after_s)` while the backlog is over the bound. The seconds are spread
-    /// between 1 and the verdict's, so refused clients do not all come back at once.
-    pub fn admit(&self) -> Result<(), u32> {
-        match self.current().refuse {
+    /// `Err(retry_after_s)` while the backlog of the partition a payment keyed `key` goes
+    /// to is over the bound. The seconds are spread between 1 and the verdict's, so
+    /// refused clients do not all come back at once.
+    pub fn admit(&self, key: &[u8]) -> Result<(), u32> {
+        let refused = {
+            let verdict = self.verdict.lock().unwrap_or_else(|e| e.into_inner());
+            verdict.refuses(key)
+        };
+        match refused {
             None => Ok(()),
             Some(most) => {
                 METRICS.refused.with_label_values(&["backlog"]).inc();
@@ -183,7 +219,10 @@ impl Admission {
     }
 
     pub fn current(&self) -> Verdict {
-        *self.verdict.lock().unwrap_or_else(|e| e.into_inner())
+        self.verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set(&self, v: Verdict) {
@@ -217,17 +256,21 @@ fn monitor(consumer: &BaseConsumer, cfg: &AdmissionConfig, admission: &Weak<Admi
                 Verdict::ADMIT
             }
         };
-        if verdict.refuse.is_some() != admission.current().refuse.is_some() {
+        let before: Vec<i32> = admission.current().refuse.into_keys().collect();
+        let now: Vec<i32> = verdict.refuse.keys().copied().collect();
+        if before != now {
             tracing::warn!(
                 backlog_records = verdict.backlog_records,
                 old_records = verdict.old_records,
                 backlog_s = verdict.backlog_s,
-                refusing = verdict.refuse.is_some(),
+                refusing_partitions = ?now,
+                of = verdict.partitions,
                 "admission control changes"
             );
         }
         METRICS.backlog_records.set(verdict.backlog_records as i64);
         METRICS.backlog_seconds.set(verdict.backlog_s);
+        METRICS.refusing_partitions.set(now.len() as i64);
         admission.set(verdict);
     }
 }
@@ -313,26 +356,36 @@ impl Window {
                 .find(|(t, _)| *t <= cutoff)
                 .map(|(_, r)| r)
         });
-        let old_records: u64 = then.map_or(0, |then| {
-            reading
-                .iter()
-                .map(|(p, (_, committed))| {
-                    then.get(p)
-                        .map_or(0, |(high, _)| u64::try_from(high - committed).unwrap_or(0))
-                })
-                .sum()
-        });
+        let old_in = |p: &i32, committed: i64| -> u64 {
+            then.and_then(|then| then.get(p))
+                .map_or(0, |(high, _)| u64::try_from(high - committed).unwrap_or(0))
+        };
+        let partitions = reading.len().max(1) as u64;
+        // Each partition's share of the bound (at least one record).
+        let share = (self.min_backlog_records / partitions).max(1);
+        let mut old_records = 0;
+        let mut refuse = BTreeMap::new();
+        for (p, (high, committed)) in &reading {
+            let old = old_in(p, *committed);
+            old_records += old;
+            if old > share {
+                let over = self
+                    .age(at, *p, *high, *committed)
+                    .saturating_sub(self.max_backlog);
+                let retry = u32::try_from(over.as_secs() + 1)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, RETRY_AFTER_MAX_S);
+                refuse.insert(*p, retry);
+            }
+        }
+        let count = i32::try_from(reading.len()).unwrap_or(i32::MAX);
         self.readings.push_back((at, reading));
-        let over = age.saturating_sub(self.max_backlog);
         Verdict {
             backlog_records: backlog,
             old_records,
             backlog_s: age.as_secs_f64(),
-            refuse: (old_records > self.min_backlog_records).then(|| {
-                u32::try_from(over.as_secs() + 1)
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, RETRY_AFTER_MAX_S)
-            }),
+            partitions: count,
+            refuse,
         }
     }
 
@@ -384,7 +437,7 @@ mod tests {
         let v = feed(&mut w, Instant::now(), &readings);
         assert_eq!(v.backlog_records, 1_500);
         assert!(v.backlog_s <= 0.25 + 1e-9, "{v:?}");
-        assert_eq!(v.refuse, None);
+        assert!(v.refuse.is_empty(), "{v:?}");
     }
 
     #[test]
@@ -397,12 +450,12 @@ mod tests {
         let v = feed(&mut w, Instant::now(), &readings);
         assert!((v.backlog_s - 3.0).abs() < 0.26, "{v:?}");
         assert_eq!(v.old_records, 1_000);
-        assert_eq!(v.refuse, Some(2));
+        assert_eq!(v.refuse, BTreeMap::from([(0, 2)]));
         // Caught up to 1.5 s behind: admitted again.
         let t = Instant::now() + Duration::from_millis(250 * 30);
         let v = w.push(t, one(1_000 + 250 * 30, 250 * 30 - 500));
         assert!(v.backlog_s < 2.0, "{v:?}");
-        assert_eq!(v.refuse, None);
+        assert!(v.refuse.is_empty(), "{v:?}");
     }
 
     #[test]
@@ -413,11 +466,11 @@ mod tests {
         let mut readings = vec![one(500, 500)];
         readings.extend((1..=8).map(|i| one(500 + 100 * i, 500)));
         // 2 s after the last caught-up reading: at the bound, not over it.
-        assert_eq!(feed(&mut w, t0, &readings).refuse, None);
+        assert!(feed(&mut w, t0, &readings).refuse.is_empty());
         let v = w.push(t0 + Duration::from_millis(2_250), one(1_400, 500));
         assert!((v.backlog_s - 2.25).abs() < 1e-9, "{v:?}");
         assert_eq!(v.old_records, 100);
-        assert_eq!(v.refuse, Some(1));
+        assert_eq!(v.refuse, BTreeMap::from([(0, 1)]));
         // Long stopped: the age is at least as old as the readings kept.
         let mut last = v;
         for i in 10..40 {
@@ -427,7 +480,7 @@ mod tests {
             );
         }
         assert!(last.backlog_s >= BOUND.as_secs_f64(), "{last:?}");
-        assert!(last.refuse.is_some());
+        assert!(!last.refuse.is_empty());
     }
 
     #[test]
@@ -438,15 +491,15 @@ mod tests {
         let v = feed(&mut w, Instant::now(), &readings);
         assert!(v.backlog_s > BOUND.as_secs_f64(), "{v:?}");
         assert_eq!(v.old_records, 100);
-        assert_eq!(v.refuse, None);
+        assert!(v.refuse.is_empty(), "{v:?}");
         // Thousands of fresh records beside them are not old.
         let v = w.push(Instant::now() + Duration::from_secs(10), one(5_600, 500));
         assert_eq!((v.backlog_records, v.old_records), (5_100, 100));
-        assert_eq!(v.refuse, None);
+        assert!(v.refuse.is_empty(), "{v:?}");
     }
 
     #[test]
-    fn one_stuck_partition_is_enough() {
+    fn a_stuck_partition_refuses_only_its_own_creates() {
         let mut w = Window::new(BOUND, 100);
         // Partition 0 keeps up; partition 1 stops at 100 while its records keep coming.
         let readings: Vec<Reading> = (0..20)
@@ -454,28 +507,51 @@ mod tests {
             .collect();
         let v = feed(&mut w, Instant::now(), &readings);
         assert_eq!(v.backlog_records, 950);
-        assert!(v.refuse.is_some(), "{v:?}");
+        assert_eq!(
+            v.refuse.keys().copied().collect::<Vec<_>>(),
+            vec![1],
+            "{v:?}"
+        );
+        let key_in = |p: i32| {
+            (0..)
+                .map(|i: u32| format!("pay_{i:032x}"))
+                .find(|k| partition_of(k.as_bytes(), 2) == p)
+                .expect("a key for every partition")
+        };
+        assert_eq!(v.refuses(key_in(0).as_bytes()), None);
+        assert!(v.refuses(key_in(1).as_bytes()).is_some());
+    }
+
+    #[test]
+    fn every_partition_behind_refuses_every_create() {
+        let mut w = Window::new(BOUND, 100);
+        let readings: Vec<Reading> = (0..20)
+            .map(|i| Reading::from([(0, (100 + 50 * i, 100)), (1, (100 + 50 * i, 100))]))
+            .collect();
+        let v = feed(&mut w, Instant::now(), &readings);
+        assert_eq!(v.refuse.len(), 2, "{v:?}");
     }
 
     #[test]
     fn nothing_is_refused_from_a_first_reading() {
         let mut w = Window::new(BOUND, 100);
         let v = w.push(Instant::now(), one(1_000_000, 0));
-        assert_eq!(v.refuse, None);
+        assert!(v.refuse.is_empty(), "{v:?}");
     }
 
     #[test]
     fn retries_are_spread_up_to_the_verdict() {
         let a = Admission::open();
-        assert_eq!(a.admit(), Ok(()));
+        assert_eq!(a.admit(b"pay_0"), Ok(()));
         a.set(Verdict {
             backlog_records: 5_000,
             old_records: 5_000,
             backlog_s: 9.0,
-            refuse: Some(7),
+            partitions: 1,
+            refuse: BTreeMap::from([(0, 7)]),
         });
         for _ in 0..50 {
-            let after = a.admit().expect_err("refused");
+            let after = a.admit(b"pay_0").expect_err("refused");
             assert!((1..=7).contains(&after), "{after}");
         }
     }

@@ -160,14 +160,15 @@ pub async fn create_payment(
         })?),
         None => None,
     };
-    if let Err(retry_after) = state.admission.admit() {
+    // The key names the payment, and so the partition whose backlog admission reads.
+    let key = required_idempotency_key(idempotency_key)?;
+    let id = PaymentId::derive(&merchant, &key);
+    if let Err(retry_after) = state.admission.admit(id.to_string().as_bytes()) {
         return Err(ApiError::overloaded(retry_after));
     }
     let body = body?;
-    let key = required_idempotency_key(idempotency_key)?;
     check_json_content_type(content_type.as_deref())?;
     let valid = validate_create(parse_body(&body)?)?;
-    let id = PaymentId::derive(&merchant, &key);
     let body = created_body(&id, &valid);
     let conflict = || {
         ApiError::new(

@@ -8,6 +8,7 @@
 //! - [`machine`]: the state machine, `decide(state, command) -> Decision`, and `evolve`.
 //! - [`wire`]: the JSON encoding used on Kafka topics (versioned envelopes).
 //! - [`notify`]: merchant notifications (which events, and the resources they carry).
+//! - [`partition`]: the Kafka partition of a payment's key (murmur2, the Java client's).
 //! - [`retry`]: the delays of exponential back-off.
 //! - [`webhook`]: Standard Webhooks signatures (sign and verify), shared by the provider
 //!   simulator and the callback endpoint.
@@ -21,6 +22,7 @@ pub mod ids;
 pub mod machine;
 pub mod money;
 pub mod notify;
+pub mod partition;
 pub mod retry;
 pub mod webhook;
 pub mod wire;

@@ -306,9 +306,12 @@ impl Kafka {
         Ok(())
     }
 
+    /// A producer that partitions like the gateway's (a command it writes for a payment
+    /// lands where the gateway's own commands for it do).
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
+            .set("partitioner", payments::partition::PARTITIONER)
             .create()?)
     }
 

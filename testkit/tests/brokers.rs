@@ -100,3 +100,32 @@ fn a_failed_runs_broker_logs_are_kept_and_a_passing_runs_removed() {
     );
     assert!(root.join("node-1/logs/server.log").exists());
 }
+
+/// The API computes a create's partition before it publishes it (admission control reads
+/// that partition's backlog): every producer of the gateway must put a payment's records
+/// exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_producers_put_a_payment_where_the_api_expects_it() {
+    let kafka = Kafka::start().unwrap();
+    let topic = format!("partitioned-{}", uuid::Uuid::new_v4().simple());
+    kafka.create_topic(&topic, 7).await.unwrap();
+    let producer = topology::runtime::producer(kafka.brokers(), &[]).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..64u64 {
+        let key = format!("pay_{:032x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let delivery = producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload("x"),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let expected = payments::partition::partition_of(key.as_bytes(), 7);
+        assert_eq!(delivery.partition, expected, "{key}");
+        seen.insert(delivery.partition);
+    }
+    assert_eq!(seen.len(), 7, "keys spread over every partition: {seen:?}");
+}

@@ -130,7 +130,8 @@ pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig 
 
 pub fn producer(brokers: &str, extra: &[(String, String)]) -> anyhow::Result<FutureProducer> {
     let mut c = client_config(brokers, &[]);
-    c.set("enable.idempotence", "true")
+    c.set("partitioner", payments::partition::PARTITIONER)
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         // Changelog values, outbox records and notifications are repetitive JSON and
         // bincode: lz4 (built into librdkafka) shrinks what the brokers store and move.
