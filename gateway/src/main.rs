@@ -127,6 +127,13 @@ struct WorkerArgs {
     /// before them. Off: such a partition's task fails with what to do.
     #[arg(long, env = "RESTORE_TRUNCATED_CHANGELOG", default_value_t = false, action = clap::ArgAction::Set)]
     restore_truncated_changelog: bool,
+    /// This worker's static membership of the group (`group.instance.id`), unique and
+    /// stable per worker (e.g. `worker-0`): restarted within the group session (10 s), it
+    /// takes its partitions back without a rebalance, so no other worker's partitions
+    /// pause. A worker stopped for longer leaves its partitions idle for the session
+    /// before they move. Empty: a dynamic member.
+    #[arg(long, env = "WORKER_INSTANCE_ID", default_value = "")]
+    instance_id: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,6 +202,8 @@ fn notifier_settings(n: &NotifierArgs) -> anyhow::Result<sinks::notifier::Notifi
     Ok(s)
 }
 
+// Parsed once at start: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The HTTP API.
@@ -398,5 +407,17 @@ fn worker_settings(common: &Common, w: WorkerArgs) -> anyhow::Result<topology::W
     settings.provider_timeout = Duration::from_millis(w.provider_timeout_ms);
     settings.store_cache_bytes = w.store_cache_mb * 1024 * 1024;
     settings.restore_truncated_changelog = w.restore_truncated_changelog;
+    let id = w.instance_id.trim();
+    if !id.is_empty() {
+        anyhow::ensure!(
+            id.len() <= 249
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+            "WORKER_INSTANCE_ID {id:?} is not a valid group.instance.id: use up to 249 letters, \
+             digits, '.', '_' or '-', one per worker and the same across its restarts"
+        );
+        settings.instance_id = Some(id.to_owned());
+    }
     Ok(settings)
 }

@@ -430,6 +430,7 @@ impl Kafka {
                         offset: m.offset(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
+                        timestamp_ms: m.timestamp().to_millis(),
                     });
                 }
             }
@@ -444,4 +445,6 @@ pub struct TopicRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The record's timestamp (the producer's clock when it was sent).
+    pub timestamp_ms: Option<i64>,
 }

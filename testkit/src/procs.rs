@@ -9,7 +9,7 @@ use payments::retry::Backoff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -175,6 +175,9 @@ pub struct Load {
     pub duplicates: AtomicUsize,
     pub retries: AtomicUsize,
     pub refused: Mutex<Vec<String>>,
+    /// The longest a create was refused (`503 overloaded`) without a break, from its
+    /// first refusal to its acceptance or to giving up, in milliseconds.
+    pub max_refusal_ms: AtomicU64,
 }
 
 /// How a write ended once retrying it no longer helped.
@@ -196,9 +199,17 @@ async fn post_until_answered(
     key: &str,
     body: &serde_json::Value,
     retries: &AtomicUsize,
+    max_refusal_ms: &AtomicU64,
 ) -> Answer {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut refused_since: Option<Instant> = None;
+    let note_refusal = |since: Option<Instant>| {
+        if let Some(since) = since {
+            let ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+            max_refusal_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+    };
     loop {
         let mut wait = backoff.next_delay();
         let res = http
@@ -212,6 +223,7 @@ async fn post_until_answered(
             Ok(r) if r.status() == 202 => {
                 if let Ok(body) = r.json::<serde_json::Value>().await {
                     if let Some(id) = body["id"].as_str() {
+                        note_refusal(refused_since);
                         return Answer::Accepted(id.to_owned());
                     }
                 }
@@ -221,6 +233,9 @@ async fn post_until_answered(
                 return Answer::Refused(status, r.text().await.unwrap_or_default());
             }
             Ok(r) => {
+                if r.status() == 503 {
+                    refused_since.get_or_insert_with(Instant::now);
+                }
                 if let Some(s) = crate::client::retry_after(r.headers()) {
                     wait = wait.max(Duration::from_secs(s));
                 }
@@ -228,6 +243,7 @@ async fn post_until_answered(
             Err(_) => {}
         }
         if Instant::now() > deadline {
+            note_refusal(refused_since);
             return Answer::GaveUp;
         }
         retries.fetch_add(1, Ordering::Relaxed);
@@ -239,7 +255,16 @@ async fn post_until_answered(
 pub async fn create(http: reqwest::Client, api: String, key: String, amount: i64, load: Arc<Load>) {
     let body = serde_json::json!({ "amount": amount, "currency": "EUR", "reference": key });
     let url = format!("http://{api}/v1/payments");
-    match post_until_answered(&http, &url, &key, &body, &load.retries).await {
+    match post_until_answered(
+        &http,
+        &url,
+        &key,
+        &body,
+        &load.retries,
+        &load.max_refusal_ms,
+    )
+    .await
+    {
         Answer::Accepted(id) => {
             lock(&load.accepted).insert(key, id);
         }
@@ -279,7 +304,8 @@ pub async fn refund(
         None => serde_json::json!({}),
     };
     let url = format!("http://{api}/v1/payments/{payment}/refunds");
-    match post_until_answered(&http, &url, &key, &body, &load.retries).await {
+    let unmeasured = AtomicU64::new(0);
+    match post_until_answered(&http, &url, &key, &body, &load.retries, &unmeasured).await {
         Answer::Accepted(id) => {
             lock(&load.accepted).insert(id, payment);
         }

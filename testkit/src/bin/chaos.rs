@@ -32,8 +32,11 @@
 //!   notifications=<NT> notifications_missing=<NM> notifications_wrong=<NW>
 //!   duplicates=<DU> duplicates_differing=<DD> aborted_reads=<AR> open_transactions=<OT>
 //!   kills=<K> broker_kills=<BK> net_faults=<NF> kafka_faults=<F> provider_faults=<P>
-//!   merchant_faults=<MF> pg_restarts=<R>
-//! and it exits non-zero if L, D, I, G, M, O, DR, RL, RM, NM, NW, DD, AR or OT is non-zero,
+//!   merchant_faults=<MF> pg_restarts=<R> failover_p50_ms=<FO50> failover_p99_ms=<FO99>
+//!   max_refusal_s=<MR>
+//! (failover: from a worker's kill to the next event on each partition it held; workers
+//! are static members of the group unless `--dynamic-members`; max_refusal_s: the longest
+//! a create was refused without a break, from its first 503 to its acceptance) and it exits non-zero if L, D, I, G, M, O, DR, RL, RM, NM, NW, DD, AR or OT is non-zero,
 //! if T < A, or (under `exactly_once`) if DU is. A run that fails, however it ends,
 //! keeps every process's and broker's log. The same `--seed` replays the same schedule
 //! of faults (timing still varies).
@@ -90,6 +93,10 @@ struct Args {
     /// How long every accepted payment has to reach a terminal state after the load.
     #[arg(long, default_value_t = 300)]
     drain_timeout_s: u64,
+    /// Workers join the group as dynamic members (no `--instance-id`): a restarted
+    /// worker then rebalances the whole group.
+    #[arg(long)]
+    dynamic_members: bool,
 }
 
 #[derive(Default, Debug)]
@@ -103,6 +110,8 @@ struct Counters {
     /// Faults of the network between the clients and a broker.
     net_faults: usize,
     pg_restarts: usize,
+    /// Each worker kill: when (ms since the epoch) and the partitions the worker held.
+    worker_kills: Vec<(i64, Vec<i32>)>,
 }
 
 impl Counters {
@@ -123,6 +132,8 @@ struct Cluster {
     worker_base: Vec<String>,
     state_root: PathBuf,
     next_dir: usize,
+    /// Workers are static members of the group (`--instance-id worker-<i>`).
+    static_members: bool,
 }
 
 impl Cluster {
@@ -136,6 +147,9 @@ impl Cluster {
         ));
         let mut args = self.worker_base.clone();
         args.extend(["--state-dir".to_owned(), dir.display().to_string()]);
+        if self.static_members {
+            args.extend(["--instance-id".to_owned(), format!("worker-{index}")]);
+        }
         args
     }
 
@@ -178,6 +192,78 @@ fn leader_of(kafka: &Kafka, topic: &str, partition: i32) -> Option<u32> {
         .find(|p| p.id() == partition)?
         .leader();
     u32::try_from(leader).ok()
+}
+
+/// The partitions a worker holds now, as the last rebalance its log records says
+/// (`rebalance done … change=assign <topic>[0, 1, 2]`; none while it is between a revoke
+/// and an assignment).
+fn held_partitions(log: &Path) -> Vec<i32> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    let Some(line) = text.lines().rev().find(|l| l.contains("rebalance done")) else {
+        return Vec::new();
+    };
+    let plain = strip_ansi(line);
+    let Some(assigned) = plain.split("change=assign ").nth(1) else {
+        return Vec::new();
+    };
+    let Some(list) = assigned
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list)
+    else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Failover: for each worker kill and each partition the worker held, the time from the
+/// kill to the partition's next event on the events topic (its first input processed
+/// again, by whichever worker holds it then; the load keeps every partition busy).
+fn failover_ms(kills: &[(i64, Vec<i32>)], events: &[testkit::kafka::TopicRecord]) -> Vec<i64> {
+    let mut by_partition: HashMap<i32, Vec<i64>> = HashMap::new();
+    for r in events {
+        if let Some(t) = r.timestamp_ms {
+            by_partition.entry(r.partition).or_default().push(t);
+        }
+    }
+    for times in by_partition.values_mut() {
+        times.sort_unstable();
+    }
+    let mut out = Vec::new();
+    for (killed_at, held) in kills {
+        for p in held {
+            let Some(times) = by_partition.get(p) else {
+                continue;
+            };
+            let next = times.partition_point(|t| t <= killed_at);
+            if let Some(t) = times.get(next) {
+                out.push(t - killed_at);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// A broker SIGKILLed or cleanly restarted: a random one, the leader of a changelog
@@ -256,6 +342,8 @@ async fn inject(
         0..=29 => {
             let i = rng.random_range(0..cluster.workers.len());
             let fresh = rng.random_bool(0.5);
+            let held = held_partitions(&cluster.workers[i].log);
+            c.worker_kills.push((telemetry::now_ms(), held));
             cluster.workers[i].kill();
             c.kills += 1;
             sleep_ms(rng, 100, 1500).await;
@@ -735,6 +823,7 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         worker_base,
         state_root: root.join("state"),
         next_dir: 0,
+        static_members: !a.dynamic_members,
     };
     for i in 0..2 {
         let args = cluster.worker_args(false, i);
@@ -1037,6 +1126,28 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
     let audit = tokio::task::block_in_place(|| {
         audit_outputs(kafka, &events, notifications.as_deref(), &changelog)
     })?;
+    let event_records = tokio::task::block_in_place(|| kafka.read_all(&events))?;
+    let failover = failover_ms(&counters.worker_kills, &event_records);
+    let pct = |q: f64| -> i64 {
+        if failover.is_empty() {
+            return 0;
+        }
+        let i = ((failover.len() - 1) as f64 * q).round() as usize;
+        failover[i.min(failover.len() - 1)]
+    };
+    println!(
+        "chaos: failover: members={} worker_kills={} partitions={} p50_ms={} p99_ms={} max_ms={}",
+        if a.dynamic_members {
+            "dynamic"
+        } else {
+            "static"
+        },
+        counters.worker_kills.len(),
+        failover.len(),
+        pct(0.5),
+        pct(0.99),
+        failover.last().copied().unwrap_or(0)
+    );
     let during = audit_during.unwrap_or_default();
     println!(
         "chaos: audit during faults: duplicates={} differing={} aborted_reads={} open_transactions={}",
@@ -1060,7 +1171,7 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         || audit.open_transactions > 0
         || (exactly_once && audit.duplicates + during.duplicates > 0);
     println!(
-        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} notifications={} notifications_missing={} notifications_wrong={} duplicates={} duplicates_differing={} aborted_reads={} open_transactions={} kills={} broker_kills={} net_faults={} kafka_faults={} provider_faults={} merchant_faults={} pg_restarts={}",
+        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} notifications={} notifications_missing={} notifications_wrong={} duplicates={} duplicates_differing={} aborted_reads={} open_transactions={} kills={} broker_kills={} net_faults={} kafka_faults={} provider_faults={} merchant_faults={} pg_restarts={} failover_p50_ms={} failover_p99_ms={} max_refusal_s={:.1}",
         a.payments,
         accepted.len(),
         v.terminal,
@@ -1087,7 +1198,10 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         counters.kafka_faults(),
         ledger.faults,
         merchant_faults.load(Ordering::Relaxed),
-        counters.pg_restarts
+        counters.pg_restarts,
+        pct(0.5),
+        pct(0.99),
+        load.max_refusal_ms.load(Ordering::Relaxed) as f64 / 1000.0
     );
     drop(cluster);
     Ok(!failed)

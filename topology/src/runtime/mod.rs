@@ -71,6 +71,9 @@ pub struct WorkerSettings {
     /// them. For a deployment that accepts that loss, and for measurements against a
     /// broker that keeps only a partition's latest bytes.
     pub restore_truncated_changelog: bool,
+    /// Static membership of the group (`group.instance.id`): a worker restarted within the
+    /// session gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
 }
 
 /// Per-request timeout of provider calls unless configured (`PROVIDER_TIMEOUT_MS`).
@@ -115,6 +118,7 @@ impl WorkerSettings {
             changelog: true,
             store_cache_bytes: stores::DEFAULT_CACHE_BYTES,
             restore_truncated_changelog: false,
+            instance_id: None,
         }
     }
 }

@@ -176,6 +176,9 @@ pub async fn run_worker(
         // (its default is 64 MiB): a worker's memory does not swell with a backlog,
         // which waits in Kafka instead.
         .set("queued.max.messages.kbytes", PREFETCH_KBYTES.to_string());
+    if let Some(id) = &settings.instance_id {
+        cfg.set("group.instance.id", id);
+    }
     for (k, v) in &settings.kafka {
         cfg.set(k, v);
     }
