@@ -99,6 +99,7 @@ impl WorkerSettings {
     pub fn freeze_bound(&self) -> Duration {
         self.session_timeout() / 2
     }
+
     pub fn new(
         brokers: &str,
         state_dir: PathBuf,

@@ -224,18 +224,12 @@ pub async fn run_worker(
             _ = &mut shutdown => break Ok(()),
             Some(e) = fail_rx.recv() => break Err(e),
             Some(parts) = assigned_rx.recv() => {
-                // Still assigned (a later rebalance may have taken them again)?
-                let current = consumer.assignment().unwrap_or_default();
-                let mut failed = None;
-                for (topic, partition) in parts {
-                    if current.find_partition(&topic, partition).is_some() {
-                        if let Err(e) = spawner.task(&topic, partition) {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                if let Some(e) = failed {
+                // `Spawner::task` starts only what is still assigned (a later rebalance
+                // may have taken them again).
+                if let Err(e) = parts
+                    .iter()
+                    .try_for_each(|(topic, partition)| spawner.task(topic, *partition).map(drop))
+                {
                     break Err(e);
                 }
             }
