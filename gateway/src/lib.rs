@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use topology::CompiledTopology;
 
+pub mod watchdog;
+
 /// Settings shared by every role.
 #[derive(Debug, Clone)]
 pub struct Common {
@@ -26,6 +28,8 @@ pub struct Common {
     pub dlq_topic: String,
     /// Extra librdkafka properties (`key=value`), for every client.
     pub kafka: Vec<(String, String)>,
+    /// When a worker, the sink or the notifier reports a stall, and when it ends over one.
+    pub stall: watchdog::StallSettings,
 }
 
 impl Common {
@@ -255,7 +259,20 @@ pub async fn run_worker(
     settings: topology::WorkerSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    topology::run_worker(common.topology.clone(), settings, shutdown).await
+    let dog = watchdog::watch_group(
+        settings.progress.clone(),
+        &common.brokers,
+        &common.topology.application_id,
+        common.topology.source_topics(),
+        &common.kafka,
+        common.stall,
+    )?;
+    watchdog::guarded(
+        "worker",
+        dog,
+        topology::run_worker(common.topology.clone(), settings, shutdown),
+    )
+    .await
 }
 
 pub async fn run_sink(
@@ -269,7 +286,25 @@ pub async fn run_sink(
         sinks::runner::SinkSettings::new(&common.brokers, group_id, common.sink_topics()?);
     settings.kafka = common.kafka.clone();
     settings.writers = writers;
-    sinks::runner::run_sink(pool, settings, shutdown).await
+    let dog = watchdog::watch_group(
+        settings.progress.clone(),
+        &common.brokers,
+        group_id,
+        settings
+            .topics
+            .all()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        &common.kafka,
+        common.stall,
+    )?;
+    watchdog::guarded(
+        "sink",
+        dog,
+        sinks::runner::run_sink(pool, settings, shutdown),
+    )
+    .await
 }
 
 /// Delivers merchant notifications until `shutdown` (see [`sinks::notifier`]).
@@ -279,7 +314,13 @@ pub async fn run_notifier(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let pool = sinks::connect(common.database_url()?, 4)?;
-    sinks::notifier::run_notifier(pool, settings, shutdown).await
+    let dog = watchdog::watch_beats(settings.progress.clone(), common.stall)?;
+    watchdog::guarded(
+        "notifier",
+        dog,
+        sinks::notifier::run_notifier(pool, settings, shutdown),
+    )
+    .await
 }
 
 pub async fn rebuild_projection(common: &Common) -> anyhow::Result<sinks::runner::RebuildReport> {

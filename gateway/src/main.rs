@@ -67,6 +67,15 @@ struct Cli {
     /// are not exported (log lines still carry trace ids).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
+    /// Seconds a worker, the sink or the notifier may make no progress (records waiting
+    /// that it does not process, no partition held, no work picked) before it reports a
+    /// stall: a warning, `gateway_stalled`, `/health/ready` 503.
+    #[arg(long, env = "STALL_REPORT_S", default_value_t = gateway::watchdog::DEFAULT_STALL_REPORT_S, global = true)]
+    stall_report_s: u64,
+    /// Seconds of such a stall after which the role exits non-zero, for its supervisor to
+    /// start it again (not while it waits on a restore or on PostgreSQL); 0: never.
+    #[arg(long, env = "STALL_EXIT_S", default_value_t = gateway::watchdog::DEFAULT_STALL_EXIT_S, global = true)]
+    stall_exit_s: u64,
     /// `service.name` of exported spans (default `gateway-<role>`).
     #[arg(long, env = "OTEL_SERVICE_NAME", global = true)]
     service_name: Option<String>,
@@ -131,7 +140,8 @@ struct WorkerArgs {
     /// stable per worker (e.g. `worker-0`): restarted within the group session (10 s), it
     /// takes its partitions back without a rebalance, so no other worker's partitions
     /// pause. A worker stopped for longer leaves its partitions idle for the session
-    /// before they move. Empty: a dynamic member.
+    /// before they move. `@hostname`: the host's name (a container's is its id, the same
+    /// across its restarts and distinct per replica). Empty: a dynamic member.
     #[arg(long, env = "WORKER_INSTANCE_ID", default_value = "")]
     instance_id: String,
 }
@@ -285,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         events_topic: cli.events_topic,
         dlq_topic: cli.dlq_topic,
         kafka: gateway::parse_kafka_props(&cli.kafka_props)?,
+        stall: gateway::watchdog::StallSettings::from_secs(cli.stall_report_s, cli.stall_exit_s)?,
     };
     match cli.command {
         Cmd::HashKey { .. } => Ok(()),
@@ -388,6 +399,20 @@ async fn ops_server(
     Ok(handle)
 }
 
+/// The host's name, for `WORKER_INSTANCE_ID=@hostname`.
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty());
+    name.ok_or_else(|| {
+        anyhow::anyhow!(
+            "WORKER_INSTANCE_ID=@hostname: the host's name is unknown (no /proc/sys/kernel/hostname, no HOSTNAME); set WORKER_INSTANCE_ID to a name unique per worker instead"
+        )
+    })
+}
+
 fn api_opts(a: ApiArgs) -> anyhow::Result<ApiOptions> {
     let (merchants, webhook_secrets) = gateway::load_merchants(&a.merchants)?;
     Ok(ApiOptions {
@@ -408,6 +433,13 @@ fn worker_settings(common: &Common, w: WorkerArgs) -> anyhow::Result<topology::W
     settings.store_cache_bytes = w.store_cache_mb * 1024 * 1024;
     settings.restore_truncated_changelog = w.restore_truncated_changelog;
     let id = w.instance_id.trim();
+    let host;
+    let id = if id == "@hostname" {
+        host = hostname()?;
+        host.as_str()
+    } else {
+        id
+    };
     if !id.is_empty() {
         anyhow::ensure!(
             id.len() <= 249

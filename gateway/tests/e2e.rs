@@ -2144,6 +2144,15 @@ async fn a_paused_workers_duplicates_are_identical_under_at_least_once() {
 /// The partitions each member of `group` holds (the classic consumer protocol's
 /// assignment: version, then per topic its name and partitions).
 fn group_assignments(brokers: &str, group: &str) -> Vec<Vec<i32>> {
+    group_members(brokers, group)
+        .into_iter()
+        .map(|(_, parts)| parts)
+        .collect()
+}
+
+/// The members of `group` once it is stable, each as its member id (a static member's
+/// starts with its `group.instance.id`) and the partitions assigned to it.
+fn group_members(brokers: &str, group: &str) -> Vec<(String, Vec<i32>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -2175,8 +2184,131 @@ fn group_assignments(brokers: &str, group: &str) -> Vec<Vec<i32>> {
         .iter()
         .filter(|g| g.state() == "Stable")
         .flat_map(|g| g.members().iter())
-        .map(|m| m.assignment().and_then(parse).unwrap_or_default())
+        .map(|m| {
+            (
+                m.id().to_owned(),
+                m.assignment().and_then(parse).unwrap_or_default(),
+            )
+        })
         .collect()
+}
+
+/// A crash-looping worker (SIGKILLed and started again every 3 s for a minute, as a bad
+/// deploy or a poisoned host leaves it) stops only its own partitions. The workers are
+/// static members of the group (`--instance-id`; the looping one's is `@hostname`, the
+/// host's name, as compose sets it), so the looping worker's restarts
+/// rebalance nothing: every create keyed to the other worker's partitions is accepted
+/// during the loop, and each finishes as fast as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_looping_worker_stops_only_its_own_partitions() {
+    let mut stack = Stack::start(StackOptions {
+        gateway_bin: Some(env!("CARGO_BIN_EXE_gateway").into()),
+        worker_instance_id: Some("@hostname".into()),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = stack.client(DEMO_KEY);
+    let disk = tempfile::tempdir().unwrap();
+    let healthy = stack
+        .spawn_extra_worker_as(disk.path().to_owned(), Some("healthy"))
+        .expect("second worker");
+    let group = stack.common.topology.application_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let healthy_parts: std::collections::BTreeSet<i32> = loop {
+        let members = tokio::task::block_in_place(|| group_members(stack.kafka.brokers(), &group));
+        if members.len() == 2 && members.iter().all(|(_, parts)| !parts.is_empty()) {
+            let (_, parts) = members
+                .iter()
+                .find(|(id, _)| id.starts_with("healthy-"))
+                .unwrap_or_else(|| panic!("no member of instance `healthy`: {members:?}"));
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+            assert!(
+                members
+                    .iter()
+                    .any(|(id, _)| id.starts_with(&format!("{}-", host.trim()))),
+                "no member named after the host {host:?}: {members:?}"
+            );
+            break parts.iter().copied().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never split: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let partitions = stack.opts.partitions;
+    let merchant = payments::MerchantId::parse("demo").unwrap();
+    let mut next_key = 0;
+    let mut healthy_key = || loop {
+        next_key += 1;
+        let key = format!("loop-{next_key}");
+        let id =
+            payments::PaymentId::derive(&merchant, &payments::IdempotencyKey::parse(&key).unwrap())
+                .to_string();
+        let p = payments::partition::partition_of(id.as_bytes(), partitions);
+        if healthy_parts.contains(&p) {
+            return (key, id, p);
+        }
+    };
+
+    let started = Instant::now();
+    let mut next_kill = started;
+    let mut kills = 0;
+    let mut accepted = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        if Instant::now() >= next_kill {
+            stack.stop_worker().await.unwrap();
+            stack.start_worker().unwrap();
+            kills += 1;
+            next_kill += Duration::from_secs(3);
+        }
+        let (key, id, p) = healthy_key();
+        let r = api.create(&key, 1000, "EUR").await.unwrap();
+        assert_eq!(
+            r.status,
+            202,
+            "a create for partition {p}, the healthy worker's, answered {} {:.1} s into the crash loop: {}",
+            r.status,
+            started.elapsed().as_secs_f64(),
+            r.body
+        );
+        accepted.push(id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = stack.pool().await.unwrap();
+    let statuses = wait_all_terminal(&pool, &accepted, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(statuses.values().all(|s| s == "COMPLETED"), "{statuses:?}");
+    let mut took: Vec<f64> = pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT extract(epoch FROM updated_at - created_at)::float8 FROM payments WHERE payment_id = ANY($1)",
+            &[&accepted],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    took.sort_by(f64::total_cmp);
+    let slowest = took.last().copied().unwrap_or_default();
+    println!(
+        "e2e: crash loop: kills={kills} healthy_partitions={healthy_parts:?} of {partitions} creates={} refused=0 p50_s={:.2} slowest_s={slowest:.2}",
+        accepted.len(),
+        took[took.len() / 2],
+    );
+    // The normal bound of a payment here (the provider simulator answers within its
+    // latency; a rebalance alone would take longer).
+    assert!(
+        slowest < 10.0,
+        "a payment on the healthy worker's partitions took {slowest:.1} s to finish during the crash loop"
+    );
+    healthy.stop().await.unwrap();
+    stack.shutdown().await.unwrap();
 }
 
 /// Admission per partition: one of two workers stopped (SIGSTOP, as a crash loop or a
@@ -2300,4 +2432,139 @@ async fn a_stalled_partition_refuses_only_its_own_creates() {
     );
     second.stop().await.unwrap();
     stack.shutdown().await.unwrap();
+}
+
+/// The watchdog reads a group's progress as an operator would: a partition whose
+/// committed offset stands still below its end waits only if a `read_committed` read
+/// finds a record there (an aborted transaction's records and its marker are not work),
+/// a commit past the records ends the wait, and a member that holds no partition while
+/// records wait unprocessed is reported (the process not ready) and then ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_tells_waiting_records_from_markers_and_ends_a_member_holding_nothing() {
+    use gateway::watchdog::{watch_group, GroupProgress, StallSettings};
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let kafka = testkit::kafka::Kafka::start().unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (work, aborted, group) = (
+        format!("wd-work-{id}"),
+        format!("wd-aborted-{id}"),
+        format!("wd-group-{id}"),
+    );
+    kafka.create_topic(&work, 2).await.unwrap();
+    kafka.create_topic(&aborted, 1).await.unwrap();
+    let plain = kafka.producer().unwrap();
+    for _ in 0..3 {
+        plain
+            .send(
+                FutureRecord::to(&work).partition(0).key("k").payload("x"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let tx: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("transactional.id", format!("wd-{id}"))
+        .create()
+        .unwrap();
+    tokio::task::block_in_place(|| tx.init_transactions(Duration::from_secs(30))).unwrap();
+    tx.begin_transaction().unwrap();
+    for _ in 0..2 {
+        tx.send(
+            FutureRecord::to(&aborted)
+                .partition(0)
+                .key("k")
+                .payload("y"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+    tokio::task::block_in_place(|| tx.abort_transaction(Duration::from_secs(30))).unwrap();
+
+    let mut view = GroupProgress::new(
+        kafka.brokers(),
+        &group,
+        vec![work.clone(), aborted.clone()],
+        &[],
+        "watchdog-test",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let after = Duration::from_millis(500);
+    let mut waiting = |at: Instant| {
+        tokio::task::block_in_place(|| view.waiting(after, at))
+            .unwrap()
+            .into_iter()
+            .map(|(tp, _)| tp)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        waiting(t0),
+        vec![],
+        "nothing has stood still for 500 ms yet"
+    );
+    assert_eq!(
+        waiting(t0 + Duration::from_secs(1)),
+        vec![(work.clone(), 0)],
+        "only the partition with records waits, not the one with an aborted transaction"
+    );
+    let member: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut past = TopicPartitionList::new();
+    past.add_partition_offset(&work, 0, Offset::Offset(3))
+        .unwrap();
+    tokio::task::block_in_place(|| member.commit(&past, CommitMode::Sync)).unwrap();
+    assert_eq!(
+        waiting(t0 + Duration::from_secs(2)),
+        vec![],
+        "the group committed past the records"
+    );
+
+    // A member of the group that holds nothing while a record waits on partition 1.
+    plain
+        .send(
+            FutureRecord::to(&work).partition(1).key("k").payload("z"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let progress = telemetry::progress::Progress::new("watchdog-test-sink");
+    let settings = StallSettings {
+        report_after: Duration::from_secs(1),
+        exit_after: Some(Duration::from_secs(3)),
+    };
+    let started = Instant::now();
+    let mut dog = watch_group(
+        progress.clone(),
+        kafka.brokers(),
+        &group,
+        vec![work.clone()],
+        &[],
+        settings,
+    )
+    .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(60), dog.exited())
+        .await
+        .expect("the watchdog ended the member");
+    assert!(
+        why.contains("holds no partition") && why.contains(&format!("{work}[1]")),
+        "{why}"
+    );
+    assert!(
+        telemetry::progress::not_ready()
+            .iter()
+            .any(|r| r.starts_with("watchdog-test-sink: holds no partition")),
+        "the process was not ready while the member stalled: {:?}",
+        telemetry::progress::not_ready()
+    );
+    println!(
+        "watchdog: waiting partitions told from an aborted transaction; a member holding nothing ended after {:.1} s: {why}",
+        started.elapsed().as_secs_f64()
+    );
 }

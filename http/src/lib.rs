@@ -210,9 +210,27 @@ pub async fn serve_ops(
     });
     let live = warp::path!("health" / "live")
         .map(|| warp::reply::json(&serde_json::json!({"status": "live"})).into_response());
+    // Ready while every role of the process makes progress (see the gateway's watchdog).
+    let ready = warp::path!("health" / "ready").map(|| {
+        let stalled = telemetry::progress::not_ready();
+        if stalled.is_empty() {
+            warp::reply::json(&serde_json::json!({"status": "ready"})).into_response()
+        } else {
+            warp::reply::with_status(
+                warp::reply::json(&serde_json::json!({"status": "stalled", "stalled": stalled})),
+                warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            )
+            .into_response()
+        }
+    });
     let topo = warp::path!("topology").map(move || match &topology {
         Some(t) => warp::reply::json(t).into_response(),
         None => warp::http::StatusCode::NOT_FOUND.into_response(),
     });
-    spawn_server(metrics.or(live).unify().or(topo).unify(), addr, shutdown).await
+    spawn_server(
+        metrics.or(live).unify().or(ready).unify().or(topo).unify(),
+        addr,
+        shutdown,
+    )
+    .await
 }

@@ -95,6 +95,8 @@ pub struct NotifierSettings {
     /// retention: a notification replayed from the topic after its row is gone is
     /// delivered again.
     pub keep: Duration,
+    /// What the notifier tells its watchdog: each pick it made, a database it waits on.
+    pub progress: Arc<telemetry::progress::Progress>,
 }
 
 impl NotifierSettings {
@@ -109,6 +111,7 @@ impl NotifierSettings {
             max_in_flight: 64,
             poll: Duration::from_millis(200),
             keep: Duration::from_secs(30 * 24 * 3600),
+            progress: telemetry::progress::Progress::new("notifier"),
         }
     }
 
@@ -163,6 +166,8 @@ pub async fn run_notifier(
     )));
     tokio::pin!(shutdown);
     let mut last_gauges = Instant::now() - Duration::from_secs(60);
+    // Set while PostgreSQL refuses the claims (see `Progress::busy`).
+    let mut waiting = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -201,11 +206,22 @@ pub async fn run_notifier(
             open
         };
         if open.is_empty() {
+            // Every slot is taken: the merchants' endpoints are the limit, not the notifier.
+            settings.progress.beat();
             continue;
         }
         let due = match claim(&pool, &open, &free, &settings).await {
-            Ok(d) => d,
+            Ok(d) => {
+                waiting = None;
+                settings.progress.beat();
+                d
+            }
             Err(e) => {
+                waiting.get_or_insert_with(|| {
+                    settings
+                        .progress
+                        .busy("PostgreSQL refuses the notifier's claims")
+                });
                 tracing::warn!(error = %format!("{e:#}"), "notifier cannot claim deliveries; retrying");
                 continue;
             }

@@ -16,14 +16,18 @@ use prometheus::{
     IntCounterVec,
 };
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Headers;
+use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 use telemetry::now_ms;
+use telemetry::progress::Progress;
 use tokio::sync::mpsc;
 
 struct SinkMetrics {
@@ -81,6 +85,8 @@ pub struct SinkSettings {
     pub max_wait: Duration,
     /// Extra librdkafka properties.
     pub kafka: Vec<(String, String)>,
+    /// What the sink tells its watchdog: the partitions it holds, a database it waits on.
+    pub progress: Arc<Progress>,
 }
 
 impl SinkSettings {
@@ -94,9 +100,35 @@ impl SinkSettings {
             writers: 2,
             max_wait: Duration::from_millis(20),
             kafka: vec![],
+            progress: Progress::new("sink"),
         }
     }
 }
+
+/// Keeps the sink's [`Progress`] told which partitions it holds.
+pub struct SinkContext {
+    progress: Arc<Progress>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect::<Vec<_>>()
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => self.progress.assigned(parts(tpl)),
+            Rebalance::Revoke(tpl) => self.progress.revoked(parts(tpl)),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "sink rebalance failed"),
+        }
+    }
+}
+
+type SinkConsumer = StreamConsumer<SinkContext>;
 
 fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -159,13 +191,24 @@ fn write_spans(batch: &[InRecord]) -> Vec<tracing::Span> {
 /// Applies one batch, retrying until PostgreSQL takes it. A batch that PostgreSQL
 /// refuses for its data (not for an outage) is applied record by record, and the record
 /// it refuses is set aside as a dead letter: one bad record must not stop the sink.
-async fn apply_with_retry(pool: &Pool, topics: &Topics, batch: &[InRecord]) -> Applied {
+async fn apply_with_retry(
+    pool: &Pool,
+    topics: &Topics,
+    progress: &Arc<Progress>,
+    batch: &[InRecord],
+) -> Applied {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // Set while PostgreSQL refuses the batch: a stall of the sink meanwhile is its, not
+    // the consumer's, and a restart would not help.
+    let mut waiting = None;
     loop {
         match apply_once(pool, topics, batch).await {
             Ok(a) => return a,
             Err(e) if is_data_error(&e) => return apply_one_by_one(pool, topics, batch).await,
             Err(e) => {
+                waiting.get_or_insert_with(|| {
+                    progress.busy("PostgreSQL refuses the projection's writes")
+                });
                 METRICS.errors.with_label_values(&["postgres"]).inc();
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projection batch failed; retrying");
@@ -261,9 +304,11 @@ pub async fn run_sink(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::migrate(&pool).await?;
-    let consumer: Arc<StreamConsumer> = Arc::new(
+    let consumer: Arc<SinkConsumer> = Arc::new(
         consumer_config(&settings.brokers, &settings.group_id, &settings.kafka)
-            .create()
+            .create_with_context(SinkContext {
+                progress: settings.progress.clone(),
+            })
             .context("creating the sink's Kafka consumer")?,
     );
     consumer
@@ -282,9 +327,10 @@ pub async fn run_sink(
             let consumer = consumer.clone();
             let topics = settings.topics.clone();
             let pool = pool.clone();
+            let progress = settings.progress.clone();
             async move {
                 while let Some(batch) = to_apply.recv().await {
-                    write_batch(&pool, &topics, &consumer, &batch).await;
+                    write_batch(&pool, &topics, &consumer, &progress, &batch).await;
                 }
             }
         }));
@@ -331,7 +377,7 @@ fn split(batch: Vec<InRecord>, writers: usize) -> Vec<Vec<InRecord>> {
 /// The batch that starts with `first`: whatever arrives within `max_wait` of it, up to
 /// `max_batch` records. `None` after a failed read (retried by the caller).
 async fn collect(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     settings: &SinkSettings,
     first: Result<InRecord, rdkafka::error::KafkaError>,
 ) -> Option<Vec<InRecord>> {
@@ -361,10 +407,16 @@ async fn collect(
 }
 
 /// Writes one batch (retrying until PostgreSQL takes it), then commits its offsets.
-async fn write_batch(pool: &Pool, topics: &Topics, consumer: &StreamConsumer, batch: &[InRecord]) {
+async fn write_batch(
+    pool: &Pool,
+    topics: &Topics,
+    consumer: &SinkConsumer,
+    progress: &Arc<Progress>,
+    batch: &[InRecord],
+) {
     let started = Instant::now();
     let spans = write_spans(batch);
-    let applied = apply_with_retry(pool, topics, batch).await;
+    let applied = apply_with_retry(pool, topics, progress, batch).await;
     drop(spans);
     METRICS
         .write_seconds

@@ -12,6 +12,7 @@
 //! is how log lines inside the span carry the trace id.
 
 pub mod heap;
+pub mod progress;
 
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,

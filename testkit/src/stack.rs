@@ -60,6 +60,9 @@ pub struct StackOptions {
     /// A Kafka node of the stack's own behind a fault proxy (for outage tests), instead
     /// of the process's shared one.
     pub own_kafka: bool,
+    /// The child-process worker's `--instance-id` (static membership); dynamic when
+    /// `None`.
+    pub worker_instance_id: Option<String>,
 }
 
 impl StackOptions {
@@ -89,6 +92,7 @@ impl Default for StackOptions {
             kafka_props: vec![],
             sink_writers: 2,
             own_kafka: false,
+            worker_instance_id: None,
         }
     }
 }
@@ -266,6 +270,7 @@ impl Stack {
             events_topic: events,
             dlq_topic: dlq,
             kafka: opts.kafka_props.clone(),
+            stall: gateway::watchdog::StallSettings::default(),
         };
         let (shutdown, _) = broadcast::channel(1);
         let merchants = vec![
@@ -376,6 +381,9 @@ impl Stack {
                 for (k, v) in &self.common.kafka {
                     cmd.arg("--kafka-prop").arg(format!("{k}={v}"));
                 }
+                if let Some(id) = &self.opts.worker_instance_id {
+                    cmd.arg("--instance-id").arg(id);
+                }
                 if std::env::var_os("TEST_LOG").is_none() {
                     cmd.stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null());
@@ -409,9 +417,20 @@ impl Stack {
     /// Another in-process worker in the same consumer group, on a state directory of its
     /// own (another machine's disk: what it takes over it restores from the changelog).
     pub fn spawn_extra_worker_in(&self, state_dir: PathBuf) -> anyhow::Result<ExtraWorker> {
+        self.spawn_extra_worker_as(state_dir, None)
+    }
+
+    /// Another in-process worker on a state directory of its own, a static member of the
+    /// group (`group.instance.id`) when `instance_id` is given.
+    pub fn spawn_extra_worker_as(
+        &self,
+        state_dir: PathBuf,
+        instance_id: Option<&str>,
+    ) -> anyhow::Result<ExtraWorker> {
         let (stop, _) = broadcast::channel(1);
         let common = self.common.clone();
-        let settings = self.worker_settings(state_dir, &format!("http://{}", self.sim_addr))?;
+        let mut settings = self.worker_settings(state_dir, &format!("http://{}", self.sim_addr))?;
+        settings.instance_id = instance_id.map(str::to_owned);
         let until = wait_for(&stop);
         let join = tokio::spawn(async move { gateway::run_worker(&common, settings, until).await });
         Ok(ExtraWorker { stop, join })

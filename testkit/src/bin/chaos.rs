@@ -33,11 +33,17 @@
 //!   duplicates=<DU> duplicates_differing=<DD> aborted_reads=<AR> open_transactions=<OT>
 //!   kills=<K> broker_kills=<BK> net_faults=<NF> kafka_faults=<F> provider_faults=<P>
 //!   merchant_faults=<MF> pg_restarts=<R> failover_p50_ms=<FO50> failover_p99_ms=<FO99>
-//!   max_refusal_s=<MR>
+//!   max_refusal_s=<MR> stall_max_s=<ST> crash_loop_kills=<CK> crash_loop_other_stall_s=<CS>
 //! (failover: from a worker's kill to the next event on each partition it held; workers
 //! are static members of the group unless `--dynamic-members`; max_refusal_s: the longest
-//! a create was refused without a break, from its first 503 to its acceptance) and it exits non-zero if L, D, I, G, M, O, DR, RL, RM, NM, NW, DD, AR or OT is non-zero,
-//! if T < A, or (under `exactly_once`) if DU is. A run that fails, however it ends,
+//! a create was refused without a break, from its first 503 to its acceptance;
+//! stall_max_s: the longest a partition of the workers' or the sink's input had records
+//! waiting while its group's committed offset stood still, seen from outside every 2 s;
+//! crash_loop_*: a third of the way through the faults, one worker is SIGKILLed and
+//! started again every 3 s for a minute with no other fault, and the partitions the other
+//! worker holds may stand still meanwhile for at most one rebalance, 30 s) and it exits
+//! non-zero if L, D, I, G, M, O, DR, RL, RM, NM, NW, DD, AR or OT is non-zero, if T < A,
+//! (under `exactly_once`) if DU is, or (static members) if CS is over 30 s. A run that fails, however it ends,
 //! keeps every process's and broker's log. The same `--seed` replays the same schedule
 //! of faults (timing still varies).
 
@@ -330,6 +336,147 @@ async fn net_fault(rng: &mut StdRng, kafka: &Kafka, c: &mut Counters) -> anyhow:
 }
 
 /// One step of the fault schedule.
+/// One partition seen with records waiting and its group's committed offset standing
+/// still: when, which group and partition, and for how long by then.
+#[derive(Debug, Clone)]
+struct StallSample {
+    at: Instant,
+    group: &'static str,
+    partition: (String, i32),
+    age: Duration,
+}
+
+/// What the stall watch saw, shared with the run.
+type Samples = Arc<std::sync::Mutex<Vec<StallSample>>>;
+
+/// Follows the progress of the workers' and the sink's groups from outside (their
+/// committed offsets against the partitions' ends, every 2 s) until `stop`: what
+/// `stall_max_s` and the crash-loop phase's expectation are measured from.
+fn watch_stalls(
+    brokers: String,
+    groups: Vec<(&'static str, String, Vec<String>)>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Samples, std::thread::JoinHandle<()>)> {
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut views = Vec::new();
+    for (name, group, topics) in groups {
+        let view = gateway::watchdog::GroupProgress::new(
+            &brokers,
+            &group,
+            topics,
+            &[],
+            &format!("chaos-stalls-{name}"),
+        )?;
+        views.push((name, view));
+    }
+    let out = samples.clone();
+    let join = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for (name, view) in &mut views {
+                // A check the brokers' faults keep from finishing is skipped: the next one
+                // sees how long the partition has stood still.
+                if let Ok(waiting) = view.waiting(Duration::from_secs(3), Instant::now()) {
+                    let at = Instant::now();
+                    lock(&out).extend(waiting.into_iter().map(|(partition, age)| StallSample {
+                        at,
+                        group: name,
+                        partition,
+                        age,
+                    }));
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    Ok((samples, join))
+}
+
+/// Lines of the processes' logs (`*.log` in `root`) that contain `what`.
+fn count_in_logs(root: &Path, what: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|text| text.lines().filter(|l| l.contains(what)).count())
+        .sum()
+}
+
+/// The crash-loop phase: one worker SIGKILLed and started again every 3 s for a minute
+/// (as a bad deploy or a poisoned host would), no other fault meanwhile. The other
+/// worker's partitions must keep moving: none of them may stand still with records
+/// waiting for longer than one rebalance (`CRASH_LOOP_BOUND`).
+async fn crash_loop(
+    rng: &mut StdRng,
+    cluster: &mut Cluster,
+    c: &mut Counters,
+    samples: &std::sync::Mutex<Vec<StallSample>>,
+    commands: &str,
+) -> anyhow::Result<CrashLoop> {
+    let i = rng.random_range(0..cluster.workers.len());
+    let other = (i + 1) % cluster.workers.len();
+    let looping = held_partitions(&cluster.workers[i].log);
+    let healthy = held_partitions(&cluster.workers[other].log);
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < CRASH_LOOP_FOR {
+        let next = Instant::now() + Duration::from_secs(3);
+        cluster.workers[i].kill();
+        kills += 1;
+        cluster.workers[i].start()?;
+        cluster.supervise(c)?;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    // Stalls that began in the loop are seen a few checks later.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let window =
+        |s: &StallSample| s.at >= started && s.group == "workers" && s.partition.0 == commands;
+    let (mut own, mut others) = (Duration::ZERO, Duration::ZERO);
+    for s in lock(samples).iter().filter(|s| window(s)) {
+        if healthy.contains(&s.partition.1) {
+            others = others.max(s.age);
+        } else {
+            own = own.max(s.age);
+        }
+    }
+    let phase = CrashLoop {
+        worker: i,
+        kills,
+        looping,
+        healthy,
+        own_stall: own,
+        others_stall: others,
+    };
+    println!(
+        "chaos: crash loop: worker-{} killed {} times in {} s; its partitions {:?} stood still up to {:.1} s, the other worker's {:?} up to {:.1} s (bound {} s)",
+        phase.worker,
+        phase.kills,
+        CRASH_LOOP_FOR.as_secs(),
+        phase.looping,
+        phase.own_stall.as_secs_f64(),
+        phase.healthy,
+        phase.others_stall.as_secs_f64(),
+        CRASH_LOOP_BOUND.as_secs()
+    );
+    Ok(phase)
+}
+
+/// How long the crash-loop phase lasts, and how long the other worker's partitions may
+/// stand still meanwhile: one rebalance (the workers' `max.poll.interval.ms`).
+const CRASH_LOOP_FOR: Duration = Duration::from_secs(60);
+const CRASH_LOOP_BOUND: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct CrashLoop {
+    worker: usize,
+    kills: usize,
+    looping: Vec<i32>,
+    healthy: Vec<i32>,
+    own_stall: Duration,
+    others_stall: Duration,
+}
+
 async fn inject(
     rng: &mut StdRng,
     cluster: &mut Cluster,
@@ -856,6 +1003,31 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The groups' progress, from outside, for the whole run.
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let sink_topics = sinks::projection::Topics {
+        events: events.clone(),
+        dead_letters: dlq.clone(),
+        commands: commands.clone(),
+        notifications: notifications.clone(),
+    };
+    let (stalls, stall_watch) = watch_stalls(
+        kafka.brokers().to_owned(),
+        vec![
+            (
+                "workers",
+                topology.application_id.clone(),
+                vec![commands.clone()],
+            ),
+            (
+                "sink",
+                "projection".to_owned(),
+                sink_topics.all().into_iter().map(str::to_owned).collect(),
+            ),
+        ],
+        watch_stop.clone(),
+    )?;
+
     // Load: a steady rate, a tenth of the requests sent twice.
     let load = Arc::new(Load::default());
     let started = Instant::now();
@@ -934,6 +1106,7 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
     // Faults until the load is done and enough of each kind happened.
     let mut counters = Counters::default();
     let mut audit_during: Option<TopicAudit> = None;
+    let mut crash_phase: Option<CrashLoop> = None;
     while !load_task.is_finished()
         || counters.kills < a.min_kills
         || counters.broker_kills < a.min_kills / 5
@@ -942,6 +1115,12 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
     {
         sleep_ms(&mut rng, a.pause_ms / 2, a.pause_ms * 3 / 2 + 1).await;
         cluster.supervise(&mut counters)?;
+        // Once, a third of the way through the faults: the crash loop, on its own.
+        if crash_phase.is_none() && counters.kills >= a.min_kills / 3 {
+            crash_phase =
+                Some(crash_loop(&mut rng, &mut cluster, &mut counters, &stalls, &commands).await?);
+            continue;
+        }
         inject(&mut rng, &mut cluster, kafka, &topics, &mut counters).await?;
         // Once, half-way through the faults: what a reader sees while transactions are
         // aborted, fenced and retried (open ones are expected here).
@@ -1148,6 +1327,35 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         pct(0.99),
         failover.last().copied().unwrap_or(0)
     );
+    watch_stop.store(true, Ordering::Relaxed);
+    if stall_watch.join().is_err() {
+        println!("chaos: the stall watch stopped abnormally; stall_max_s counts what it saw");
+    }
+    let stall_max = |group: Option<&str>| {
+        lock(&stalls)
+            .iter()
+            .filter(|s| group.is_none_or(|g| s.group == g))
+            .map(|s| s.age)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let stall_exits = count_in_logs(&root, "ended over a stall");
+    let stall_reports = count_in_logs(&root, "no progress");
+    println!(
+        "chaos: stalls: workers_max_s={:.1} sink_max_s={:.1} reported={stall_reports} exits={stall_exits}",
+        stall_max(Some("workers")),
+        stall_max(Some("sink")),
+    );
+    let crash_loop_failed = crash_phase
+        .as_ref()
+        .is_some_and(|c| !a.dynamic_members && c.others_stall > CRASH_LOOP_BOUND);
+    if crash_loop_failed {
+        println!(
+            "chaos: FAILED: the crash-looping worker stalled the other worker's partitions for longer than one rebalance ({} s)",
+            CRASH_LOOP_BOUND.as_secs()
+        );
+    }
     let during = audit_during.unwrap_or_default();
     println!(
         "chaos: audit during faults: duplicates={} differing={} aborted_reads={} open_transactions={}",
@@ -1169,9 +1377,10 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         || audit.duplicates_differing + during.duplicates_differing > 0
         || audit.aborted_reads + during.aborted_reads > 0
         || audit.open_transactions > 0
-        || (exactly_once && audit.duplicates + during.duplicates > 0);
+        || (exactly_once && audit.duplicates + during.duplicates > 0)
+        || crash_loop_failed;
     println!(
-        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} notifications={} notifications_missing={} notifications_wrong={} duplicates={} duplicates_differing={} aborted_reads={} open_transactions={} kills={} broker_kills={} net_faults={} kafka_faults={} provider_faults={} merchant_faults={} pg_restarts={} failover_p50_ms={} failover_p99_ms={} max_refusal_s={:.1}",
+        "chaos: payments={} accepted={} terminal={} lost={} double_charged={} illegal_transitions={} seq_gaps={} projection_mismatches={} refunds={} over_refunded={} double_refunded={} refunds_lost={} refund_mismatches={} notifications={} notifications_missing={} notifications_wrong={} duplicates={} duplicates_differing={} aborted_reads={} open_transactions={} kills={} broker_kills={} net_faults={} kafka_faults={} provider_faults={} merchant_faults={} pg_restarts={} failover_p50_ms={} failover_p99_ms={} max_refusal_s={:.1} stall_max_s={:.1} crash_loop_kills={} crash_loop_other_stall_s={:.1}",
         a.payments,
         accepted.len(),
         v.terminal,
@@ -1201,7 +1410,12 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         counters.pg_restarts,
         pct(0.5),
         pct(0.99),
-        load.max_refusal_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        load.max_refusal_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        stall_max(None),
+        crash_phase.as_ref().map_or(0, |c| c.kills),
+        crash_phase
+            .as_ref()
+            .map_or(0.0, |c| c.others_stall.as_secs_f64()),
     );
     drop(cluster);
     Ok(!failed)

@@ -74,6 +74,9 @@ pub struct WorkerSettings {
     /// Static membership of the group (`group.instance.id`): a worker restarted within the
     /// session gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// What the worker tells its watchdog: the partitions it holds, the restores it waits
+    /// on.
+    pub progress: std::sync::Arc<telemetry::progress::Progress>,
 }
 
 /// Per-request timeout of provider calls unless configured (`PROVIDER_TIMEOUT_MS`).
@@ -120,6 +123,7 @@ impl WorkerSettings {
             store_cache_bytes: stores::DEFAULT_CACHE_BYTES,
             restore_truncated_changelog: false,
             instance_id: None,
+            progress: telemetry::progress::Progress::new("worker"),
         }
     }
 }

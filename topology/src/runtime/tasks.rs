@@ -149,6 +149,9 @@ fn spawn_task(
                 (_, None) => false,
             };
             if stale.is_some() || behind_log || behind_group {
+                let _restoring = settings
+                    .progress
+                    .busy(format!("restoring {topic}[{partition}] from the changelog"));
                 ensure_changelog_whole(
                     &changelog,
                     partition,

@@ -38,6 +38,8 @@ pub struct WorkerContext {
     /// at their first record: a partition with nothing new to read still has timers to
     /// fire and an outbox to publish).
     assigned: mpsc::UnboundedSender<Vec<(String, i32)>>,
+    /// The partitions held, for the watchdog.
+    progress: Arc<telemetry::progress::Progress>,
 }
 
 impl ClientContext for WorkerContext {
@@ -69,6 +71,7 @@ impl ConsumerContext for WorkerContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        self.progress.revoked(parts(tpl));
         // Lost (the session expired, another worker may hold them already) rather than
         // handed over: the tasks stop without draining or publishing.
         let lost = consumer.assignment_lost();
@@ -100,15 +103,18 @@ impl ConsumerContext for WorkerContext {
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(group = %self.group, change = %describe(rebalance), "rebalance done");
         if let Rebalance::Assign(tpl) = rebalance {
-            let parts = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
+            self.progress.assigned(parts(tpl));
             // The worker loop is gone only when the worker is stopping.
-            let _ = self.assigned.send(parts);
+            let _ = self.assigned.send(parts(tpl));
         }
     }
+}
+
+fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 /// `assign cmd[0,1,2]`, `revoke cmd[3]`, or the error.
@@ -187,6 +193,7 @@ pub async fn run_worker(
             group: group.clone(),
             tasks: tasks.clone(),
             assigned: assigned_tx,
+            progress: settings.progress.clone(),
         })
         .context("creating the Kafka consumer")?,
     );

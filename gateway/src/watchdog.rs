@@ -1,0 +1,518 @@
+//! The watchdog of a role that must make progress: a worker or the sink (members of a
+//! consumer group), or the notifier (which picks its work from PostgreSQL).
+//!
+//! A group member is **stalled** when a partition it holds has records waiting that the
+//! group has not committed past for `report_after`, or when it has held no partition
+//! for `report_after` (and then, worse, when records wait on a partition nobody
+//! commits past). Progress is read from outside the role, as an operator would: the
+//! group's committed offsets against the partitions' ends, both asked of the brokers;
+//! a partition whose committed offset stands still below its end is read once
+//! (`read_committed`) to tell records from transaction markers and aborted records.
+//! The notifier is stalled when it has not picked its work for `report_after`.
+//!
+//! A stall is logged (a warning, repeated every `report_after` while it lasts), shown
+//! (`gateway_stalled`, `gateway_stall_seconds`, `/health/ready` answering 503 with the
+//! reason) and, when it lasts `exit_after` and the role is not waiting on a known cause
+//! (a restore, an unreachable database: restarting would not help), ends the role with
+//! an error, so that the process exits and its supervisor starts it again: a new member
+//! that joins the group afresh.
+
+use anyhow::Context as _;
+use prometheus::{register_gauge_vec, register_int_counter_vec, GaugeVec, IntCounterVec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+use telemetry::progress::Progress;
+
+/// When a stall is reported, and when it ends the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StallSettings {
+    pub report_after: Duration,
+    /// `None`: a stall is reported but never ends the role.
+    pub exit_after: Option<Duration>,
+}
+
+/// Stalls are reported after 30 s and end the role after 90 s unless configured
+/// (`STALL_REPORT_S`, `STALL_EXIT_S`).
+pub const DEFAULT_STALL_REPORT_S: u64 = 30;
+pub const DEFAULT_STALL_EXIT_S: u64 = 90;
+
+impl Default for StallSettings {
+    fn default() -> Self {
+        StallSettings {
+            report_after: Duration::from_secs(DEFAULT_STALL_REPORT_S),
+            exit_after: Some(Duration::from_secs(DEFAULT_STALL_EXIT_S)),
+        }
+    }
+}
+
+impl StallSettings {
+    /// From seconds as configured; `exit_s` 0 never ends the role.
+    pub fn from_secs(report_s: u64, exit_s: u64) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            report_s > 0,
+            "STALL_REPORT_S is 0: give the seconds without progress after which a role reports a stall (e.g. {DEFAULT_STALL_REPORT_S})"
+        );
+        anyhow::ensure!(
+            exit_s == 0 || exit_s >= report_s,
+            "STALL_EXIT_S ({exit_s}) is below STALL_REPORT_S ({report_s}): a role must report a stall before it exits over it (or set STALL_EXIT_S=0 to never exit)"
+        );
+        Ok(StallSettings {
+            report_after: Duration::from_secs(report_s),
+            exit_after: (exit_s > 0).then(|| Duration::from_secs(exit_s)),
+        })
+    }
+
+    fn period(&self) -> Duration {
+        (self.report_after / 6).clamp(Duration::from_millis(500), Duration::from_secs(5))
+    }
+}
+
+struct Metrics {
+    stalled: GaugeVec,
+    stall_seconds: GaugeVec,
+    exits: IntCounterVec,
+}
+
+#[allow(clippy::expect_used)]
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    (|| -> Result<Metrics, prometheus::Error> {
+        Ok(Metrics {
+            stalled: register_gauge_vec!(
+                "gateway_stalled",
+                "1 while the role makes no progress (see /health/ready for why), else 0",
+                &["role"]
+            )?,
+            stall_seconds: register_gauge_vec!(
+                "gateway_stall_seconds",
+                "How long the role's current stall has lasted (0: none)",
+                &["role"]
+            )?,
+            exits: register_int_counter_vec!(
+                "gateway_stall_exits_total",
+                "Roles ended over a stall, for their supervisor to start again",
+                &["role"]
+            )?,
+        })
+    })()
+    .expect("watchdog metrics register once")
+});
+
+/// A running watchdog; stopped when dropped.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    exit: tokio::sync::oneshot::Receiver<String>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Watchdog {
+    /// Resolves, with the reason, when a stall has lasted `exit_after`; never otherwise.
+    pub async fn exited(&mut self) -> String {
+        match (&mut self.exit).await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// Runs `role` until it ends, or until its watchdog ends it over a stall (an error
+/// saying why).
+pub async fn guarded<F>(role: &str, mut watchdog: Watchdog, run: F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::select! {
+        r = run => r,
+        why = watchdog.exited() => {
+            METRICS.exits.with_label_values(&[role]).inc();
+            Err(anyhow::anyhow!(
+                "{role} ended over a stall: {why}; its supervisor (or the operator) should start it again, and it joins the group afresh"
+            ))
+        }
+    }
+}
+
+/// Watches a member of `group` consuming `topics`.
+pub fn watch_group(
+    progress: Arc<Progress>,
+    brokers: &str,
+    group: &str,
+    topics: Vec<String>,
+    kafka: &[(String, String)],
+    settings: StallSettings,
+) -> anyhow::Result<Watchdog> {
+    let client_id = format!("{}-watchdog", progress.role());
+    let mut view = GroupProgress::new(brokers, group, topics, kafka, &client_id)?;
+    spawn(progress.clone(), settings, move |clock| {
+        move || view.check(&progress, settings, clock())
+    })
+}
+
+/// Watches the notifier: stalled when it has not picked its work for `report_after`.
+pub fn watch_beats(progress: Arc<Progress>, settings: StallSettings) -> anyhow::Result<Watchdog> {
+    spawn(progress.clone(), settings, move |_| {
+        move || {
+            let quiet = progress.since_beat();
+            (quiet >= settings.report_after).then(|| Stall {
+                why: format!("picked no work for {} s", quiet.as_secs()),
+                age: quiet,
+                fatal: true,
+            })
+        }
+    })
+}
+
+/// What a check found.
+#[derive(Debug, Clone, PartialEq)]
+struct Stall {
+    why: String,
+    /// How long there has been no progress.
+    age: Duration,
+    /// Whether a fresh start could help (not so for a member that merely has nothing to
+    /// hold).
+    fatal: bool,
+}
+
+fn spawn<C, F>(
+    progress: Arc<Progress>,
+    settings: StallSettings,
+    make: C,
+) -> anyhow::Result<Watchdog>
+where
+    C: FnOnce(fn() -> Instant) -> F + Send + 'static,
+    F: FnMut() -> Option<Stall>,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let (exit_tx, exit) = tokio::sync::oneshot::channel();
+    let role = progress.role().to_owned();
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name(format!("{role}-watchdog"))
+        .spawn(move || {
+            let mut check = make(Instant::now);
+            let mut reported: Option<Instant> = None;
+            while !stopped.load(Ordering::SeqCst) {
+                let found = check();
+                let busy = progress.busy_with();
+                match &found {
+                    Some(s) => {
+                        let why = if busy.is_empty() {
+                            s.why.clone()
+                        } else {
+                            format!("{} (waiting on: {})", s.why, busy.join("; "))
+                        };
+                        if reported.is_none_or(|t| t.elapsed() >= settings.report_after) {
+                            tracing::warn!(role = %role, stall_s = s.age.as_secs(), reason = %why, "no progress");
+                            reported = Some(Instant::now());
+                        }
+                        METRICS.stalled.with_label_values(&[&role]).set(1.0);
+                        METRICS
+                            .stall_seconds
+                            .with_label_values(&[&role])
+                            .set(s.age.as_secs_f64());
+                        progress.set_stalled(Some(why.clone()));
+                        if s.fatal
+                            && busy.is_empty()
+                            && settings.exit_after.is_some_and(|after| s.age >= after)
+                        {
+                            tracing::error!(role = %role, stall_s = s.age.as_secs(), reason = %why, "stalled too long: ending the role for a fresh start");
+                            let _ = exit_tx.send(why);
+                            return;
+                        }
+                    }
+                    None => {
+                        if reported.take().is_some() {
+                            tracing::info!(role = %role, "progressing again");
+                        }
+                        METRICS.stalled.with_label_values(&[&role]).set(0.0);
+                        METRICS.stall_seconds.with_label_values(&[&role]).set(0.0);
+                        progress.set_stalled(None);
+                    }
+                }
+                sleep_unless(&stopped, settings.period());
+            }
+            progress.set_stalled(None);
+        })
+        .context("starting the watchdog thread")?;
+    Ok(Watchdog { stop, exit })
+}
+
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+    }
+}
+
+/// One partition as the watchdog saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    committed: i64,
+    /// When `committed` last moved (or was first seen).
+    since: Instant,
+    /// Whether records (not only markers) wait past `committed`, once read.
+    records_waiting: Option<bool>,
+}
+
+/// A consumer group's progress over time, partition by partition, as seen from
+/// outside: the group's committed offsets against the partitions' ends.
+pub struct GroupProgress {
+    consumer: BaseConsumer,
+    group: String,
+    topics: Vec<String>,
+    seen: BTreeMap<(String, i32), Seen>,
+}
+
+/// Timeout of each request of a check.
+const ASK: Duration = Duration::from_secs(5);
+
+impl GroupProgress {
+    /// A view of `group` on `topics`, through a client of its own that never joins the
+    /// group.
+    pub fn new(
+        brokers: &str,
+        group: &str,
+        topics: Vec<String>,
+        kafka: &[(String, String)],
+        client_id: &str,
+    ) -> anyhow::Result<Self> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("client.id", client_id);
+        for (k, v) in kafka {
+            cfg.set(k, v);
+        }
+        // Never subscribes: it asks the group's offsets and reads a partition by
+        // assignment, so the group never counts it as a member.
+        let consumer: BaseConsumer = cfg
+            .create()
+            .context("creating a Kafka client to follow the group's progress")?;
+        Ok(GroupProgress {
+            consumer,
+            group: group.to_owned(),
+            topics,
+            seen: BTreeMap::new(),
+        })
+    }
+
+    fn check(
+        &mut self,
+        progress: &Progress,
+        settings: StallSettings,
+        now: Instant,
+    ) -> Option<Stall> {
+        let held = progress.held();
+        let empty_for = progress.empty_for();
+        let waiting = match self.waiting(settings.report_after, now) {
+            Ok(w) => w,
+            Err(e) => {
+                // The brokers do not answer: the role's own clients say so; judge again
+                // at the next check.
+                tracing::debug!(group = %self.group, error = %format!("{e:#}"), "watchdog could not read the group's progress");
+                return None;
+            }
+        };
+        let mine: Vec<_> = waiting.iter().filter(|(tp, _)| held.contains(tp)).collect();
+        if let Some(age) = mine.iter().map(|(_, age)| *age).max() {
+            return Some(Stall {
+                why: format!(
+                    "holds {} partition(s) with records waiting and has committed past none of them for {} s: {}",
+                    mine.len(),
+                    age.as_secs(),
+                    list(mine.iter().map(|(tp, _)| tp))
+                ),
+                age,
+                fatal: true,
+            });
+        }
+        let empty_for = empty_for.filter(|d| *d >= settings.report_after)?;
+        match waiting.iter().map(|(_, age)| *age).max() {
+            Some(age) => Some(Stall {
+                why: format!(
+                    "holds no partition (for {} s) while records wait on partitions nobody has committed past for {} s: {}",
+                    empty_for.as_secs(),
+                    age.as_secs(),
+                    list(waiting.iter().map(|(tp, _)| tp))
+                ),
+                age: age.min(empty_for),
+                fatal: true,
+            }),
+            None => Some(Stall {
+                why: format!(
+                    "holds no partition of {} for {} s (more members than partitions, or out of the group)",
+                    self.topics.join(", "),
+                    empty_for.as_secs()
+                ),
+                age: empty_for,
+                fatal: false,
+            }),
+        }
+    }
+
+    /// The partitions with records waiting whose committed offset has not moved for
+    /// `after` (at least), with how long it has not.
+    pub fn waiting(
+        &mut self,
+        after: Duration,
+        now: Instant,
+    ) -> anyhow::Result<Vec<((String, i32), Duration)>> {
+        let consumer = &self.consumer;
+        let mut tpl = TopicPartitionList::new();
+        for topic in &self.topics {
+            let md = consumer
+                .fetch_metadata(Some(topic), ASK)
+                .with_context(|| format!("reading the partitions of {topic}"))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition(topic, p.id());
+                }
+            }
+        }
+        let committed = consumer
+            .committed_offsets(tpl, ASK)
+            .with_context(|| format!("reading the committed offsets of group {}", self.group))?;
+        let mut out = Vec::new();
+        let mut present = BTreeSet::new();
+        for e in committed.elements() {
+            let tp = (e.topic().to_owned(), e.partition());
+            present.insert(tp.clone());
+            let (low, high) = consumer
+                .fetch_watermarks(e.topic(), e.partition(), ASK)
+                .with_context(|| {
+                    format!("reading the extent of {}[{}]", e.topic(), e.partition())
+                })?;
+            let c = match e.offset() {
+                Offset::Offset(o) => o.max(low),
+                _ => low,
+            };
+            let seen = self.seen.entry(tp.clone()).or_insert(Seen {
+                committed: c,
+                since: now,
+                records_waiting: None,
+            });
+            if seen.committed != c {
+                *seen = Seen {
+                    committed: c,
+                    since: now,
+                    records_waiting: None,
+                };
+            }
+            let age = now.saturating_duration_since(seen.since);
+            if high <= c || age < after {
+                continue;
+            }
+            if seen.records_waiting.is_none() {
+                seen.records_waiting = Some(records_after(consumer, &tp, c)?);
+            }
+            if seen.records_waiting == Some(true) {
+                out.push((tp, age));
+            }
+        }
+        self.seen.retain(|tp, _| present.contains(tp));
+        Ok(out)
+    }
+}
+
+/// Whether a `read_committed` read of `tp` from `offset` returns a record (rather than
+/// only the markers and aborted records the end offset counts).
+fn records_after(consumer: &BaseConsumer, tp: &(String, i32), offset: i64) -> anyhow::Result<bool> {
+    let mut one = TopicPartitionList::new();
+    one.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
+        .context("naming the partition to read")?;
+    consumer
+        .assign(&one)
+        .context("assigning the partition to read")?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut found = false;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() >= offset => {
+                found = true;
+                break;
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "watchdog read failed");
+                break;
+            }
+        }
+    }
+    consumer
+        .assign(&TopicPartitionList::new())
+        .context("releasing the partition read")?;
+    Ok(found)
+}
+
+fn list<'a>(tps: impl Iterator<Item = &'a (String, i32)>) -> String {
+    tps.map(|(t, p)| format!("{t}[{p}]"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_settings_refuse_an_exit_before_the_report() {
+        assert!(StallSettings::from_secs(0, 90).is_err());
+        let e = StallSettings::from_secs(30, 10).unwrap_err().to_string();
+        assert!(
+            e.contains("STALL_EXIT_S (10) is below STALL_REPORT_S (30)"),
+            "{e}"
+        );
+        let never = StallSettings::from_secs(30, 0).unwrap();
+        assert_eq!(never.exit_after, None);
+        assert_eq!(
+            StallSettings::from_secs(DEFAULT_STALL_REPORT_S, DEFAULT_STALL_EXIT_S).unwrap(),
+            StallSettings::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_notifier_that_picks_nothing_is_ended_unless_it_waits_on_a_known_cause() {
+        let settings = StallSettings {
+            report_after: Duration::from_millis(300),
+            exit_after: Some(Duration::from_millis(900)),
+        };
+        // Waiting on PostgreSQL: reported (not ready), never ended.
+        let waiting = Progress::new("notifier-test-busy");
+        let busy = waiting.busy("PostgreSQL refuses the notifier's claims");
+        let mut dog = watch_beats(waiting.clone(), settings).unwrap();
+        tokio::select! {
+            why = dog.exited() => panic!("ended while waiting on a known cause: {why}"),
+            _ = tokio::time::sleep(Duration::from_millis(2000)) => {}
+        }
+        let why = waiting.stalled().expect("reported as stalled");
+        assert!(why.contains("waiting on: PostgreSQL refuses"), "{why}");
+        drop(busy);
+        // Nothing to wait on: ended after `exit_after`.
+        let started = Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(5), dog.exited())
+            .await
+            .expect("ended over the stall");
+        assert!(why.starts_with("picked no work for"), "{why}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A role that beats is never stalled.
+        let fine = Progress::new("notifier-test-fine");
+        let dog = watch_beats(fine.clone(), settings).unwrap();
+        for _ in 0..15 {
+            fine.beat();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(fine.stalled(), None);
+        drop(dog);
+    }
+}
