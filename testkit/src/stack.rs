@@ -292,7 +292,9 @@ impl Stack {
             admission_min_backlog: opts.admission_min_backlog,
             max_creates_in_flight: opts.max_creates_in_flight,
         };
-        let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown)).await?;
+        let (api, _api_join) = gateway::start_api(&common, api_opts, wait_for(&shutdown))
+            .await
+            .with_context(|| format!("starting the API on {}", opts.api_listen))?;
         let (ops, _ops_join) = gateway_http::serve_ops(
             "127.0.0.1:0".parse()?,
             Some(common.topology.describe()),
@@ -304,7 +306,11 @@ impl Stack {
         sim_cfg.webhook_secret = WEBHOOK_SECRET.into();
         let sim = Simulator::new(sim_cfg);
         let (sim_addr, _sim_join) =
-            gateway_http::spawn_server(sim.routes(), opts.sim_listen, wait_for(&shutdown)).await?;
+            gateway_http::spawn_server(sim.routes(), opts.sim_listen, wait_for(&shutdown))
+                .await
+                .with_context(|| {
+                    format!("starting the provider simulator on {}", opts.sim_listen)
+                })?;
         let sink = {
             let common = common.clone();
             let writers = opts.sink_writers;

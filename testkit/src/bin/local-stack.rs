@@ -85,12 +85,54 @@ fn demo_endpoint(
     Ok(Some((endpoint, secrets)))
 }
 
+/// Refuses to start when a port the stack would listen on is taken, naming the port and
+/// the part: a part that cannot start is never announced.
+fn ensure_free(ports: &[(SocketAddr, &str, &str)]) -> anyhow::Result<()> {
+    for (addr, part, flag) in ports {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "{addr}, the port of {part}, cannot be listened on ({e}): stop what holds it, or pass {flag} <another address>"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the web test client answers on `listen`; an error naming it if it exited
+/// or did not answer within 10 s.
+async fn ensure_ui_up(child: &mut std::process::Child, listen: SocketAddr) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the web test client (payctl ui) exited at start ({status}); is {listen} free? (--ui <another address>)"
+            );
+        }
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("the web test client (payctl ui) did not answer on {listen} within 10 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     telemetry::init(&telemetry::Config::from_env("gateway-local", false))?;
     let defaults = StackOptions::default();
     let payctl = payctl();
+    let mut ports = vec![
+        (a.api, "the API", "--api"),
+        (a.provider, "the provider simulator", "--provider"),
+    ];
+    if payctl.is_some() {
+        ports.push((a.ui, "the web test client", "--ui"));
+    }
+    ensure_free(&ports)?;
     // Notifications only when there is a client to receive them.
     let demo = match &payctl {
         Some(_) => demo_endpoint(a.ui)?,
@@ -116,6 +158,12 @@ async fn main() -> anyhow::Result<()> {
     let mut ui = payctl
         .as_deref()
         .and_then(|p| start_ui(p, stack.api, a.ui, &secrets));
+    if let Some(child) = ui.as_mut() {
+        if let Err(e) = ensure_ui_up(child, a.ui).await {
+            stack.shutdown().await?;
+            return Err(e);
+        }
+    }
     let ui_line = match &ui {
         Some(_) if !secrets.is_empty() => format!(
             "http://{ui}   (the demo merchant's notifications: http://{ui}/notify)",
