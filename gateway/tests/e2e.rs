@@ -2144,52 +2144,9 @@ async fn a_paused_workers_duplicates_are_identical_under_at_least_once() {
 /// The partitions each member of `group` holds (the classic consumer protocol's
 /// assignment: version, then per topic its name and partitions).
 fn group_assignments(brokers: &str, group: &str) -> Vec<Vec<i32>> {
-    group_members(brokers, group)
+    testkit::kafka::group_members(brokers, group)
         .into_iter()
         .map(|(_, parts)| parts)
-        .collect()
-}
-
-/// The members of `group` once it is stable, each as its member id (a static member's
-/// starts with its `group.instance.id`) and the partitions assigned to it.
-fn group_members(brokers: &str, group: &str) -> Vec<(String, Vec<i32>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let Ok(list) = consumer.fetch_group_list(Some(group), Duration::from_secs(5)) else {
-        return Vec::new();
-    };
-    let parse = |b: &[u8]| -> Option<Vec<i32>> {
-        let mut at = 2; // the version
-        let mut take = |n: usize| {
-            let field = b.get(at..at + n)?;
-            at += n;
-            Some(field)
-        };
-        let mut parts = Vec::new();
-        let topics = i32::from_be_bytes(take(4)?.try_into().ok()?);
-        for _ in 0..topics {
-            let name_len = i16::from_be_bytes(take(2)?.try_into().ok()?);
-            take(usize::try_from(name_len).ok()?)?;
-            let n = i32::from_be_bytes(take(4)?.try_into().ok()?);
-            for _ in 0..n {
-                parts.push(i32::from_be_bytes(take(4)?.try_into().ok()?));
-            }
-        }
-        Some(parts)
-    };
-    list.groups()
-        .iter()
-        .filter(|g| g.state() == "Stable")
-        .flat_map(|g| g.members().iter())
-        .map(|m| {
-            (
-                m.id().to_owned(),
-                m.assignment().and_then(parse).unwrap_or_default(),
-            )
-        })
         .collect()
 }
 
@@ -2216,7 +2173,9 @@ async fn a_crash_looping_worker_stops_only_its_own_partitions() {
     let group = stack.common.topology.application_id.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     let healthy_parts: std::collections::BTreeSet<i32> = loop {
-        let members = tokio::task::block_in_place(|| group_members(stack.kafka.brokers(), &group));
+        let members = tokio::task::block_in_place(|| {
+            testkit::kafka::group_members(stack.kafka.brokers(), &group)
+        });
         if members.len() == 2 && members.iter().all(|(_, parts)| !parts.is_empty()) {
             let (_, parts) = members
                 .iter()

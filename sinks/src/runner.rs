@@ -297,15 +297,28 @@ fn record_metrics(a: &Applied) {
 /// Runs the sink until `shutdown` resolves.
 ///
 /// Two stages, one batch apart: the consumer collects the next batch while the previous
-/// one is written to PostgreSQL; offsets are committed after each write.
+/// one is written to PostgreSQL; a batch's offsets are stored once it is written, and
+/// committed within a second.
 pub async fn run_sink(
     pool: Pool,
     settings: SinkSettings,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::migrate(&pool).await?;
+    let mut config = consumer_config(&settings.brokers, &settings.group_id, &settings.kafka);
+    // A written batch's offsets are stored, and librdkafka commits what is stored every
+    // second (and on a rebalance): a commit that fails while a broker is down is made by
+    // the next one, even when no further record comes for the partition. The `--kafka`
+    // properties still win.
+    config
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000");
+    for (k, v) in &settings.kafka {
+        config.set(k, v);
+    }
     let consumer: Arc<SinkConsumer> = Arc::new(
-        consumer_config(&settings.brokers, &settings.group_id, &settings.kafka)
+        config
             .create_with_context(SinkContext {
                 progress: settings.progress.clone(),
             })
@@ -406,7 +419,8 @@ async fn collect(
     Some(batch)
 }
 
-/// Writes one batch (retrying until PostgreSQL takes it), then commits its offsets.
+/// Writes one batch (retrying until PostgreSQL takes it), then stores its offsets for the
+/// next commit.
 async fn write_batch(
     pool: &Pool,
     topics: &Topics,
@@ -435,9 +449,10 @@ async fn write_batch(
             tracing::warn!(error = %e, "offset not recorded");
         }
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        // Harmless: the batch is in PostgreSQL, and a replay is idempotent.
-        tracing::debug!(error = %e, "offset commit failed");
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // A partition revoked meanwhile: its next owner replays the batch, harmlessly
+        // (every write is idempotent).
+        tracing::debug!(error = %e, "offsets of a written batch not stored");
     }
 }
 

@@ -448,3 +448,50 @@ pub struct TopicRecord {
     /// The record's timestamp (the producer's clock when it was sent).
     pub timestamp_ms: Option<i64>,
 }
+
+/// The members of `group` once it is stable (none while it rebalances, or when the
+/// brokers do not answer), each as its member id (a static member's starts with its
+/// `group.instance.id` and a dash) and the partitions of its classic-protocol assignment.
+pub fn group_members(brokers: &str, group: &str) -> Vec<(String, Vec<i32>)> {
+    let Ok(consumer) = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create::<BaseConsumer>()
+    else {
+        return Vec::new();
+    };
+    let Ok(list) = consumer.fetch_group_list(Some(group), Duration::from_secs(5)) else {
+        return Vec::new();
+    };
+    // ConsumerProtocolAssignment: version (2 bytes), then per topic its name (2-byte
+    // length) and its partitions (4-byte count, 4 bytes each).
+    let parse = |b: &[u8]| -> Option<Vec<i32>> {
+        let mut at = 2;
+        let mut take = |n: usize| {
+            let field = b.get(at..at + n)?;
+            at += n;
+            Some(field)
+        };
+        let mut parts = Vec::new();
+        let topics = i32::from_be_bytes(take(4)?.try_into().ok()?);
+        for _ in 0..topics {
+            let name_len = i16::from_be_bytes(take(2)?.try_into().ok()?);
+            take(usize::try_from(name_len).ok()?)?;
+            let n = i32::from_be_bytes(take(4)?.try_into().ok()?);
+            for _ in 0..n {
+                parts.push(i32::from_be_bytes(take(4)?.try_into().ok()?));
+            }
+        }
+        Some(parts)
+    };
+    list.groups()
+        .iter()
+        .filter(|g| g.state() == "Stable")
+        .flat_map(|g| g.members().iter())
+        .map(|m| {
+            (
+                m.id().to_owned(),
+                m.assignment().and_then(parse).unwrap_or_default(),
+            )
+        })
+        .collect()
+}

@@ -413,11 +413,41 @@ async fn crash_loop(
     c: &mut Counters,
     samples: &std::sync::Mutex<Vec<StallSample>>,
     commands: &str,
+    (brokers, group): (&str, &str),
 ) -> anyhow::Result<CrashLoop> {
     let i = rng.random_range(0..cluster.workers.len());
     let other = (i + 1) % cluster.workers.len();
-    let looping = held_partitions(&cluster.workers[i].log);
-    let healthy = held_partitions(&cluster.workers[other].log);
+    // The group as the coordinator has it, once stable with both workers holding
+    // partitions (static members' ids start with `worker-<i>-`).
+    let settled = Instant::now()
+        + if cluster.static_members {
+            Duration::from_secs(90)
+        } else {
+            Duration::ZERO
+        };
+    let (looping, healthy) = loop {
+        let members = tokio::task::block_in_place(|| testkit::kafka::group_members(brokers, group));
+        let of = |w: usize| {
+            members
+                .iter()
+                .find(|(id, _)| id.starts_with(&format!("worker-{w}-")))
+                .map(|(_, parts)| parts.clone())
+                .unwrap_or_default()
+        };
+        let (looping, healthy) = (of(i), of(other));
+        if !looping.is_empty() && !healthy.is_empty() {
+            break (looping, healthy);
+        }
+        if Instant::now() > settled {
+            // Dynamic members cannot be told apart by id: the workers' logs say.
+            break (
+                held_partitions(&cluster.workers[i].log),
+                held_partitions(&cluster.workers[other].log),
+            );
+        }
+        cluster.supervise(c)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let started = Instant::now();
     let mut kills = 0;
     while started.elapsed() < CRASH_LOOP_FOR {
@@ -1117,8 +1147,17 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         cluster.supervise(&mut counters)?;
         // Once, a third of the way through the faults: the crash loop, on its own.
         if crash_phase.is_none() && counters.kills >= a.min_kills / 3 {
-            crash_phase =
-                Some(crash_loop(&mut rng, &mut cluster, &mut counters, &stalls, &commands).await?);
+            crash_phase = Some(
+                crash_loop(
+                    &mut rng,
+                    &mut cluster,
+                    &mut counters,
+                    &stalls,
+                    &commands,
+                    (kafka.brokers(), &topology.application_id),
+                )
+                .await?,
+            );
             continue;
         }
         inject(&mut rng, &mut cluster, kafka, &topics, &mut counters).await?;
