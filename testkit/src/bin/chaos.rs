@@ -1336,6 +1336,11 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
     for r in refused.iter().take(5) {
         println!("chaos: refused {r}");
     }
+    // The stalls are those of the run, load and drain: not of the workers' stop below.
+    watch_stop.store(true, Ordering::Relaxed);
+    if stall_watch.join().is_err() {
+        println!("chaos: the stall watch stopped abnormally; stall_max_s counts what it saw");
+    }
     // The workers stop cleanly (their last transactions end), then the outputs are
     // audited whole.
     for w in &mut cluster.workers {
@@ -1366,19 +1371,25 @@ async fn run(a: &Args, kafka: &Kafka, root: &Path) -> anyhow::Result<bool> {
         pct(0.99),
         failover.last().copied().unwrap_or(0)
     );
-    watch_stop.store(true, Ordering::Relaxed);
-    if stall_watch.join().is_err() {
-        println!("chaos: the stall watch stopped abnormally; stall_max_s counts what it saw");
-    }
-    let stall_max = |group: Option<&str>| {
+    let longest = |group: Option<&str>| {
         lock(&stalls)
             .iter()
             .filter(|s| group.is_none_or(|g| s.group == g))
-            .map(|s| s.age)
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64()
+            .max_by_key(|s| s.age)
+            .cloned()
     };
+    let stall_max = |group: Option<&str>| longest(group).map_or(0.0, |s| s.age.as_secs_f64());
+    for group in ["workers", "sink"] {
+        if let Some(s) = longest(Some(group)) {
+            println!(
+                "chaos: longest stall of the {group}: {}[{}] stood still {:.1} s with records waiting, seen {:.0} s into the run",
+                s.partition.0,
+                s.partition.1,
+                s.age.as_secs_f64(),
+                s.at.saturating_duration_since(started).as_secs_f64()
+            );
+        }
+    }
     let stall_exits = count_in_logs(&root, "ended over a stall");
     let stall_reports = count_in_logs(&root, "no progress");
     println!(
