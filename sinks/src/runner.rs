@@ -305,18 +305,19 @@ pub async fn run_sink(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::migrate(&pool).await?;
-    let mut config = consumer_config(&settings.brokers, &settings.group_id, &settings.kafka);
     // A written batch's offsets are stored, and librdkafka commits what is stored every
     // second (and on a rebalance): a commit that fails while a broker is down is made by
     // the next one, even when no further record comes for the partition. The `--kafka`
     // properties still win.
-    config
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "1000");
-    for (k, v) in &settings.kafka {
-        config.set(k, v);
-    }
+    let mut extra: Vec<(String, String)> = [
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.commit.interval.ms", "1000"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .into();
+    extra.extend(settings.kafka.iter().cloned());
+    let config = consumer_config(&settings.brokers, &settings.group_id, &extra);
     let consumer: Arc<SinkConsumer> = Arc::new(
         config
             .create_with_context(SinkContext {
