@@ -443,7 +443,38 @@ async fn every_panel_returns_data_and_every_rule_evaluates() {
             .await
             .unwrap();
     }
-    testkit::client::wait_all_terminal(&stack.pool().await.unwrap(), &ids, Duration::from_secs(60))
+    let statuses = testkit::client::wait_all_terminal(
+        &stack.pool().await.unwrap(),
+        &ids,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    // A provider webhook that repeats the outcome of a completed payment: handled and
+    // ignored (`after_terminal`), whatever order the other traffic's replies arrived in.
+    let completed = statuses
+        .iter()
+        .find(|(_, status)| status.as_str() == "COMPLETED")
+        .map(|(id, _)| id.clone())
+        .expect("the traffic above completes at least one payment");
+    let late = payments::Command {
+        command_id: payments::CommandId::parse("webhook-after-terminal").unwrap(),
+        payment_id: payments::PaymentId::parse(&completed).unwrap(),
+        issued_at_ms: 0,
+        body: payments::CommandBody::Webhook {
+            webhook_id: "wh-after-terminal".into(),
+            outcome: payments::WebhookOutcome::Succeeded {
+                provider_ref: "late".into(),
+            },
+        },
+    };
+    stack
+        .kafka
+        .produce(
+            &topic,
+            Some(completed.as_bytes()),
+            &payments::wire::encode_command(&late),
+        )
         .await
         .unwrap();
 
