@@ -63,6 +63,9 @@ pub struct StackOptions {
     /// The child-process worker's `--instance-id` (static membership); dynamic when
     /// `None`.
     pub worker_instance_id: Option<String>,
+    /// Start the sink with the stack; `false` leaves the projection empty until
+    /// [`Stack::start_sink`] (a sink that lags, for as long as a test needs).
+    pub sink: bool,
 }
 
 impl StackOptions {
@@ -93,6 +96,7 @@ impl Default for StackOptions {
             sink_writers: 2,
             own_kafka: false,
             worker_instance_id: None,
+            sink: true,
         }
     }
 }
@@ -123,7 +127,8 @@ pub struct Stack {
     topology_file: PathBuf,
     shutdown: broadcast::Sender<()>,
     worker: Option<Worker>,
-    sink: Option<JoinHandle<anyhow::Result<()>>>,
+    sink_group: String,
+    sink: Option<(broadcast::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     notifier: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -311,13 +316,6 @@ impl Stack {
                 .with_context(|| {
                     format!("starting the provider simulator on {}", opts.sim_listen)
                 })?;
-        let sink = {
-            let common = common.clone();
-            let writers = opts.sink_writers;
-            let stop = wait_for(&shutdown);
-            let group = format!("projection-{suffix}");
-            tokio::spawn(async move { gateway::run_sink(&common, &group, writers, stop).await })
-        };
         let notifier = {
             let common = common.clone();
             let stop = wait_for(&shutdown);
@@ -346,9 +344,13 @@ impl Stack {
             topology_file,
             shutdown,
             worker: None,
-            sink: Some(sink),
+            sink_group: format!("projection-{suffix}"),
+            sink: None,
             notifier: Some(notifier),
         };
+        if stack.opts.sink {
+            stack.start_sink()?;
+        }
         stack.start_worker()?;
         Ok(stack)
     }
@@ -412,6 +414,31 @@ impl Stack {
             }
         });
         Ok(())
+    }
+
+    /// Starts the sink; its group goes on from the offsets it committed.
+    pub fn start_sink(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.sink.is_none(), "a sink is already running");
+        let (stop, _) = broadcast::channel(1);
+        let common = self.common.clone();
+        let group = self.sink_group.clone();
+        let writers = self.opts.sink_writers;
+        let until = wait_for(&stop);
+        let join =
+            tokio::spawn(async move { gateway::run_sink(&common, &group, writers, until).await });
+        self.sink = Some((stop, join));
+        Ok(())
+    }
+
+    /// Stops the sink: the projection stays as it is until [`Stack::start_sink`].
+    pub async fn stop_sink(&mut self) -> anyhow::Result<()> {
+        match self.sink.take() {
+            None => Ok(()),
+            Some((stop, join)) => {
+                let _ = stop.send(());
+                join.await?
+            }
+        }
     }
 
     /// Another in-process worker in the same consumer group, on the same state directory
@@ -501,9 +528,7 @@ impl Stack {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop_worker().await?;
         let _ = self.shutdown.send(());
-        if let Some(s) = self.sink.take() {
-            s.await??;
-        }
+        self.stop_sink().await?;
         if let Some(n) = self.notifier.take() {
             n.await??;
         }
