@@ -1,6 +1,11 @@
 //! `/v1/webhook-deliveries`: the merchant's notifications, their delivery and every
 //! attempt; and a redelivery on request. Deliveries are the notifier's bookkeeping, not
 //! payment state: a redelivery only moves a notification's next attempt to now.
+//!
+//! The list is the projection's alone, not read-your-writes: the API accepts no
+//! notification (the worker makes one per status change, the sink writes it), so it
+//! trails its event by the projection's lag, and none is listed for a payment this
+//! instance accepted until the projection has its `created` event.
 
 use crate::cursor;
 use crate::error::{ApiError, ErrorCode};

@@ -8,13 +8,15 @@
 //! - [`admission`]: creates refused at once while the workers' backlog is over a bound.
 //! - [`request`]: what the handlers share (the merchant, JSON bodies, identifiers).
 //! - [`recent`]: creates this instance accepted and the projection may not hold yet:
-//!   one answer per Idempotency-Key, and reads of a payment just accepted.
+//!   one answer per Idempotency-Key, and reads of a payment or refund just accepted,
+//!   alone and in its lists.
 //! - [`auth`]: merchant API keys (hashed, constant-time).
 //! - [`error`]: the one JSON error shape and the catalogue of its codes.
 //! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
 //!
 //! The API **never changes payment state**: writes become commands on Kafka, reads come
-//! from the PostgreSQL projection.
+//! from the PostgreSQL projection and, for what this instance accepted and the projection
+//! does not show yet, from [`recent`].
 
 pub mod admission;
 pub mod auth;
@@ -116,9 +118,9 @@ pub struct ApiState {
     pub cfg: ApiConfig,
     pub producer: FutureProducer,
     pub pool: Pool,
-    pub recent: Mutex<RecentCreates>,
+    pub recent: Mutex<RecentCreates<crate::payments::AcceptedPayment>>,
     /// Refund requests this instance accepted recently (keyed by payment and key).
-    pub recent_refunds: Mutex<RecentCreates>,
+    pub recent_refunds: Mutex<RecentCreates<crate::refunds::AcceptedRefund>>,
     pub buckets: Buckets,
     pub admission: Arc<admission::Admission>,
     /// Permits for creates in flight (`ApiConfig::max_creates_in_flight`).

@@ -60,6 +60,11 @@ pub fn document() -> Value {
         codes.iter().chain(auth.iter()).copied().collect()
     };
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    // What each read shows of a write just accepted (README, "Consistency of reads"): a
+    // write is answered once its command is in Kafka, before the projection has it.
+    let single_read = |what: &str| {
+        format!("Read your writes: the API instance that accepted it answers at once, with {what}, until the projection has it; from then on every instance answers from the projection (another may answer 404 within the projection's lag, milliseconds under normal load).")
+    };
     let delivery = json!({
         "type": "object", "required": ["id", "type", "payment_id", "seq", "status", "attempts", "created_at", "body", "attempt_log"],
         "properties": {
@@ -103,6 +108,7 @@ pub fn document() -> Value {
                 "get": {
                     "operationId": "listPayments",
                     "summary": "The caller's payments, newest first",
+                    "description": "Read your writes: the projection's payments and those this API instance accepted that the projection does not show yet (each as `GET /v1/payments/{id}` shows it: `NEW` until the projection knows more), filtered, ordered (`created_at`, then id, newest first) and paged by the same cursor. A payment sorts where its projected row will, so none is listed twice or moves to another page when the projection catches up; one both know is shown from the projection. Why: a create is answered once its command is in Kafka, before the projection has it, and a client that creates and then lists must find what it created. Another instance lists it once its projection has it.",
                     "parameters": [
                         { "name": "status", "in": "query", "schema": { "$ref": "#/components/schemas/Status" } },
                         { "name": "currency", "in": "query", "schema": { "$ref": "#/components/schemas/Currency" } },
@@ -114,11 +120,13 @@ pub fn document() -> Value {
                 }
             },
             "/v1/payments/{id}": { "get": {
-                "operationId": "getPayment", "summary": "A payment's current state", "parameters": [id_param.clone()],
+                "operationId": "getPayment", "summary": "A payment's current state",
+                "description": single_read("the payment as `NEW`, version 1"), "parameters": [id_param.clone()],
                 "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("Payment", "the payment"))),
             }},
             "/v1/payments/{id}/events": { "get": {
-                "operationId": "getPaymentEvents", "summary": "A payment's history, in order", "parameters": [id_param.clone()],
+                "operationId": "getPaymentEvents", "summary": "A payment's history, in order",
+                "description": single_read("its `created` event"), "parameters": [id_param.clone()],
                 "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("History", "the events"))),
             }},
             "/v1/payments/{id}/cancel": { "post": {
@@ -142,17 +150,21 @@ pub fn document() -> Value {
                     ])), ("202", json_body("Refund", "accepted; the outcome is the refund's status (the same key and body replay this answer)"))),
                 },
                 "get": {
-                    "operationId": "listRefunds", "summary": "A payment's refunds, in the order requested", "parameters": [id_param.clone()],
+                    "operationId": "listRefunds", "summary": "A payment's refunds, in the order requested",
+                    "description": "Read your writes: the projection's refunds, then those this API instance accepted that the projection does not show yet, in the order the worker applies them (after every projected one), each as `GET /v1/refunds/{id}` shows it (`PENDING`); one both know is shown from the projection. Another instance lists a refund once its projection has it.",
+                    "parameters": [id_param.clone()],
                     "responses": with(errors(&and_auth(&[PaymentNotFound])), ("200", json_body("RefundList", "the refunds"))),
                 }
             },
             "/v1/refunds/{id}": { "get": {
                 "operationId": "getRefund", "summary": "A refund's current state",
+                "description": single_read("the refund as `PENDING`"),
                 "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^re_[0-9a-f]{32}$" } }],
                 "responses": with(errors(&and_auth(&[RefundNotFound])), ("200", json_body("Refund", "the refund"))),
             }},
             "/v1/webhook-deliveries": { "get": {
                 "operationId": "listWebhookDeliveries", "summary": "The caller's notifications (status changes of its payments and refunds) and their delivery, newest first, a page at a time",
+                "description": "Not read your writes: the API accepts no notification. The worker makes one for each status change and the sink writes it, so it is listed once the projection has it, trailing its event by the projection's lag (milliseconds under normal load; `gateway_projection_lag_seconds`, and the `ProjectionLagHigh` alert past 30 s at p99; a sink that stops applying is reported after 30 s and restarted after 90 s). A payment just accepted has none listed, not even `payment.created`, until then. A delivery's status and attempts, and a redelivery, are written to PostgreSQL itself and read back at once on every instance.",
                 "parameters": [
                     { "name": "payment_id", "in": "query", "schema": { "type": "string", "pattern": "^pay_[0-9a-f]{32}$" } },
                     { "name": "status", "in": "query", "schema": { "type": "string", "enum": ["pending", "delivered", "failed", "skipped"] } },
@@ -279,4 +291,28 @@ pub fn allowed_methods(path: &str) -> Option<Vec<&'static str>> {
         .map(|(m, _)| *m)
         .collect();
     (!methods.is_empty()).then_some(methods)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every read of the merchant API says what it shows of a write just accepted.
+    #[test]
+    fn every_read_states_its_consistency() {
+        let doc = document();
+        for (method, path) in OPERATIONS
+            .iter()
+            .filter(|(m, p)| *m == "get" && p.starts_with("/v1/"))
+        {
+            let description = doc["paths"][path][method]["description"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase();
+            assert!(
+                description.contains("read your writes"),
+                "{method} {path}: {description:?}"
+            );
+        }
+    }
 }

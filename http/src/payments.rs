@@ -1,11 +1,12 @@
 //! `/v1/payments`: create, list, read, read the history of, and cancel a payment.
 //! Writes are commands ([`crate::commands::publish`]); reads come from the projection,
-//! or, for a create this instance just accepted, from [`crate::recent`].
+//! and, for a create this instance just accepted, from [`crate::recent`]: the payment,
+//! its history and every list it belongs to answer at once on this instance.
 
 use crate::commands::publish;
 use crate::cursor;
 use crate::error::{ApiError, ErrorCode};
-use crate::recent::{Accepted, Claim, RecentCreates};
+use crate::recent::{Claim, RecentCreates};
 use crate::request::{
     check_json_content_type, command_id, json, merchant, now_ms, parse_body, parse_id,
     reject_card_data, required_idempotency_key, Result,
@@ -18,8 +19,10 @@ use payments::{
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use sinks::query::{ListFilter, PaymentView};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
@@ -230,7 +233,12 @@ pub async fn create_payment(
             return Err(e);
         }
     };
-    recent(&state).published(merchant.as_str(), key.as_str(), accepted(&cmd, &valid));
+    recent(&state).published(
+        merchant.as_str(),
+        key.as_str(),
+        at.offset,
+        accepted(&cmd, &valid),
+    );
     tracing::info!(payment_id = %id, merchant = %merchant, partition = at.partition, offset = at.offset, "payment accepted");
     let mut res = json(StatusCode::ACCEPTED, &body);
     if let Ok(loc) = format!("/v1/payments/{id}").parse() {
@@ -239,16 +247,30 @@ pub async fn create_payment(
     Ok(res)
 }
 
-pub(crate) fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
+pub(crate) fn recent(
+    state: &ApiState,
+) -> std::sync::MutexGuard<'_, RecentCreates<AcceptedPayment>> {
     state.recent.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A create in Kafka that the projection may not hold yet.
+#[derive(Debug, Clone)]
+pub struct AcceptedPayment {
+    /// The payment as the projection will first show it: created at the command's
+    /// `issued_at`, so it sorts in lists where its projected row will.
+    pub view: PaymentView,
+    /// Its history so far (a JSON array), as `GET /v1/payments/{id}/events` shows it;
+    /// text, a tenth of the memory of a parsed value (it is read only in the
+    /// projection's lag).
+    pub events: Box<str>,
 }
 
 /// What a create published here reads back as until the projection has it: the payment
 /// as `NEW` with its `created` event, both as the worker's first step will make them
 /// (the domain's own `decide`, whose first event of a create is `created`).
-fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
+fn accepted(cmd: &Command, v: &ValidCreate) -> AcceptedPayment {
     let created_at = payments::notify::iso_ms(cmd.issued_at_ms);
-    let payment = sinks::query::PaymentView {
+    let view = PaymentView {
         id: cmd.payment_id.to_string(),
         status: Status::New.as_str().to_owned(),
         amount: v.amount.minor_units(),
@@ -288,8 +310,8 @@ fn accepted(cmd: &Command, v: &ValidCreate) -> Accepted {
             .collect(),
         _ => Vec::new(),
     };
-    Accepted {
-        payment: serde_json::to_string(&payment).unwrap_or_default().into(),
+    AcceptedPayment {
+        view,
         events: serde_json::Value::from(events).to_string().into(),
     }
 }
@@ -301,13 +323,13 @@ fn projected_or_accepted<T: serde::Serialize>(
     merchant: &MerchantId,
     id: &PaymentId,
     projected: Option<T>,
-    part: fn(&Accepted) -> &str,
+    part: fn(&AcceptedPayment) -> Option<serde_json::Value>,
 ) -> Result<serde_json::Value> {
     match projected {
         Some(p) => Ok(serde_json::to_value(p).unwrap_or_default()),
         None => recent(state)
             .accepted(merchant.as_str(), &id.to_string())
-            .and_then(|a| serde_json::from_str(part(a)).ok())
+            .and_then(part)
             .ok_or_else(ApiError::not_found),
     }
 }
@@ -322,7 +344,9 @@ pub async fn get_payment(
     let projected = sinks::query::get_payment(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let body = projected_or_accepted(&state, &merchant, &id, projected, |a| &*a.payment)?;
+    let body = projected_or_accepted(&state, &merchant, &id, projected, |a| {
+        serde_json::to_value(&a.view).ok()
+    })?;
     Ok(json(StatusCode::OK, &body))
 }
 
@@ -336,7 +360,9 @@ pub async fn payment_events(
     let projected = sinks::query::events(&state.pool, merchant.as_str(), &id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let events = projected_or_accepted(&state, &merchant, &id, projected, |a| &*a.events)?;
+    let events = projected_or_accepted(&state, &merchant, &id, projected, |a| {
+        serde_json::from_str(&a.events).ok()
+    })?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "id": id.to_string(), "events": events }),
@@ -398,21 +424,96 @@ pub async fn list_payments(
                 .ok_or_else(|| ApiError::invalid("cursor is not one this API returned"))?,
         ),
     };
-    let filter = sinks::query::ListFilter {
+    let filter = ListFilter {
         status,
         currency,
         reference: q.reference,
         limit,
         after,
     };
-    let (page, next) = sinks::query::list(&state.pool, merchant.as_str(), &filter)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let (page, next) = list_with_accepted(&state, &merchant, &filter).await?;
     let next = next.map(|(us, id)| cursor::encode(&format!("{us}:{id}")));
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "data": page, "next_cursor": next }),
     ))
+}
+
+/// A page of the merchant's payments, newest first, and the position of its last one
+/// when more follow: the projection's rows, and the creates this instance accepted that
+/// the projection does not show yet, filtered, ordered and paged alike (read your
+/// writes). A create sorts where its projected row will (its `created_at` is the
+/// command's `issued_at`), so nothing moves to another page when the projection catches
+/// up, and one both know is shown once, from the projection.
+async fn list_with_accepted(
+    state: &ApiState,
+    merchant: &MerchantId,
+    f: &ListFilter,
+) -> Result<(Vec<PaymentView>, Option<(i64, String)>)> {
+    let limit = usize::try_from(f.limit).unwrap_or(0);
+    let asked = Instant::now();
+    let (mut page, next) = sinks::query::list(&state.pool, merchant.as_str(), f)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    // With more rows to come the page ends at its last row: nothing below it is on it.
+    let floor = next.as_ref().map(|(us, id)| (*us, id.as_str()));
+    let shown: HashSet<&str> = page.iter().map(|p| p.id.as_str()).collect();
+    let mut accepted: Vec<PaymentView> = recent(state)
+        .not_in_projection(merchant.as_str(), asked, &shown, |a| {
+            let on_page = listed(&a.view, f) && floor.is_none_or(|fl| position(&a.view) > fl);
+            on_page.then(|| a.view.clone())
+        })
+        .into_iter()
+        .map(|(_, view)| view)
+        .collect();
+    accepted.sort_by(|a, b| position(b).cmp(&position(a)));
+    // Each may have been projected since `asked`, and changed since: then its row is
+    // the answer. Only what can reach the page, and one more to tell whether more
+    // follow, is asked about (one found projected is never asked about again).
+    let mut merged = Vec::new();
+    for view in accepted {
+        if merged.len() > limit {
+            break;
+        }
+        match sinks::query::get_payment(&state.pool, merchant.as_str(), &view.id)
+            .await
+            .map_err(|e| ApiError::internal(&e))?
+        {
+            Some(projected) => {
+                recent(state).projected(merchant.as_str(), &projected.id);
+                if listed(&projected, f) {
+                    merged.push(projected);
+                }
+            }
+            None => merged.push(view),
+        }
+    }
+    let more = next.is_some() || page.len() + merged.len() > limit;
+    page.extend(merged);
+    page.sort_by(|a, b| position(b).cmp(&position(a)));
+    page.truncate(limit);
+    let next = more
+        .then(|| page.last().map(|p| (p.created_at_us, p.id.clone())))
+        .flatten();
+    Ok((page, next))
+}
+
+/// Where a payment sorts in a list: the projection's `(created_at, payment_id)`.
+fn position(p: &PaymentView) -> (i64, &str) {
+    (p.created_at_us, &p.id)
+}
+
+/// Whether the list `f` asks for holds `p` (the projection's conditions, for a payment
+/// it may not hold yet).
+fn listed(p: &PaymentView, f: &ListFilter) -> bool {
+    f.status.is_none_or(|s| p.status == s.as_str())
+        && f.currency.as_ref().is_none_or(|c| p.currency == *c)
+        && f.reference
+            .as_ref()
+            .is_none_or(|r| p.reference.as_ref() == Some(r))
+        && f.after
+            .as_ref()
+            .is_none_or(|(us, id)| position(p) < (*us, id.as_str()))
 }
 
 /// A cursor this API returned: the creation time (µs, from 1970 to 9999) and id of the

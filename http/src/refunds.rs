@@ -12,7 +12,7 @@
 
 use crate::commands::publish;
 use crate::error::{ApiError, ErrorCode};
-use crate::recent::{Accepted, Claim, RecentCreates};
+use crate::recent::{Claim, RecentCreates};
 use crate::request::{
     check_json_content_type, command_id, json, merchant, now_ms, parse_body, parse_id,
     reject_card_data, required_idempotency_key, Result,
@@ -22,7 +22,9 @@ use bytes::Bytes;
 use payments::{Amount, Command, CommandBody, CreateRefund, RefundId, Status};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
@@ -79,7 +81,15 @@ fn validate(req: RefundRequest) -> Result<ValidRefund> {
     })
 }
 
-fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates> {
+/// A refund request in Kafka that the projection may not hold yet.
+#[derive(Debug, Clone)]
+pub struct AcceptedRefund {
+    pub payment_id: String,
+    /// The refund as `GET /v1/refunds/{id}` shows it (JSON text).
+    pub view: Box<str>,
+}
+
+fn recent(state: &ApiState) -> std::sync::MutexGuard<'_, RecentCreates<AcceptedRefund>> {
     state
         .recent_refunds
         .lock()
@@ -281,9 +291,10 @@ pub async fn create_refund(
     recent(&state).published(
         merchant.as_str(),
         &claim_key,
-        Accepted {
-            payment: view.to_string().into(),
-            events: "[]".into(),
+        at.offset,
+        AcceptedRefund {
+            payment_id: pid.clone(),
+            view: view.to_string().into(),
         },
     );
     tracing::info!(payment_id = %pid, refund_id = %rid, merchant = %merchant, partition = at.partition, offset = at.offset, "refund accepted");
@@ -300,23 +311,39 @@ pub async fn list_refunds(
     authorization: Option<String>,
 ) -> Result<Response> {
     let merchant = merchant(&state, authorization.as_deref())?;
-    let id = parse_id(&id)?;
-    let refunds = match sinks::query::refunds_of(&state.pool, merchant.as_str(), &id.to_string())
+    let id = parse_id(&id)?.to_string();
+    let asked = Instant::now();
+    let refunds = match sinks::query::refunds_of(&state.pool, merchant.as_str(), &id)
         .await
         .map_err(|e| ApiError::internal(&e))?
     {
         Some(r) => r,
         // Accepted here and not projected yet: it has no refunds.
-        None if accepted_here(&state, &merchant, &id.to_string()) => Vec::new(),
+        None if accepted_here(&state, &merchant, &id) => Vec::new(),
         None => return Err(ApiError::not_found()),
     };
+    // Then the requests accepted here that the projection does not show yet (read your
+    // writes, as `GET /v1/refunds/{id}` does), in the order the worker applies them (one
+    // partition holds a payment's commands): after every projected refund, which the
+    // worker numbered before them. One the projection shows is shown from it alone.
+    let shown: HashSet<&str> = refunds.iter().map(|r| r.id.as_str()).collect();
+    let mut accepted = recent(&state).not_in_projection(merchant.as_str(), asked, &shown, |a| {
+        (a.payment_id == id).then(|| a.view.clone())
+    });
+    accepted.sort_by_key(|(offset, _)| *offset);
     let data: Vec<serde_json::Value> = refunds
         .iter()
-        .map(|r| with_links(serde_json::to_value(r).unwrap_or_default()))
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .chain(
+            accepted
+                .iter()
+                .filter_map(|(_, view)| serde_json::from_str(view).ok()),
+        )
+        .map(with_links)
         .collect();
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({ "payment_id": id.to_string(), "data": data }),
+        &serde_json::json!({ "payment_id": id, "data": data }),
     ))
 }
 
@@ -337,7 +364,7 @@ pub async fn get_refund(
         // Accepted here and not projected yet.
         None => recent(&state)
             .accepted(merchant.as_str(), &id.to_string())
-            .and_then(|a| serde_json::from_str(&a.payment).ok())
+            .and_then(|a| serde_json::from_str(&a.view).ok())
             .ok_or_else(not_found)?,
     };
     Ok(json(StatusCode::OK, &with_links(view)))
