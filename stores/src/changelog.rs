@@ -4,7 +4,7 @@
 //! values on the topic, tagged so an empty value is not a tombstone.
 
 use crate::store::{full_key, store_of, PartitionStore, WriteSet};
-use crate::{Result, META, OUTBOX};
+use crate::{Result, StoreError, META, OUTBOX};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A changelog record: full key (store prefix + key), value or `None` for a delete.
@@ -136,10 +136,18 @@ impl<'a> Restore<'a> {
         self.store.apply(self.ready.drain(..))
     }
 
-    /// Applies the last complete batches and records that the store follows the
+    /// Applies the last complete batches, checks the rebuilt store against the digest
+    /// its writer recorded (a read that missed committed records fails with
+    /// [`StoreError::IncompleteRestore`]) and records that the store follows the
     /// changelog up to offset `end` (exclusive).
     pub fn finish(mut self, end: i64) -> Result<Restored> {
         self.apply()?;
+        if let Some(recorded) = self.store.digest()? {
+            let rebuilt = self.store.compute_digest()?;
+            if rebuilt != recorded {
+                return Err(StoreError::IncompleteRestore { recorded, rebuilt });
+            }
+        }
         let mut ws = WriteSet::default();
         ws.set_changelog_end(end);
         self.store.commit(ws)?;
@@ -344,5 +352,101 @@ mod tests {
         }
         assert!(from_topic(Some(&[7, 1, 2])).is_err());
         assert!(from_topic(Some(&[])).is_err());
+    }
+
+    /// Batches written as a task writes them (each write set sealed, then its changelog
+    /// taken and the write set committed): a payment store, an outbox entry added by one
+    /// batch and removed by the next.
+    fn sealed_batches(live: &PartitionStore) -> Vec<Vec<ChangelogRecord>> {
+        (0..12u64)
+            .map(|i| {
+                let mut ws = WriteSet::default();
+                ws.put("payments", &(i % 4).to_be_bytes(), &i);
+                ws.put_raw(OUTBOX, &i.to_be_bytes(), vec![1]);
+                if i > 0 {
+                    ws.delete(OUTBOX, &(i - 1).to_be_bytes());
+                }
+                ws.set_next_offset(i as i64 + 1);
+                live.seal(&mut ws).unwrap();
+                let records = ws.changelog();
+                live.commit(ws).unwrap();
+                records
+            })
+            .collect()
+    }
+
+    fn restore_into(records: impl IntoIterator<Item = ChangelogRecord>) -> Result<PartitionStore> {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let mut r = Restore::start(&ps)?;
+        for rec in records {
+            r.push(rec)?;
+        }
+        r.finish(0)?;
+        Ok(ps)
+    }
+
+    #[test]
+    fn a_restore_that_read_every_committed_record_matches_its_writers_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let batches = sealed_batches(&live);
+        assert_eq!(live.digest().unwrap(), Some(live.compute_digest().unwrap()));
+
+        let whole = restore_into(batches.iter().flatten().cloned()).expect("a whole read");
+        assert_eq!(whole.digest().unwrap(), live.digest().unwrap());
+        // Merged before shipping, and compacted on the topic (only each key's last
+        // record left), the log restores to the same verified store.
+        let coalesced = restore_into(coalesce(batches.clone())).expect("a coalesced read");
+        assert_eq!(coalesced.digest().unwrap(), live.digest().unwrap());
+        let mut last: BTreeMap<Vec<u8>, (usize, ChangelogRecord)> = BTreeMap::new();
+        for (i, r) in batches.iter().flatten().enumerate() {
+            last.insert(r.0.clone(), (i, r.clone()));
+        }
+        let mut compacted: Vec<(usize, ChangelogRecord)> = last.into_values().collect();
+        compacted.sort_by_key(|(i, _)| *i);
+        restore_into(compacted.into_iter().map(|(_, r)| r)).expect("a compacted read");
+    }
+
+    #[test]
+    fn a_restore_that_missed_committed_records_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let batches = sealed_batches(&live);
+        // A reader that skipped a stretch in the middle (batches 5 and 6): batch 5 removed
+        // the outbox entry of batch 4, which a store without it would publish again.
+        let skipped = batches
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(5..=6).contains(i))
+            .flat_map(|(_, b)| b.iter().cloned());
+        match restore_into(skipped) {
+            Err(StoreError::IncompleteRestore { recorded, rebuilt }) => {
+                assert_eq!(Some(recorded), live.digest().unwrap());
+                assert_ne!(recorded, rebuilt);
+            }
+            Err(e) => panic!("a restore that missed batches must be refused as incomplete, got {e}"),
+            Ok(_) => panic!("a restore that missed batches must be refused"),
+        }
+    }
+
+    #[test]
+    fn a_store_written_before_digests_gets_one_from_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let mut ws = WriteSet::default();
+        ws.put("payments", b"p1", &1u64);
+        ps.commit(ws).unwrap();
+        assert_eq!(ps.digest().unwrap(), None);
+        let mut ws = WriteSet::default();
+        ws.put("payments", b"p2", &2u64);
+        ps.seal(&mut ws).unwrap();
+        ps.commit(ws).unwrap();
+        assert_eq!(ps.digest().unwrap(), Some(ps.compute_digest().unwrap()));
+        // Disk-local writes change no digest.
+        let mut ws = WriteSet::default();
+        ws.set_changelog_end(7);
+        ps.seal(&mut ws).unwrap();
+        assert!(ws.changelog().is_empty());
     }
 }

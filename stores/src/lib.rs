@@ -41,6 +41,8 @@ pub(crate) const OUTBOX_SEQ: &[u8] = b"outbox_seq";
 pub(crate) const CHANGELOG_END: &[u8] = b"changelog_end";
 pub(crate) const CHANGELOG_SEQ: &[u8] = b"changelog_seq";
 pub(crate) const CLUSTER_ID: &[u8] = b"cluster_id";
+/// The digest of the changelogged state (see [`PartitionStore::seal`]).
+pub(crate) const DIGEST: &[u8] = b"digest";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -50,6 +52,8 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    #[error("the store rebuilt from the changelog does not match the digest its writer recorded (recorded {recorded:016x}, rebuilt {rebuilt:016x}): the read of the changelog missed committed records; read it again")]
+    IncompleteRestore { recorded: u64, rebuilt: u64 },
     #[error("stored value in `{store}` cannot be decoded ({reason}); the store is corrupt or from an incompatible version: delete it to restore from the changelog")]
     Decode { store: String, reason: String },
 }

@@ -4,11 +4,12 @@
 use crate::changelog::{commit_marker, ChangelogRecord};
 use crate::codec::{decode, encode};
 use crate::{
-    Result, StoreError, CHANGELOG_END, CHANGELOG_QUEUE, CHANGELOG_SEQ, CLUSTER_ID, LOCAL, META,
-    NEXT_OFFSET, OUTBOX_SEQ,
+    Result, StoreError, CHANGELOG_END, CHANGELOG_QUEUE, CHANGELOG_SEQ, CLUSTER_ID, DIGEST, LOCAL,
+    META, NEXT_OFFSET, OUTBOX_SEQ,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
+use std::hash::Hasher as _;
 use std::path::{Path, PathBuf};
 
 /// An entry of a store: its key (without the store's prefix) and value.
@@ -197,6 +198,54 @@ impl PartitionStore {
         self.get(LOCAL, CLUSTER_ID)
     }
 
+    /// The digest of the changelogged state recorded by the last sealed write set (or
+    /// read from the changelog by a restore); `None` before the first.
+    pub fn digest(&self) -> Result<Option<u64>> {
+        self.get(META, DIGEST)
+    }
+
+    /// The digest of the changelogged state as this copy holds it, read entry by entry:
+    /// what [`PartitionStore::digest`] must equal.
+    pub fn compute_digest(&self) -> Result<u64> {
+        let mut digest = 0;
+        for r in self.tree.iter() {
+            let (k, v) = r.map_err(|e| self.err(e))?;
+            if digested(&k) {
+                digest ^= entry_hash(&k, &v);
+            }
+        }
+        Ok(digest)
+    }
+
+    /// Stages in `ws` the digest of the state `ws` leads to: an order-free hash (the XOR
+    /// of a hash of every key and value) of every changelogged entry, kept current with
+    /// each write set and changelogged with it. A restore that read every committed
+    /// record rebuilds a store whose computed digest equals the restored one; a read that
+    /// missed some does not (see [`crate::Restore::finish`]). Call it once, after the
+    /// write set's last changelogged write and before [`WriteSet::changelog`].
+    pub fn seal(&self, ws: &mut WriteSet) -> Result<()> {
+        let mut digest = match self.digest()? {
+            Some(d) => d,
+            // A store written before digests were kept (or a new one): read it once.
+            None => self.compute_digest()?,
+        };
+        let mut changed = false;
+        for (k, v) in ws.writes.iter().filter(|(k, _)| digested(k)) {
+            let old = self.tree.get(k).map_err(|e| self.err(e))?;
+            if let Some(old) = old {
+                digest ^= entry_hash(k, &old);
+            }
+            if let Some(v) = v {
+                digest ^= entry_hash(k, v);
+            }
+            changed = true;
+        }
+        if changed {
+            ws.put(META, DIGEST, &digest);
+        }
+        Ok(())
+    }
+
     /// The current values (or `None`) of the given full keys, as changelog records.
     pub fn current(
         &self,
@@ -222,6 +271,20 @@ pub struct WriteSet {
 pub fn store_of(full_key: &[u8]) -> Option<&str> {
     let len = *full_key.first()? as usize;
     std::str::from_utf8(full_key.get(1..1 + len)?).ok()
+}
+
+/// Whether an entry counts in the digest: every changelogged entry but the digest.
+fn digested(full_key_: &[u8]) -> bool {
+    !store_of(full_key_).is_some_and(is_local) && full_key_ != full_key(META, DIGEST).as_slice()
+}
+
+/// A stable 64-bit hash of one entry (FNV-1a: the same on every platform and version).
+fn entry_hash(full_key_: &[u8], value: &[u8]) -> u64 {
+    let mut h = fnv::FnvHasher::default();
+    h.write_u32(full_key_.len() as u32);
+    h.write(full_key_);
+    h.write(value);
+    h.finish()
 }
 
 /// Stores that describe this disk's copy and never go to the changelog.

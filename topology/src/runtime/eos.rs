@@ -120,7 +120,7 @@ impl Publish {
             call_keys,
             calls,
         } = Outbox::of(task)?;
-        let removal = task.removal(&output_keys);
+        let removal = task.removal(&output_keys)?;
         let queue_keys = queued.iter().map(|(k, _)| k.clone()).collect();
         Ok(Publish {
             plan: Plan {
@@ -171,6 +171,7 @@ pub(super) async fn publish_transaction(
             }
         };
         observe_stage("transaction", t);
+        tracing::debug!(topic = %task.topic, partition = task.partition, changelog_end = ?end, outputs = plan.outputs.len(), "transaction committed");
         task.changelog_shipped(queue_keys, end, Some(plan.removal))?;
     }
     for call in calls {

@@ -5,6 +5,7 @@
 use super::thread::WorkerConsumer;
 use super::{client_config, WorkerSettings};
 use crate::config::CompiledTopology;
+use crate::metrics::METRICS;
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -127,7 +128,7 @@ pub(super) fn open_store(
     }
 }
 
-/// The group's committed offset for a partition, if any.
+/// The group's committed offset for a partition, if any. Blocks.
 pub(super) fn committed_offset(
     consumer: &WorkerConsumer,
     topic: &str,
@@ -135,9 +136,7 @@ pub(super) fn committed_offset(
 ) -> anyhow::Result<Option<i64>> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
-    let committed =
-        tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10)))
-            .with_context(|| format!("reading the committed offset of {topic}-{partition}"))?;
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
     Ok(committed
         .find_partition(topic, partition)
         .and_then(|e| e.offset().to_raw())
@@ -167,7 +166,48 @@ pub(super) fn ensure_store_is_current(
 /// Rebuilds a partition's store from its changelog partition: empties it, then applies
 /// every complete batch of the partition's extent (`low..high`, read just before).
 /// Returns the keys of an unfinished batch at the end, left out.
+///
+/// A rebuilt store is checked against the digest its writer recorded. A read that
+/// missed committed records fails that check (a `read_committed` fetch has been seen
+/// to skip a committed stretch of a compacted changelog right after a broker fail-over)
+/// and is read again by a new consumer, a few times, before the task gives up: a store
+/// that lacks committed writes would publish their outputs again and diverge.
 pub(super) fn restore_from_changelog(
+    store: &PartitionStore,
+    kafka: (&str, &[(String, String)]),
+    changelog: &str,
+    partition: i32,
+    extent: (i64, i64),
+) -> anyhow::Result<stores::Restored> {
+    let mut attempt = 1;
+    loop {
+        match read_changelog(store, kafka, changelog, partition, extent) {
+            Err(e) if attempt < RESTORE_ATTEMPTS && incomplete(&e) => {
+                METRICS
+                    .errors
+                    .with_label_values(&["restore_incomplete"])
+                    .inc();
+                tracing::warn!(%changelog, partition, attempt, error = %format!("{e:#}"), "the restored store does not match its digest; reading the changelog again");
+                std::thread::sleep(Duration::from_secs(u64::from(attempt)));
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads of a changelog partition before a restore gives up on a store that does not
+/// match its digest.
+const RESTORE_ATTEMPTS: u32 = 3;
+
+fn incomplete(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<stores::StoreError>(),
+        Some(stores::StoreError::IncompleteRestore { .. })
+    )
+}
+
+fn read_changelog(
     store: &PartitionStore,
     (brokers, kafka): (&str, &[(String, String)]),
     changelog: &str,

@@ -169,7 +169,7 @@ impl Task {
             ws.set_next_offset(n);
         }
         self.stage_outbox(&mut ws, outbox);
-        self.stage_changelog(&mut ws);
+        self.stage_changelog(&mut ws)?;
         self.store.commit(ws)?;
         self.next_offset = next;
         Ok(applied)
@@ -219,7 +219,7 @@ impl Task {
         }
         if fired > 0 {
             self.stage_outbox(&mut ws, outbox);
-            self.stage_changelog(&mut ws);
+            self.stage_changelog(&mut ws)?;
             self.store.commit(ws)?;
         }
         Ok(fired)
@@ -229,7 +229,7 @@ impl Task {
     pub fn maintain(&mut self, now_ms: i64) -> Result<(), ProcessError> {
         let mut ws = WriteSet::default();
         self.graph.maintain(&self.store, &mut ws, now_ms)?;
-        self.stage_changelog(&mut ws);
+        self.stage_changelog(&mut ws)?;
         self.store.commit(ws)?;
         Ok(())
     }
@@ -263,7 +263,7 @@ impl Task {
             ws.delete(OUTBOX, &k);
         }
         if !ws.is_empty() {
-            self.stage_changelog(&mut ws);
+            self.stage_changelog(&mut ws)?;
             self.store.commit(ws)?;
         }
         Ok(())
@@ -299,20 +299,23 @@ impl Task {
 
     /// The removal of outbox entries about to be published in a transaction, with its
     /// changelog batch to publish in the same transaction; applied once it commits.
-    pub fn removal(&mut self, keys: &[Vec<u8>]) -> Removal {
+    pub fn removal(&mut self, keys: &[Vec<u8>]) -> Result<Removal, ProcessError> {
         let mut ws = WriteSet::default();
         for k in keys {
             ws.delete(OUTBOX, k);
         }
         let records = match (&self.changelog_topic, ws.is_empty()) {
-            (Some(_), false) => ws.changelog(),
+            (Some(_), false) => {
+                self.store.seal(&mut ws)?;
+                ws.changelog()
+            }
             _ => Vec::new(),
         };
         if !records.is_empty() {
             self.changelog_seq += 1;
             ws.set_changelog_seq(self.changelog_seq);
         }
-        Removal { ws, records }
+        Ok(Removal { ws, records })
     }
 
     /// Queues the current values of `full_keys` for the changelog, as one batch: after a
@@ -333,14 +336,16 @@ impl Task {
     /// shipped before any output of the write set is published, so every output ever
     /// published comes from a state a restore can reach, and a restored outbox publishes
     /// whatever the previous owner had not.
-    fn stage_changelog(&mut self, ws: &mut WriteSet) {
+    fn stage_changelog(&mut self, ws: &mut WriteSet) -> Result<(), ProcessError> {
         if self.changelog_topic.is_none() {
-            return;
+            return Ok(());
         }
+        self.store.seal(ws)?;
         let records = ws.changelog();
         if !records.is_empty() {
             self.queue_changelog(ws, records);
         }
+        Ok(())
     }
 
     fn queue_changelog(&mut self, ws: &mut WriteSet, records: Vec<ChangelogRecord>) {
