@@ -15,7 +15,6 @@ use crate::metrics::METRICS;
 use crate::processor::RawRecord;
 use crate::provider::Dispatcher;
 use crate::task::Task;
-use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use std::sync::atomic::Ordering;
@@ -106,21 +105,29 @@ fn spawn_task(
             partition,
         )?),
     };
-    let committed = committed_offset(&consumer, topic, partition)?;
-    let watermarks = |t: &str| {
-        tokio::task::block_in_place(|| {
-            consumer.fetch_watermarks(t, partition, Duration::from_secs(10))
-        })
-        .with_context(|| format!("reading the extent of {t}-{partition}"))
-    };
     let changelog = topo.changelog_topic(topic);
-    let changelog_extent = match settings.changelog {
-        true => Some(watermarks(&changelog)?),
-        false => None,
+    let (committed, changelog_extent, cluster, source_end) = {
+        let _reading = settings
+            .progress
+            .busy(format!("reading where {topic}[{partition}] stands"));
+        let watermarks = |t: &str| {
+            patiently(&format!("reading the extent of {t}-{partition}"), || {
+                Ok(consumer.fetch_watermarks(t, partition, Duration::from_secs(10))?)
+            })
+        };
+        let committed = patiently(
+            &format!("reading the committed offset of {topic}-{partition}"),
+            || committed_offset(&consumer, topic, partition),
+        )?;
+        let changelog_extent = match settings.changelog {
+            true => Some(watermarks(&changelog)?),
+            false => None,
+        };
+        let cluster = tokio::task::block_in_place(|| {
+            consumer.client().fetch_cluster_id(Duration::from_secs(10))
+        });
+        (committed, changelog_extent, cluster, watermarks(topic)?.1)
     };
-    let cluster =
-        tokio::task::block_in_place(|| consumer.client().fetch_cluster_id(Duration::from_secs(10)));
-    let source_end = watermarks(topic)?.1;
     let follows = Follows {
         cluster: cluster.as_deref(),
         source_end,
@@ -215,6 +222,43 @@ fn spawn_task(
         }
     });
     Ok(TaskHandle { tx, join, lost })
+}
+
+/// How long a task's start-up reads (the group's committed offset, the extent of its
+/// partitions) are retried: while a broker fails over they fail with transient errors
+/// (not the leader, timed out, a broker handle replaced), and ending the worker for them
+/// would only move the wait into a restart and a rebalance.
+const START_READ_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs a blocking read of the cluster, retried with back-off until it succeeds or
+/// [`START_READ_PATIENCE`] has passed.
+fn patiently<T>(what: &str, read: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    retried_for(START_READ_PATIENCE, what, read)
+}
+
+fn retried_for<T>(
+    patience: Duration,
+    what: &str,
+    mut read: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let mut backoff =
+        payments::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    tokio::task::block_in_place(|| loop {
+        match read() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < patience => {
+                tracing::warn!(error = %format!("{e:#}"), "{what} failed; retrying");
+                std::thread::sleep(backoff.next_delay());
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{what} still failed after {} s of retries",
+                    started.elapsed().as_secs()
+                )))
+            }
+        }
+    })
 }
 
 /// A restore rebuilds the store from the whole changelog: one whose head is gone
@@ -438,4 +482,37 @@ pub(super) fn observe_stage(stage: &str, since: Instant) {
         .stage_seconds
         .with_label_values(&[stage])
         .observe(since.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retried_for;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_start_up_read_is_retried_until_it_succeeds_then_given_up_with_what_failed() {
+        let mut calls = 0;
+        let v = retried_for(Duration::from_secs(5), "reading the extent of t-0", || {
+            calls += 1;
+            match calls {
+                1 | 2 => anyhow::bail!("Not leader for partition"),
+                _ => Ok(calls),
+            }
+        })
+        .expect("the third read succeeds");
+        assert_eq!(v, 3);
+
+        let e = retried_for::<()>(
+            Duration::from_millis(300),
+            "reading the extent of t-0",
+            || anyhow::bail!("Broker handle destroyed"),
+        )
+        .expect_err("a read that keeps failing is given up");
+        let text = format!("{e:#}");
+        assert!(
+            text.starts_with("reading the extent of t-0 still failed after")
+                && text.ends_with("Broker handle destroyed"),
+            "{text}"
+        );
+    }
 }
