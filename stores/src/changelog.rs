@@ -425,7 +425,9 @@ mod tests {
                 assert_eq!(Some(recorded), live.digest().unwrap());
                 assert_ne!(recorded, rebuilt);
             }
-            Err(e) => panic!("a restore that missed batches must be refused as incomplete, got {e}"),
+            Err(e) => {
+                panic!("a restore that missed batches must be refused as incomplete, got {e}")
+            }
             Ok(_) => panic!("a restore that missed batches must be refused"),
         }
     }
