@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_drop_payments_key_unique",
         include_str!("../migrations/0007_drop_payments_key_unique.sql"),
     ),
+    (
+        "0008_notification_trace",
+        include_str!("../migrations/0008_notification_trace.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

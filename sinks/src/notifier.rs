@@ -16,6 +16,10 @@
 //! never delays another merchant's deliveries or the processing of payments, which never
 //! waits for this. A request that ends frees its slot at once: the next pick follows it
 //! without waiting for the poll.
+//!
+//! Each attempt is a `notify <type>` span in the trace of the payment it is about (a
+//! child of the span that published the notification, whose context the sink kept with
+//! the delivery), and the request carries its `traceparent`.
 
 use crate::Pool;
 use prometheus::{
@@ -27,6 +31,7 @@ use std::future::Future;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use telemetry::now_ms;
+use tracing::Instrument;
 
 struct NotifierMetrics {
     delivered: IntCounter,
@@ -128,9 +133,13 @@ impl NotifierSettings {
 struct Due {
     webhook_id: String,
     merchant: String,
+    payment_id: String,
+    kind: String,
     body: String,
     attempts: i32,
     created_at_ms: i64,
+    /// The trace context of the notification's record (the payment's trace).
+    traceparent: Option<String>,
 }
 
 /// Requests in flight per merchant.
@@ -243,8 +252,9 @@ pub async fn run_notifier(
                 in_flight.clone(),
                 slot_freed.clone(),
             );
+            let span = attempt_span(&d);
             tokio::spawn(async move {
-                deliver(&pool, &http, &settings, &d).await;
+                deliver(&pool, &http, &settings, &d).instrument(span).await;
                 if let Some(n) = lock(&in_flight).get_mut(&d.merchant) {
                     *n = n.saturating_sub(1);
                 }
@@ -357,8 +367,8 @@ async fn claim(
                          AND merchant_id = m.merchant_id
                        ORDER BY next_attempt_at LIMIT m.free FOR UPDATE SKIP LOCKED) w) due
              WHERE d.webhook_id = due.webhook_id
-             RETURNING d.webhook_id, d.merchant_id, d.body, d.attempts,
-                       (extract(epoch FROM d.created_at) * 1000)::int8",
+             RETURNING d.webhook_id, d.merchant_id, d.payment_id, d.type, d.body, d.attempts,
+                       (extract(epoch FROM d.created_at) * 1000)::int8, d.traceparent",
         )
         .await?;
     let rows = c.query(&stmt, &[&open, &free, &lease_ms]).await?;
@@ -367,18 +377,41 @@ async fn claim(
         .map(|r| Due {
             webhook_id: r.get(0),
             merchant: r.get(1),
-            body: r.get(2),
-            attempts: r.get(3),
-            created_at_ms: r.get(4),
+            payment_id: r.get(2),
+            kind: r.get(3),
+            body: r.get(4),
+            attempts: r.get(5),
+            created_at_ms: r.get(6),
+            traceparent: r.get(7),
         })
         .collect())
 }
 
-/// One attempt: sends, records the attempt, and settles or reschedules the delivery.
+/// The span of one delivery attempt, a child of the notification's record's span: in
+/// the trace of the payment the notification is about.
+fn attempt_span(d: &Due) -> tracing::Span {
+    let span = tracing::info_span!(
+        "notify.deliver",
+        otel.name = %format_args!("notify {}", d.kind),
+        otel.kind = "client",
+        payment_id = %d.payment_id,
+        webhook_id = %d.webhook_id,
+        attempt = d.attempts + 1,
+        outcome = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, d.traceparent.as_deref(), &[]);
+    span
+}
+
+/// One attempt (in its [`attempt_span`]): sends, records the attempt, and settles or
+/// reschedules the delivery.
 async fn deliver(pool: &Pool, http: &reqwest::Client, settings: &NotifierSettings, d: &Due) {
     let Some(endpoint) = settings.endpoints.get(&d.merchant) else {
         return;
     };
+    let span = tracing::Span::current();
     let ts = now_ms() / 1000;
     let signature = endpoint
         .secrets
@@ -387,15 +420,16 @@ async fn deliver(pool: &Pool, http: &reqwest::Client, settings: &NotifierSetting
         .collect::<Vec<_>>()
         .join(" ");
     let started = Instant::now();
-    let res = http
+    let mut req = http
         .post(&endpoint.url)
         .header("content-type", "application/json")
         .header("webhook-id", &d.webhook_id)
         .header("webhook-timestamp", ts.to_string())
-        .header("webhook-signature", signature)
-        .body(d.body.clone())
-        .send()
-        .await;
+        .header("webhook-signature", signature);
+    if let Some(tp) = telemetry::traceparent(&span) {
+        req = req.header("traceparent", tp);
+    }
+    let res = req.body(d.body.clone()).send().await;
     let (code, error) = match res {
         Ok(r) if r.status().is_success() => (Some(r.status().as_u16()), None),
         Ok(r) => (
@@ -414,6 +448,10 @@ async fn deliver(pool: &Pool, http: &reqwest::Client, settings: &NotifierSetting
     let took = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
     let attempt = d.attempts + 1;
     let delivered = error.is_none();
+    span.record("outcome", if delivered { "delivered" } else { "failed" });
+    if let Some(code) = code {
+        span.record("http.response.status_code", code);
+    }
     let too_old = now_ms().saturating_sub(d.created_at_ms)
         >= i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX);
     let status = match (delivered, too_old) {

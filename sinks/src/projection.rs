@@ -87,7 +87,8 @@ pub async fn apply_batch(
     let mut dead: Vec<DeadLetter> = Vec::new();
     let mut webhooks: Vec<(String, String, serde_json::Value, i64)> = Vec::new();
     let mut progress: HashMap<(String, i32), i64> = HashMap::new();
-    let mut notes: Vec<payments::notify::Notification> = Vec::new();
+    // Each with its record's trace context, which its delivery attempts continue.
+    let mut notes: Vec<(payments::notify::Notification, Option<&str>)> = Vec::new();
 
     for r in batch {
         let next = progress
@@ -140,7 +141,13 @@ pub async fn apply_batch(
                 .as_deref()
                 .map(serde_json::from_slice::<payments::notify::Notification>)
             {
-                Some(Ok(n)) => notes.push(n),
+                Some(Ok(n)) => {
+                    let traced = r
+                        .traceparent
+                        .as_deref()
+                        .filter(|t| telemetry::parse(t).is_some());
+                    notes.push((n, traced));
+                }
                 _ => {
                     applied.undecodable += 1;
                     tracing::warn!(
@@ -194,30 +201,34 @@ pub async fn apply_batch(
 /// Each notification once (a replayed one is the same row), pending delivery.
 async fn insert_notifications(
     tx: &Transaction<'_>,
-    notes: &[payments::notify::Notification],
+    notes: &[(payments::notify::Notification, Option<&str>)],
 ) -> Result<usize, tokio_postgres::Error> {
     if notes.is_empty() {
         return Ok(0);
     }
-    let (mut id, mut merchant, mut payment, mut seq, mut kind, mut body) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for n in notes {
+    let (mut id, mut merchant, mut payment, mut seq, mut kind, mut body, mut trace) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (n, traceparent) in notes {
         id.push(n.id.as_str());
         merchant.push(n.merchant_id.as_str());
         payment.push(n.payment_id.to_string());
         seq.push(n.seq as i64);
         kind.push(n.kind.as_str());
         body.push(pg_text(&payments::notify::delivered_body(n)));
+        trace.push(*traceparent);
     }
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO webhook_deliveries (webhook_id, merchant_id, payment_id, seq, type, body)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
+            "INSERT INTO webhook_deliveries (webhook_id, merchant_id, payment_id, seq, type, body, traceparent)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[])
              ON CONFLICT (webhook_id) DO NOTHING",
         )
         .await?;
     let n = tx
-        .execute(&stmt, &[&id, &merchant, &payment, &seq, &kind, &body])
+        .execute(
+            &stmt,
+            &[&id, &merchant, &payment, &seq, &kind, &body, &trace],
+        )
         .await?;
     Ok(n as usize)
 }
