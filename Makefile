@@ -6,21 +6,31 @@ CARGO ?= cargo
 # End-to-end tests each start their own stack; two at a time suit a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos soak build fmt local-stack bench fuzz kafka
+.PHONY: test fmt-check clippy unit docker-check fuzz-short chaos soak build fmt local-stack bench fuzz kafka jaeger
 
 # Apache Kafka's jars (kafka/pom.xml), fetched once by `make kafka`; the test kit starts
 # its brokers from them.
 KAFKA_LIBS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/payment-gateway/kafka-4.4.0
 export KAFKA_LIBS
 
+# Jaeger (jaeger/go.mod: github.com/jaegertracing/jaeger v1.75.0, the Jaeger 2.12.0
+# release), built once by `make jaeger` from the Go module proxy; the observability test
+# starts it and reads every payment's trace back from it.
+JAEGER_BIN ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/payment-gateway/jaeger-1.75.0/jaeger
+export JAEGER_BIN
+
 # A Python with PyYAML (Debian's, which docker-compose brings, when the first has none).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import yaml' 2>/dev/null && echo $$p && break; done)
 
-test: fmt-check clippy kafka unit docker-check fuzz-short
+test: fmt-check clippy kafka jaeger unit docker-check fuzz-short
 
 # The Kafka broker the tests, chaos, soak, bench and local-stack run (Maven Central, once).
 kafka:
 	@bash scripts/kafka-jars.sh
+
+# The Jaeger the observability test runs (the Go module proxy, once; needs Go 1.26+).
+jaeger:
+	@bash scripts/jaeger.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -29,7 +39,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # Ends with one summary line over every test binary: "N passed, M failed".
-unit: kafka
+unit: kafka jaeger
 	@mkdir -p target
 	# The compose check asks every binary for the variables it reads: build them all.
 	$(CARGO) build --workspace --bins --locked
