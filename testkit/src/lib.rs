@@ -14,8 +14,11 @@
 //!   by the harnesses (`make chaos`, `make soak`), and their client load.
 //! - [`client`]: a small API client and what tests read back (terminal states,
 //!   histories, the events topic).
+//! - [`jaeger`]: a real Jaeger (the binary `make jaeger` builds), all-in-one with
+//!   in-memory storage, killed and restarted by tests, and a client for its query API
+//!   that reads a payment's traces back.
 //! - [`otlp`]: an OTLP/HTTP trace receiver that keeps the spans it is sent, and can
-//!   play a collector that is down.
+//!   play a collector that is down (for span checks at unit level).
 //! - [`txaudit`]: exactly-once judged from outside: an output topic read whole by a
 //!   `read_committed` consumer against the brokers' log segments (duplicates, records of
 //!   aborted transactions, transactions left open).
@@ -26,6 +29,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod jaeger;
 pub mod kafka;
 pub mod merchant;
 pub mod netproxy;
