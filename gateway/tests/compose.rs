@@ -165,3 +165,49 @@ fn the_dockerfile_check_names_a_member_missing_from_the_dependency_layer() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 }
+
+/// The Jaeger compose runs is the one the tests build and read traces back from: the
+/// image's tag and jaeger/go.mod's module version are the two tags of one release
+/// (`testkit::jaeger::JAEGER_RELEASE` says which, and why they differ), and the
+/// Makefile's cache of the binary is named for that version.
+#[test]
+fn the_compose_jaeger_is_the_jaeger_the_tests_build() {
+    let release = testkit::jaeger::JAEGER_RELEASE;
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let images: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: jaegertracing/jaeger:"))
+        .collect();
+    assert_eq!(
+        images,
+        vec![release.image],
+        "docker-compose.yml's Jaeger image is not jaegertracing/jaeger:{} (the Jaeger 2 tag of \
+         github.com/jaegertracing/jaeger {}, which the tests build): change both, and JAEGER_RELEASE",
+        release.image,
+        release.go_module
+    );
+    let go_mod = std::fs::read_to_string(repo().join("jaeger/go.mod")).unwrap();
+    let required: Vec<&str> = go_mod
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("github.com/jaegertracing/jaeger "))
+        .map(|rest| rest.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        required,
+        vec![release.go_module],
+        "jaeger/go.mod does not build github.com/jaegertracing/jaeger {} (the Go module tag of \
+         Jaeger {}, which compose runs): change both, and JAEGER_RELEASE",
+        release.go_module,
+        release.image
+    );
+    let makefile = std::fs::read_to_string(repo().join("Makefile")).unwrap();
+    let cache = format!(
+        "/payment-gateway/jaeger-{}/jaeger",
+        release.go_module.trim_start_matches('v')
+    );
+    assert!(
+        makefile.contains(&cache),
+        "the Makefile's JAEGER_BIN is not named for {}: {cache}",
+        release.go_module
+    );
+}
