@@ -4,7 +4,7 @@
 //! values on the topic, tagged so an empty value is not a tombstone.
 
 use crate::store::{full_key, store_of, PartitionStore, WriteSet};
-use crate::{Result, StoreError, META, OUTBOX};
+use crate::{Result, StoreError, DIGEST, META, OUTBOX};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A changelog record: full key (store prefix + key), value or `None` for a delete.
@@ -104,6 +104,23 @@ pub struct Restored {
     pub applied: usize,
     /// Keys of the unfinished batch at the log's end, left out.
     pub unfinished: Vec<Vec<u8>>,
+    /// A rebuilt store that does not match its writer's digest, accepted
+    /// ([`OnMismatch::Accept`]): the digest recorded and the one rebuilt.
+    pub digest_mismatch: Option<(u64, u64)>,
+}
+
+/// What a restore does with a rebuilt store that does not match the digest its writer
+/// recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMismatch {
+    /// Refuse it ([`StoreError::IncompleteRestore`]): the store would lack committed
+    /// writes (under exactly-once, a read that missed part of a committed transaction).
+    Refuse,
+    /// Keep it as the changelog holds it and make its digest the rebuilt one, so the
+    /// next batch records a digest the changelog agrees with (under at-least-once, where
+    /// a previous owner's late writes can land after the new owner's and the changelog
+    /// is the state the next owner gets either way).
+    Accept,
 }
 
 impl<'a> Restore<'a> {
@@ -140,15 +157,25 @@ impl<'a> Restore<'a> {
     /// its writer recorded (a read that missed committed records fails with
     /// [`StoreError::IncompleteRestore`]) and records that the store follows the
     /// changelog up to offset `end` (exclusive).
-    pub fn finish(mut self, end: i64) -> Result<Restored> {
+    pub fn finish(self, end: i64) -> Result<Restored> {
+        self.finish_with(end, OnMismatch::Refuse)
+    }
+
+    /// [`Restore::finish`], with a choice of what a digest mismatch does.
+    pub fn finish_with(mut self, end: i64, on_mismatch: OnMismatch) -> Result<Restored> {
         self.apply()?;
+        let mut ws = WriteSet::default();
+        let mut digest_mismatch = None;
         if let Some(recorded) = self.store.digest()? {
             let rebuilt = self.store.compute_digest()?;
             if rebuilt != recorded {
-                return Err(StoreError::IncompleteRestore { recorded, rebuilt });
+                if on_mismatch == OnMismatch::Refuse {
+                    return Err(StoreError::IncompleteRestore { recorded, rebuilt });
+                }
+                ws.put(META, DIGEST, &rebuilt);
+                digest_mismatch = Some((recorded, rebuilt));
             }
         }
-        let mut ws = WriteSet::default();
         ws.set_changelog_end(end);
         self.store.commit(ws)?;
         let mut unfinished: Vec<Vec<u8>> = self.held.into_iter().map(|(k, _)| k).collect();
@@ -157,6 +184,7 @@ impl<'a> Restore<'a> {
         Ok(Restored {
             applied: self.applied,
             unfinished,
+            digest_mismatch,
         })
     }
 }
@@ -430,6 +458,42 @@ mod tests {
             }
             Ok(_) => panic!("a restore that missed batches must be refused"),
         }
+    }
+
+    #[test]
+    fn an_accepted_mismatch_keeps_the_changelogs_state_and_its_next_batch_records_a_digest_that_matches(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let live = PartitionStore::open(dir.path(), "app", "t", 0).unwrap();
+        let batches = sealed_batches(&live);
+        let skipped: Vec<ChangelogRecord> = batches
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(5..=6).contains(i))
+            .flat_map(|(_, b)| b.iter().cloned())
+            .collect();
+        let dir2 = tempfile::tempdir().unwrap();
+        let restored = PartitionStore::open(dir2.path(), "app", "t", 0).unwrap();
+        let mut r = Restore::start(&restored).unwrap();
+        for rec in skipped.iter().cloned() {
+            r.push(rec).unwrap();
+        }
+        let done = r.finish_with(7, OnMismatch::Accept).unwrap();
+        let (recorded, rebuilt) = done.digest_mismatch.expect("the mismatch is reported");
+        assert_eq!(Some(recorded), live.digest().unwrap());
+        assert_eq!(restored.digest().unwrap(), Some(rebuilt));
+        assert_eq!(restored.compute_digest().unwrap(), rebuilt);
+        assert_eq!(restored.changelog_end().unwrap(), Some(7));
+
+        // The next write set's batch carries a digest that a restore of the whole log,
+        // this batch included, agrees with.
+        let mut ws = WriteSet::default();
+        ws.put("payments", b"after", &9u64);
+        restored.seal(&mut ws).unwrap();
+        let next = ws.changelog();
+        restored.commit(ws).unwrap();
+        let again = restore_into(skipped.into_iter().chain(next)).expect("a verified restore");
+        assert_eq!(again.digest().unwrap(), restored.digest().unwrap());
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod dedup;
 pub mod store;
 
 pub use changelog::{
-    coalesce, commit_marker, is_commit_marker, ChangelogRecord, Restore, Restored,
+    coalesce, commit_marker, is_commit_marker, ChangelogRecord, OnMismatch, Restore, Restored,
 };
 pub use codec::{decode, encode, time_from_key, time_key};
 pub use store::{store_of, Entry, PartitionStore, WriteSet, DEFAULT_CACHE_BYTES, DEFAULT_CACHE_MB};

@@ -13,7 +13,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
-use stores::PartitionStore;
+use stores::{OnMismatch, PartitionStore};
 
 /// What the broker holds for a task's partition: the log its store must follow.
 pub(super) struct Follows<'a> {
@@ -167,21 +167,41 @@ pub(super) fn ensure_store_is_current(
 /// every complete batch of the partition's extent (`low..high`, read just before).
 /// Returns the keys of an unfinished batch at the end, left out.
 ///
-/// A rebuilt store is checked against the digest its writer recorded. A read that
-/// missed committed records fails that check (a `read_committed` fetch has been seen
-/// to skip a committed stretch of a compacted changelog right after a broker fail-over)
-/// and is read again by a new consumer, a few times, before the task gives up: a store
-/// that lacks committed writes would publish their outputs again and diverge.
+/// A rebuilt store is checked against the digest its writer recorded.
+///
+/// Under exactly-once ([`OnMismatch::Refuse`]) a mismatch means the read missed records
+/// of committed transactions (a `read_committed` fetch has been seen to skip a committed
+/// stretch of a compacted changelog while brokers fail over, and a later read of the
+/// same log to match): it is read again by a new consumer, a few times, before the task
+/// gives up (its worker's restart tries again), since a store that lacks committed
+/// writes would publish their outputs again.
+///
+/// Under at-least-once ([`OnMismatch::Accept`]) the changelog itself can disagree with
+/// the digest (a previous owner's late batches land after the new owner's, see the
+/// README's guarantees): the store is the changelog's state either way, so it is kept,
+/// counted (`gateway_errors_total{type="restore_digest_mismatch"}`) and its digest reset
+/// to what it holds.
 pub(super) fn restore_from_changelog(
     store: &PartitionStore,
     kafka: (&str, &[(String, String)]),
     changelog: &str,
     partition: i32,
     extent: (i64, i64),
+    on_mismatch: OnMismatch,
 ) -> anyhow::Result<stores::Restored> {
     let mut attempt = 1;
     loop {
-        match read_changelog(store, kafka, changelog, partition, extent) {
+        match read_changelog(store, kafka, changelog, partition, extent, on_mismatch) {
+            Ok(restored) => {
+                if let Some((recorded, rebuilt)) = restored.digest_mismatch {
+                    METRICS
+                        .errors
+                        .with_label_values(&["restore_digest_mismatch"])
+                        .inc();
+                    tracing::warn!(%changelog, partition, recorded = %format!("{recorded:016x}"), rebuilt = %format!("{rebuilt:016x}"), "the changelog's state does not match the digest its last writer recorded (at-least-once: a previous owner's late writes); restored as the changelog holds it");
+                }
+                return Ok(restored);
+            }
             Err(e) if attempt < RESTORE_ATTEMPTS && incomplete(&e) => {
                 METRICS
                     .errors
@@ -213,6 +233,7 @@ fn read_changelog(
     changelog: &str,
     partition: i32,
     (low, high): (i64, i64),
+    on_mismatch: OnMismatch,
 ) -> anyhow::Result<stores::Restored> {
     let mut cfg = client_config(brokers, kafka);
     cfg.set("group.id", format!("{changelog}-restore"))
@@ -225,7 +246,7 @@ fn read_changelog(
         .context("creating the changelog restore consumer")?;
     let mut restore = stores::Restore::start(store)?;
     if high <= low {
-        return Ok(restore.finish(high)?);
+        return Ok(restore.finish_with(high, on_mismatch)?);
     }
     let mut tpl = TopicPartitionList::new();
     // From the extent's start (where the log began when it was read; a log whose head
@@ -266,7 +287,13 @@ fn read_changelog(
             }
         };
         if done {
-            return Ok(restore.finish(high)?);
+            let at = position(&consumer, changelog, partition);
+            return restore.finish_with(high, on_mismatch).with_context(|| {
+                format!(
+                    "{read} records read from {changelog}-{partition} {low}..{high}, stopped at offset {}",
+                    at.map_or("unknown".to_owned(), |o| o.to_string())
+                )
+            });
         }
     }
 }
@@ -284,7 +311,8 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64>
 
 /// Rebuilds `store` from partition `partition` of `changelog` as a worker does when it
 /// takes the partition over without a current local copy: for tools that measure
-/// restores without disturbing a running worker (`make soak`).
+/// restores without disturbing a running worker (`make soak`). A store that does not
+/// match its digest is kept, as under at-least-once.
 pub fn restore_partition(
     store: &PartitionStore,
     brokers: &str,
@@ -298,7 +326,14 @@ pub fn restore_partition(
     let extent = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("reading the extent of {changelog}-{partition}"))?;
-    restore_from_changelog(store, (brokers, kafka), changelog, partition, extent)
+    restore_from_changelog(
+        store,
+        (brokers, kafka),
+        changelog,
+        partition,
+        extent,
+        OnMismatch::Accept,
+    )
 }
 
 /// Fails fast, with what to do, when a source's changelog topic is missing or has fewer

@@ -172,6 +172,10 @@ fn spawn_task(
                         &changelog,
                         partition,
                         (low, high),
+                        match topo.processing_guarantee {
+                            ProcessingGuarantee::ExactlyOnce => stores::OnMismatch::Refuse,
+                            ProcessingGuarantee::AtLeastOnce => stores::OnMismatch::Accept,
+                        },
                     )
                 })?;
                 tracing::info!(topic, partition, records = restored.applied, unfinished = restored.unfinished.len(), checkpoint = ?store.next_offset()?, "store restored from the changelog");
