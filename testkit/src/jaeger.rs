@@ -82,7 +82,9 @@ impl Ports {
 }
 
 /// The whole configuration: only the OTLP receivers, the query API, the health check
-/// and in-memory storage. The collector's own metrics are off, so nothing else listens.
+/// and in-memory storage. The collector's own metrics are off, so nothing else listens;
+/// so is the query service's tracing of itself, which would send to a fixed
+/// localhost:4317 (another Jaeger's, or nobody's).
 fn config(p: &Ports) -> String {
     format!(
         "service:
@@ -105,6 +107,7 @@ extensions:
     http:
       endpoint: 127.0.0.1:{health}
   jaeger_query:
+    enable_tracing: false
     storage:
       traces: memstore
     http:
@@ -392,6 +395,9 @@ pub struct Span {
     pub links: Vec<(String, String)>,
     /// Tags, every value as text.
     pub tags: BTreeMap<String, String>,
+    /// When it started and how long it took, in microseconds (since the Unix epoch).
+    pub start_us: u64,
+    pub duration_us: u64,
 }
 
 /// One trace as Jaeger's query API returns it.
@@ -496,6 +502,8 @@ fn trace_of(t: &serde_json::Value) -> anyhow::Result<Trace> {
                 .flatten()
                 .filter_map(|kv| Some((kv["key"].as_str()?.to_owned(), text(&kv["value"]))))
                 .collect(),
+            start_us: s["startTime"].as_u64().unwrap_or(0),
+            duration_us: s["duration"].as_u64().unwrap_or(0),
         });
     }
     Ok(Trace { id, spans })
@@ -512,6 +520,7 @@ mod tests {
             "spans": [
                 {"traceID": "0af7651916cd43dd8448eb211c80319c", "spanID": "b7ad6b7169203331",
                  "operationName": "POST /v1/payments", "references": [], "processID": "p1",
+                 "startTime": 1765000000000000u64, "duration": 1500,
                  "tags": [{"key": "http.response.status_code", "type": "int64", "value": 202}]},
                 {"traceID": "0af7651916cd43dd8448eb211c80319c", "spanID": "00f067aa0ba902b7",
                  "operationName": "process webhook", "processID": "p2",
@@ -540,6 +549,10 @@ mod tests {
             )]
         );
         assert_eq!(t.spans[0].tags["http.response.status_code"], "202");
+        assert_eq!(
+            (t.spans[0].start_us, t.spans[0].duration_us),
+            (1765000000000000, 1500)
+        );
         assert_eq!(t.orphans().len(), 1);
         assert_eq!(
             w3c_id("8448eb211c80319c"),
