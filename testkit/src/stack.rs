@@ -66,6 +66,9 @@ pub struct StackOptions {
     /// Start the sink with the stack; `false` leaves the projection empty until
     /// [`Stack::start_sink`] (a sink that lags, for as long as a test needs).
     pub sink: bool,
+    /// Environment variables of the child-process worker (its `OTEL_*` settings: where
+    /// it exports its spans).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl StackOptions {
@@ -97,6 +100,7 @@ impl Default for StackOptions {
             own_kafka: false,
             worker_instance_id: None,
             sink: true,
+            worker_env: vec![],
         }
     }
 }
@@ -392,6 +396,7 @@ impl Stack {
                 if let Some(id) = &self.opts.worker_instance_id {
                     cmd.arg("--instance-id").arg(id);
                 }
+                cmd.envs(self.opts.worker_env.iter().cloned());
                 if std::env::var_os("TEST_LOG").is_none() {
                     cmd.stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null());
