@@ -83,6 +83,10 @@ pub enum TelemetryError {
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
+/// Spans sent in one export request. The exporter holds at most the queue
+/// ([`Config::max_queue`]) and the batch being sent: what a collector that is down costs.
+pub const MAX_EXPORT_BATCH: usize = 512;
+
 /// Installs the process-wide subscriber. A second call (tests start several stacks in
 /// one process) keeps the first subscriber and returns `Ok`.
 pub fn init(cfg: &Config) -> Result<(), TelemetryError> {
@@ -108,7 +112,7 @@ pub fn init(cfg: &Config) -> Result<(), TelemetryError> {
         let batch = BatchConfigBuilder::default()
             .with_scheduled_delay(cfg.export_interval)
             .with_max_queue_size(cfg.max_queue)
-            .with_max_export_batch_size(512)
+            .with_max_export_batch_size(MAX_EXPORT_BATCH)
             .build();
         builder = builder.with_span_processor(
             BatchSpanProcessor::builder(exporter)
