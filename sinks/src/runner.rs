@@ -350,6 +350,7 @@ pub async fn run_sink(
         }));
     }
     tokio::pin!(shutdown);
+    let mut fatal = None;
     'read: loop {
         // Only the wait for a batch's first record gives way to the shutdown: a batch
         // begun is finished and written, so the final commit skips nothing unwritten.
@@ -357,6 +358,16 @@ pub async fn run_sink(
             _ = &mut shutdown => break,
             m = consumer.recv() => m.map(|m| to_record(&m)),
         };
+        // A fatal consumer error (a static member fenced, for one) never clears: the
+        // sink ends, after finishing what it read, and its supervisor starts it again.
+        if let Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) = &first {
+            METRICS
+                .errors
+                .with_label_values(&["kafka_consume_fatal"])
+                .inc();
+            fatal = Some(*code);
+            break;
+        }
         if let Some(batch) = collect(&consumer, &settings, first).await {
             for (writer, share) in split(batch, writers).into_iter().enumerate() {
                 if !share.is_empty() && senders[writer].send(share).await.is_err() {
@@ -374,6 +385,11 @@ pub async fn run_sink(
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final sink commit skipped");
+    }
+    if let Some(code) = fatal {
+        anyhow::bail!(
+            "the sink's consumer failed for good ({code}); the sink stops so that its supervisor starts it again with a new consumer"
+        );
     }
     tracing::info!("sink stopped");
     Ok(())

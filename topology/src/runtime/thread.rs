@@ -243,6 +243,16 @@ pub async fn run_worker(
             msg = consumer.recv() => {
                 let m = match msg {
                     Ok(m) => m,
+                    // A fatal consumer error (a static member fenced by another with its
+                    // instance id, for one) never clears: the consumer holds no partition
+                    // from then on. The worker ends, and its supervisor starts it with a
+                    // new consumer.
+                    Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
+                        METRICS.errors.with_label_values(&["kafka_consume_fatal"]).inc();
+                        break Err(anyhow::anyhow!(
+                            "the worker's consumer failed for good ({code}); the worker stops so that its supervisor starts it again with a new consumer"
+                        ));
+                    }
                     Err(e) => {
                         METRICS.errors.with_label_values(&["kafka_consume"]).inc();
                         tracing::warn!(error = %e, "consume failed; retrying");
