@@ -458,10 +458,16 @@ async fn crash_loop(
         cluster.supervise(c)?;
         tokio::time::sleep_until(next.into()).await;
     }
-    // Stalls that began in the loop are seen a few checks later.
+    // Stalls that began in the loop are seen a few checks later. A stall already under
+    // way when the loop began (a broker fault's aftermath) is not the loop's doing: it
+    // counts in `stall_max_s`, not here.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let window =
-        |s: &StallSample| s.at >= started && s.group == "workers" && s.partition.0 == commands;
+    let window = |s: &StallSample| {
+        s.at >= started
+            && s.at.checked_sub(s.age).is_none_or(|began| began >= started)
+            && s.group == "workers"
+            && s.partition.0 == commands
+    };
     let (mut own, mut others) = (Duration::ZERO, Duration::ZERO);
     for s in lock(samples).iter().filter(|s| window(s)) {
         if healthy.contains(&s.partition.1) {
