@@ -458,13 +458,17 @@ async fn crash_loop(
         cluster.supervise(c)?;
         tokio::time::sleep_until(next.into()).await;
     }
-    // Stalls that began in the loop are seen a few checks later. A stall already under
-    // way when the loop began (a broker fault's aftermath) is not the loop's doing: it
-    // counts in `stall_max_s`, not here.
+    // Stalls that began in the loop are seen a few checks later. A partition's stall
+    // runs from its last commit, just before the loop's first kill for one the loop
+    // stands still; one that had already lasted `PRE_EXISTING` when the loop began (a
+    // broker fault's aftermath) is not the loop's doing and counts in `stall_max_s`.
+    const PRE_EXISTING: Duration = Duration::from_secs(10);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let window = |s: &StallSample| {
         s.at >= started
-            && s.at.checked_sub(s.age).is_none_or(|began| began >= started)
+            && s.at
+                .checked_sub(s.age)
+                .is_none_or(|began| began + PRE_EXISTING >= started)
             && s.group == "workers"
             && s.partition.0 == commands
     };
