@@ -26,16 +26,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where `make kafka` puts the broker's jars: `KAFKA_LIBS`, else the user's cache.
 pub fn jars_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KAFKA_LIBS") {
-        return PathBuf::from(dir);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    cache
-        .join("payment-gateway")
-        .join(format!("kafka-{KAFKA_VERSION}"))
+    crate::cached("KAFKA_LIBS", &format!("kafka-{KAFKA_VERSION}"))
 }
 
 /// The classpath of the cached jars, checked: the broker's own jar must be there.

@@ -37,18 +37,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where `make jaeger` puts the binary: `JAEGER_BIN`, else the user's cache.
 pub fn binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("JAEGER_BIN") {
-        return PathBuf::from(bin);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
     let version = JAEGER_RELEASE.go_module.trim_start_matches('v');
-    cache
-        .join("payment-gateway")
-        .join(format!("jaeger-{version}"))
-        .join("jaeger")
+    crate::cached("JAEGER_BIN", &format!("jaeger-{version}/jaeger"))
 }
 
 /// The ports one Jaeger listens on, all on 127.0.0.1.

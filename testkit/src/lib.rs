@@ -48,3 +48,18 @@ pub fn init_test_logging() {
         let _ = telemetry::init(&cfg);
     }
 }
+
+/// Where a `make` target caches what the tests run: the path in `var` when it is set,
+/// else `<XDG_CACHE_HOME or ~/.cache>/payment-gateway/<under>`, as the Makefile has it.
+pub(crate) fn cached(var: &str, under: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("payment-gateway")
+        .join(under)
+}
