@@ -85,11 +85,7 @@ fn start_prometheus(target: &str) -> Prometheus {
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, config).unwrap();
     promtool(&["check", "config", file.to_str().unwrap()]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::ports::free_port().unwrap();
     let child = Command::new(tool("prometheus"))
         .arg(format!("--config.file={}", file.display()))
         .arg(format!(

@@ -63,13 +63,6 @@ fn java() -> anyhow::Result<PathBuf> {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .context("no free loopback port")?
-        .local_addr()?
-        .port())
-}
-
 /// One KRaft node.
 struct Node {
     id: u32,
@@ -185,7 +178,11 @@ impl Cluster {
         let mut nodes = Vec::new();
         let mut proxies = Vec::new();
         for i in 0..n {
-            let (client, internal, controller) = (free_port()?, free_port()?, free_port()?);
+            let (client, internal, controller) = (
+                crate::ports::free_port()?,
+                crate::ports::free_port()?,
+                crate::ports::free_port()?,
+            );
             let advertised = if proxied {
                 let proxy = NetProxy::start(
                     SocketAddr::from(([127, 0, 0, 1], 0)),

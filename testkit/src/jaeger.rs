@@ -52,14 +52,10 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// Five distinct free ports (held together while they are picked).
+    /// Five distinct free ports (see [`crate::ports`]).
     fn free() -> anyhow::Result<Ports> {
-        let held = (0..5)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port"))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let p = held
-            .iter()
-            .map(|l| Ok(l.local_addr()?.port()))
+        let p = (0..5)
+            .map(|_| crate::ports::free_port())
             .collect::<anyhow::Result<Vec<u16>>>()?;
         Ok(Ports {
             otlp_grpc: p[0],

@@ -25,6 +25,9 @@
 //! - [`verify`]: the verdicts every harness states the same way (the provider's ledger
 //!   against the projection, a history replayed through the domain).
 //!
+//! - [`ports`]: loopback ports for the servers a test starts, from below the kernel's
+//!   ephemeral range so that no outgoing connection takes one before its server binds it.
+//!
 //! Tests are quiet unless `TEST_LOG` is set (then `RUST_LOG` filters).
 
 pub mod broker;
@@ -35,6 +38,7 @@ pub mod merchant;
 pub mod netproxy;
 pub mod otlp;
 pub mod pg;
+pub mod ports;
 pub mod procs;
 pub mod stack;
 pub mod txaudit;

@@ -57,11 +57,6 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
         .context("PostgreSQL server binaries (initdb, pg_ctl) not found: install them with `apt-get install postgresql`, or set DATABASE_URL to a server the tests may create databases on")
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -128,7 +123,7 @@ impl PgServer {
             })?;
         }
         let data = dir.path().join("data");
-        let port = free_port()?;
+        let port = crate::ports::free_port()?;
         let server = PgServer {
             admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             data_dir: Some(data.clone()),

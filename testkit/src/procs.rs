@@ -147,11 +147,7 @@ impl GatewayArgs {
     }
 }
 
-pub fn free_addr() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string())
-}
+pub use crate::ports::free_addr;
 
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -57,6 +57,29 @@ pub(super) fn transactional_producer(
     Ok(producer)
 }
 
+/// How long a transaction's records may wait for their acknowledgements, from its
+/// start, before it is aborted and sent again. Far below `transaction.timeout.ms`, so a
+/// record held up in the client (a leader that moved while a request was in flight) costs
+/// the partition one retry, not the broker's own abort a minute later.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// `sends`, failed as retryable once the transaction's delivery deadline has passed;
+/// the abort that follows purges the records still waiting.
+async fn before<T>(
+    deadline: tokio::time::Instant,
+    what: &str,
+    sends: impl std::future::Future<Output = Result<T, TxnError>>,
+) -> Result<T, TxnError> {
+    tokio::time::timeout_at(deadline, sends)
+        .await
+        .unwrap_or_else(|_| {
+            Err(TxnError::Retry(anyhow::anyhow!(
+                "{what}: not acknowledged within {} s of the transaction's start",
+                DELIVERY_DEADLINE.as_secs()
+            )))
+        })
+}
+
 /// Runs one of the producer's blocking transaction calls off the async threads.
 async fn txn_call<F>(producer: &FutureProducer, what: &'static str, f: F) -> Result<(), TxnError>
 where
@@ -136,7 +159,8 @@ impl Publish {
 }
 
 /// One transaction (see the module's documentation for its order), retried after an
-/// abort until it commits; a fenced producer fails the task. Provider calls go out after
+/// abort until it commits (records not acknowledged within [`DELIVERY_DEADLINE`] abort
+/// it too); a fenced producer fails the task. Provider calls go out after
 /// the commit.
 pub(super) async fn publish_transaction(
     task: &mut Task,
@@ -275,10 +299,25 @@ async fn transaction(
         p.begin_transaction()
     })
     .await?;
-    let changelog = send_changelog(task, producer, &plan.changelog).await?;
-    send_outputs(producer, &plan.outputs).await?;
+    let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
+    let changelog = before(
+        deadline,
+        "publishing the changelog",
+        send_changelog(task, producer, &plan.changelog),
+    )
+    .await?;
+    before(
+        deadline,
+        "publishing outputs",
+        send_outputs(producer, &plan.outputs),
+    )
+    .await?;
     let (removal, offset) = futures::future::join(
-        send_changelog(task, producer, &plan.removal.records),
+        before(
+            deadline,
+            "publishing the outbox's removal",
+            send_changelog(task, producer, &plan.removal.records),
+        ),
         send_offset(task, producer, consumer),
     )
     .await;
