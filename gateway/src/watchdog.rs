@@ -20,6 +20,7 @@
 use anyhow::Context as _;
 use prometheus::{register_gauge_vec, register_int_counter_vec, GaugeVec, IntCounterVec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,7 +259,7 @@ struct Seen {
     committed: i64,
     /// When `committed` last moved (or was first seen).
     since: Instant,
-    /// Whether records (not only markers) wait past `committed`, once read.
+    /// Whether records (not only markers) wait past `committed`, once a read told.
     records_waiting: Option<bool>,
 }
 
@@ -290,6 +291,9 @@ impl GroupProgress {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
+            // A read that reaches the partition's end says so: the only conclusive
+            // "no record waits" (see `records_after`).
+            .set("enable.partition.eof", "true")
             .set("client.id", client_id);
         for (k, v) in kafka {
             cfg.set(k, v);
@@ -414,7 +418,7 @@ impl GroupProgress {
                 continue;
             }
             if seen.records_waiting.is_none() {
-                seen.records_waiting = Some(records_after(consumer, &tp, c)?);
+                seen.records_waiting = records_after(consumer, &tp, c)?;
             }
             if seen.records_waiting == Some(true) {
                 out.push((tp, age));
@@ -426,8 +430,14 @@ impl GroupProgress {
 }
 
 /// Whether a `read_committed` read of `tp` from `offset` returns a record (rather than
-/// only the markers and aborted records the end offset counts).
-fn records_after(consumer: &BaseConsumer, tp: &(String, i32), offset: i64) -> anyhow::Result<bool> {
+/// only the markers and aborted records the end offset counts): `None` when the read
+/// neither found one nor reached the partition's end (a broker that did not answer in
+/// time), so that the next check reads again instead of taking a stall for idleness.
+fn records_after(
+    consumer: &BaseConsumer,
+    tp: &(String, i32),
+    offset: i64,
+) -> anyhow::Result<Option<bool>> {
     let mut one = TopicPartitionList::new();
     one.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
         .context("naming the partition to read")?;
@@ -435,11 +445,15 @@ fn records_after(consumer: &BaseConsumer, tp: &(String, i32), offset: i64) -> an
         .assign(&one)
         .context("assigning the partition to read")?;
     let deadline = Instant::now() + Duration::from_secs(3);
-    let mut found = false;
+    let mut found = None;
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) if m.offset() >= offset => {
-                found = true;
+                found = Some(true);
+                break;
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) if p == tp.1 => {
+                found = Some(false);
                 break;
             }
             Some(Ok(_)) | None => {}
@@ -464,6 +478,22 @@ fn list<'a>(tps: impl Iterator<Item = &'a (String, i32)>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read that could not reach a broker tells nothing: taking it for "no record
+    /// waits" would hide that partition's stall until its committed offset moved.
+    #[test]
+    fn a_read_that_reaches_no_broker_is_inconclusive() {
+        let nobody = testkit::ports::free_addr().unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &nobody)
+            .set("group.id", "watchdog-unit")
+            .set("enable.partition.eof", "true")
+            .set("log_level", "0")
+            .create()
+            .unwrap();
+        let read = records_after(&consumer, &("payments.commands".to_owned(), 0), 7).unwrap();
+        assert_eq!(read, None);
+    }
 
     #[test]
     fn stall_settings_refuse_an_exit_before_the_report() {
