@@ -418,7 +418,7 @@ impl GroupProgress {
                 continue;
             }
             if seen.records_waiting.is_none() {
-                seen.records_waiting = records_after(consumer, &tp, c)?;
+                seen.records_waiting = records_after(consumer, &tp, c, high)?;
             }
             if seen.records_waiting == Some(true) {
                 out.push((tp, age));
@@ -431,12 +431,13 @@ impl GroupProgress {
 
 /// Whether a `read_committed` read of `tp` from `offset` returns a record (rather than
 /// only the markers and aborted records the end offset counts): `None` when the read
-/// neither found one nor reached the partition's end (a broker that did not answer in
-/// time), so that the next check reads again instead of taking a stall for idleness.
+/// neither found one nor reached `high`, the partition's end (a broker that did not answer
+/// in time), so that the next check reads again instead of taking a stall for idleness.
 fn records_after(
     consumer: &BaseConsumer,
     tp: &(String, i32),
     offset: i64,
+    high: i64,
 ) -> anyhow::Result<Option<bool>> {
     let mut one = TopicPartitionList::new();
     one.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
@@ -452,8 +453,16 @@ fn records_after(
                 found = Some(true);
                 break;
             }
+            // The end, unless it is a new leader's that has not caught up with `high`
+            // yet (inconclusive then).
             Some(Err(KafkaError::PartitionEOF(p))) if p == tp.1 => {
-                found = Some(false);
+                let at = consumer
+                    .position()
+                    .ok()
+                    .and_then(|l| l.find_partition(&tp.0, tp.1)?.offset().to_raw());
+                if at.is_some_and(|o| o >= high) {
+                    found = Some(false);
+                }
                 break;
             }
             Some(Ok(_)) | None => {}
@@ -491,7 +500,7 @@ mod tests {
             .set("log_level", "0")
             .create()
             .unwrap();
-        let read = records_after(&consumer, &("payments.commands".to_owned(), 0), 7).unwrap();
+        let read = records_after(&consumer, &("payments.commands".to_owned(), 0), 7, 9).unwrap();
         assert_eq!(read, None);
     }
 

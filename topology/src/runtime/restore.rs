@@ -170,11 +170,11 @@ pub(super) fn ensure_store_is_current(
 /// A rebuilt store is checked against the digest its writer recorded.
 ///
 /// Under exactly-once ([`OnMismatch::Refuse`]) a mismatch means the read missed records
-/// of committed transactions (a `read_committed` fetch has been seen to skip a committed
-/// stretch of a compacted changelog while brokers fail over, and a later read of the
-/// same log to match): it is read again by a new consumer, a few times, before the task
-/// gives up (its worker's restart tries again), since a store that lacks committed
-/// writes would publish their outputs again.
+/// of committed transactions: it is read again by a new consumer, a few times, before the
+/// task gives up (its worker's restart tries again), since a store that lacks committed
+/// writes would publish their outputs again. (Reads that stopped at a new leader's end,
+/// below the extent read just before, were seen to do that while brokers failed over;
+/// a read now ends only at the extent's end.)
 ///
 /// Under at-least-once ([`OnMismatch::Accept`]) the changelog itself has been seen to
 /// disagree with its last digest, read whole by another client too (in chaos runs whose
@@ -282,7 +282,14 @@ fn read_changelog(
                 }
                 m.offset() >= high - 1
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => true,
+            // The end as the leader answering sees it, which is not the extent's end
+            // while it is below: a broker that has just taken the partition's lead
+            // advances its high watermark only as the other replicas catch up, so a
+            // fetch can reach its end before `high` (a restore that stopped there would
+            // miss committed records).
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                position(&consumer, changelog, partition).is_some_and(|p| p >= high)
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, %changelog, partition, read, low, high, "changelog read failed; retrying");
                 false
