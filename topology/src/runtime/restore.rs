@@ -172,9 +172,9 @@ pub(super) fn ensure_store_is_current(
 /// Under exactly-once ([`OnMismatch::Refuse`]) a mismatch means the read missed records
 /// of committed transactions: it is read again by a new consumer, a few times, before the
 /// task gives up (its worker's restart tries again), since a store that lacks committed
-/// writes would publish their outputs again. (Reads that stopped at a new leader's end,
-/// below the extent read just before, were seen to do that while brokers failed over;
-/// a read now ends only at the extent's end.)
+/// writes would publish their outputs again. (A read ends only at the extent's end, not
+/// at a new leader's end below it; reads of the whole extent have still been seen to
+/// disagree with the digest and, a second later, to match it: see the README.)
 ///
 /// Under at-least-once ([`OnMismatch::Accept`]) the changelog itself has been seen to
 /// disagree with its last digest, read whole by another client too (in chaos runs whose
