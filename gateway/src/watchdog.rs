@@ -392,11 +392,15 @@ impl GroupProgress {
         for e in committed.elements() {
             let tp = (e.topic().to_owned(), e.partition());
             present.insert(tp.clone());
-            let (low, high) = consumer
-                .fetch_watermarks(e.topic(), e.partition(), ASK)
-                .with_context(|| {
-                    format!("reading the extent of {}[{}]", e.topic(), e.partition())
-                })?;
+            // A partition whose leader does not answer (a broker down) is judged at the
+            // next check; the others are judged now.
+            let (low, high) = match consumer.fetch_watermarks(e.topic(), e.partition(), ASK) {
+                Ok(extent) => extent,
+                Err(err) => {
+                    tracing::debug!(topic = e.topic(), partition = e.partition(), error = %err, "watchdog could not read a partition's extent");
+                    continue;
+                }
+            };
             let c = match e.offset() {
                 Offset::Offset(o) => o.max(low),
                 _ => low,
@@ -418,7 +422,10 @@ impl GroupProgress {
                 continue;
             }
             if seen.records_waiting.is_none() {
-                seen.records_waiting = records_after(consumer, &tp, c, high)?;
+                seen.records_waiting = records_after(consumer, &tp, c, high).unwrap_or_else(|err| {
+                    tracing::debug!(error = %format!("{err:#}"), "watchdog could not read a partition");
+                    None
+                });
             }
             if seen.records_waiting == Some(true) {
                 out.push((tp, age));

@@ -2393,6 +2393,111 @@ async fn a_stalled_partition_refuses_only_its_own_creates() {
     stack.shutdown().await.unwrap();
 }
 
+/// A broker that does not answer hides from the watchdog only the partitions it leads:
+/// the others are judged at every check, and its own again once it answers (a stall that
+/// began during a broker fault used to go unreported until every broker answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_judges_the_partitions_it_can_read_while_a_broker_does_not_answer() {
+    use gateway::watchdog::GroupProgress;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::FutureRecord;
+    use testkit::kafka::{Fault, Kafka};
+    let kafka = Kafka::start_cluster(3).unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (topic, group) = (format!("wd-deaf-{id}"), format!("wd-deaf-group-{id}"));
+    kafka.create_topic(&topic, 6).await.unwrap();
+    let producer = kafka.producer().unwrap();
+    for p in 0..6 {
+        producer
+            .send(
+                FutureRecord::to(&topic).partition(p).key("k").payload("x"),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+    }
+    let mut view = GroupProgress::new(
+        kafka.brokers(),
+        &group,
+        vec![topic.clone()],
+        &[],
+        "watchdog-deaf-test",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let after = Duration::from_millis(500);
+    // A check fails as a whole while the group's coordinator or the broker asked for the
+    // partitions does not answer; the watchdog judges again at its next check, and so
+    // does this test, for up to a minute.
+    let mut waiting = |at: Instant| {
+        let asked = Instant::now();
+        loop {
+            match tokio::task::block_in_place(|| view.waiting(after, at)) {
+                Ok(w) => {
+                    return w
+                        .into_iter()
+                        .map(|((_, p), _)| p)
+                        .collect::<std::collections::BTreeSet<i32>>()
+                }
+                Err(e) if asked.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("watchdog view: {e:#}; asking again");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("the group's progress could not be read for 60 s: {e:#}"),
+            }
+        }
+    };
+    assert!(
+        waiting(t0).is_empty(),
+        "nothing has stood still for 500 ms yet"
+    );
+
+    // The broker to silence: one that leads partitions of the topic but is not the
+    // group's coordinator (the leader of the group's partition of `__consumer_offsets`,
+    // which has 4 here, chosen by the Java hash of the group id).
+    let md: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .create()
+        .unwrap();
+    let leaders = |t: &str| -> BTreeMap<i32, i32> {
+        md.fetch_metadata(Some(t), Duration::from_secs(10))
+            .unwrap()
+            .topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| (p.id(), p.leader()))
+            .collect()
+    };
+    let hash = group
+        .bytes()
+        .fold(0i32, |h, b| h.wrapping_mul(31).wrapping_add(i32::from(b)));
+    let coordinator = leaders("__consumer_offsets")[&((hash & 0x7fff_ffff) % 4)];
+    let topic_leaders = leaders(&topic);
+    let deaf = *topic_leaders.values().find(|l| **l != coordinator).expect(
+        "some partition of a 6-partition topic is led by another broker than the coordinator",
+    );
+    let readable: std::collections::BTreeSet<i32> = topic_leaders
+        .iter()
+        .filter(|(_, l)| **l != deaf)
+        .map(|(p, _)| *p)
+        .collect();
+    kafka.fault(Fault::Stall(deaf as u32)).unwrap();
+    assert_eq!(
+        waiting(t0 + Duration::from_secs(1)),
+        readable,
+        "with broker {deaf} silent, the partitions the others lead are judged (leaders: {topic_leaders:?})"
+    );
+    kafka
+        .fault(Fault::Latency(deaf as u32, Duration::ZERO))
+        .unwrap();
+    let _ = waiting(t0 + Duration::from_secs(2));
+    assert_eq!(
+        waiting(t0 + Duration::from_secs(3)),
+        (0..6).collect(),
+        "once broker {deaf} answers again, its partitions are judged too"
+    );
+}
+
 /// The watchdog reads a group's progress as an operator would: a partition whose
 /// committed offset stands still below its end waits only if a `read_committed` read
 /// finds a record there (an aborted transaction's records and its marker are not work),
