@@ -30,12 +30,18 @@ pub(super) enum Output {
 
 /// Makes the task's state durable, then ships its queued changelog and publishes its
 /// outbox as the processing guarantee says; provider calls go out last.
+///
+/// Under at-least-once nothing fences a worker that was frozen while it published (its
+/// partition may be another worker's by the time it runs again), so `still_ours` is asked
+/// between the changelog and the outputs: `false` stops the publish there (returned as
+/// `Ok(false)`), and the task must stop without another write.
 pub(super) async fn publish(
     task: &mut Task,
     output: &Output,
     consumer: &WorkerConsumer,
     dispatcher: &Dispatcher,
-) -> anyhow::Result<()> {
+    still_ours: impl AsyncFnOnce() -> bool,
+) -> anyhow::Result<bool> {
     let t = Instant::now();
     let store = task.store().clone();
     tokio::task::spawn_blocking(move || store.flush())
@@ -43,9 +49,12 @@ pub(super) async fn publish(
         .context("the store flush stopped before finishing")??;
     observe_stage("flush", t);
     match output {
-        Output::AtLeastOnce(producer) => publish_at_least_once(task, producer, dispatcher).await,
+        Output::AtLeastOnce(producer) => {
+            publish_at_least_once(task, producer, dispatcher, still_ours).await
+        }
         Output::ExactlyOnce(producer) => {
-            publish_transaction(task, producer, consumer, dispatcher).await
+            publish_transaction(task, producer, consumer, dispatcher).await?;
+            Ok(true)
         }
     }
 }
@@ -56,10 +65,14 @@ async fn publish_at_least_once(
     task: &mut Task,
     producer: &FutureProducer,
     dispatcher: &Dispatcher,
-) -> anyhow::Result<()> {
+    still_ours: impl AsyncFnOnce() -> bool,
+) -> anyhow::Result<bool> {
     let t = Instant::now();
     ship_changelog(task, producer).await?;
     observe_stage("changelog", t);
+    if !still_ours().await {
+        return Ok(false);
+    }
     let t = Instant::now();
     let outbox = Outbox::of(task)?;
     let sends = outbox.outputs.into_iter().filter_map(|entry| match entry {
@@ -81,7 +94,7 @@ async fn publish_at_least_once(
         dispatcher.dispatch(call).await;
     }
     task.published(outbox.output_keys.into_iter().chain(outbox.call_keys))?;
-    Ok(())
+    Ok(true)
 }
 
 /// A task's pending outbox: Kafka records and provider calls, each with their keys.

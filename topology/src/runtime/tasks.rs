@@ -346,18 +346,29 @@ impl CatchUp {
 /// Whether the task may act on its partition now. After a freeze of the process longer
 /// than the group allows, it first waits for the group's verdict (see [`super::freeze`]);
 /// a partition lost meanwhile ends the task.
+///
+/// A consumer that failed for good (librdkafka's fatal error: a static member fenced by
+/// another with its instance id, which is how a worker frozen past its session learns it
+/// was replaced) holds no partition any more, so its tasks stop as if the partitions were
+/// lost: the rebalance callback that would say so is not called.
 async fn may_act(
     watch: &mut FreezeWatch,
     lost: &Lost,
     rx: &mpsc::Receiver<RawRecord>,
-    task: &Task,
+    (topic, partition): (&str, i32),
+    consumer: &WorkerConsumer,
 ) -> bool {
-    if lost.load(Ordering::SeqCst) {
+    let fenced = || consumer.client().fatal_error().is_some();
+    if lost.load(Ordering::SeqCst) || fenced() {
         return false;
     }
     if watch.frozen() {
-        tracing::warn!(topic = %task.topic, partition = task.partition, "the process was frozen for longer than its group session: waiting for the group before acting on the partition again");
-        if watch.wait_for_the_group(lost, || rx.is_closed()).await {
+        tracing::warn!(topic, partition, "the process was frozen for longer than its group session: waiting for the group before acting on the partition again");
+        if watch
+            .wait_for_the_group(lost, || rx.is_closed() || fenced())
+            .await
+            || fenced()
+        {
             return false;
         }
     }
@@ -379,8 +390,17 @@ async fn task_loop(
     } = io;
     let task_label = format!("{}-{}", task.topic, task.partition);
     let mut watch = FreezeWatch::new(settings.freeze_bound(), settings.freeze_bound());
+    let (topic, partition) = (task.topic.clone(), task.partition);
+    // Asked between a publish's changelog and its outputs (see `publish`).
+    macro_rules! still_ours {
+        () => {
+            async || may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await
+        };
+    }
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
-    publish(&mut task, output, consumer, dispatcher).await?;
+    if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
+        return stop_lost(&task);
+    }
     let mut tick = tokio::time::interval(settings.punctuate_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
@@ -388,7 +408,7 @@ async fn task_loop(
         tokio::select! {
             first = rx.recv() => {
                 let Some(first) = first else { break };
-                if !may_act(&mut watch, lost, &rx, &task).await {
+                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await {
                     return stop_lost(&task);
                 }
                 let started = Instant::now();
@@ -410,7 +430,9 @@ async fn task_loop(
                     anyhow::Ok(())
                 })?;
                 observe_stage("apply", started);
-                publish(&mut task, output, consumer, dispatcher).await?;
+                if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
+                    return stop_lost(&task);
+                }
                 if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
                     // Stores `offset + 1` for the next commit; fails harmlessly if the
                     // partition was revoked meanwhile.
@@ -421,12 +443,14 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
-                if !may_act(&mut watch, lost, &rx, &task).await {
+                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await {
                     return stop_lost(&task);
                 }
                 let now = now_ms();
-                if catch_up.caught_up(&task) && task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0 {
-                    publish(&mut task, output, consumer, dispatcher).await?;
+                if catch_up.caught_up(&task) && task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0
+                    && !publish(&mut task, output, consumer, dispatcher, still_ours!()).await?
+                {
+                    return stop_lost(&task);
                 }
             }
             _ = housekeeping.tick() => {
@@ -448,10 +472,13 @@ async fn task_loop(
     if lost.load(Ordering::SeqCst) {
         return stop_lost(&task);
     }
-    publish(&mut task, output, consumer, dispatcher).await?;
-    // Once more for the removal of what was just published, so the next owner does not
-    // publish it again.
-    publish(&mut task, output, consumer, dispatcher).await?;
+    for _ in 0..2 {
+        // Twice: the second for the removal of what the first published, so the next
+        // owner does not publish it again.
+        if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
+            return stop_lost(&task);
+        }
+    }
     for store in task
         .key_counts()
         .map(|c| c.into_iter().map(|(s, _)| s.to_owned()).collect::<Vec<_>>())

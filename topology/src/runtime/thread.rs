@@ -249,6 +249,11 @@ pub async fn run_worker(
                     // new consumer.
                     Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
                         METRICS.errors.with_label_values(&["kafka_consume_fatal"]).inc();
+                        // Another worker may hold its partitions already: the tasks stop
+                        // without applying or publishing anything more.
+                        for h in lock(&tasks).values() {
+                            h.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                         break Err(anyhow::anyhow!(
                             "the worker's consumer failed for good ({code}); the worker stops so that its supervisor starts it again with a new consumer"
                         ));
