@@ -2393,6 +2393,27 @@ async fn a_stalled_partition_refuses_only_its_own_creates() {
     stack.shutdown().await.unwrap();
 }
 
+/// The partitions `view` finds waiting at `at`, asked again for up to a minute while a
+/// check fails as a whole (the group's coordinator or the broker asked for the
+/// partitions not answering yet), as the watchdog asks again at its next check.
+fn waiting_patiently(
+    view: &mut gateway::watchdog::GroupProgress,
+    after: Duration,
+    at: Instant,
+) -> Vec<(String, i32)> {
+    let asked = Instant::now();
+    loop {
+        match tokio::task::block_in_place(|| view.waiting(after, at)) {
+            Ok(w) => return w.into_iter().map(|(tp, _)| tp).collect(),
+            Err(e) if asked.elapsed() < Duration::from_secs(60) => {
+                eprintln!("watchdog view: {e:#}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("the group's progress could not be read for 60 s: {e:#}"),
+        }
+    }
+}
+
 /// A broker that does not answer hides from the watchdog only the partitions it leads:
 /// the others are judged at every check, and its own again once it answers (a stall that
 /// began during a broker fault used to go unreported until every broker answered).
@@ -2427,25 +2448,12 @@ async fn the_watchdog_judges_the_partitions_it_can_read_while_a_broker_does_not_
     let t0 = Instant::now();
     let after = Duration::from_millis(500);
     // A check fails as a whole while the group's coordinator or the broker asked for the
-    // partitions does not answer; the watchdog judges again at its next check, and so
-    // does this test, for up to a minute.
+    // partitions does not answer (see `waiting_patiently`).
     let mut waiting = |at: Instant| {
-        let asked = Instant::now();
-        loop {
-            match tokio::task::block_in_place(|| view.waiting(after, at)) {
-                Ok(w) => {
-                    return w
-                        .into_iter()
-                        .map(|((_, p), _)| p)
-                        .collect::<std::collections::BTreeSet<i32>>()
-                }
-                Err(e) if asked.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("watchdog view: {e:#}; asking again");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => panic!("the group's progress could not be read for 60 s: {e:#}"),
-            }
-        }
+        waiting_patiently(&mut view, after, at)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect::<std::collections::BTreeSet<i32>>()
     };
     assert!(
         waiting(t0).is_empty(),
@@ -2559,21 +2567,8 @@ async fn the_watchdog_tells_waiting_records_from_markers_and_ends_a_member_holdi
     let t0 = Instant::now();
     let after = Duration::from_millis(500);
     // A broker answers "not coordinator" until it has loaded the group's offsets
-    // partition (the first group of a new cluster creates it): asked again, as the
-    // watchdog does at its next check.
-    let mut waiting = |at: Instant| {
-        let asked = Instant::now();
-        loop {
-            match tokio::task::block_in_place(|| view.waiting(after, at)) {
-                Ok(w) => return w.into_iter().map(|(tp, _)| tp).collect::<Vec<_>>(),
-                Err(e) if asked.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("watchdog view: {e:#}; asking again");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => panic!("the group's progress could not be read for 60 s: {e:#}"),
-            }
-        }
-    };
+    // partition (the first group of a new cluster creates it; see `waiting_patiently`).
+    let mut waiting = |at: Instant| waiting_patiently(&mut view, after, at);
     assert_eq!(
         waiting(t0),
         vec![],
