@@ -463,11 +463,7 @@ fn records_after(
             // The end, unless it is a new leader's that has not caught up with `high`
             // yet (inconclusive then).
             Some(Err(KafkaError::PartitionEOF(p))) if p == tp.1 => {
-                let at = consumer
-                    .position()
-                    .ok()
-                    .and_then(|l| l.find_partition(&tp.0, tp.1)?.offset().to_raw());
-                if at.is_some_and(|o| o >= high) {
+                if topology::runtime::reached(consumer, &tp.0, tp.1, high) {
                     found = Some(false);
                 }
                 break;

@@ -413,21 +413,16 @@ impl Kafka {
             );
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    // The end (a transaction marker before it is never delivered) once
-                    // the position has reached it: a leader that has just taken over
-                    // may answer with an end below it until the other replicas catch up.
-                    let at = consumer
-                        .position()?
-                        .find_partition(topic, p)
-                        .and_then(|e| e.offset().to_raw());
-                    if open
-                        .get(&p)
-                        .is_some_and(|end| at.is_some_and(|o| o >= *end))
-                    {
-                        open.remove(&p);
-                    }
+                // The end (a transaction marker before it is never delivered) once the
+                // position has reached it (see `topology::runtime::reached`).
+                Some(Err(KafkaError::PartitionEOF(p)))
+                    if open.get(&p).is_some_and(|end| {
+                        topology::runtime::reached(&consumer, topic, p, *end)
+                    }) =>
+                {
+                    open.remove(&p);
                 }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(m)) => {
                     if open

@@ -128,6 +128,36 @@ impl WorkerSettings {
     }
 }
 
+/// The offset the consumer fetches next in `topic`-`partition`, once it has one.
+pub fn position(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer as _;
+    consumer
+        .position()
+        .ok()?
+        .find_partition(topic, partition)?
+        .offset()
+        .to_raw()
+        .filter(|o| *o >= 0)
+}
+
+/// Whether a read of `topic`-`partition` has reached `end`, the partition's end as read
+/// before it began. A `read_committed` read skips transaction markers without delivering
+/// them, and an end-of-partition event says only that the answering leader has nothing
+/// more: one that has just taken the lead reports an end below `end` until the other
+/// replicas catch up. The consumer's position tells both apart.
+pub fn reached(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+    end: i64,
+) -> bool {
+    position(consumer, topic, partition).is_some_and(|p| p >= end)
+}
+
 pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);

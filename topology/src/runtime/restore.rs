@@ -3,7 +3,7 @@
 //! from the changelog when it cannot.
 
 use super::thread::WorkerConsumer;
-use super::{client_config, WorkerSettings};
+use super::{client_config, position, reached, WorkerSettings};
 use crate::config::CompiledTopology;
 use crate::metrics::METRICS;
 use anyhow::Context as _;
@@ -271,7 +271,7 @@ fn read_changelog(
         let done = match consumer.poll(Duration::from_millis(200)) {
             // Nothing fetched: the consumer's position says whether the extent is read
             // (a transaction marker at its end is never delivered as a record).
-            None => position(&consumer, changelog, partition).is_some_and(|p| p >= high),
+            None => reached(&consumer, changelog, partition, high),
             Some(Ok(m)) => {
                 if let (Some(k), true) = (m.key(), m.offset() < high) {
                     let v = stores::changelog::from_topic(m.payload()).with_context(|| {
@@ -288,7 +288,7 @@ fn read_changelog(
             // fetch can reach its end before `high` (a restore that stopped there would
             // miss committed records).
             Some(Err(KafkaError::PartitionEOF(_))) => {
-                position(&consumer, changelog, partition).is_some_and(|p| p >= high)
+                reached(&consumer, changelog, partition, high)
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, %changelog, partition, read, low, high, "changelog read failed; retrying");
@@ -305,17 +305,6 @@ fn read_changelog(
             });
         }
     }
-}
-
-/// The offset the consumer fetches next in `topic`-`partition`, once it has one.
-fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
-    consumer
-        .position()
-        .ok()?
-        .find_partition(topic, partition)?
-        .offset()
-        .to_raw()
-        .filter(|o| *o >= 0)
 }
 
 /// Rebuilds `store` from partition `partition` of `changelog` as a worker does when it
