@@ -269,6 +269,9 @@ pub struct GroupProgress {
     consumer: BaseConsumer,
     group: String,
     topics: Vec<String>,
+    /// Each topic's partitions as last read: a check whose read of them fails (the
+    /// broker asked does not answer) judges the partitions known already.
+    partitions: BTreeMap<String, Vec<i32>>,
     seen: BTreeMap<(String, i32), Seen>,
 }
 
@@ -294,6 +297,11 @@ impl GroupProgress {
             // A read that reaches the partition's end says so: the only conclusive
             // "no record waits" (see `records_after`).
             .set("enable.partition.eof", "true")
+            // A broker that takes connections but does not answer (stalled, or behind a
+            // black hole) is dropped after this, not librdkafka's minute: until then it
+            // keeps being asked for metadata and the group's coordinator, and every
+            // check fails as a whole.
+            .set("socket.timeout.ms", (ASK * 2).as_millis().to_string())
             .set("client.id", client_id);
         for (k, v) in kafka {
             cfg.set(k, v);
@@ -307,6 +315,7 @@ impl GroupProgress {
             consumer,
             group: group.to_owned(),
             topics,
+            partitions: BTreeMap::new(),
             seen: BTreeMap::new(),
         })
     }
@@ -375,13 +384,25 @@ impl GroupProgress {
         let consumer = &self.consumer;
         let mut tpl = TopicPartitionList::new();
         for topic in &self.topics {
-            let md = consumer
-                .fetch_metadata(Some(topic), ASK)
-                .with_context(|| format!("reading the partitions of {topic}"))?;
-            for t in md.topics() {
-                for p in t.partitions() {
-                    tpl.add_partition(topic, p.id());
+            match consumer.fetch_metadata(Some(topic), ASK) {
+                Ok(md) => {
+                    let ids = md
+                        .topics()
+                        .iter()
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect();
+                    self.partitions.insert(topic.clone(), ids);
                 }
+                // A topic's partitions rarely change: those read before are judged.
+                Err(e) if self.partitions.contains_key(topic) => {
+                    tracing::debug!(topic, error = %e, "watchdog could not read a topic's partitions; judging those it knows");
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading the partitions of {topic}"))
+                }
+            }
+            for p in self.partitions.get(topic).into_iter().flatten() {
+                tpl.add_partition(topic, *p);
             }
         }
         let committed = consumer

@@ -2041,9 +2041,12 @@ fn signal(pid: u32, signal: &str) {
 /// transaction is refused; a `read_committed` reader never sees what it wrote after the
 /// new owner started (the brokers' log says which transactions aborted), every payment
 /// ends once and nobody is charged twice. Under at-least-once no producer is fenced:
-/// what the old owner had sent before the pause may reach the events topic again, but
-/// resumed it applies nothing more (it waits for the group, which tells it the partitions
-/// are lost), so every duplicate is identical to its first copy.
+/// resumed, the old owner applies nothing more (it waits for the group, which tells it
+/// the partitions are lost), but what it had handed to librdkafka before the pause still
+/// reaches the events topic and the changelog after the new owner's records. Every
+/// payment still ends in its expected status, once, and the ledger holds one charge
+/// each; copies of an event that differ are possible there (the README's limits) and are
+/// counted, not refused.
 async fn a_paused_worker_is_fenced_when_it_resumes(exactly_once: bool) {
     let opts = StackOptions {
         gateway_bin: Some(env!("CARGO_BIN_EXE_gateway").into()),
@@ -2113,10 +2116,11 @@ async fn a_paused_worker_is_fenced_when_it_resumes(exactly_once: bool) {
     })
     .unwrap();
     assert_eq!(audit.aborted_reads, 0, "{audit:?}");
-    assert_eq!(audit.duplicates_differing, 0, "{audit:?}");
     if exactly_once {
         assert_eq!(audit.duplicates, 0, "{audit:?}");
         assert!(audit.markers > 0, "transactions left markers: {audit:?}");
+    } else if let Some(first) = &audit.first_differing {
+        println!("e2e: paused worker resumed (at_least_once): a differing copy: {first}");
     }
     println!(
         "e2e: paused worker resumed ({}): payments={} records={} duplicates={} differing={} aborted_in_log={} aborted_reads=0 markers={}",
@@ -2137,7 +2141,7 @@ async fn a_paused_worker_is_fenced_under_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_paused_workers_duplicates_are_identical_under_at_least_once() {
+async fn a_paused_worker_under_at_least_once_ends_every_payment_once() {
     a_paused_worker_is_fenced_when_it_resumes(false).await;
 }
 

@@ -103,6 +103,11 @@ impl FreezeWatch {
         frozen
     }
 
+    /// Forgets the freezes seen so far: the group has answered since.
+    pub(super) fn forget(&mut self) {
+        self.seen = PULSE.freezes.load(Ordering::SeqCst);
+    }
+
     /// After a freeze: waits for the grace, or until the partition is lost or revoked,
     /// then forgets the freeze (the beating thread has counted it by then). Returns
     /// whether the partition was lost meanwhile.

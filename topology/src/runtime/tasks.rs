@@ -53,6 +53,11 @@ impl Spawner {
     ) -> anyhow::Result<Option<mpsc::Sender<RawRecord>>> {
         let key = (topic.to_owned(), partition);
         if let Some(h) = lock(&self.tasks).get(&key) {
+            // A task that found its partition lost has stopped; the revoke that follows
+            // removes it, and a later assignment starts a new one.
+            if h.lost.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
             return Ok(Some(h.tx.clone()));
         }
         let assigned = self.consumer.assignment().unwrap_or_default();
@@ -343,9 +348,17 @@ impl CatchUp {
     }
 }
 
-/// Whether the task may act on its partition now. After a freeze of the process longer
-/// than the group allows, it first waits for the group's verdict (see [`super::freeze`]);
-/// a partition lost meanwhile ends the task.
+/// Whether the task may act on its partition now; `false` ends the task without another
+/// write. A partition lost meanwhile ends it.
+///
+/// After a freeze of the process longer than the group allows (see [`super::freeze`]),
+/// another worker may hold the partition already. Under exactly-once the broker fences
+/// whatever this worker would still send, so the task only waits for the group's verdict
+/// to save the work. Under at-least-once nothing fences it, and no verdict is certain to
+/// arrive in time (the rebalance callback runs only when the worker polls), so the task
+/// acts again only once the group's coordinator has accepted a commit from this worker as
+/// the partition's holder: Kafka's own check of a member, which a worker the group has
+/// dropped fails (see [`membership`]).
 ///
 /// A consumer that failed for good (librdkafka's fatal error: a static member fenced by
 /// another with its instance id, which is how a worker frozen past its session learns it
@@ -357,22 +370,92 @@ async fn may_act(
     rx: &mpsc::Receiver<RawRecord>,
     (topic, partition): (&str, i32),
     consumer: &WorkerConsumer,
+    prove: bool,
 ) -> bool {
     let fenced = || consumer.client().fatal_error().is_some();
     if lost.load(Ordering::SeqCst) || fenced() {
         return false;
     }
-    if watch.frozen() {
-        tracing::warn!(topic, partition, "the process was frozen for longer than its group session: waiting for the group before acting on the partition again");
-        if watch
+    if !watch.frozen() {
+        return true;
+    }
+    tracing::warn!(topic, partition, "the process was frozen for longer than its group session: waiting for the group before acting on the partition again");
+    if !prove {
+        return !(watch
             .wait_for_the_group(lost, || rx.is_closed() || fenced())
             .await
-            || fenced()
-        {
+            || fenced());
+    }
+    let asked = Instant::now();
+    loop {
+        if lost.load(Ordering::SeqCst) || fenced() {
             return false;
         }
+        match off_runtime(|| membership(consumer, topic, partition)) {
+            Membership::Member => {
+                watch.forget();
+                tracing::info!(
+                    topic,
+                    partition,
+                    waited_ms = asked.elapsed().as_millis() as u64,
+                    "the group still counts this worker as the partition's holder: acting again"
+                );
+                return true;
+            }
+            Membership::Dropped(why) => {
+                tracing::warn!(topic, partition, %why, "the group no longer counts this worker as the partition's holder");
+                return false;
+            }
+            // Revoked without a proof: the task stops without another write, as if
+            // lost; the next holder carries on from what reached Kafka.
+            Membership::Unknown(_) if rx.is_closed() => return false,
+            Membership::Unknown(why) => {
+                tracing::debug!(topic, partition, %why, "membership not confirmed yet; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
-    true
+}
+
+/// What the group's coordinator says of this worker as a partition's holder.
+enum Membership {
+    Member,
+    /// The coordinator refused the commit: the worker is not (or no longer) the member
+    /// the group assigned the partition to.
+    Dropped(String),
+    /// No answer either way (the coordinator unreachable, a rebalance under way, nothing
+    /// committed for the partition yet).
+    Unknown(String),
+}
+
+/// Commits the partition's committed offset again (its first offset when nothing is
+/// committed, which is where the group starts it then): the coordinator checks a
+/// commit's member id and generation, and refuses it from a member it has dropped
+/// (unknown member, an older generation, a fenced instance id). The offset does not move.
+fn membership(consumer: &WorkerConsumer, topic: &str, partition: i32) -> Membership {
+    use rdkafka::consumer::CommitMode;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+    let offset = match committed_offset(consumer, topic, partition) {
+        Ok(Some(o)) => o,
+        Ok(None) => match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((low, _)) => low,
+            Err(e) => {
+                return Membership::Unknown(format!("reading the partition's first offset: {e}"))
+            }
+        },
+        Err(e) => return Membership::Unknown(format!("{e:#}")),
+    };
+    let mut again = rdkafka::TopicPartitionList::new();
+    if let Err(e) = again.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset)) {
+        return Membership::Unknown(e.to_string());
+    }
+    match consumer.commit(&again, CommitMode::Sync) {
+        Ok(()) => Membership::Member,
+        Err(KafkaError::ConsumerCommit(
+            code @ (Code::UnknownMemberId | Code::IllegalGeneration | Code::FencedInstanceId),
+        )) => Membership::Dropped(code.to_string()),
+        Err(e) => Membership::Unknown(e.to_string()),
+    }
 }
 
 async fn task_loop(
@@ -391,15 +474,16 @@ async fn task_loop(
     let task_label = format!("{}-{}", task.topic, task.partition);
     let mut watch = FreezeWatch::new(settings.freeze_bound(), settings.freeze_bound());
     let (topic, partition) = (task.topic.clone(), task.partition);
+    let prove = matches!(output, Output::AtLeastOnce(_));
     // Asked between a publish's changelog and its outputs (see `publish`).
     macro_rules! still_ours {
         () => {
-            async || may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await
+            async || may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await
         };
     }
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
     if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
-        return stop_lost(&task);
+        return stop_lost(&task, lost);
     }
     let mut tick = tokio::time::interval(settings.punctuate_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -408,8 +492,8 @@ async fn task_loop(
         tokio::select! {
             first = rx.recv() => {
                 let Some(first) = first else { break };
-                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await {
-                    return stop_lost(&task);
+                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await {
+                    return stop_lost(&task, lost);
                 }
                 let started = Instant::now();
                 let mut batch = vec![first];
@@ -431,7 +515,7 @@ async fn task_loop(
                 })?;
                 observe_stage("apply", started);
                 if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
-                    return stop_lost(&task);
+                    return stop_lost(&task, lost);
                 }
                 if let (Some(offset), Output::AtLeastOnce(_)) = (last, output) {
                     // Stores `offset + 1` for the next commit; fails harmlessly if the
@@ -443,14 +527,14 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
-                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer).await {
-                    return stop_lost(&task);
+                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await {
+                    return stop_lost(&task, lost);
                 }
                 let now = now_ms();
                 if catch_up.caught_up(&task) && task.timers_due(now)? && off_runtime(|| task.fire_timers(now, 1000))? > 0
                     && !publish(&mut task, output, consumer, dispatcher, still_ours!()).await?
                 {
-                    return stop_lost(&task);
+                    return stop_lost(&task, lost);
                 }
             }
             _ = housekeeping.tick() => {
@@ -470,13 +554,13 @@ async fn task_loop(
         }
     }
     if lost.load(Ordering::SeqCst) {
-        return stop_lost(&task);
+        return stop_lost(&task, lost);
     }
     for _ in 0..2 {
         // Twice: the second for the removal of what the first published, so the next
         // owner does not publish it again.
         if !publish(&mut task, output, consumer, dispatcher, still_ours!()).await? {
-            return stop_lost(&task);
+            return stop_lost(&task, lost);
         }
     }
     for store in task
@@ -495,7 +579,9 @@ async fn task_loop(
 /// A task whose partition was lost stops without applying or publishing anything more:
 /// the partition's new owner carries on from what reached Kafka. Its store stays on disk,
 /// judged like any other when the partition comes back.
-fn stop_lost(task: &Task) -> anyhow::Result<()> {
+fn stop_lost(task: &Task, lost: &Lost) -> anyhow::Result<()> {
+    // The worker's loop leaves the partition's records to its owner from now on.
+    lost.store(true, Ordering::SeqCst);
     METRICS.errors.with_label_values(&["partition_lost"]).inc();
     tracing::warn!(topic = %task.topic, partition = task.partition, checkpoint = ?task.next_offset(), "task stopped: the group gave its partition to another worker");
     Ok(())

@@ -280,7 +280,16 @@ pub async fn run_worker(
                     Ok(None) => continue,
                     Err(e) => break Err(e),
                 };
+                let key = (raw.topic.clone(), raw.partition);
                 if tx.send(raw).await.is_err() {
+                    // A task that found its partition lost stopped without an error: the
+                    // record is left to the partition's owner.
+                    let lost = lock(&tasks)
+                        .get(&key)
+                        .is_some_and(|h| h.lost.load(std::sync::atomic::Ordering::SeqCst));
+                    if lost {
+                        continue;
+                    }
                     // The task has stopped; its error arrives on `fail_rx`.
                     match fail_rx.recv().await {
                         Some(e) => break Err(e),
