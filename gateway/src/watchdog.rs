@@ -261,6 +261,9 @@ struct Seen {
     since: Instant,
     /// Whether records (not only markers) wait past `committed`, once a read told.
     records_waiting: Option<bool>,
+    /// The partition's end when that read was made: a "no record waits" holds only
+    /// until the end moves.
+    read_to: i64,
 }
 
 /// A consumer group's progress over time, partition by partition, as seen from
@@ -273,6 +276,8 @@ pub struct GroupProgress {
     /// broker asked does not answer) judges the partitions known already.
     partitions: BTreeMap<String, Vec<i32>>,
     seen: BTreeMap<(String, i32), Seen>,
+    /// Since when every check has failed as a whole, if the last one did.
+    failing_since: Option<Instant>,
 }
 
 /// Timeout of each request of a check.
@@ -317,6 +322,7 @@ impl GroupProgress {
             topics,
             partitions: BTreeMap::new(),
             seen: BTreeMap::new(),
+            failing_since: None,
         })
     }
 
@@ -329,12 +335,24 @@ impl GroupProgress {
         let held = progress.held();
         let empty_for = progress.empty_for();
         let waiting = match self.waiting(settings.report_after, now) {
-            Ok(w) => w,
+            Ok(w) => {
+                self.failing_since = None;
+                w
+            }
             Err(e) => {
-                // The brokers do not answer: the role's own clients say so; judge again
-                // at the next check.
+                // The brokers do not answer: judge again at the next check. A role whose
+                // progress cannot be read for long is reported, not ended (a fresh start
+                // would not reach the brokers either).
                 tracing::debug!(group = %self.group, error = %format!("{e:#}"), "watchdog could not read the group's progress");
-                return None;
+                let failing = now.saturating_duration_since(*self.failing_since.get_or_insert(now));
+                return (failing >= settings.report_after).then(|| Stall {
+                    why: format!(
+                        "its group's progress could not be read for {} s: {e:#}",
+                        failing.as_secs()
+                    ),
+                    age: failing,
+                    fatal: false,
+                });
             }
         };
         let mine: Vec<_> = waiting.iter().filter(|(tp, _)| held.contains(tp)).collect();
@@ -426,23 +444,25 @@ impl GroupProgress {
                 Offset::Offset(o) => o.max(low),
                 _ => low,
             };
-            let seen = self.seen.entry(tp.clone()).or_insert(Seen {
+            let fresh = Seen {
                 committed: c,
                 since: now,
                 records_waiting: None,
-            });
+                read_to: high,
+            };
+            let seen = self.seen.entry(tp.clone()).or_insert(fresh.clone());
             if seen.committed != c {
-                *seen = Seen {
-                    committed: c,
-                    since: now,
-                    records_waiting: None,
-                };
+                *seen = fresh;
             }
             let age = now.saturating_duration_since(seen.since);
             if high <= c || age < after {
                 continue;
             }
+            if seen.records_waiting == Some(false) && seen.read_to != high {
+                seen.records_waiting = None;
+            }
             if seen.records_waiting.is_none() {
+                seen.read_to = high;
                 seen.records_waiting = records_after(consumer, &tp, c, high).unwrap_or_else(|err| {
                     tracing::debug!(error = %format!("{err:#}"), "watchdog could not read a partition");
                     None
@@ -511,6 +531,38 @@ fn list<'a>(tps: impl Iterator<Item = &'a (String, i32)>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Brokers that cannot be reached at all: the role is reported stalled once that has
+    /// lasted `report_after`, but not ended (a fresh start would not reach them either).
+    #[test]
+    fn a_role_whose_progress_cannot_be_read_is_reported_not_ended() {
+        let nobody = testkit::ports::free_addr().unwrap();
+        let quiet = [("log_level".to_owned(), "0".to_owned())];
+        let mut view = GroupProgress::new(
+            &nobody,
+            "watchdog-unit",
+            vec!["payments.commands".to_owned()],
+            &quiet,
+            "watchdog-unit",
+        )
+        .unwrap();
+        let progress = Progress::new("sink");
+        let settings = StallSettings::default();
+        let t0 = Instant::now();
+        assert_eq!(view.check(&progress, settings, t0), None);
+        let later = t0 + settings.report_after + Duration::from_secs(1);
+        let stall = view
+            .check(&progress, settings, later)
+            .expect("a role whose progress cannot be read for report_after is reported");
+        assert!(!stall.fatal, "{stall:?}");
+        assert!(
+            stall
+                .why
+                .starts_with("its group's progress could not be read for 31 s"),
+            "{}",
+            stall.why
+        );
+    }
 
     /// A read that could not reach a broker tells nothing: taking it for "no record
     /// waits" would hide that partition's stall until its committed offset moved.

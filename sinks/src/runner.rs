@@ -19,6 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -108,6 +109,9 @@ impl SinkSettings {
 /// Keeps the sink's [`Progress`] told which partitions it holds.
 pub struct SinkContext {
     progress: Arc<Progress>,
+    /// When a failed commit was last logged: while a broker is down every commit (one a
+    /// second) fails the same way.
+    commit_warned: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ClientContext for SinkContext {}
@@ -121,11 +125,47 @@ impl ConsumerContext for SinkContext {
                 .collect::<Vec<_>>()
         };
         match rebalance {
-            Rebalance::Assign(tpl) => self.progress.assigned(parts(tpl)),
-            Rebalance::Revoke(tpl) => self.progress.revoked(parts(tpl)),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %listed(tpl), "sink assigned partitions");
+                self.progress.assigned(parts(tpl))
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = %listed(tpl), "sink partitions revoked");
+                self.progress.revoked(parts(tpl))
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "sink rebalance failed"),
         }
     }
+
+    /// A commit that failed, as a whole or for some partitions: their committed offsets
+    /// stay where they were until a later commit of the same offsets succeeds.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Nothing new to commit is not a failure.
+            if matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                return;
+            }
+            let mut warned = self
+                .commit_warned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                *warned = Some(Instant::now());
+                tracing::warn!(error = %e, partitions = %listed(offsets), "sink offset commit failed (said at most every 10 s)");
+            }
+            return;
+        }
+        for e in offsets.elements() {
+            if let Err(err) = e.error() {
+                tracing::warn!(topic = e.topic(), partition = e.partition(), error = %err, "sink offset commit failed for a partition");
+            }
+        }
+    }
+}
+
+/// `topic[0, 1]` for each topic of a list of partitions.
+fn listed(tpl: &TopicPartitionList) -> String {
+    telemetry::progress::partition_list(tpl.elements().iter().map(|e| (e.topic(), e.partition())))
 }
 
 type SinkConsumer = StreamConsumer<SinkContext>;
@@ -322,6 +362,7 @@ pub async fn run_sink(
         config
             .create_with_context(SinkContext {
                 progress: settings.progress.clone(),
+                commit_warned: std::sync::Mutex::new(None),
             })
             .context("creating the sink's Kafka consumer")?,
     );
@@ -466,10 +507,17 @@ async fn write_batch(
             tracing::warn!(error = %e, "offset not recorded");
         }
     }
+    // A partition revoked meanwhile: its next owner replays the batch, harmlessly (every
+    // write is idempotent). Said at info: while its offset is not stored the group's
+    // committed offset stands still, and the watchdog may report a stall.
     if let Err(e) = consumer.store_offsets(&tpl) {
-        // A partition revoked meanwhile: its next owner replays the batch, harmlessly
-        // (every write is idempotent).
-        tracing::debug!(error = %e, "offsets of a written batch not stored");
+        tracing::info!(error = %e, partitions = %listed(&tpl), "offsets of a written batch not stored");
+    } else {
+        for e in tpl.elements() {
+            if let Err(err) = e.error() {
+                tracing::info!(topic = e.topic(), partition = e.partition(), error = %err, "offset of a written batch not stored for a partition");
+            }
+        }
     }
 }
 

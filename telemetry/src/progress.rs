@@ -27,6 +27,20 @@ struct State {
     stalled: Option<String>,
 }
 
+/// `cmd[0, 1, 2] evt[3]`: partitions grouped by topic, as the roles log what they were
+/// assigned and what they lost.
+pub fn partition_list<'a>(parts: impl IntoIterator<Item = (&'a str, i32)>) -> String {
+    let mut by_topic: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
+    for (topic, partition) in parts {
+        by_topic.entry(topic).or_default().push(partition);
+    }
+    by_topic
+        .iter()
+        .map(|(t, ps)| format!("{t}{ps:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 static REGISTRY: Mutex<Vec<Weak<Progress>>> = Mutex::new(Vec::new());
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -120,18 +120,9 @@ fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 /// `assign cmd[0,1,2]`, `revoke cmd[3]`, or the error.
 fn describe(r: &Rebalance<'_>) -> String {
     let list = |tpl: &TopicPartitionList| {
-        let mut by_topic: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
-        for e in tpl.elements() {
-            by_topic
-                .entry(e.topic().to_owned())
-                .or_default()
-                .push(e.partition());
-        }
-        by_topic
-            .iter()
-            .map(|(t, ps)| format!("{t}{ps:?}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        telemetry::progress::partition_list(
+            tpl.elements().iter().map(|e| (e.topic(), e.partition())),
+        )
     };
     match r {
         Rebalance::Assign(tpl) => format!("assign {}", list(tpl)),
