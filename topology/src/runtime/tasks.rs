@@ -431,7 +431,9 @@ enum Membership {
 /// Commits the partition's committed offset again (its first offset when nothing is
 /// committed, which is where the group starts it then): the coordinator checks a
 /// commit's member id and generation, and refuses it from a member it has dropped
-/// (unknown member, an older generation, a fenced instance id). The offset does not move.
+/// (unknown member, an older generation, a fenced instance id). The offset does not move,
+/// unless the worker's own automatic commit lands between the read and this commit: then
+/// it goes back by what that commit covered, which is replayed, as at-least-once allows.
 fn membership(consumer: &WorkerConsumer, topic: &str, partition: i32) -> Membership {
     use rdkafka::consumer::CommitMode;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
