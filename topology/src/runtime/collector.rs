@@ -9,7 +9,7 @@ use crate::metrics::METRICS;
 use crate::provider::Dispatcher;
 use crate::task::{OutboxEntry, Task};
 use anyhow::Context as _;
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture};
 use payments::retry::Backoff;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -28,19 +28,23 @@ pub(super) enum Output {
     ExactlyOnce(FutureProducer),
 }
 
+/// Asks whether the task's partition is still this worker's (see `publish`).
+pub(super) type StillOurs<'a> = &'a (dyn Fn() -> BoxFuture<'a, bool> + Send + Sync);
+
 /// Makes the task's state durable, then ships its queued changelog and publishes its
 /// outbox as the processing guarantee says; provider calls go out last.
 ///
 /// Under at-least-once nothing fences a worker that was frozen while it published (its
 /// partition may be another worker's by the time it runs again), so `still_ours` is asked
-/// between the changelog and the outputs: `false` stops the publish there (returned as
-/// `Ok(false)`), and the task must stop without another write.
+/// before the changelog and again between the changelog and the outputs: `false` stops
+/// the publish there (returned as `Ok(false)`), and the task must stop without another
+/// write.
 pub(super) async fn publish(
     task: &mut Task,
     output: &Output,
     consumer: &WorkerConsumer,
     dispatcher: &Dispatcher,
-    still_ours: impl AsyncFnOnce() -> bool,
+    still_ours: StillOurs<'_>,
 ) -> anyhow::Result<bool> {
     let t = Instant::now();
     let store = task.store().clone();
@@ -65,8 +69,14 @@ async fn publish_at_least_once(
     task: &mut Task,
     producer: &FutureProducer,
     dispatcher: &Dispatcher,
-    still_ours: impl AsyncFnOnce() -> bool,
+    still_ours: StillOurs<'_>,
 ) -> anyhow::Result<bool> {
+    // Before the changelog too: what a worker that lost its partition hands to
+    // librdkafka would land after the new owner's records, and a later restore would
+    // read it last.
+    if !still_ours().await {
+        return Ok(false);
+    }
     let t = Instant::now();
     ship_changelog(task, producer).await?;
     observe_stage("changelog", t);

@@ -71,7 +71,7 @@ impl Pulse {
 
 /// What a task remembers of the pulse: the freezes it has already waited out.
 pub(super) struct FreezeWatch {
-    seen: u64,
+    seen: AtomicU64,
     bound: Duration,
     grace: Duration,
 }
@@ -84,7 +84,7 @@ impl FreezeWatch {
         let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
         pulse.bound_ms.fetch_min(bound_ms, Ordering::SeqCst);
         FreezeWatch {
-            seen: pulse.freezes.load(Ordering::SeqCst),
+            seen: AtomicU64::new(pulse.freezes.load(Ordering::SeqCst)),
             bound,
             grace,
         }
@@ -92,27 +92,27 @@ impl FreezeWatch {
 
     /// Whether the process was frozen since the last call: the beating thread saw it, or
     /// its last beat is older than the bound (it has not run yet since the freeze).
-    pub(super) fn frozen(&mut self) -> bool {
+    pub(super) fn frozen(&self) -> bool {
         let pulse = &*PULSE;
         let age = pulse
             .elapsed_ms()
             .saturating_sub(pulse.last_beat_ms.load(Ordering::SeqCst));
         let freezes = pulse.freezes.load(Ordering::SeqCst);
-        let frozen = freezes != self.seen || u128::from(age) > self.bound.as_millis();
-        self.seen = freezes;
-        frozen
+        let seen = self.seen.swap(freezes, Ordering::SeqCst);
+        freezes != seen || u128::from(age) > self.bound.as_millis()
     }
 
     /// Forgets the freezes seen so far: the group has answered since.
-    pub(super) fn forget(&mut self) {
-        self.seen = PULSE.freezes.load(Ordering::SeqCst);
+    pub(super) fn forget(&self) {
+        self.seen
+            .store(PULSE.freezes.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// After a freeze: waits for the grace, or until the partition is lost or revoked,
     /// then forgets the freeze (the beating thread has counted it by then). Returns
     /// whether the partition was lost meanwhile.
     pub(super) async fn wait_for_the_group(
-        &mut self,
+        &self,
         lost: &AtomicBool,
         revoked: impl Fn() -> bool,
     ) -> bool {
@@ -120,7 +120,7 @@ impl FreezeWatch {
         while Instant::now() < until && !lost.load(Ordering::SeqCst) && !revoked() {
             tokio::time::sleep(BEAT).await;
         }
-        self.seen = PULSE.freezes.load(Ordering::SeqCst);
+        self.forget();
         lost.load(Ordering::SeqCst)
     }
 }
@@ -135,7 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_partition_ends_the_wait_at_once() {
-        let mut watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(30));
+        let watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(30));
         let lost = AtomicBool::new(true);
         let started = Instant::now();
         assert!(watch.wait_for_the_group(&lost, || false).await);
@@ -144,14 +144,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_revoke_ends_the_wait_and_the_partition_is_not_lost() {
-        let mut watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(30));
+        let watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(30));
         let lost = AtomicBool::new(false);
         assert!(!watch.wait_for_the_group(&lost, || true).await);
     }
 
     #[test]
     fn a_process_that_runs_is_not_frozen() {
-        let mut watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(1));
+        let watch = FreezeWatch::new(Duration::from_secs(60), Duration::from_secs(1));
         std::thread::sleep(BEAT * 3);
         assert!(!watch.frozen());
     }

@@ -15,6 +15,7 @@ use crate::metrics::METRICS;
 use crate::processor::RawRecord;
 use crate::provider::Dispatcher;
 use crate::task::Task;
+use futures::FutureExt as _;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use std::sync::atomic::Ordering;
@@ -365,7 +366,7 @@ impl CatchUp {
 /// was replaced) holds no partition any more, so its tasks stop as if the partitions were
 /// lost: the rebalance callback that would say so is not called.
 async fn may_act(
-    watch: &mut FreezeWatch,
+    watch: &FreezeWatch,
     lost: &Lost,
     rx: &mpsc::Receiver<RawRecord>,
     (topic, partition): (&str, i32),
@@ -474,13 +475,13 @@ async fn task_loop(
         mut catch_up,
     } = io;
     let task_label = format!("{}-{}", task.topic, task.partition);
-    let mut watch = FreezeWatch::new(settings.freeze_bound(), settings.freeze_bound());
+    let watch = FreezeWatch::new(settings.freeze_bound(), settings.freeze_bound());
     let (topic, partition) = (task.topic.clone(), task.partition);
     let prove = matches!(output, Output::AtLeastOnce(_));
     // Asked between a publish's changelog and its outputs (see `publish`).
     macro_rules! still_ours {
         () => {
-            async || may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await
+            &|| may_act(&watch, lost, &rx, (&topic, partition), consumer, prove).boxed()
         };
     }
     // Whatever a crash (or the previous owner) left in the outbox goes out first.
@@ -494,7 +495,7 @@ async fn task_loop(
         tokio::select! {
             first = rx.recv() => {
                 let Some(first) = first else { break };
-                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await {
+                if !may_act(&watch, lost, &rx, (&topic, partition), consumer, prove).await {
                     return stop_lost(&task, lost);
                 }
                 let started = Instant::now();
@@ -529,7 +530,7 @@ async fn task_loop(
                 METRICS.batch_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = tick.tick() => {
-                if !may_act(&mut watch, lost, &rx, (&topic, partition), consumer, prove).await {
+                if !may_act(&watch, lost, &rx, (&topic, partition), consumer, prove).await {
                     return stop_lost(&task, lost);
                 }
                 let now = now_ms();
