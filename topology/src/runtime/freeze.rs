@@ -6,13 +6,14 @@
 //! they had prefetched and fire every timer that fell due during the freeze, from state the
 //! new owner has already moved past. Under `exactly_once` the broker fences what that
 //! would write; under `at_least_once` nothing would, and the events topic would hold a
-//! second, different history of the same payments. So a task that notices a freeze waits,
-//! doing nothing, until the group has had time to tell the consumer (a heartbeat answered
-//! "unknown member" revokes the assignment as lost); a task whose partition was lost stops
-//! at once, without applying or publishing anything more.
+//! second, different history of the same payments. So a task that notices a freeze does
+//! nothing until the group answers: under `at_least_once` the coordinator accepting a
+//! commit from the worker (see `tasks::membership`), under `exactly_once` the assignment
+//! revoked as lost or the grace passed; a task whose partition was lost stops at once,
+//! without applying or publishing anything more.
 //!
-//! This module must never decide ownership itself: the consumer group does. It only holds
-//! a task back long enough for the group's answer to arrive.
+//! This module must never decide ownership itself: the consumer group does. It only tells
+//! a task that it must ask.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
