@@ -271,12 +271,11 @@ pub async fn run_worker(
                     Ok(None) => continue,
                     Err(e) => break Err(e),
                 };
-                let key = (raw.topic.clone(), raw.partition);
-                if tx.send(raw).await.is_err() {
+                if let Err(mpsc::error::SendError(raw)) = tx.send(raw).await {
                     // A task that found its partition lost stopped without an error: the
                     // record is left to the partition's owner.
                     let lost = lock(&tasks)
-                        .get(&key)
+                        .get(&(raw.topic, raw.partition))
                         .is_some_and(|h| h.lost.load(std::sync::atomic::Ordering::SeqCst));
                     if lost {
                         continue;
