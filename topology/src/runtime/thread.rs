@@ -271,11 +271,12 @@ pub async fn run_worker(
                     Ok(None) => continue,
                     Err(e) => break Err(e),
                 };
-                if let Err(mpsc::error::SendError(raw)) = tx.send(raw).await {
+                let key = (raw.topic.clone(), raw.partition);
+                if tx.send(raw).await.is_err() {
                     // A task that found its partition lost stopped without an error: the
                     // record is left to the partition's owner.
                     let lost = lock(&tasks)
-                        .get(&(raw.topic, raw.partition))
+                        .get(&key)
                         .is_some_and(|h| h.lost.load(std::sync::atomic::Ordering::SeqCst));
                     if lost {
                         continue;
