@@ -8,7 +8,9 @@
 //! group's committed offsets against the partitions' ends, both asked of the brokers;
 //! a partition whose committed offset stands still below its end is read once
 //! (`read_committed`) to tell records from transaction markers and aborted records.
-//! The notifier is stalled when it has not picked its work for `report_after`.
+//! A partition it holds that cannot be judged so for `report_after` (its leader does not
+//! answer the watchdog, or the read never tells) is reported too, as a stall it cannot
+//! confirm, and never ends the role. The notifier is stalled when it has not picked its work for `report_after`.
 //!
 //! A stall is logged (a warning, repeated every `report_after` while it lasts), shown
 //! (`gateway_stalled`, `gateway_stall_seconds`, `/health/ready` answering 503 with the
@@ -276,6 +278,9 @@ pub struct GroupProgress {
     /// broker asked does not answer) judges the partitions known already.
     partitions: BTreeMap<String, Vec<i32>>,
     seen: BTreeMap<(String, i32), Seen>,
+    /// Partitions the checks could not judge (their extent or their records could not
+    /// be read), each since the first check that could not.
+    unjudged: BTreeMap<(String, i32), Instant>,
     /// Since when every check has failed as a whole, if the last one did.
     failing_since: Option<Instant>,
 }
@@ -322,6 +327,7 @@ impl GroupProgress {
             topics,
             partitions: BTreeMap::new(),
             seen: BTreeMap::new(),
+            unjudged: BTreeMap::new(),
             failing_since: None,
         })
     }
@@ -368,6 +374,26 @@ impl GroupProgress {
                 fatal: true,
             });
         }
+        // A partition it holds whose progress cannot be read (its leader does not answer
+        // the watchdog) may be stalled as well: said, not ended over (the role's own
+        // clients most likely cannot reach that broker either).
+        let blind: Vec<_> = self
+            .unjudged(now)
+            .into_iter()
+            .filter(|(tp, d)| held.contains(tp) && *d >= settings.report_after)
+            .collect();
+        if let Some(age) = blind.iter().map(|(_, d)| *d).max() {
+            return Some(Stall {
+                why: format!(
+                    "cannot tell whether {} partition(s) it holds progress: their committed offset has not moved and their records could not be read for {} s: {}",
+                    blind.len(),
+                    age.as_secs(),
+                    list(blind.iter().map(|(tp, _)| tp))
+                ),
+                age,
+                fatal: false,
+            });
+        }
         let empty_for = empty_for.filter(|d| *d >= settings.report_after)?;
         match waiting.iter().map(|(_, age)| *age).max() {
             Some(age) => Some(Stall {
@@ -392,8 +418,19 @@ impl GroupProgress {
         }
     }
 
+    /// The partitions the checks so far could not judge, with for how long they could
+    /// not (see [`GroupProgress::waiting`]).
+    pub fn unjudged(&self, now: Instant) -> Vec<((String, i32), Duration)> {
+        self.unjudged
+            .iter()
+            .map(|(tp, since)| (tp.clone(), now.saturating_duration_since(*since)))
+            .collect()
+    }
+
     /// The partitions with records waiting whose committed offset has not moved for
-    /// `after` (at least), with how long it has not.
+    /// `after` (at least), with how long it has not. A partition it cannot judge (the
+    /// broker leading it does not answer) is listed by [`GroupProgress::unjudged`]
+    /// instead.
     pub fn waiting(
         &mut self,
         after: Duration,
@@ -437,6 +474,7 @@ impl GroupProgress {
                 Ok(extent) => extent,
                 Err(err) => {
                     tracing::debug!(topic = e.topic(), partition = e.partition(), error = %err, "watchdog could not read a partition's extent");
+                    self.unjudged.entry(tp).or_insert(now);
                     continue;
                 }
             };
@@ -456,6 +494,7 @@ impl GroupProgress {
             }
             let age = now.saturating_duration_since(seen.since);
             if high <= c || age < after {
+                self.unjudged.remove(&tp);
                 continue;
             }
             if seen.records_waiting == Some(false) && seen.read_to != high {
@@ -468,11 +507,21 @@ impl GroupProgress {
                     None
                 });
             }
-            if seen.records_waiting == Some(true) {
-                out.push((tp, age));
+            match seen.records_waiting {
+                Some(true) => {
+                    self.unjudged.remove(&tp);
+                    out.push((tp, age));
+                }
+                Some(false) => {
+                    self.unjudged.remove(&tp);
+                }
+                None => {
+                    self.unjudged.entry(tp).or_insert(now);
+                }
             }
         }
         self.seen.retain(|tp, _| present.contains(tp));
+        self.unjudged.retain(|tp, _| present.contains(tp));
         Ok(out)
     }
 }

@@ -2453,14 +2453,14 @@ async fn the_watchdog_judges_the_partitions_it_can_read_while_a_broker_does_not_
     let after = Duration::from_millis(500);
     // A check fails as a whole while the group's coordinator or the broker asked for the
     // partitions does not answer (see `waiting_patiently`).
-    let mut waiting = |at: Instant| {
-        waiting_patiently(&mut view, after, at)
+    let waiting = |view: &mut GroupProgress, at: Instant| {
+        waiting_patiently(view, after, at)
             .into_iter()
             .map(|(_, p)| p)
             .collect::<std::collections::BTreeSet<i32>>()
     };
     assert!(
-        waiting(t0).is_empty(),
+        waiting(&mut view, t0).is_empty(),
         "nothing has stood still for 500 ms yet"
     );
 
@@ -2495,18 +2495,43 @@ async fn the_watchdog_judges_the_partitions_it_can_read_while_a_broker_does_not_
         .collect();
     kafka.fault(Fault::Stall(deaf as u32)).unwrap();
     assert_eq!(
-        waiting(t0 + Duration::from_secs(1)),
+        waiting(&mut view, t0 + Duration::from_secs(1)),
         readable,
         "with broker {deaf} silent, the partitions the others lead are judged (leaders: {topic_leaders:?})"
+    );
+    // The others are not taken for idle: they are listed as not judged, since the first
+    // check that could not judge them (a role holding one for long is told so).
+    let deaf_led: std::collections::BTreeSet<i32> = topic_leaders
+        .iter()
+        .filter(|(_, l)| **l == deaf)
+        .map(|(p, _)| *p)
+        .collect();
+    let blind = view.unjudged(t0 + Duration::from_secs(4));
+    assert_eq!(
+        blind
+            .iter()
+            .map(|((_, p), _)| *p)
+            .collect::<std::collections::BTreeSet<i32>>(),
+        deaf_led,
+        "the partitions broker {deaf} leads are not judged while it is silent: {blind:?}"
+    );
+    assert!(
+        blind.iter().all(|(_, d)| *d == Duration::from_secs(3)),
+        "not judged since the check at t0 + 1 s: {blind:?}"
     );
     kafka
         .fault(Fault::Latency(deaf as u32, Duration::ZERO))
         .unwrap();
-    let _ = waiting(t0 + Duration::from_secs(2));
+    let _ = waiting(&mut view, t0 + Duration::from_secs(2));
     assert_eq!(
-        waiting(t0 + Duration::from_secs(3)),
+        waiting(&mut view, t0 + Duration::from_secs(3)),
         (0..6).collect(),
         "once broker {deaf} answers again, its partitions are judged too"
+    );
+    assert_eq!(
+        view.unjudged(t0 + Duration::from_secs(3)),
+        vec![],
+        "once broker {deaf} answers again, every partition is judged"
     );
 }
 
