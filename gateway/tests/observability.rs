@@ -511,7 +511,10 @@ async fn read_back(
             .flat_map(|s| &s.links)
             .map(|(trace, _)| trace.as_str())
             .collect();
-        t.spans.iter().all(|n| !own.named(n).is_empty())
+        // Whole: each process exports its spans in batches of its own, so a child can
+        // arrive before its parent from another process does.
+        own.orphans().is_empty()
+            && t.spans.iter().all(|n| !own.named(n).is_empty())
             && own.named(&project).len() >= events
             && own.named("notify ").len() >= attempts
             && links.len() >= t.linked.len()
