@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 use telemetry::now_ms;
-use telemetry::progress::Progress;
+use telemetry::progress::{FetchState, Progress};
 use tokio::sync::mpsc;
 
 struct SinkMetrics {
@@ -114,7 +114,23 @@ pub struct SinkContext {
     commit_warned: std::sync::Mutex<Option<Instant>>,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// Says when a partition the sink holds is not fetched (see [`Progress::fetch_states`]).
+    fn stats(&self, stats: rdkafka::Statistics) {
+        self.progress
+            .fetch_states(stats.topics.iter().flat_map(|(topic, t)| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0)
+                    .map(move |p| FetchState {
+                        topic,
+                        partition: p.partition,
+                        state: &p.fetch_state,
+                        leader: p.leader,
+                    })
+            }));
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -181,7 +197,9 @@ fn consumer_config(brokers: &str, group: &str, extra: &[(String, String)]) -> Cl
         .set("session.timeout.ms", "10000")
         // `fetch.wait.max.ms` stays librdkafka's 500 ms: the broker answers a waiting
         // fetch as soon as an event arrives.
-        .set("heartbeat.interval.ms", "2000");
+        .set("heartbeat.interval.ms", "2000")
+        // For `SinkContext::stats`: what the consumer fetches.
+        .set("statistics.interval.ms", "5000");
     for (k, v) in extra {
         c.set(k, v);
     }

@@ -3,9 +3,9 @@
 //! watchdog (in the gateway crate, which talks to Kafka) judges a stall from it and marks
 //! the role stalled here; `/health/ready` of the process answers from [`not_ready`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One role's progress, shared by the role and its watchdog.
 #[derive(Debug)]
@@ -25,7 +25,26 @@ struct State {
     busy: Vec<String>,
     /// Set by the watchdog: why the role is not making progress.
     stalled: Option<String>,
+    /// Held partitions the role's consumer does not fetch: since when, and when that was
+    /// last said.
+    unfetched: BTreeMap<(String, i32), (Instant, Option<Instant>)>,
 }
+
+/// One partition's fetch state in a consumer's statistics (librdkafka's `fetch_state`:
+/// `active` while it fetches; `offset-query`, `validate-epoch-wait` and the like while it
+/// cannot).
+#[derive(Debug, Clone, Copy)]
+pub struct FetchState<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub state: &'a str,
+    /// The partition's leader as the consumer knows it (-1: none).
+    pub leader: i32,
+}
+
+/// How long a held partition may go unfetched before the role says so (and again every
+/// such span while it lasts).
+pub const UNFETCHED_REPORT: Duration = Duration::from_secs(30);
 
 /// `cmd[0, 1, 2] evt[3]`: partitions grouped by topic, as the roles log what they were
 /// assigned and what they lost.
@@ -60,6 +79,7 @@ impl Progress {
                 last_beat: now,
                 busy: Vec::new(),
                 stalled: None,
+                unfetched: BTreeMap::new(),
             }),
         });
         let mut reg = lock(&REGISTRY);
@@ -135,6 +155,56 @@ impl Progress {
     pub fn stalled(&self) -> Option<String> {
         lock(&self.state).stalled.clone()
     }
+
+    /// Takes a statistics report of the role's consumer: a partition the role holds that
+    /// the consumer has not fetched for [`UNFETCHED_REPORT`] (no leader known, an offset
+    /// it cannot get from the group, a leader epoch it cannot validate) is said, as a
+    /// warning, since nothing the role waits on would tell: its records simply never
+    /// come.
+    pub fn fetch_states<'a>(&self, states: impl IntoIterator<Item = FetchState<'a>>) {
+        for (f, quiet) in self.unfetched_due(states, Instant::now()) {
+            tracing::warn!(
+                role = %self.role,
+                topic = f.topic,
+                partition = f.partition,
+                not_fetched_s = quiet.as_secs(),
+                fetch_state = f.state,
+                leader = f.leader,
+                "the consumer does not fetch a partition the role holds: no records come from it"
+            );
+        }
+    }
+
+    /// The held partitions of `states` that are due to be said at `now`, with how long
+    /// each has not been fetched.
+    fn unfetched_due<'a>(
+        &self,
+        states: impl IntoIterator<Item = FetchState<'a>>,
+        now: Instant,
+    ) -> Vec<(FetchState<'a>, Duration)> {
+        let mut s = lock(&self.state);
+        let State {
+            held, unfetched, ..
+        } = &mut *s;
+        unfetched.retain(|tp, _| held.contains(tp));
+        let mut due = Vec::new();
+        for f in states {
+            let tp = (f.topic.to_owned(), f.partition);
+            if f.state == "active" || !held.contains(&tp) {
+                unfetched.remove(&tp);
+                continue;
+            }
+            let (since, said) = unfetched.entry(tp).or_insert((now, None));
+            let quiet = now.saturating_duration_since(*since);
+            if quiet >= UNFETCHED_REPORT
+                && said.is_none_or(|t| now.saturating_duration_since(t) >= UNFETCHED_REPORT)
+            {
+                *said = Some(now);
+                due.push((f, quiet));
+            }
+        }
+        due
+    }
 }
 
 /// See [`Progress::busy`].
@@ -166,6 +236,57 @@ pub fn not_ready() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_partition_left_unfetched_is_said_once_every_report_span() {
+        let p = Progress::new("worker-test-unfetched");
+        p.assigned([("cmd".to_owned(), 3)]);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let said = |state: &str, other: &str, at: Instant| {
+            let states = [
+                FetchState {
+                    topic: "cmd",
+                    partition: 3,
+                    state,
+                    leader: 2,
+                },
+                // Not held: never said, whatever its state.
+                FetchState {
+                    topic: "cmd",
+                    partition: 4,
+                    state: other,
+                    leader: 2,
+                },
+            ];
+            p.unfetched_due(states, at)
+                .into_iter()
+                .map(|(f, quiet)| (f.partition, quiet.as_secs()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(said("offset-query", "none", t0), vec![]);
+        assert_eq!(said("offset-query", "none", at(29)), vec![]);
+        assert_eq!(said("validate-epoch-wait", "none", at(30)), vec![(3, 30)]);
+        assert_eq!(
+            said("offset-query", "none", at(45)),
+            vec![],
+            "said once a span"
+        );
+        assert_eq!(said("offset-query", "none", at(60)), vec![(3, 60)]);
+        assert_eq!(said("active", "none", at(61)), vec![]);
+        assert_eq!(
+            said("offset-query", "none", at(62)),
+            vec![],
+            "a new span begins"
+        );
+        assert_eq!(said("offset-query", "none", at(92)), vec![(3, 30)]);
+        p.revoked([("cmd".to_owned(), 3)]);
+        assert_eq!(
+            said("offset-query", "none", at(200)),
+            vec![],
+            "no longer held"
+        );
+    }
 
     #[test]
     fn a_role_holding_nothing_counts_from_its_last_partition() {

@@ -85,6 +85,7 @@ async fn publish_at_least_once(
     }
     let t = Instant::now();
     let outbox = Outbox::of(task)?;
+    let n = outbox.outputs.len();
     let sends = outbox.outputs.into_iter().filter_map(|entry| match entry {
         OutboxEntry::Kafka {
             topic,
@@ -96,13 +97,26 @@ async fn publish_at_least_once(
         )),
         OutboxEntry::Provider(_) => None,
     });
-    for r in join_all(sends).await {
+    let acks = join_all(sends);
+    for r in said_while_slow(acks, task, || {
+        format!("{n} outbox record(s) sent to Kafka and not acknowledged")
+    })
+    .await
+    {
         r?;
     }
     observe_stage("outputs", t);
-    for call in outbox.calls {
-        dispatcher.dispatch(call).await;
-    }
+    let calls = outbox.calls.len();
+    said_while_slow(
+        async {
+            for call in outbox.calls {
+                dispatcher.dispatch(call).await;
+            }
+        },
+        task,
+        || format!("{calls} provider call(s) waiting for a free slot (every slot busy with a call or its reply)"),
+    )
+    .await;
     task.published(outbox.output_keys.into_iter().chain(outbox.call_keys))?;
     Ok(true)
 }
@@ -160,6 +174,7 @@ async fn ship_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Resul
     }
     let keys: Vec<Vec<u8>> = batches.iter().map(|(k, _)| k.clone()).collect();
     let records = stores::coalesce(batches.into_iter().map(|(_, r)| r));
+    let records_len = records.len();
     let sends = records.into_iter().map(|(k, v)| {
         ship_record(
             producer,
@@ -170,11 +185,55 @@ async fn ship_changelog(task: &Task, producer: &FutureProducer) -> anyhow::Resul
         )
     });
     let mut end = None;
-    for r in join_all(sends).await {
+    let acks = said_while_slow(join_all(sends), task, || {
+        format!("{records_len} changelog record(s) sent to Kafka and not acknowledged")
+    });
+    for r in acks.await {
         end = end.max(Some(r? + 1));
     }
     task.changelog_shipped(keys, end, None)?;
     Ok(())
+}
+
+/// How long one step of a publish may take before the task says so (and again every such
+/// span while it lasts).
+const SLOW_STEP_REPORT: Duration = Duration::from_secs(20);
+
+/// Runs `step`, saying every [`SLOW_STEP_REPORT`] while it has not finished what the
+/// partition's task waits on (`doing`): the worker's producer never gives up on a record
+/// (see `worker_producer`), so a partition whose leader cannot take records, or has too
+/// few in-sync replicas, holds the task in a publish, and nothing else would tell.
+async fn said_while_slow<F: std::future::Future>(
+    step: F,
+    task: &Task,
+    doing: impl Fn() -> String,
+) -> F::Output {
+    let started = Instant::now();
+    tokio::pin!(step);
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + SLOW_STEP_REPORT,
+        SLOW_STEP_REPORT,
+    );
+    let task_name = || format!("{}[{}]", task.topic, task.partition);
+    loop {
+        tokio::select! {
+            out = &mut step => {
+                if started.elapsed() >= SLOW_STEP_REPORT {
+                    tracing::info!(task = %task_name(), waited_s = started.elapsed().as_secs(), "{}: done at last", doing());
+                }
+                return out;
+            }
+            _ = every.tick() => {
+                METRICS.errors.with_label_values(&["publish_slow"]).inc();
+                tracing::warn!(
+                    task = %task_name(),
+                    waited_s = started.elapsed().as_secs(),
+                    "{}: not done yet, and the partition's task waits for it (a broker down or unreachable, too few in-sync replicas, or a provider slower than its timeout)",
+                    doing()
+                );
+            }
+        }
+    }
 }
 
 /// A changelog record for the task's partition (`None`: a tombstone).

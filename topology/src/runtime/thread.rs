@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use telemetry::progress::FetchState;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -30,7 +31,8 @@ pub(super) fn lock(tasks: &Tasks) -> std::sync::MutexGuard<'_, HashMap<(String, 
 }
 
 /// Stops the tasks of revoked partitions before the group moves them, exports consumer
-/// lag from librdkafka's statistics, and logs rebalances.
+/// lag from librdkafka's statistics (and says when a held partition is not fetched), and
+/// logs rebalances.
 pub struct WorkerContext {
     group: String,
     tasks: Tasks,
@@ -54,6 +56,18 @@ impl ClientContext for WorkerContext {
                 }
             }
         }
+        self.progress
+            .fetch_states(stats.topics.iter().flat_map(|(topic, t)| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0)
+                    .map(move |p| FetchState {
+                        topic,
+                        partition: p.partition,
+                        state: &p.fetch_state,
+                        leader: p.leader,
+                    })
+            }));
     }
 }
 
@@ -271,12 +285,11 @@ pub async fn run_worker(
                     Ok(None) => continue,
                     Err(e) => break Err(e),
                 };
-                let key = (raw.topic.clone(), raw.partition);
-                if tx.send(raw).await.is_err() {
+                if let Err(mpsc::error::SendError(raw)) = tx.send(raw).await {
                     // A task that found its partition lost stopped without an error: the
                     // record is left to the partition's owner.
                     let lost = lock(&tasks)
-                        .get(&key)
+                        .get(&(raw.topic, raw.partition))
                         .is_some_and(|h| h.lost.load(std::sync::atomic::Ordering::SeqCst));
                     if lost {
                         continue;
