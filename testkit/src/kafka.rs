@@ -40,12 +40,22 @@ pub enum Fault {
 
 /// Topic settings under which a compacted changelog is compacted within a test's time
 /// (the cleaner never touches the active segment; `segment.ms` rolls it).
+///
+/// `delete.retention.ms` is how long a tombstone (and a transaction's marker) outlives
+/// the record it deletes, and so Kafka's bound on how long a restore may take to read
+/// the log from its start, and a replica may be away, and still see every delete: a
+/// replica that comes back after the leader's cleaner has dropped a tombstone copies the
+/// log past it and keeps the value it deletes for good, and a restore from that replica
+/// rebuilds an entry the writer deleted. A minute is longer than any restore or broker
+/// outage of the tests (at one second, restores under chaos disagreed with their
+/// writer's digest for minutes, whenever a replica that had been killed led the
+/// partition).
 pub const CHANGELOG_TEST_CONFIG: &[(&str, &str)] = &[
     ("cleanup.policy", "compact"),
     ("segment.ms", "5000"),
     ("min.cleanable.dirty.ratio", "0.01"),
     ("min.compaction.lag.ms", "0"),
-    ("delete.retention.ms", "1000"),
+    ("delete.retention.ms", "60000"),
 ];
 
 pub struct Kafka {
