@@ -10,7 +10,8 @@
 //! (`read_committed`) to tell records from transaction markers and aborted records.
 //! A partition it holds that cannot be judged so for `report_after` (its leader does not
 //! answer the watchdog, or the read never tells) is reported too, as a stall it cannot
-//! confirm, and never ends the role. The notifier is stalled when it has not picked its work for `report_after`.
+//! confirm, and never ends the role. The notifier is stalled when it has not picked its
+//! work for `report_after`.
 //!
 //! A stall is logged (a warning, repeated every `report_after` while it lasts), shown
 //! (`gateway_stalled`, `gateway_stall_seconds`, `/health/ready` answering 503 with the
@@ -362,37 +363,23 @@ impl GroupProgress {
             }
         };
         let mine: Vec<_> = waiting.iter().filter(|(tp, _)| held.contains(tp)).collect();
-        if let Some(age) = mine.iter().map(|(_, age)| *age).max() {
-            return Some(Stall {
-                why: format!(
-                    "holds {} partition(s) with records waiting and has committed past none of them for {} s: {}",
-                    mine.len(),
-                    age.as_secs(),
-                    list(mine.iter().map(|(tp, _)| tp))
-                ),
-                age,
-                fatal: true,
-            });
+        if let Some(stall) = over(&mine, true, |n, secs, parts| {
+            format!("holds {n} partition(s) with records waiting and has committed past none of them for {secs} s: {parts}")
+        }) {
+            return Some(stall);
         }
         // A partition it holds whose progress cannot be read (its leader does not answer
         // the watchdog) may be stalled as well: said, not ended over (the role's own
         // clients most likely cannot reach that broker either).
-        let blind: Vec<_> = self
-            .unjudged(now)
-            .into_iter()
+        let unjudged = self.unjudged(now);
+        let blind: Vec<_> = unjudged
+            .iter()
             .filter(|(tp, d)| held.contains(tp) && *d >= settings.report_after)
             .collect();
-        if let Some(age) = blind.iter().map(|(_, d)| *d).max() {
-            return Some(Stall {
-                why: format!(
-                    "cannot tell whether {} partition(s) it holds progress: their committed offset has not moved and their records could not be read for {} s: {}",
-                    blind.len(),
-                    age.as_secs(),
-                    list(blind.iter().map(|(tp, _)| tp))
-                ),
-                age,
-                fatal: false,
-            });
+        if let Some(stall) = over(&blind, false, |n, secs, parts| {
+            format!("cannot tell whether {n} partition(s) it holds progress: their committed offset has not moved and their records could not be read for {secs} s: {parts}")
+        }) {
+            return Some(stall);
         }
         let empty_for = empty_for.filter(|d| *d >= settings.report_after)?;
         match waiting.iter().map(|(_, age)| *age).max() {
@@ -569,6 +556,26 @@ fn records_after(
         .assign(&TopicPartitionList::new())
         .context("releasing the partition read")?;
     Ok(found)
+}
+
+/// A stall over `parts` (each with how long it has stood still), as old as the oldest,
+/// worded by `why` from their count, that age in seconds and their list; `None` when
+/// `parts` is empty.
+fn over(
+    parts: &[&((String, i32), Duration)],
+    fatal: bool,
+    why: impl FnOnce(usize, u64, String) -> String,
+) -> Option<Stall> {
+    let age = parts.iter().map(|(_, age)| *age).max()?;
+    Some(Stall {
+        why: why(
+            parts.len(),
+            age.as_secs(),
+            list(parts.iter().map(|(tp, _)| tp)),
+        ),
+        age,
+        fatal,
+    })
 }
 
 fn list<'a>(tps: impl Iterator<Item = &'a (String, i32)>) -> String {
