@@ -84,11 +84,12 @@ local-stack: kafka
 	$(CARGO) build --locked -p testkit -p payment-client --bins
 	target/debug/local-stack $(ARGS)
 
-# Pipeline throughput and latency beside the machine's raw Kafka and PostgreSQL limits.
+# Pipeline throughput, latency and CPU per payment beside the machine's raw Kafka and
+# PostgreSQL limits, every role a process, the load generator pinned apart (--no-pin: not).
 # ARGS="--payments 20000 --rate 0" (max throughput) or ARGS="--rate 2000" (open loop);
-# a memory run: ARGS="--rate 500 --payments 300000 --worker-process --memory-every-s 60".
+# a memory run: ARGS="--rate 500 --payments 300000 --memory-every-s 60".
 bench: kafka
-	$(CARGO) build --release --locked -p gateway --bins
+	$(CARGO) build --release --locked -p gateway -p simulator --bins
 	$(CARGO) run --release --locked -p testkit --bin bench -- $(ARGS)
 
 # Fuzzes the API against /openapi.json with schemathesis (PyPI, into target/fuzz-venv) on

@@ -414,6 +414,14 @@ impl Cluster {
             .join(",")
     }
 
+    /// The process ids of the nodes running now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     pub fn nodes(&self) -> usize {
         self.nodes.len()
     }

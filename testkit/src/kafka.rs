@@ -72,7 +72,7 @@ struct SharedCluster {
     brokers: String,
     root: PathBuf,
     /// Held so the cluster is never dropped; its watchdog ends it with the process.
-    _cluster: Mutex<Cluster>,
+    cluster: Mutex<Cluster>,
 }
 
 /// Marks the shared cluster's logs to be kept when a test of this process panics.
@@ -106,7 +106,7 @@ impl Kafka {
                 Ok(SharedCluster {
                     brokers: cluster.bootstrap(),
                     root,
-                    _cluster: Mutex::new(cluster),
+                    cluster: Mutex::new(cluster),
                 })
             })
             .as_ref()
@@ -149,6 +149,19 @@ impl Kafka {
             "this test needs a Kafka cluster of its own (Kafka::start_cluster), not shared or external brokers",
         )?;
         Ok(own.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The process ids of the nodes behind this handle (its own cluster's, or the
+    /// process's shared one); none for external brokers.
+    pub fn pids(&self) -> Vec<u32> {
+        let lock = |c: &Mutex<Cluster>| c.lock().unwrap_or_else(|p| p.into_inner()).pids();
+        match &self.own {
+            Some(own) => lock(own),
+            None => match SHARED.get() {
+                Some(Ok(shared)) if shared.brokers == self.brokers => lock(&shared.cluster),
+                _ => Vec::new(),
+            },
+        }
     }
 
     /// Breaks or mends the network between the clients and one node.

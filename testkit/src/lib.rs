@@ -11,7 +11,9 @@
 //! - [`stack`]: the gateway's services (API, worker, sink, provider simulator) started
 //!   in-process or, for the worker, as a child process that can be killed.
 //! - [`procs`]: the gateway's services as separate OS processes, killed and restarted
-//!   by the harnesses (`make chaos`, `make soak`), and their client load.
+//!   by the harnesses (`make chaos`, `make soak`), and their client load;
+//!   [`procstack`]: a whole stack of them, as deployed, for `make bench`.
+//! - [`cpu`]: a process tree's CPU time (`/proc`) and its pinning to a CPU.
 //! - [`client`]: a small API client and what tests read back (terminal states,
 //!   histories, the events topic).
 //! - [`jaeger`]: a real Jaeger (the binary `make jaeger` builds), all-in-one with
@@ -32,6 +34,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod cpu;
 pub mod jaeger;
 pub mod kafka;
 pub mod merchant;
@@ -40,6 +43,7 @@ pub mod otlp;
 pub mod pg;
 pub mod ports;
 pub mod procs;
+pub mod procstack;
 pub mod stack;
 pub mod txaudit;
 pub mod verify;

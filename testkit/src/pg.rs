@@ -185,6 +185,13 @@ impl PgServer {
         Ok(server)
     }
 
+    /// The postmaster's process id (its backends are its children); `None` for a server
+    /// named by `DATABASE_URL`.
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir.as_ref()?.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     pub fn admin_url(&self) -> &str {
         &self.admin_url
     }

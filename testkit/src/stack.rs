@@ -197,6 +197,70 @@ pub fn set_param(c: &mut ComponentDecl, key: &str, value: toml::Value) -> anyhow
     Ok(())
 }
 
+/// A deployment's topics on the broker and its topology: what every stack starts from.
+pub struct Deployment {
+    pub commands: String,
+    pub events: String,
+    pub dlq: String,
+    pub topology: Arc<topology::CompiledTopology>,
+    /// The topology as the roles read it (`--topology`).
+    pub text: String,
+}
+
+/// Creates the topics of the deployment named `suffix` (commands, events, dead letters,
+/// changelog and notifications, `partitions` each; the changelog compacted as in
+/// [`crate::kafka::CHANGELOG_TEST_CONFIG`]) and compiles its topology: the shipped one
+/// with `policy`, then `edit`. With `reuse`, topics of those names are deleted first
+/// (real brokers outlive a stack: the same names start from empty topics).
+pub async fn provision(
+    kafka: &Kafka,
+    suffix: &str,
+    partitions: i32,
+    policy: &str,
+    edit: Option<fn(&mut TopologyFile)>,
+    reuse: bool,
+) -> anyhow::Result<Deployment> {
+    let (commands, events, dlq) = (
+        format!("cmd-{suffix}"),
+        format!("evt-{suffix}"),
+        format!("dlq-{suffix}"),
+    );
+    let changelog = format!("app-{suffix}-{commands}-changelog");
+    if reuse {
+        let notifications = notifications_topic(&events);
+        kafka
+            .delete_topics(&[&commands, &events, &dlq, &changelog, &notifications])
+            .await?;
+    }
+    for t in [&commands, &events, &dlq] {
+        kafka.create_topic(t, partitions).await?;
+    }
+    let mut file = shipped_topology(&commands, &events, &dlq, &format!("app-{suffix}"), policy)?;
+    if let Some(edit) = edit {
+        edit(&mut file);
+    }
+    let text = topology_text(&file)?;
+    let topology = Arc::new(topology::compile_str(&text)?);
+    anyhow::ensure!(
+        topology.changelog_topic(&commands) == changelog,
+        "the changelog topic is {}, not {changelog}",
+        topology.changelog_topic(&commands)
+    );
+    kafka
+        .create_topic_with(&changelog, partitions, crate::kafka::CHANGELOG_TEST_CONFIG)
+        .await?;
+    if let Some(t) = topology.notifications_topic() {
+        kafka.create_topic(&t, partitions).await?;
+    }
+    Ok(Deployment {
+        commands,
+        events,
+        dlq,
+        topology,
+        text,
+    })
+}
+
 /// `policy` (`key = value, …`) as a params table.
 fn policy_params(policy: &str) -> anyhow::Result<toml::Value> {
     let wrapped: toml::Table = toml::from_str(&format!("p = {{ {policy} }}"))
@@ -223,49 +287,21 @@ impl Stack {
             Some(n) => n.clone(),
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
-        let (commands, events, dlq) = (
-            format!("cmd-{suffix}"),
-            format!("evt-{suffix}"),
-            format!("dlq-{suffix}"),
-        );
-        let changelog = format!("app-{suffix}-{commands}-changelog");
-        if opts.names.is_some() {
-            // Real brokers outlive a stack: the same names start from empty topics.
-            let notifications = notifications_topic(&events);
-            kafka
-                .delete_topics(&[&commands, &events, &dlq, &changelog, &notifications])
-                .await?;
-        }
-        for t in [&commands, &events, &dlq] {
-            kafka.create_topic(t, opts.partitions).await?;
-        }
-        let mut file = shipped_topology(
-            &commands,
-            &events,
-            &dlq,
-            &format!("app-{suffix}"),
+        let Deployment {
+            commands: _,
+            events,
+            dlq,
+            topology,
+            text,
+        } = provision(
+            &kafka,
+            &suffix,
+            opts.partitions,
             &opts.policy,
-        )?;
-        if let Some(edit) = opts.edit_topology {
-            edit(&mut file);
-        }
-        let text = topology_text(&file)?;
-        let topology = Arc::new(topology::compile_str(&text)?);
-        anyhow::ensure!(
-            topology.changelog_topic(&commands) == changelog,
-            "the changelog topic is {}, not {changelog}",
-            topology.changelog_topic(&commands)
-        );
-        kafka
-            .create_topic_with(
-                &changelog,
-                opts.partitions,
-                crate::kafka::CHANGELOG_TEST_CONFIG,
-            )
-            .await?;
-        if let Some(t) = topology.notifications_topic() {
-            kafka.create_topic(&t, opts.partitions).await?;
-        }
+            opts.edit_topology,
+            opts.names.is_some(),
+        )
+        .await?;
         let state_dir = tempfile::Builder::new()
             .prefix("gateway-state-")
             .tempdir()?;

@@ -1,23 +1,41 @@
 //! `bench`: measures the whole pipeline (POST → terminal state committed in PostgreSQL)
-//! beside this machine's raw limits for the same work, on the same broker and database.
+//! beside this machine's raw limits for the same work, on the same broker and database,
+//! and what a payment costs in CPU, process by process.
 //!
-//! With no `--rate` it makes three runs, each on a fresh stack, and prints a line for each:
+//! The system under test runs as deployed, every role a process of its own
+//! ([`testkit::procstack`]: the API, the worker, the sink, the notifier and the provider
+//! simulator) on the test kit's Apache Kafka node and PostgreSQL. Unless `--no-pin`, the
+//! load generator (this process) runs on CPU 0 and the system under test on the other
+//! CPUs, so that the client's work neither slows what it measures nor is charged to it;
+//! the raw limits run on the system's CPUs too.
+//!
+//! With no `--rate` it makes four runs, each on a fresh stack (new topics and database;
+//! the one broker serves all), and prints a line for each:
 //!
 //! - `bench:` maximum throughput, `--concurrency` clients as fast as they go, with the
 //!   raw limits measured after it;
 //! - `bench-half:` an open loop at half that throughput (the latency a service running
 //!   at half its capacity gives);
 //! - `bench-overload:` an open loop at twice it, refused creates not retried (what
-//!   admission control makes of overload: fast answers, accepted work at capacity).
+//!   admission control makes of overload: fast answers, accepted work at capacity);
+//! - `bench-fifth:` an open loop at a fifth of it, where a service spends most of its
+//!   day;
 //!
-//! `--rate R` makes one open-loop run at R payments/s and prints its `bench:` line.
+//! and after each, `bench-cost:` the CPU time per payment of every process of the system
+//! under test (`/proc/<pid>/stat`, from the first create sent to the last payment
+//! terminal), and of the generator apart.
+//!
+//! `--rate R` makes one open-loop run at R payments/s and prints its `bench:` and
+//! `bench-cost:` lines.
 //!
 //! - e2e latency uses PostgreSQL's commit time of the terminal row (`projected_at`)
 //!   against the client's send time, so polling adds nothing;
 //! - raw limits, with warm clients (their start-up is not timed): librdkafka produce,
-//!   then consume on two threads, of as many messages of the same size as the pipeline
-//!   moved; and as many event rows as it wrote (same table shape, same JSON) by the
-//!   faster of batched `UNNEST` inserts and `COPY ... FROM STDIN BINARY`.
+//!   then consume on two threads, of as many records of the same mean size as the
+//!   pipeline wrote to every topic (commands, events, notifications, changelog); and as
+//!   many rows as it wrote, updated or deleted (`pg_stat_user_tables`), as event rows
+//!   (same table shape, same JSON) by the faster of batched `UNNEST` inserts and
+//!   `COPY ... FROM STDIN BINARY`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,37 +43,34 @@ use futures::stream::{self, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use telemetry::now_ms;
-use testkit::stack::{Stack, StackOptions, DEMO_KEY};
+use testkit::client::Api;
+use testkit::cpu;
+use testkit::kafka::Kafka;
+use testkit::procstack::{ProcessOptions, ProcessStack};
+use testkit::stack::DEMO_KEY;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-
-/// The gateway's allocator (jemalloc), so the in-process stack measures as deployed.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
-    about = "Throughput and latency of the payment pipeline beside the machine's raw limits"
+    about = "Throughput, latency and CPU per payment of the payment pipeline beside the machine's raw limits"
 )]
 struct Args {
     #[arg(long, default_value_t = 10_000)]
     payments: usize,
     /// One open-loop run at this many payments per second; 0: one run as fast as
-    /// `--concurrency` clients go. Without it: the maximum, half-load and overload runs.
+    /// `--concurrency` clients go. Without it: the maximum, half-load, overload and
+    /// fifth-load runs.
     #[arg(long)]
     rate: Option<u64>,
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     #[arg(long, default_value_t = 4)]
     partitions: i32,
-    /// Run the worker as its own process (the `gateway` binary beside this one), so its
-    /// memory is measured apart from the broker and database stand-ins.
-    #[arg(long)]
-    worker_process: bool,
-    /// Print the resident memory of this process and of the worker every N seconds.
+    /// Print the resident memory of the worker every N seconds.
     #[arg(long, default_value_t = 0)]
     memory_every_s: u64,
     /// sled's page cache per partition store of the worker, in MiB.
@@ -82,6 +97,10 @@ struct Args {
     /// run does).
     #[arg(long)]
     no_retry: bool,
+    /// Leave the generator and the system under test on every CPU (by default the
+    /// generator runs on CPU 0, the system on the others).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 fn exactly_once(t: &mut topology::config::TopologyFile) {
@@ -97,7 +116,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// A memory figure of a process (`VmHWM`: peak, `VmRSS`: current), in MiB.
-fn memory_mb(pid: &str, field: &str) -> f64 {
+fn memory_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -108,17 +127,152 @@ fn memory_mb(pid: &str, field: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Peak resident memory of the largest process of the stack (this one or the worker's).
-fn peak_rss_mb(worker: Option<u32>) -> f64 {
-    let own = memory_mb("self", "VmHWM:");
-    worker.map_or(own, |pid| own.max(memory_mb(&pid.to_string(), "VmHWM:")))
-}
-
 /// One run's load: as fast as the clients go, or an open loop at a rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Load {
     Max,
     Open { rate: f64, retry_refused: bool },
+}
+
+/// Where the generator and the system under test run.
+#[derive(Debug, Clone)]
+enum Pinning {
+    /// Everything on every CPU, and why.
+    Off(&'static str),
+    On {
+        generator: usize,
+        system: Vec<usize>,
+    },
+}
+
+impl Pinning {
+    fn choose(wanted: bool) -> Pinning {
+        match (wanted, cpu::online_cpus()) {
+            (false, _) => Pinning::Off("off"),
+            (true, 1) => Pinning::Off("off(one-cpu)"),
+            (true, n) => Pinning::On {
+                generator: 0,
+                system: (1..n).collect(),
+            },
+        }
+    }
+
+    /// As the `bench:` line says it: `generator:0,system:1` (or `1-3`), or `off`.
+    fn describe(&self) -> String {
+        match self {
+            Pinning::Off(why) => (*why).to_owned(),
+            Pinning::On { generator, system } => {
+                let system = match (system.first(), system.last()) {
+                    (Some(a), Some(b)) if a != b => format!("{a}-{b}"),
+                    (Some(a), _) => a.to_string(),
+                    _ => "none".to_owned(),
+                };
+                format!("generator:{generator},system:{system}")
+            }
+        }
+    }
+
+    /// The CPUs the raw limits run on (the system's), or `None` when not pinned.
+    fn system(&self) -> Option<&[usize]> {
+        match self {
+            Pinning::On { system, .. } => Some(system),
+            Pinning::Off(_) => None,
+        }
+    }
+
+    /// Moves this process's threads to the generator's CPU and every process of the
+    /// system under test, with its threads and children, to the system's. Threads
+    /// started later inherit their starter's CPUs.
+    fn apply(&self, sut: &[(String, u32)]) -> anyhow::Result<()> {
+        let Pinning::On { generator, system } = self else {
+            return Ok(());
+        };
+        cpu::pin_process(std::process::id(), &[*generator])?;
+        for (name, pid) in sut {
+            cpu::pin_tree(*pid, system).with_context(|| format!("pinning the {name}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The components of the system under test, as `bench-cost:` names them.
+const COMPONENTS: [&str; 7] = ["worker", "broker", "pg", "api", "sink", "notifier", "sim"];
+
+/// The processes of the system under test, by component: the stack's roles, the
+/// broker's node and PostgreSQL's postmaster (its backends are its children).
+fn system_processes(stack: &ProcessStack) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = stack
+        .pids()
+        .into_iter()
+        .map(|(role, pid)| (role.replace("provider-", ""), pid))
+        .collect();
+    out.extend(
+        stack
+            .kafka
+            .pids()
+            .into_iter()
+            .map(|p| ("broker".to_owned(), p)),
+    );
+    if let Some(pid) = testkit::pg::server().ok().and_then(|s| s.pid()) {
+        out.push(("pg".to_owned(), pid));
+    }
+    out
+}
+
+/// CPU time used from `start` to `finish`, per component and by the generator.
+struct CpuMeter {
+    from: Vec<(String, u32, u64)>,
+    generator_from: u64,
+    at: Instant,
+}
+
+/// What a run cost: CPU milliseconds per payment, by component.
+struct Cost {
+    by_component: BTreeMap<String, f64>,
+    generator: f64,
+    total: f64,
+    /// The system's CPU time over the run's wall time: how many of its CPUs it kept busy.
+    busy_cpus: f64,
+}
+
+impl CpuMeter {
+    fn start(processes: Vec<(String, u32)>) -> CpuMeter {
+        CpuMeter {
+            from: processes
+                .into_iter()
+                .map(|(n, pid)| {
+                    let t = cpu::tree_ticks(pid).unwrap_or(0);
+                    (n, pid, t)
+                })
+                .collect(),
+            generator_from: cpu::own_ticks(std::process::id()).unwrap_or(0),
+            at: Instant::now(),
+        }
+    }
+
+    fn finish(&self, payments: usize) -> Cost {
+        let per_payment =
+            |ticks: u64| ticks as f64 / cpu::ticks_per_second() * 1000.0 / payments.max(1) as f64;
+        let mut by_component = BTreeMap::new();
+        let mut ticks = 0;
+        for (name, pid, from) in &self.from {
+            // A process gone by now (none should be) counts what it had until then as 0.
+            let used = cpu::tree_ticks(*pid).unwrap_or(*from).saturating_sub(*from);
+            ticks += used;
+            *by_component.entry(name.clone()).or_insert(0.0) += per_payment(used);
+        }
+        let generator = cpu::own_ticks(std::process::id())
+            .unwrap_or(self.generator_from)
+            .saturating_sub(self.generator_from);
+        Cost {
+            by_component,
+            generator: per_payment(generator),
+            total: per_payment(ticks),
+            busy_cpus: ticks as f64
+                / cpu::ticks_per_second()
+                / self.at.elapsed().as_secs_f64().max(0.001),
+        }
+    }
 }
 
 /// What a run measured.
@@ -133,6 +287,7 @@ struct Run {
     e2e_p99_ms: f64,
     raw: Option<Raw>,
     peak_rss_mb: f64,
+    cost: Cost,
 }
 
 /// The machine's raw limits for the work a run did, in payments per second and parts.
@@ -145,7 +300,7 @@ struct Raw {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    // The stack's warnings (admission control refusing, a slow restore) on stderr.
+    // The harness's own warnings on stderr (the roles log to files of their own).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -153,66 +308,64 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    let pinning = Pinning::choose(!a.no_pin);
     if let Some(rate) = a.rate {
-        let load = match rate {
-            0 => Load::Max,
-            r => Load::Open {
-                rate: r as f64,
-                retry_refused: !a.no_retry,
-            },
+        let (load, label) = match rate {
+            0 => (Load::Max, "max".to_owned()),
+            r => (
+                Load::Open {
+                    rate: r as f64,
+                    retry_refused: !a.no_retry,
+                },
+                format!("{r}/s"),
+            ),
         };
-        let r = run(&a, load, a.payments, !a.skip_raw).await?;
-        print_bench(&r);
+        let r = run(&a, load, a.payments, !a.skip_raw, &pinning).await?;
+        print_bench(&r, &pinning);
+        print_cost(&label, &r);
         return ensure_none_lost(&r);
     }
-    let max = run(&a, Load::Max, a.payments, !a.skip_raw).await?;
-    print_bench(&max);
+    let max = run(&a, Load::Max, a.payments, !a.skip_raw, &pinning).await?;
+    print_bench(&max, &pinning);
+    print_cost("max", &max);
     ensure_none_lost(&max)?;
-    let half_rate = (max.throughput / 2.0).max(1.0);
-    let half = run(
-        &a,
-        Load::Open {
-            rate: half_rate,
-            retry_refused: true,
-        },
-        a.payments,
-        false,
-    )
-    .await?;
-    println!(
-        "bench-half: offered={half_rate:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0}",
-        half.post_p99_ms, half.e2e_p50_ms, half.e2e_p99_ms
-    );
+    let open = |fraction: f64, retry_refused| Load::Open {
+        rate: (max.throughput * fraction).max(1.0),
+        retry_refused,
+    };
+    let half = run(&a, open(0.5, true), a.payments, false, &pinning).await?;
+    print_open("bench-half", max.throughput * 0.5, &half);
+    print_cost("0.5", &half);
     ensure_none_lost(&half)?;
     // Twice the maximum, for as long as the maximum run took: twice its payments.
     let over_rate = max.throughput * 2.0;
-    let over = run(
-        &a,
-        Load::Open {
-            rate: over_rate,
-            retry_refused: false,
-        },
-        a.payments * 2,
-        false,
-    )
-    .await?;
+    let over = run(&a, open(2.0, false), a.payments * 2, false, &pinning).await?;
     println!(
         "bench-overload: offered={over_rate:.0}/s accepted={:.0}/s refused={} post_p99_ms={:.1} e2e_p99_ms={:.0} lost={}",
         over.throughput, over.refused, over.post_p99_ms, over.e2e_p99_ms, over.lost
     );
+    print_cost("2", &over);
     eprintln!(
         "bench: overload detail offered={} accepted={} accepted_to_max={:.2}",
         over.offered,
         over.accepted,
         over.throughput / max.throughput
     );
-    ensure_none_lost(&over)
+    ensure_none_lost(&over)?;
+    let fifth = run(&a, open(0.2, true), a.payments, false, &pinning).await?;
+    print_open("bench-fifth", max.throughput * 0.2, &fifth);
+    print_cost("0.2", &fifth);
+    eprintln!(
+        "bench: cpu per payment at a fifth of the maximum over at the maximum: {:.2}",
+        fifth.cost.total / max.cost.total
+    );
+    ensure_none_lost(&fifth)
 }
 
-fn print_bench(r: &Run) {
+fn print_bench(r: &Run, pinning: &Pinning) {
     let raw = r.raw.as_ref();
     println!(
-        "bench: payments={} throughput={:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0} raw_kafka_msgs_per_s={:.0} raw_pg_rows_per_s={:.0} ratio_to_raw={:.2} peak_rss_mb={:.0}",
+        "bench: payments={} throughput={:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0} raw_kafka_msgs_per_s={:.0} raw_pg_rows_per_s={:.0} ratio_to_raw={:.2} peak_rss_mb={:.0} pinning={}",
         r.accepted,
         r.throughput,
         r.post_p99_ms,
@@ -222,6 +375,33 @@ fn print_bench(r: &Run) {
         raw.map_or(f64::NAN, |x| x.pg_rows_per_s),
         raw.map_or(f64::NAN, |x| r.throughput / x.payments_per_s),
         r.peak_rss_mb,
+        pinning.describe(),
+    );
+}
+
+fn print_open(name: &str, offered: f64, r: &Run) {
+    println!(
+        "{name}: offered={offered:.0}/s post_p99_ms={:.1} e2e_p50_ms={:.0} e2e_p99_ms={:.0}",
+        r.post_p99_ms, r.e2e_p50_ms, r.e2e_p99_ms
+    );
+}
+
+fn print_cost(load: &str, r: &Run) {
+    let c = &r.cost;
+    let parts: Vec<String> = COMPONENTS
+        .iter()
+        .map(|name| match c.by_component.get(*name) {
+            Some(ms) => format!("{name}={ms:.3}"),
+            None => format!("{name}=-"),
+        })
+        .collect();
+    println!(
+        "bench-cost: load={load} payments_per_s={:.0} cpu_ms_per_payment={:.3} {} generator={:.3} busy_cpus={:.2}",
+        r.throughput,
+        c.total,
+        parts.join(" "),
+        c.generator,
+        c.busy_cpus,
     );
 }
 
@@ -234,71 +414,207 @@ fn ensure_none_lost(r: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends `payments` creates to a fresh stack under `load`, waits for every accepted one
-/// to be terminal in PostgreSQL, and measures; with `raw`, then the raw limits.
-async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result<Run> {
-    let defaults = StackOptions::default();
-    let gateway_bin = match a.worker_process {
-        true => {
-            let bin = std::env::current_exe()?.with_file_name("gateway");
-            anyhow::ensure!(
-                bin.exists(),
-                "{} is missing: build it first (cargo build --release -p gateway)",
-                bin.display()
-            );
-            Some(bin)
-        }
-        false => None,
-    };
-    let stack = Stack::start(StackOptions {
+fn process_options(a: &Args) -> anyhow::Result<ProcessOptions> {
+    Ok(ProcessOptions {
         partitions: a.partitions,
-        gateway_bin,
         // The payment policy as shipped (the tests' default has short timeouts).
         policy: testkit::stack::SHIPPED_POLICY.into(),
+        edit_topology: a.exactly_once.then_some(exactly_once as fn(&mut _)),
         store_cache_mb: a.store_cache_mb,
         max_creates_in_flight: a.max_creates_in_flight,
-        edit_topology: a.exactly_once.then_some(exactly_once as fn(&mut _)),
         kafka_props: gateway::parse_kafka_props(&a.kafka_props)?,
         sink_writers: a.sink_writers,
-        ..defaults
     })
-    .await?;
-    let worker_pid = stack.worker_pid();
-    if a.memory_every_s > 0 {
-        let every = Duration::from_secs(a.memory_every_s);
-        tokio::spawn(async move {
-            let t = Instant::now();
-            loop {
-                tokio::time::sleep(every).await;
-                let worker = worker_pid.map_or(f64::NAN, |p| memory_mb(&p.to_string(), "VmRSS:"));
-                eprintln!(
-                    "bench: memory t={}s bench_rss_mb={:.0} worker_rss_mb={worker:.0}",
-                    t.elapsed().as_secs(),
-                    memory_mb("self", "VmRSS:"),
-                );
-            }
-        });
+}
+
+/// Sends `payments` creates to a fresh stack under `load`, waits for every accepted one
+/// to be terminal in PostgreSQL, and measures; with `raw`, then the raw limits. A run
+/// that fails keeps the roles' logs.
+async fn run(
+    a: &Args,
+    load: Load,
+    payments: usize,
+    raw: bool,
+    pinning: &Pinning,
+) -> anyhow::Result<Run> {
+    let mut stack = ProcessStack::start(&process_options(a)?).await?;
+    let run = measure(a, load, payments, raw, pinning, &mut stack).await;
+    if run.is_err() {
+        let logs = stack.keep_logs();
+        eprintln!(
+            "bench: the run failed; the roles' logs are kept in {}",
+            logs.display()
+        );
     }
+    tokio::task::block_in_place(|| stack.shutdown());
+    run
+}
+
+/// One answer to a create: the payment id (when accepted), the client's send time (ms
+/// since the epoch), the request's latency in ms (its retries included) and the status
+/// (0: no answer).
+struct Answer {
+    id: String,
+    sent_ms: i64,
+    ms: f64,
+    status: u16,
+}
+
+async fn measure(
+    a: &Args,
+    load: Load,
+    payments: usize,
+    raw: bool,
+    pinning: &Pinning,
+    stack: &mut ProcessStack,
+) -> anyhow::Result<Run> {
     let api = stack.client(DEMO_KEY);
     let pool = stack.pool().await?;
-
     // Warm up: consumer groups joined, connections open.
     let w = api.create("warmup", 1000, "EUR").await?;
     let wid = w.body["id"].as_str().unwrap_or_default().to_owned();
     api.wait_for_status(&wid, &["COMPLETED"], Duration::from_secs(60))
         .await?;
-
+    let system = system_processes(stack);
+    pinning.apply(&system)?;
+    if a.memory_every_s > 0 {
+        report_memory(Duration::from_secs(a.memory_every_s), stack.pid("worker"));
+    }
     eprintln!(
-        "bench: sending {payments} payments ({})",
+        "bench: sending {payments} payments ({}; pinning {})",
         match load {
             Load::Max => format!("max, {} clients", a.concurrency),
             Load::Open { rate, .. } => format!("{rate:.0}/s open loop"),
-        }
+        },
+        pinning.describe()
     );
-    let started = Instant::now();
     let started_ms = now_ms();
+    let meter = CpuMeter::start(system);
+    let answers = send(&api, load, payments, a.concurrency).await;
+    let ids: Vec<String> = answers
+        .iter()
+        .filter(|r| r.status == 202)
+        .map(|r| r.id.clone())
+        .collect();
+    let lost = wait_terminal(&pool, &ids).await?;
+    let cost = meter.finish(ids.len());
+    stack.ensure_running()?;
+
+    let c = pool.get().await?;
+    let rows = c
+        .query(
+            "SELECT payment_id, (extract(epoch FROM projected_at) * 1000)::int8 FROM payments WHERE payment_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let done: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut e2e: Vec<f64> = answers
+        .iter()
+        .filter(|r| r.status == 202)
+        .filter_map(|r| done.get(&r.id).map(|t| (*t - r.sent_ms) as f64))
+        .collect();
+    e2e.sort_by(f64::total_cmp);
+    let post_of = |keep: &dyn Fn(u16) -> bool| {
+        let mut v: Vec<f64> = answers
+            .iter()
+            .filter(|r| keep(r.status))
+            .map(|r| r.ms)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let post = post_of(&|_| true);
+    let last_done = done.values().copied().max().unwrap_or(started_ms);
+    let elapsed_s = ((last_done - started_ms) as f64 / 1000.0).max(0.001);
+    let throughput = ids.len() as f64 / elapsed_s;
+
+    let work = work_done(stack, &c).await?;
+    let store_bytes = dir_bytes(&stack.worker_state)
+        .with_context(|| format!("measuring {}", stack.worker_state.display()))?;
+    eprintln!(
+        "bench: worker stores on disk {:.0} MB, {:.2} KB per payment",
+        store_bytes as f64 / 1e6,
+        store_bytes as f64 / 1e3 / ids.len().max(1) as f64
+    );
+    // Before the raw runs; the broker's and PostgreSQL's are not in it.
+    let peak_rss_mb = ["api", "worker", "sink", "notifier"]
+        .iter()
+        .filter_map(|role| stack.pid(role))
+        .map(|pid| memory_mb(pid, "VmHWM:"))
+        .fold(0.0, f64::max);
+    eprintln!(
+        "bench: pipeline done in {elapsed_s:.1}s; its work: {} Kafka records of {} B on average ({:.1} a payment), {} row writes ({:.1} a payment)",
+        work.kafka_records,
+        work.avg_size,
+        work.kafka_records as f64 / ids.len().max(1) as f64,
+        work.row_writes,
+        work.row_writes as f64 / ids.len().max(1) as f64,
+    );
+    let raw = match raw {
+        true => Some(raw_limits(stack, &work, ids.len(), pinning.system())?),
+        false => None,
+    };
+    if raw.is_some() {
+        eprintln!("bench: stages {}", stages(&stack.metrics().await));
+    }
+    if std::env::var_os("BENCH_PG_STATEMENTS").is_some() {
+        pg_statements(&c).await?;
+    }
+    let refused = answers.iter().filter(|r| r.status == 503).count();
+    if lost > 0 || ids.len() + refused != answers.len() {
+        eprintln!(
+            "bench: {} requests neither accepted nor refused, {lost} payments not terminal",
+            answers.len() - ids.len() - refused
+        );
+    }
+    let run = Run {
+        offered: answers.len(),
+        accepted: ids.len(),
+        refused,
+        lost,
+        throughput,
+        post_p99_ms: percentile(&post, 0.99),
+        e2e_p50_ms: percentile(&e2e, 0.50),
+        e2e_p99_ms: percentile(&e2e, 0.99),
+        raw,
+        peak_rss_mb,
+        cost,
+    };
+    eprintln!(
+        "bench: post detail p50_ms={:.1} p99_ms={:.1} accepted_p99_ms={:.1} refused_p99_ms={:.1}",
+        percentile(&post, 0.50),
+        run.post_p99_ms,
+        percentile(&post_of(&|s| s == 202), 0.99),
+        percentile(&post_of(&|s| s == 503), 0.99),
+    );
+    Ok(run)
+}
+
+/// Prints the worker's resident memory every `every`, for as long as it runs.
+fn report_memory(every: Duration, worker: Option<u32>) {
+    tokio::spawn(async move {
+        let t = Instant::now();
+        while let Some(pid) = worker {
+            tokio::time::sleep(every).await;
+            let rss = memory_mb(pid, "VmRSS:");
+            if rss.is_nan() {
+                break;
+            }
+            eprintln!(
+                "bench: memory t={}s worker_rss_mb={rss:.0}",
+                t.elapsed().as_secs()
+            );
+        }
+    });
+}
+
+/// Sends `payments` creates: as fast as `concurrency` clients go, or on an open loop
+/// (request i due at i / rate, whatever came before). A refused create is retried after
+/// `Retry-After` with the same key, as a client does, unless the load says to count it.
+async fn send(api: &Api, load: Load, payments: usize, concurrency: usize) -> Vec<Answer> {
+    let started = Instant::now();
     let (interval, concurrency, retry_refused) = match load {
-        Load::Max => (None, a.concurrency, true),
+        Load::Max => (None, concurrency, true),
         Load::Open {
             rate,
             retry_refused,
@@ -308,22 +624,19 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
             retry_refused,
         ),
     };
-    let results: Vec<(String, i64, f64, u16)> = stream::iter(0..payments)
+    stream::iter(0..payments)
         .map(|i| {
             let api = api.clone();
             async move {
                 if let Some(iv) = interval {
-                    // Open loop: request i is due at i × interval, whatever came before.
                     let due = started + iv * i as u32;
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let sent = now_ms();
+                let sent_ms = now_ms();
                 let t = Instant::now();
                 let key = format!("bench-{i}");
                 let amount = 1000 + (i as i64 % 7) * 100;
                 let mut r = api.create(&key, amount, "EUR").await;
-                // Refused by admission control: retried after `Retry-After` with the
-                // same key, as a client does (not in the overload run, which counts them).
                 while let Ok(refused) = &r {
                     if !retry_refused || refused.status != 503 {
                         break;
@@ -334,21 +647,29 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
                 }
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 match r {
-                    Ok(r) => (
-                        r.body["id"].as_str().unwrap_or_default().to_owned(),
-                        sent,
+                    Ok(r) => Answer {
+                        id: r.body["id"].as_str().unwrap_or_default().to_owned(),
+                        sent_ms,
                         ms,
-                        r.status,
-                    ),
-                    Err(_) => (String::new(), sent, ms, 0),
+                        status: r.status,
+                    },
+                    Err(_) => Answer {
+                        id: String::new(),
+                        sent_ms,
+                        ms,
+                        status: 0,
+                    },
                 }
             }
         })
         .buffer_unordered(concurrency)
         .collect()
-        .await;
-    let accepted: Vec<&(String, i64, f64, u16)> = results.iter().filter(|r| r.3 == 202).collect();
-    let ids: Vec<String> = accepted.iter().map(|r| r.0.clone()).collect();
+        .await
+}
+
+/// Waits, up to 30 minutes, until every accepted payment is terminal in PostgreSQL;
+/// returns how many are not.
+async fn wait_terminal(pool: &sinks::Pool, ids: &[String]) -> anyhow::Result<usize> {
     // A cheap count while waiting (the database holds only this run's payments and the
     // warm-up one), so the waiting adds little load; then one read of every status.
     let deadline = Instant::now() + Duration::from_secs(1800);
@@ -368,7 +689,7 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         }
         if said.elapsed() > Duration::from_secs(10) {
             said = Instant::now();
-            let open = open_statuses(&pool).await?;
+            let open = open_statuses(pool).await?;
             eprintln!(
                 "bench: waiting for {} of {} payments ({open})",
                 ids.len() + 1 - n as usize,
@@ -377,166 +698,154 @@ async fn run(a: &Args, load: Load, payments: usize, raw: bool) -> anyhow::Result
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let statuses = testkit::client::wait_all_terminal(&pool, &ids, Duration::from_secs(60)).await?;
-    let lost = ids.len() - statuses.len();
+    let statuses = testkit::client::wait_all_terminal(pool, ids, Duration::from_secs(60)).await?;
+    Ok(ids.len() - statuses.len())
+}
 
-    let c = pool.get().await?;
-    let rows = c
-        .query(
-            "SELECT payment_id, (extract(epoch FROM projected_at) * 1000)::int8 FROM payments WHERE payment_id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
-    let done: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut e2e: Vec<f64> = accepted
+/// The work a run made: the records of every topic it wrote and their mean size, and
+/// the rows it inserted, updated or deleted.
+struct Work {
+    kafka_records: usize,
+    avg_size: usize,
+    row_writes: i64,
+    event_bodies: Vec<String>,
+}
+
+async fn work_done(stack: &ProcessStack, c: &deadpool_postgres::Object) -> anyhow::Result<Work> {
+    let d = &stack.deployment;
+    let mut topics = vec![d.commands.clone(), d.events.clone()];
+    topics.extend(d.topology.notifications_topic());
+    let mut records = Vec::new();
+    for t in &topics {
+        records.extend(stack.kafka.read_all(t)?);
+    }
+    // The changelog is compacted as the run goes: its records are counted by offset
+    // (under exactly-once a transaction's commit marker takes one too), its sizes and
+    // stores read from what the broker still holds.
+    let changelog_topic = d.topology.changelog_topic(&d.commands);
+    let changelog = stack.kafka.read_all(&changelog_topic)?;
+    let changelog_written: i64 = stack
+        .kafka
+        .extents(&changelog_topic, false)?
+        .values()
+        .map(|(_, high)| *high)
+        .sum();
+    let mut by_store: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &changelog {
+        let store = r.key.as_deref().and_then(stores::store_of).unwrap_or("?");
+        *by_store.entry(store.to_owned()).or_default() += 1;
+    }
+    eprintln!(
+        "bench: changelog {changelog_written} records written, {} still held, by store {by_store:?}",
+        changelog.len()
+    );
+    let size = |r: &testkit::kafka::TopicRecord| r.payload.as_ref().map_or(0, Vec::len);
+    let held = records.len() + changelog.len();
+    let avg_size = (records.iter().chain(&changelog).map(size).sum::<usize>() / held.max(1)).max(1);
+    let event_bodies = stack
+        .kafka
+        .read_all(&d.events)?
         .iter()
-        .filter_map(|r| done.get(&r.0).map(|t| (*t - r.1) as f64))
+        .filter_map(|r| {
+            std::str::from_utf8(r.payload.as_deref()?)
+                .ok()
+                .map(str::to_owned)
+        })
         .collect();
-    e2e.sort_by(f64::total_cmp);
-    let post_of = |keep: &dyn Fn(u16) -> bool| {
-        let mut v: Vec<f64> = results.iter().filter(|r| keep(r.3)).map(|r| r.2).collect();
-        v.sort_by(f64::total_cmp);
-        v
-    };
-    let post = post_of(&|_| true);
-    let last_done = done.values().copied().max().unwrap_or(started_ms);
-    let elapsed_s = ((last_done - started_ms) as f64 / 1000.0).max(0.001);
-    let throughput = ids.len() as f64 / elapsed_s;
+    Ok(Work {
+        kafka_records: records.len() + changelog_written as usize,
+        avg_size,
+        row_writes: row_writes(c).await?,
+        event_bodies,
+    })
+}
 
-    // The work the pipeline did: Kafka records moved (commands, events and merchant
-    // notifications) and PostgreSQL rows written (events, payments, notifications).
-    let commands = stack.kafka.read_all(&stack.commands_topic())?;
-    let events = stack.kafka.read_all(&stack.common.events_topic)?;
-    let notifications = match stack.common.topology.notifications_topic() {
-        Some(t) => stack.kafka.read_all(&t)?,
-        None => Vec::new(),
+/// The rows inserted, updated and deleted in this database, once the statistics have
+/// stopped moving (each backend reports its counts within a second or so of a
+/// transaction).
+async fn row_writes(c: &deadpool_postgres::Object) -> anyhow::Result<i64> {
+    let read = || async {
+        c.query_one(
+            "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::int8 FROM pg_stat_user_tables",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
     };
-    let moved = || commands.iter().chain(&events).chain(&notifications);
-    let kafka_records = moved().count();
-    let avg_size = (moved()
-        .map(|r| r.payload.as_ref().map_or(0, Vec::len))
-        .sum::<usize>()
-        / kafka_records.max(1))
-    .max(1);
-    let pg_rows: i64 = c
-        .query_one(
-            "SELECT (SELECT count(*) FROM payment_events) + (SELECT count(*) FROM payments)
-                    + (SELECT count(*) FROM webhook_deliveries)",
+    let mut last = read().await?;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = read().await?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// The raw limits for a run's work, on `cpus` (the system's) when pinned: a thread of
+/// their own with a runtime of its own, whose clients' threads inherit its CPUs.
+fn raw_limits(
+    stack: &ProcessStack,
+    work: &Work,
+    payments: usize,
+    cpus: Option<&[usize]>,
+) -> anyhow::Result<Raw> {
+    let partitions = stack.partitions;
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    if let Some(cpus) = cpus {
+                        cpu::pin_thread(0, cpus)?;
+                    }
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async {
+                        let kafka =
+                            raw_kafka(&stack.kafka, partitions, work.kafka_records, work.avg_size)
+                                .await?;
+                        let pool = stack.pool().await?;
+                        let pg =
+                            raw_pg(&pool, work.row_writes as usize, &work.event_bodies).await?;
+                        // A payment's records and rows, one after the other on the same
+                        // CPUs (each raw measurement had them to itself: times add up).
+                        let payments = payments.max(1) as f64;
+                        let per_kafka = work.kafka_records as f64 / payments;
+                        let per_pg = work.row_writes as f64 / payments;
+                        anyhow::Ok(Raw {
+                            kafka_msgs_per_s: kafka,
+                            pg_rows_per_s: pg,
+                            payments_per_s: 1.0 / (per_kafka / kafka + per_pg / pg),
+                        })
+                    })
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the raw measurements' thread panicked"))?
+        })
+    })
+}
+
+/// The ten statements PostgreSQL spent most time in (`BENCH_PG_STATEMENTS`; needs
+/// `TESTKIT_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements"`).
+async fn pg_statements(c: &deadpool_postgres::Object) -> anyhow::Result<()> {
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    for r in c
+        .query(
+            "SELECT round(total_exec_time)::int8, calls, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 100)
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10",
             &[],
         )
         .await?
-        .get(0);
-    let changelog_records = stack.kafka.read_all(
-        &stack
-            .common
-            .topology
-            .changelog_topic(&stack.commands_topic()),
-    )?;
-    let changelog = changelog_records.len();
-    let mut by_store: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &changelog_records {
-        let store = r
-            .key
-            .as_deref()
-            .and_then(stores::store_of)
-            .unwrap_or("?")
-            .to_owned();
-        *by_store.entry(store).or_default() += 1;
+    {
+        let (ms, calls, rows, q): (i64, i64, i64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        eprintln!("bench: pg {ms:>7} ms {calls:>7} calls {rows:>7} rows  {q}");
     }
-    eprintln!("bench: changelog records by store (as many as the broker retains) {by_store:?}");
-    let store_bytes = dir_bytes(&stack.worker_state)
-        .with_context(|| format!("measuring {}", stack.worker_state.display()))?;
-    eprintln!(
-        "bench: worker stores on disk {:.0} MB, {:.2} KB per payment",
-        store_bytes as f64 / 1e6,
-        store_bytes as f64 / 1e3 / ids.len().max(1) as f64
-    );
-    // Before the raw runs, whose own buffers would count in the process's peak.
-    let peak_rss_mb = peak_rss_mb(worker_pid);
-    eprintln!("bench: pipeline done in {elapsed_s:.1}s ({changelog} changelog records besides); measuring raw limits for {kafka_records} Kafka records of {avg_size} B and {pg_rows} rows");
-
-    let event_bodies: Vec<String> = events
-        .iter()
-        .filter_map(|r| r.payload.as_deref())
-        .filter_map(|p| std::str::from_utf8(p).ok())
-        .map(str::to_owned)
-        .collect();
-    let raw = if raw {
-        let kafka = raw_kafka(&stack, kafka_records, avg_size).await?;
-        let pg = raw_pg(&pool, pg_rows as usize, &event_bodies).await?;
-        // Records per payment, topic by topic (every topic is keyed by payment).
-        let per_payment_kafka: f64 = [&commands, &events, &notifications]
-            .iter()
-            .filter(|records| !records.is_empty())
-            .map(|records| {
-                let payments = records
-                    .iter()
-                    .filter_map(|r| r.key.as_deref())
-                    .collect::<HashSet<_>>()
-                    .len();
-                records.len() as f64 / payments.max(1) as f64
-            })
-            .sum();
-        let per_payment_pg = pg_rows as f64 / ids.len().max(1) as f64;
-        // A payment's Kafka records and its rows, one after the other on the same machine
-        // (each raw measurement had the whole machine to itself, so their times add up).
-        Some(Raw {
-            kafka_msgs_per_s: kafka,
-            pg_rows_per_s: pg,
-            payments_per_s: 1.0 / (per_payment_kafka / kafka + per_payment_pg / pg),
-        })
-    } else {
-        None
-    };
-    if raw.is_some() {
-        // The stack's metrics are the process's: this is the first run's split.
-        eprintln!("bench: stages {}", stages());
-    }
-    if std::env::var_os("BENCH_PG_STATEMENTS").is_some() {
-        // Needs TESTKIT_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements".
-        c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await?;
-        for r in c
-            .query(
-                "SELECT round(total_exec_time)::int8, calls, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 100)
-                 FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10",
-                &[],
-            )
-            .await?
-        {
-            let (ms, calls, rows, q): (i64, i64, i64, String) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            eprintln!("bench: pg {ms:>7} ms {calls:>7} calls {rows:>7} rows  {q}");
-        }
-    }
-    let refused = results.iter().filter(|r| r.3 == 503).count();
-    if lost > 0 || accepted.len() + refused != results.len() {
-        eprintln!(
-            "bench: {} requests neither accepted nor refused, {lost} payments not terminal",
-            results.len() - accepted.len() - refused
-        );
-    }
-    let run = Run {
-        offered: results.len(),
-        accepted: accepted.len(),
-        refused,
-        lost,
-        throughput,
-        post_p99_ms: percentile(&post, 0.99),
-        e2e_p50_ms: percentile(&e2e, 0.50),
-        e2e_p99_ms: percentile(&e2e, 0.99),
-        raw,
-        peak_rss_mb,
-    };
-    eprintln!(
-        "bench: post detail p50_ms={:.1} p99_ms={:.1} accepted_p99_ms={:.1} refused_p99_ms={:.1}",
-        percentile(&post, 0.50),
-        run.post_p99_ms,
-        percentile(&post_of(&|s| s == 202), 0.99),
-        percentile(&post_of(&|s| s == 503), 0.99),
-    );
-    stack.shutdown().await?;
-    Ok(run)
+    Ok(())
 }
 
 /// How many payments are in each open status.
@@ -571,64 +880,71 @@ fn dir_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Where the time went, from the stack's own metrics (it runs in this process): mean
-/// per observation and count of each stage's histogram.
-fn stages() -> String {
-    let wanted = [
+/// Where the time went, from the roles' metrics (`text`: their Prometheus texts one
+/// after the other): mean per observation and count of each stage's histogram.
+fn stages(text: &str) -> String {
+    // `name{labels} value` or `name value`, summed over every line of one name and label
+    // set that matters here.
+    let mut sums: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let stage = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("stage=\""))
+            .map(|v| v.trim_end_matches(['}', '"']).to_owned())
+            .unwrap_or_default();
+        *sums.entry((name.to_owned(), stage)).or_default() += value;
+    }
+    let get = |name: &str, stage: &str| {
+        sums.get(&(name.to_owned(), stage.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let mean = |name: &str, stage: &str| {
+        get(&format!("{name}_sum"), stage) * 1000.0 / get(&format!("{name}_count"), stage).max(1.0)
+    };
+    let mut out = Vec::new();
+    for (name, label) in [
         ("gateway_http_request_duration_seconds", "http"),
         ("gateway_task_batch_seconds", "worker_batch"),
         ("gateway_provider_request_duration_seconds", "provider_call"),
         ("gateway_projection_lag_seconds", "projection_lag"),
         ("gateway_projection_write_seconds", "projection_write"),
-    ];
-    let mut out = Vec::new();
-    for family in prometheus::gather() {
-        let Some((_, label)) = wanted.iter().find(|(n, _)| *n == family.name()) else {
-            continue;
-        };
-        let (mut sum, mut count) = (0.0, 0u64);
-        for m in family.get_metric() {
-            let h = m.get_histogram();
-            sum += h.get_sample_sum();
-            count += h.get_sample_count();
-        }
+    ] {
         out.push(format!(
-            "{label}_mean_ms={:.1} {label}_n={count}",
-            sum * 1000.0 / count.max(1) as f64
+            "{label}_mean_ms={:.1} {label}_n={:.0}",
+            mean(name, ""),
+            get(&format!("{name}_count"), "")
         ));
     }
-    for family in prometheus::gather() {
-        if family.name() != "gateway_task_stage_seconds" {
-            continue;
-        }
-        for m in family.get_metric() {
-            let stage = m
-                .get_label()
-                .iter()
-                .find(|l| l.name() == "stage")
-                .map_or("?", |l| l.value());
-            let h = m.get_histogram();
-            out.push(format!(
-                "{stage}_mean_ms={:.1}",
-                h.get_sample_sum() * 1000.0 / h.get_sample_count().max(1) as f64
-            ));
-        }
+    let stage_names: std::collections::BTreeSet<&str> = sums
+        .keys()
+        .filter(|(n, s)| n == "gateway_task_stage_seconds_count" && !s.is_empty())
+        .map(|(_, s)| s.as_str())
+        .collect();
+    for stage in stage_names {
+        out.push(format!(
+            "{stage}_mean_ms={:.1}",
+            mean("gateway_task_stage_seconds", stage)
+        ));
     }
-    for family in prometheus::gather() {
-        if matches!(
-            family.name(),
-            "gateway_projection_batches_total" | "gateway_commands_total" | "gateway_events_total"
-        ) {
-            let v: f64 = family
-                .get_metric()
-                .iter()
-                .map(|m| m.get_counter().get_value())
-                .sum();
-            out.push(format!(
-                "{}={v:.0}",
-                family.name().trim_start_matches("gateway_")
-            ));
-        }
+    for name in [
+        "gateway_projection_batches_total",
+        "gateway_commands_total",
+        "gateway_events_total",
+    ] {
+        let v: f64 = sums
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, v)| v)
+            .sum();
+        out.push(format!("{}={v:.0}", name.trim_start_matches("gateway_")));
     }
     out.join(" ")
 }
@@ -636,13 +952,12 @@ fn stages() -> String {
 /// Produces `n` messages of `size` bytes to a fresh topic and consumes them back, with
 /// clients that are connected and have moved a first batch before the clock starts;
 /// messages per second over both (their times added).
-async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> {
+async fn raw_kafka(kafka: &Kafka, partitions: i32, n: usize, size: usize) -> anyhow::Result<f64> {
     let topic = format!("raw-{}", uuid::Uuid::new_v4().simple());
     let warm = (n / 20).clamp(100, 5_000);
-    let partitions = stack.opts.partitions;
-    stack.kafka.create_topic(&topic, partitions).await?;
+    kafka.create_topic(&topic, partitions).await?;
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", stack.kafka.brokers())
+        .set("bootstrap.servers", kafka.brokers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?;
@@ -682,7 +997,7 @@ async fn raw_kafka(stack: &Stack, n: usize, size: usize) -> anyhow::Result<f64> 
     let mut consumers = Vec::new();
     for c in 0..threads {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", stack.kafka.brokers())
+            .set("bootstrap.servers", kafka.brokers())
             .set("group.id", format!("raw-{}", uuid::Uuid::new_v4()))
             .create()?;
         let mut tpl = TopicPartitionList::new();
