@@ -38,6 +38,16 @@ pub enum Fault {
     Reset(u32),
 }
 
+/// The changelog's settings as `docker-compose.yml` creates it (compacted, a record kept
+/// at least a minute before the cleaner may drop it; Kafka's defaults otherwise: a
+/// segment rolls at 1 GB or 7 days, the cleaner waits until half a log is dirty). What a
+/// measurement of the deployed system runs with: the test settings below keep the
+/// cleaner busy all the time.
+pub const CHANGELOG_DEPLOYED_CONFIG: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("min.compaction.lag.ms", "60000"),
+];
+
 /// Topic settings under which a compacted changelog is compacted within a test's time
 /// (the cleaner never touches the active segment; `segment.ms` rolls it).
 ///

@@ -2,6 +2,8 @@
 //! (`gateway api`, `worker`, `sink`, `notifier` and `provider-sim`, the binaries built
 //! beside the harness) on the process's shared broker and PostgreSQL, so that each one's
 //! CPU time and memory can be read apart and each can be pinned to a CPU (`make bench`).
+//! Its changelog has the deployment's settings
+//! ([`crate::kafka::CHANGELOG_DEPLOYED_CONFIG`]), not the tests' always-busy cleaner.
 
 use crate::kafka::Kafka;
 use crate::pg;
@@ -65,8 +67,8 @@ impl ProcessStack {
             &kafka,
             &suffix,
             opts.partitions,
-            &opts.policy,
-            opts.edit_topology,
+            (&opts.policy, opts.edit_topology),
+            crate::kafka::CHANGELOG_DEPLOYED_CONFIG,
             false,
         )
         .await?;
@@ -303,11 +305,25 @@ impl ProcessStack {
     }
 
     /// Stops every role (SIGTERM, then SIGKILL after 10 s): the API first, so nothing new
-    /// comes in, the provider simulator last.
-    pub fn shutdown(mut self) {
+    /// comes in, the provider simulator last. Then deletes the deployment's topics, so
+    /// that a broker serving several stacks one after the other carries only the
+    /// current one's (its cleaner and fetches included).
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let n = self.roles.len();
-        for i in (1..n).chain(0..1) {
-            self.roles[i].proc.terminate(Duration::from_secs(10));
-        }
+        tokio::task::block_in_place(|| {
+            for i in (1..n).chain(0..1) {
+                self.roles[i].proc.terminate(Duration::from_secs(10));
+            }
+        });
+        let d = &self.deployment;
+        let mut topics = vec![
+            d.commands.clone(),
+            d.events.clone(),
+            d.dlq.clone(),
+            d.topology.changelog_topic(&d.commands),
+        ];
+        topics.extend(d.topology.notifications_topic());
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.kafka.delete_topics(&names).await
     }
 }

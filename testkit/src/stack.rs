@@ -208,16 +208,16 @@ pub struct Deployment {
 }
 
 /// Creates the topics of the deployment named `suffix` (commands, events, dead letters,
-/// changelog and notifications, `partitions` each; the changelog compacted as in
-/// [`crate::kafka::CHANGELOG_TEST_CONFIG`]) and compiles its topology: the shipped one
-/// with `policy`, then `edit`. With `reuse`, topics of those names are deleted first
-/// (real brokers outlive a stack: the same names start from empty topics).
+/// changelog and notifications, `partitions` each; the changelog with
+/// `changelog_config`) and compiles its topology: the shipped one with `policy`, then
+/// `edit`. With `reuse`, topics of those names are deleted first (real brokers outlive a
+/// stack: the same names start from empty topics).
 pub async fn provision(
     kafka: &Kafka,
     suffix: &str,
     partitions: i32,
-    policy: &str,
-    edit: Option<fn(&mut TopologyFile)>,
+    (policy, edit): (&str, Option<fn(&mut TopologyFile)>),
+    changelog_config: &[(&str, &str)],
     reuse: bool,
 ) -> anyhow::Result<Deployment> {
     let (commands, events, dlq) = (
@@ -247,7 +247,7 @@ pub async fn provision(
         topology.changelog_topic(&commands)
     );
     kafka
-        .create_topic_with(&changelog, partitions, crate::kafka::CHANGELOG_TEST_CONFIG)
+        .create_topic_with(&changelog, partitions, changelog_config)
         .await?;
     if let Some(t) = topology.notifications_topic() {
         kafka.create_topic(&t, partitions).await?;
@@ -297,8 +297,8 @@ impl Stack {
             &kafka,
             &suffix,
             opts.partitions,
-            &opts.policy,
-            opts.edit_topology,
+            (&opts.policy, opts.edit_topology),
+            crate::kafka::CHANGELOG_TEST_CONFIG,
             opts.names.is_some(),
         )
         .await?;

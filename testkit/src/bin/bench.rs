@@ -446,8 +446,11 @@ async fn run(
             logs.display()
         );
     }
-    tokio::task::block_in_place(|| stack.shutdown());
-    run
+    // The run's own error first, if it has one.
+    let stopped = stack.shutdown().await;
+    let run = run?;
+    stopped?;
+    Ok(run)
 }
 
 /// One answer to a create: the payment id (when accepted), the client's send time (ms
