@@ -46,7 +46,9 @@ print(cases[-1] if cases else 0, count({"ST101", "ST102"}), count({"ST103", "ST1
 PY
   )
   echo "== seed $seed: cases=$c server_errors=$e schema_violations=$s"
-  # What each failure was (the first ones), then the summary.
+  # What each error of schemathesis's own and each failure was (the first ones), then
+  # the summary.
+  sed -n '/= ERRORS =/,/Join our Discord/p' "$out" | head -n 60
   sed -n '/= FAILURES =/,/= SUMMARY =/p' "$out" | grep -v '= SUMMARY =' | head -n 150
   sed -n '/= SUMMARY =/,$p' "$out"
   rm -f "$out"
