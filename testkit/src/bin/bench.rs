@@ -716,11 +716,19 @@ struct Work {
 
 async fn work_done(stack: &ProcessStack, c: &deadpool_postgres::Object) -> anyhow::Result<Work> {
     let d = &stack.deployment;
-    let mut topics = vec![d.commands.clone(), d.events.clone()];
-    topics.extend(d.topology.notifications_topic());
-    let mut records = Vec::new();
-    for t in &topics {
-        records.extend(stack.kafka.read_all(t)?);
+    // The events are read once: counted, and kept as the raw rows' JSON.
+    let events = stack.kafka.read_all(&d.events)?;
+    let event_bodies = events
+        .iter()
+        .filter_map(|r| {
+            std::str::from_utf8(r.payload.as_deref()?)
+                .ok()
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut records = events;
+    for t in std::iter::once(d.commands.clone()).chain(d.topology.notifications_topic()) {
+        records.extend(stack.kafka.read_all(&t)?);
     }
     // The changelog is compacted as the run goes: its records are counted by offset
     // (under exactly-once a transaction's commit marker takes one too), its sizes and
@@ -745,16 +753,6 @@ async fn work_done(stack: &ProcessStack, c: &deadpool_postgres::Object) -> anyho
     let size = |r: &testkit::kafka::TopicRecord| r.payload.as_ref().map_or(0, Vec::len);
     let held = records.len() + changelog.len();
     let avg_size = (records.iter().chain(&changelog).map(size).sum::<usize>() / held.max(1)).max(1);
-    let event_bodies = stack
-        .kafka
-        .read_all(&d.events)?
-        .iter()
-        .filter_map(|r| {
-            std::str::from_utf8(r.payload.as_deref()?)
-                .ok()
-                .map(str::to_owned)
-        })
-        .collect();
     Ok(Work {
         kafka_records: records.len() + changelog_written as usize,
         avg_size,
@@ -764,8 +762,9 @@ async fn work_done(stack: &ProcessStack, c: &deadpool_postgres::Object) -> anyho
 }
 
 /// The rows inserted, updated and deleted in this database, once the statistics have
-/// stopped moving (each backend reports its counts within a second or so of a
-/// transaction).
+/// stopped moving: an idle backend reports its counts up to 10 s after its last
+/// transaction (PostgreSQL's idle report interval), so the count must hold for longer
+/// than that (at most a minute in all).
 async fn row_writes(c: &deadpool_postgres::Object) -> anyhow::Result<i64> {
     let read = || async {
         c.query_one(
@@ -775,14 +774,17 @@ async fn row_writes(c: &deadpool_postgres::Object) -> anyhow::Result<i64> {
         .await
         .map(|r| r.get::<_, i64>(0))
     };
+    let started = Instant::now();
     let mut last = read().await?;
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_secs(12)
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let now = read().await?;
-        if now == last {
-            break;
+        if now != last {
+            (last, held_since) = (now, Instant::now());
         }
-        last = now;
     }
     Ok(last)
 }
